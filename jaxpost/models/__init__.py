@@ -1,0 +1,25 @@
+"""Models: the transformer (Llama / Qwen2 / Qwen3 / Gemma 1-2-3 by config), KV cache, HF I/O."""
+
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.kv_cache import DenseKVCache
+from jaxpost.models.transformer import (
+    apply,
+    embed,
+    forward,
+    init,
+    lm_head_kernel,
+    logical_axes,
+    logits_from_hidden,
+)
+
+__all__ = [
+    "DenseKVCache",
+    "ModelConfig",
+    "apply",
+    "embed",
+    "forward",
+    "init",
+    "lm_head_kernel",
+    "logical_axes",
+    "logits_from_hidden",
+]

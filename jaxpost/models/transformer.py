@@ -1,0 +1,196 @@
+"""The decoder-only transformer as pure functions over a parameter pytree.
+
+Parameters:
+  {"embedder": {"embedding": [V, D]},
+   "layers": <Block params, every leaf stacked with a leading [L] axis>,
+   "final_norm": {"scale": [D]},
+   "lm_head": {"kernel": [D, V]}}            # absent with tied embeddings
+A LoRA tree mirrors the targeted kernels: {"layers": {..."q": {"a": [L, D, r], "b": [L, r, N]}}}.
+
+Modes, all through `apply`:
+  training:   tokens [B, T] with optional segment_ids / positions (packed rows), no cache;
+  prefill:    the same with a cache, whose slots get the prompt's keys/values;
+  decode:     tokens [B, 1], positions [B, 1] and the cache.
+Layers are scanned (one compiled block) or, with cfg.scan_layers=False, unrolled in a Python loop.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.kv_cache import join_cache, split_cache
+from jaxpost.models.layers import Block, RMSNorm
+from jaxpost.sharding import constrain
+
+Params = dict
+
+
+def _lora_parts(lora):
+    """Accept a plain LoRA tree or an object with .params/.scale/.dropout (jaxpost.lora)."""
+    if lora is None:
+        return None, 1.0, 0.0
+    if isinstance(lora, dict):
+        return lora, 1.0, 0.0
+    return lora.params, float(lora.scale), float(getattr(lora, "dropout", 0.0))
+
+
+def _block(cfg: ModelConfig, lora_scale=1.0, lora_dropout=0.0, deterministic=True) -> Block:
+    return Block(cfg, lora_scale=lora_scale, lora_dropout=lora_dropout,
+                 deterministic=deterministic)
+
+
+def _block_init(cfg: ModelConfig, key):
+    x = jnp.zeros((1, 1, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    pos = jnp.zeros((1, 1), jnp.int32)
+    inv = jnp.zeros((cfg.head_dim // 2,), jnp.float32)
+    return _block(cfg).init(key, x, pos, None, inv, 0)["params"]
+
+
+def _top_level_boxes(cfg: ModelConfig, key):
+    k_emb, k_head = jax.random.split(key)
+    pdt = jnp.dtype(cfg.param_dtype)
+    box = nn.LogicallyPartitioned
+    top = {
+        "embedder": {"embedding": box(
+            jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden_size), pdt) * 0.02,
+            ("vocab", "embed"))},
+        "final_norm": {"scale": box(
+            (jnp.zeros if cfg.norm_offset else jnp.ones)((cfg.hidden_size,), pdt), ("embed",))},
+    }
+    if not cfg.tie_embeddings:
+        top["lm_head"] = {"kernel": box(
+            jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size), pdt) * 0.02,
+            ("embed", "vocab"))}
+    return top
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random parameters (normal(0.02) kernels, unit norms). Use under jax.jit with out_shardings
+    (see `init_sharded`) for large models, or jax.eval_shape for shapes only."""
+    k_top, k_layers = jax.random.split(key)
+    params = nn.meta.unbox(_top_level_boxes(cfg, k_top))
+    keys = jax.random.split(k_layers, cfg.num_layers)
+    params["layers"] = nn.meta.unbox(jax.vmap(functools.partial(_block_init, cfg))(keys))
+    return params
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter, a tree of tuples shaped like `init`'s output."""
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    top = jax.eval_shape(lambda: _top_level_boxes(cfg, jax.random.key(0)))
+    axes = jax.tree.map(lambda b: tuple(b.names), top, is_leaf=is_box)
+    block = jax.eval_shape(lambda: _block_init(cfg, jax.random.key(0)))
+    axes["layers"] = jax.tree.map(lambda b: ("layers", *b.names), block, is_leaf=is_box)
+    return axes
+
+
+def lm_head_kernel(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The output projection [D, V] (the transposed embedding when tied)."""
+    if cfg.tie_embeddings:
+        return params["embedder"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] (after the final norm) -> float32 logits [..., V], soft-capped if set."""
+    w = lm_head_kernel(cfg, params)
+    logits = jnp.dot(hidden.astype(cfg.dtype), w.astype(cfg.dtype),
+                     preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    x = jnp.take(params["embedder"]["embedding"], tokens, axis=0).astype(cfg.dtype)
+    if cfg.embed_scale:
+        # Gemma rounds the normalizer to the compute dtype before multiplying.
+        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=cfg.dtype)
+    return x
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "block":
+        return jax.checkpoint(fn)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
+          positions: jax.Array | None = None, segment_ids: jax.Array | None = None, lora=None,
+          cache=None, return_hidden: bool = False, dropout_rng: jax.Array | None = None):
+    """Run the model. tokens [B, T] int32.
+
+    positions [B, T] default to 0..T-1; segment_ids [B, T] keep packed examples apart (no cache).
+    dropout_rng enables LoRA dropout (training). Returns (logits [B, T, V] float32, or the final
+    normed hidden states [B, T, D] when return_hidden, and the updated cache or None).
+    """
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+    lora_tree, lora_scale, lora_dropout = _lora_parts(lora)
+    deterministic = dropout_rng is None
+    block = _block(cfg, lora_scale, lora_dropout, deterministic)
+
+    x = constrain(embed(cfg, params, tokens), ("batch", "length", "act_embed"))
+    cache_layers, cache_meta = split_cache(cache) if cache is not None else (None, None)
+    inv_freqs = np.stack([cfg.inv_freq(w > 0) for w in cfg.layer_windows]).astype(np.float32)
+    layer_lora = lora_tree["layers"] if lora_tree is not None else None
+    layer_keys = (jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None
+                  else None)
+
+    def layer_fn(x, p, lp, cl, inv, window, key):
+        variables = {"params": p}
+        if lp is not None:
+            variables["lora"] = lp
+        rngs = {"dropout": key} if key is not None else None
+        x, new_cl = block.apply(variables, x, positions, segment_ids, inv, window, cache_meta, cl,
+                                rngs=rngs)
+        return constrain(x, ("batch", "length", "act_embed")), new_cl
+
+    layer_fn = _remat(layer_fn, cfg.remat)
+    new_layers = []
+    if cfg.scan_layers:
+        uniform = cfg.uniform_window
+        windows = None if uniform is not None else jnp.asarray(cfg.layer_windows, jnp.int32)
+
+        def body(x, xs):
+            p, lp, cl, inv, window, key = xs
+            return layer_fn(x, p, lp, cl, inv, uniform if window is None else window, key)
+
+        x, new_layers = jax.lax.scan(
+            body, x, (params["layers"], layer_lora, cache_layers, jnp.asarray(inv_freqs),
+                      windows, layer_keys))
+    else:
+        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+        outs = []
+        for i in range(cfg.num_layers):
+            x, new_cl = layer_fn(x, take(params["layers"], i), take(layer_lora, i),
+                                 take(cache_layers, i), jnp.asarray(inv_freqs[i]),
+                                 cfg.layer_windows[i], None if layer_keys is None else layer_keys[i])
+            outs.append(new_cl)
+        if cache is not None:
+            new_layers = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset)
+    x = final_norm.apply({"params": params["final_norm"]}, x)
+    new_cache = join_cache(cache_meta, new_layers) if cache is not None else None
+    if return_hidden:
+        return x, new_cache
+    return logits_from_hidden(cfg, params, x), new_cache
+
+
+def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, lora=None,
+            segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    """tokens [B, T] int32 -> logits [B, T, V] float32 (training mode, no cache)."""
+    logits, _ = apply(cfg, params, tokens, positions=positions, segment_ids=segment_ids, lora=lora)
+    return logits

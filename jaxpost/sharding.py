@@ -1,0 +1,129 @@
+"""One device mesh with axes (data, fsdp, tensor) and logical-axis rules onto it.
+
+Parameters and activations are annotated with logical names (vocab, embed, mlp, heads, kv_heads,
+head_dim, batch, length, ...). `rules` map each name to mesh axes. A mesh axis that does not
+divide a dimension is dropped for that array (e.g. one KV head under tensor=2), so any model runs
+on any mesh; only the memory layout changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("lora_rank", None),
+    # Activations: the batch carries data parallelism, hidden features stay whole.
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh "
+                             f"{dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices "
+                         f"but {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axes_for(name: str | None, rules: Rules):
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    raise KeyError(f"logical axis {name!r} has no sharding rule; rules cover "
+                   f"{[r[0] for r in rules]}")
+
+
+def logical_to_spec(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` with logical `names`, dropping non-dividing axes."""
+    if len(shape) != len(names):
+        raise ValueError(f"shape {tuple(shape)} and logical names {tuple(names)} differ in rank")
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, names):
+        chosen = []
+        for axis in _mesh_axes_for(name, rules):
+            size = mesh.shape[axis]
+            if axis in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+                chosen.append(axis)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(shape, names, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(shape, names, mesh, rules))
+
+
+def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x, names: logical_to_sharding(x.shape, names, mesh, rules),
+                        abstract_tree, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# Activation annotations --------------------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxpost_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Within this context, `constrain` pins activations to the mesh (trace-time setting)."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `use_mesh` or on a 1-device mesh."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, logical_to_sharding(x.shape, names, mesh, rules))

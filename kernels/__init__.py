@@ -1,0 +1,5 @@
+"""Pallas kernels for the hot path, each with a plain-XLA reference of the same signature.
+
+Installed as the package `jaxpost.kernels` (setuptools package-dir), so this folder stays at the
+top of the repository without claiming the global import name `kernels`.
+"""

@@ -1,0 +1,58 @@
+"""Attention over one sequence (training and prefill): the plain-XLA reference.
+
+Shapes:
+  q: [B, T, H, D]; k, v: [B, T, KVH, D] with H a multiple of KVH (GQA / MQA);
+  segment_ids: [B, T] int32 or None. A query attends to a key only inside its own segment, so
+  several examples packed into one row never see each other.
+Returns [B, T, H, D] in q's dtype; scores, softmax and the weighted sum accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def window_mask(q_pos: jax.Array, k_pos: jax.Array, causal: bool, sliding_window) -> jax.Array:
+    """Boolean visibility of key position k from query position q (broadcasting shapes).
+
+    sliding_window: None, a Python int or a traced int32 scalar; <= 0 means no window. With a
+    window w, query i sees key j iff i - w < j (HF's convention: w keys including itself).
+    """
+    visible = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    if causal:
+        visible = k_pos <= q_pos
+    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window <= 0):
+        w = jnp.asarray(sliding_window, jnp.int32)
+        visible = visible & ((w <= 0) | (q_pos - k_pos < w))
+    return visible
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, softcap: float | None,
+           scale: float) -> jax.Array:
+    """Masked GQA attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, T, S] -> [B, T, H, D]."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
+              causal: bool = True, sliding_window=None, softcap: float | None = None,
+              scale: float = 1.0) -> jax.Array:
+    """XLA reference for flash attention; see the module docstring for shapes."""
+    t = q.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    mask = window_mask(idx[:, None], idx[None, :], causal, sliding_window)[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+        mask = jnp.broadcast_to(mask, (q.shape[0], t, t))
+    return attend(q, k, v, mask, softcap=softcap, scale=scale)
