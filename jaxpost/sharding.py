@@ -39,8 +39,9 @@ DEFAULT_RULES: Rules = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
@@ -49,12 +50,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh "
-                             f"{dict(zip(MESH_AXES, sizes))}")
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}"
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices "
-                         f"but {len(devices)} are available")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices "
+            f"but {len(devices)} are available"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -66,12 +70,14 @@ def _mesh_axes_for(name: str | None, rules: Rules):
             if mesh_axes is None:
                 return ()
             return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    raise KeyError(f"logical axis {name!r} has no sharding rule; rules cover "
-                   f"{[r[0] for r in rules]}")
+    raise KeyError(
+        f"logical axis {name!r} has no sharding rule; rules cover {[r[0] for r in rules]}"
+    )
 
 
-def logical_to_spec(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+def logical_to_spec(
+    shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> PartitionSpec:
     """PartitionSpec for an array of `shape` with logical `names`, dropping non-dividing axes."""
     if len(shape) != len(names):
         raise ValueError(f"shape {tuple(shape)} and logical names {tuple(names)} differ in rank")
@@ -96,8 +102,12 @@ def logical_to_sharding(shape, names, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
 
 def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
-    return jax.tree.map(lambda x, names: logical_to_sharding(x.shape, names, mesh, rules),
-                        abstract_tree, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(
+        lambda x, names: logical_to_sharding(x.shape, names, mesh, rules),
+        abstract_tree,
+        axes_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -107,7 +117,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # Activation annotations --------------------------------------------------------------------------
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    "jaxpost_mesh", default=None)
+    "jaxpost_mesh", default=None
+)
 
 
 @contextlib.contextmanager

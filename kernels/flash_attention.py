@@ -28,8 +28,15 @@ def window_mask(q_pos: jax.Array, k_pos: jax.Array, causal: bool, sliding_window
     return visible
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, softcap: float | None,
-           scale: float) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    softcap: float | None,
+    scale: float,
+) -> jax.Array:
     """Masked GQA attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, T, S] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -39,14 +46,23 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, softcap
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *,
-              causal: bool = True, sliding_window=None, softcap: float | None = None,
-              scale: float = 1.0) -> jax.Array:
+def reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    causal: bool = True,
+    sliding_window=None,
+    softcap: float | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
     """XLA reference for flash attention; see the module docstring for shapes."""
     t = q.shape[1]
     idx = jnp.arange(t, dtype=jnp.int32)

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 
 def _chunk_stats(h, w, t, softcap, with_entropy, with_logit_mean, compute_dtype):
-    logits = jnp.dot(h.astype(compute_dtype), w.astype(compute_dtype),
-                     preferred_element_type=jnp.float32)
+    logits = jnp.dot(
+        h.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -36,10 +37,17 @@ def _chunk_stats(h, w, t, softcap, with_entropy, with_logit_mean, compute_dtype)
     return out
 
 
-def xla_chunked(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
-                softcap: float | None = None, with_entropy: bool = False,
-                with_logit_mean: bool = False, chunk: int = 512,
-                compute_dtype=None) -> dict[str, jax.Array]:
+def xla_chunked(
+    hidden: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    *,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+    with_logit_mean: bool = False,
+    chunk: int = 512,
+    compute_dtype=None,
+) -> dict[str, jax.Array]:
     """Chunked XLA implementation; see the module docstring."""
     n, d = hidden.shape
     compute_dtype = compute_dtype or hidden.dtype
@@ -47,9 +55,15 @@ def xla_chunked(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
     pad = (-n) % chunk
     h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, chunk, d)
     t = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-    fn = jax.checkpoint(functools.partial(_chunk_stats, softcap=softcap, with_entropy=with_entropy,
-                                          with_logit_mean=with_logit_mean,
-                                          compute_dtype=compute_dtype))
+    fn = jax.checkpoint(
+        functools.partial(
+            _chunk_stats,
+            softcap=softcap,
+            with_entropy=with_entropy,
+            with_logit_mean=with_logit_mean,
+            compute_dtype=compute_dtype,
+        )
+    )
     if h.shape[0] == 1:
         out = jax.tree.map(lambda a: a[None], fn(h[0], w, t[0]))
     else:
@@ -57,20 +71,42 @@ def xla_chunked(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
     return jax.tree.map(lambda a: a.reshape(-1)[:n], out)
 
 
-def reference(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
-              softcap: float | None = None, with_entropy: bool = False,
-              with_logit_mean: bool = False, compute_dtype=None) -> dict[str, jax.Array]:
+def reference(
+    hidden: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    *,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+    with_logit_mean: bool = False,
+    compute_dtype=None,
+) -> dict[str, jax.Array]:
     """Dense reference (materialises [N, V]); the oracle for tests."""
-    return _chunk_stats(hidden, w, targets, softcap, with_entropy, with_logit_mean,
-                        compute_dtype or hidden.dtype)
+    return _chunk_stats(
+        hidden, w, targets, softcap, with_entropy, with_logit_mean, compute_dtype or hidden.dtype
+    )
 
 
-def fused_logprobs(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
-                   softcap: float | None = None, with_entropy: bool = False,
-                   with_logit_mean: bool = False, impl: str = "auto",
-                   compute_dtype=None) -> dict[str, jax.Array]:
+def fused_logprobs(
+    hidden: jax.Array,
+    w: jax.Array,
+    targets: jax.Array,
+    *,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+    with_logit_mean: bool = False,
+    impl: str = "auto",
+    compute_dtype=None,
+) -> dict[str, jax.Array]:
     """Dispatch: the chunked XLA path (the Pallas kernel plugs in here)."""
     if impl not in ("auto", "xla", "pallas"):
         raise ValueError(f"fused_logprobs impl={impl!r}; expected auto, xla or pallas")
-    return xla_chunked(hidden, w, targets, softcap=softcap, with_entropy=with_entropy,
-                       with_logit_mean=with_logit_mean, compute_dtype=compute_dtype)
+    return xla_chunked(
+        hidden,
+        w,
+        targets,
+        softcap=softcap,
+        with_entropy=with_entropy,
+        with_logit_mean=with_logit_mean,
+        compute_dtype=compute_dtype,
+    )

@@ -19,9 +19,17 @@ import jax.numpy as jnp
 from jaxpost.kernels.flash_attention import window_mask
 
 
-def reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax.Array,
-              page_table: jax.Array, *, sliding_window=None, softcap: float | None = None,
-              scale: float = 1.0) -> jax.Array:
+def reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+    *,
+    sliding_window=None,
+    softcap: float | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
     """Gathers each slot's pages into a contiguous [B, M*S] sequence, then masked attention."""
     b, h, d = q.shape
     kvh, _, page_size, _ = k_pages.shape
@@ -30,8 +38,10 @@ def reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax
     k = jnp.moveaxis(k_pages[:, page_table], 0, 3).reshape(b, m * page_size, kvh, d)
     v = jnp.moveaxis(v_pages[:, page_table], 0, 3).reshape(b, m * page_size, kvh, d)
     qg = q.reshape(b, kvh, h // kvh, d)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
+    scores = (
+        jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        * scale
+    )
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     j = jnp.arange(m * page_size, dtype=jnp.int32)[None, :]
@@ -39,16 +49,38 @@ def reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, lengths: jax
     mask = window_mask(q_pos, j, True, sliding_window) & (j < lengths[:, None])
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(q.dtype), v.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bkgs,bskd->bkgd",
+        probs.astype(q.dtype),
+        v.astype(q.dtype),
+        preferred_element_type=jnp.float32,
+    )
     out = jnp.where((lengths > 0)[:, None, None, None], out, 0.0)
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def paged_attention(q, k_pages, v_pages, lengths, page_table, *, sliding_window=None,
-                    softcap=None, scale=1.0, impl: str = "auto") -> jax.Array:
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    lengths,
+    page_table,
+    *,
+    sliding_window=None,
+    softcap=None,
+    scale=1.0,
+    impl: str = "auto",
+) -> jax.Array:
     """Dispatch (the Pallas kernel plugs in here); see the module docstring for shapes."""
     if impl not in ("auto", "xla", "pallas"):
         raise ValueError(f"paged_attention impl={impl!r}; expected auto, xla or pallas")
-    return reference(q, k_pages, v_pages, lengths, page_table, sliding_window=sliding_window,
-                     softcap=softcap, scale=scale)
+    return reference(
+        q,
+        k_pages,
+        v_pages,
+        lengths,
+        page_table,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        scale=scale,
+    )

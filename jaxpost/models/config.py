@@ -67,25 +67,40 @@ class ModelConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
             problems.append(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
-                problems.append(f"layer_types has {len(self.layer_types)} entries, "
-                                f"expected num_layers={self.num_layers}")
+                problems.append(
+                    f"layer_types has {len(self.layer_types)} entries, "
+                    f"expected num_layers={self.num_layers}"
+                )
             bad = sorted(set(self.layer_types) - {"global", "local"})
             if bad:
                 problems.append(f"layer_types has {bad}; expected 'global' or 'local'")
             if "local" in self.layer_types and not self.sliding_window:
                 problems.append("layer_types has local layers but sliding_window is not set")
-        if self.rope_scaling is not None and self.rope_scaling.get("type") not in ("llama3", "linear"):
-            problems.append(f"rope_scaling type {self.rope_scaling.get('type')!r} is not supported; "
-                            "expected 'llama3' or 'linear'")
+        if self.rope_scaling is not None and self.rope_scaling.get("type") not in (
+            "llama3",
+            "linear",
+        ):
+            problems.append(
+                f"rope_scaling type {self.rope_scaling.get('type')!r} is not supported; "
+                "expected 'llama3' or 'linear'"
+            )
         if self.remat not in ("none", "block", "save_dots"):
             problems.append(f"remat={self.remat!r}; expected 'none', 'block' or 'save_dots'")
         if self.attention_impl not in ("auto", "xla", "pallas"):
@@ -105,7 +120,7 @@ class ModelConfig:
     def attention_scale(self) -> float:
         if self.query_pre_attn_scalar is not None:
             return float(self.query_pre_attn_scalar) ** -0.5
-        return self.head_dim ** -0.5
+        return self.head_dim**-0.5
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -143,8 +158,13 @@ class ModelConfig:
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count, as HF counts it (tied embeddings once)."""
-        d, h, kv, hd, f = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                           self.intermediate_size)
+        d, h, kv, hd, f = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        )
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
         if self.qkv_bias:
             attn += h * hd + 2 * kv * hd

@@ -36,8 +36,7 @@ class DenseKVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update_and_attend(self, layer: dict, q, k, v, positions, *, sliding_window, softcap,
-                          scale):
+    def update_and_attend(self, layer: dict, q, k, v, positions, *, sliding_window, softcap, scale):
         """Write k/v [B, T, KVH, D] at `positions` [B, T], then attend over the row's cache.
 
         Queries see cached positions <= their own (and inside the window), so stale slots past
@@ -48,8 +47,9 @@ class DenseKVCache:
         new_v = layer["v"].at[rows, positions].set(v.astype(layer["v"].dtype), mode="drop")
         slots = jnp.arange(new_k.shape[1], dtype=jnp.int32)
         mask = window_mask(positions[:, :, None], slots[None, None, :], True, sliding_window)
-        out = attend(q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask, softcap=softcap,
-                     scale=scale)
+        out = attend(
+            q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask, softcap=softcap, scale=scale
+        )
         return out, {"k": new_k, "v": new_v}
 
 

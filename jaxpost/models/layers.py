@@ -35,8 +35,12 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
-        scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(init, (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         if self.offset:
@@ -68,8 +72,12 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (x.shape[-1], self.features)
         if self.is_initializing() or self.has_variable("params", "kernel"):
-            kernel = self.param("kernel", nn.with_logical_partitioning(_normal(), self.axes),
-                                shape, self.param_dtype)
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(_normal(), self.axes),
+                shape,
+                self.param_dtype,
+            )
         else:
             from jaxpost import nf4  # the quantized path is optional; keep the import local
 
@@ -85,9 +93,12 @@ class Linear(nn.Module):
             low = jnp.dot(xd, a, preferred_element_type=jnp.float32).astype(self.dtype)
             y = y + self.lora_scale * jnp.dot(low, b, preferred_element_type=jnp.float32)
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                   (self.axes[1],)),
-                              (self.features,), self.param_dtype)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
             y = y + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -111,13 +122,26 @@ class _Common(nn.Module):
     deterministic: bool = True
 
     def linear(self, features: int, axes: tuple[str, str], name: str, bias: bool = False):
-        return Linear(features, axes, use_bias=bias, dtype=jnp.dtype(self.cfg.dtype),
-                      param_dtype=jnp.dtype(self.cfg.param_dtype), lora_scale=self.lora_scale,
-                      lora_dropout=self.lora_dropout, deterministic=self.deterministic, name=name)
+        return Linear(
+            features,
+            axes,
+            use_bias=bias,
+            dtype=jnp.dtype(self.cfg.dtype),
+            param_dtype=jnp.dtype(self.cfg.param_dtype),
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic,
+            name=name,
+        )
 
     def norm(self, name: str, axis_name: str = "embed"):
-        return RMSNorm(self.cfg.rms_norm_eps, self.cfg.norm_offset, axis_name,
-                       jnp.dtype(self.cfg.param_dtype), name=name)
+        return RMSNorm(
+            self.cfg.rms_norm_eps,
+            self.cfg.norm_offset,
+            axis_name,
+            jnp.dtype(self.cfg.param_dtype),
+            name=name,
+        )
 
 
 class Attention(_Common):
@@ -128,15 +152,18 @@ class Attention(_Common):
     """
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, inv_freq, window, cache_meta=None,
-                 cache_layer=None):
+    def __call__(
+        self, x, positions, segment_ids, inv_freq, window, cache_meta=None, cache_layer=None
+    ):
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.linear(cfg.num_heads * cfg.head_dim, ("embed", "heads"), "q", cfg.qkv_bias)(x)
-        k = self.linear(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "k",
-                        cfg.qkv_bias)(x)
-        v = self.linear(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "v",
-                        cfg.qkv_bias)(x)
+        k = self.linear(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "k", cfg.qkv_bias)(
+            x
+        )
+        v = self.linear(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "v", cfg.qkv_bias)(
+            x
+        )
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -145,14 +172,14 @@ class Attention(_Common):
             k = self.norm("k_norm", "head_dim")(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        kwargs = dict(sliding_window=window, softcap=cfg.attn_logit_softcap,
-                      scale=cfg.attention_scale)
+        kwargs = dict(
+            sliding_window=window, softcap=cfg.attn_logit_softcap, scale=cfg.attention_scale
+        )
         new_layer = None
         if cache_layer is None:
             out = attention(q, k, v, segment_ids, causal=True, impl=cfg.attention_impl, **kwargs)
         else:
-            out, new_layer = cache_meta.update_and_attend(cache_layer, q, k, v, positions,
-                                                          **kwargs)
+            out, new_layer = cache_meta.update_and_attend(cache_layer, q, k, v, positions, **kwargs)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.linear(cfg.hidden_size, ("heads", "embed"), "o", cfg.o_bias)(out), new_layer
 
@@ -176,14 +203,25 @@ class Block(_Common):
     """Pre-norm decoder block; Gemma 2/3 add norms on the attention and MLP outputs."""
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, inv_freq, window, cache_meta=None,
-                 cache_layer=None):
+    def __call__(
+        self, x, positions, segment_ids, inv_freq, window, cache_meta=None, cache_layer=None
+    ):
         cfg = self.cfg
-        sub = dict(cfg=cfg, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
-                   deterministic=self.deterministic)
-        h, new_layer = Attention(**sub, name="attn")(self.norm("attn_norm")(x), positions,
-                                                     segment_ids, inv_freq, window, cache_meta,
-                                                     cache_layer)
+        sub = dict(
+            cfg=cfg,
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic,
+        )
+        h, new_layer = Attention(**sub, name="attn")(
+            self.norm("attn_norm")(x),
+            positions,
+            segment_ids,
+            inv_freq,
+            window,
+            cache_meta,
+            cache_layer,
+        )
         if cfg.post_attn_norm:
             h = self.norm("post_attn_norm")(h)
         x = x + h

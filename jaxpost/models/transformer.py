@@ -41,8 +41,7 @@ def _lora_parts(lora):
 
 
 def _block(cfg: ModelConfig, lora_scale=1.0, lora_dropout=0.0, deterministic=True) -> Block:
-    return Block(cfg, lora_scale=lora_scale, lora_dropout=lora_dropout,
-                 deterministic=deterministic)
+    return Block(cfg, lora_scale=lora_scale, lora_dropout=lora_dropout, deterministic=deterministic)
 
 
 def _block_init(cfg: ModelConfig, key):
@@ -57,16 +56,25 @@ def _top_level_boxes(cfg: ModelConfig, key):
     pdt = jnp.dtype(cfg.param_dtype)
     box = nn.LogicallyPartitioned
     top = {
-        "embedder": {"embedding": box(
-            jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden_size), pdt) * 0.02,
-            ("vocab", "embed"))},
-        "final_norm": {"scale": box(
-            (jnp.zeros if cfg.norm_offset else jnp.ones)((cfg.hidden_size,), pdt), ("embed",))},
+        "embedder": {
+            "embedding": box(
+                jax.random.normal(k_emb, (cfg.vocab_size, cfg.hidden_size), pdt) * 0.02,
+                ("vocab", "embed"),
+            )
+        },
+        "final_norm": {
+            "scale": box(
+                (jnp.zeros if cfg.norm_offset else jnp.ones)((cfg.hidden_size,), pdt), ("embed",)
+            )
+        },
     }
     if not cfg.tie_embeddings:
-        top["lm_head"] = {"kernel": box(
-            jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size), pdt) * 0.02,
-            ("embed", "vocab"))}
+        top["lm_head"] = {
+            "kernel": box(
+                jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size), pdt) * 0.02,
+                ("embed", "vocab"),
+            )
+        }
     return top
 
 
@@ -100,8 +108,9 @@ def lm_head_kernel(cfg: ModelConfig, params: Params) -> jax.Array:
 def logits_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] (after the final norm) -> float32 logits [..., V], soft-capped if set."""
     w = lm_head_kernel(cfg, params)
-    logits = jnp.dot(hidden.astype(cfg.dtype), w.astype(cfg.dtype),
-                     preferred_element_type=jnp.float32)
+    logits = jnp.dot(
+        hidden.astype(cfg.dtype), w.astype(cfg.dtype), preferred_element_type=jnp.float32
+    )
     if cfg.final_logit_softcap is not None:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits
@@ -111,7 +120,7 @@ def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     x = jnp.take(params["embedder"]["embedding"], tokens, axis=0).astype(cfg.dtype)
     if cfg.embed_scale:
         # Gemma rounds the normalizer to the compute dtype before multiplying.
-        x = x * jnp.asarray(cfg.hidden_size ** 0.5, dtype=cfg.dtype)
+        x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)
     return x
 
 
@@ -123,9 +132,18 @@ def _remat(fn, policy: str):
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
-def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
-          positions: jax.Array | None = None, segment_ids: jax.Array | None = None, lora=None,
-          cache=None, return_hidden: bool = False, dropout_rng: jax.Array | None = None):
+def apply(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    lora=None,
+    cache=None,
+    return_hidden: bool = False,
+    dropout_rng: jax.Array | None = None,
+):
     """Run the model. tokens [B, T] int32.
 
     positions [B, T] default to 0..T-1; segment_ids [B, T] keep packed examples apart (no cache).
@@ -145,16 +163,16 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
     cache_layers, cache_meta = split_cache(cache) if cache is not None else (None, None)
     inv_freqs = np.stack([cfg.inv_freq(w > 0) for w in cfg.layer_windows]).astype(np.float32)
     layer_lora = lora_tree["layers"] if lora_tree is not None else None
-    layer_keys = (jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None
-                  else None)
+    layer_keys = jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None else None
 
     def layer_fn(x, p, lp, cl, inv, window, key):
         variables = {"params": p}
         if lp is not None:
             variables["lora"] = lp
         rngs = {"dropout": key} if key is not None else None
-        x, new_cl = block.apply(variables, x, positions, segment_ids, inv, window, cache_meta, cl,
-                                rngs=rngs)
+        x, new_cl = block.apply(
+            variables, x, positions, segment_ids, inv, window, cache_meta, cl, rngs=rngs
+        )
         return constrain(x, ("batch", "length", "act_embed")), new_cl
 
     layer_fn = _remat(layer_fn, cfg.remat)
@@ -168,15 +186,30 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
             return layer_fn(x, p, lp, cl, inv, uniform if window is None else window, key)
 
         x, new_layers = jax.lax.scan(
-            body, x, (params["layers"], layer_lora, cache_layers, jnp.asarray(inv_freqs),
-                      windows, layer_keys))
+            body,
+            x,
+            (
+                params["layers"],
+                layer_lora,
+                cache_layers,
+                jnp.asarray(inv_freqs),
+                windows,
+                layer_keys,
+            ),
+        )
     else:
         take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
         outs = []
         for i in range(cfg.num_layers):
-            x, new_cl = layer_fn(x, take(params["layers"], i), take(layer_lora, i),
-                                 take(cache_layers, i), jnp.asarray(inv_freqs[i]),
-                                 cfg.layer_windows[i], None if layer_keys is None else layer_keys[i])
+            x, new_cl = layer_fn(
+                x,
+                take(params["layers"], i),
+                take(layer_lora, i),
+                take(cache_layers, i),
+                jnp.asarray(inv_freqs[i]),
+                cfg.layer_windows[i],
+                None if layer_keys is None else layer_keys[i],
+            )
             outs.append(new_cl)
         if cache is not None:
             new_layers = jax.tree.map(lambda *a: jnp.stack(a), *outs)
@@ -189,8 +222,14 @@ def apply(cfg: ModelConfig, params: Params, tokens: jax.Array, *,
     return logits_from_hidden(cfg, params, x), new_cache
 
 
-def forward(cfg: ModelConfig, params: Params, tokens: jax.Array, lora=None,
-            segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    lora=None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array:
     """tokens [B, T] int32 -> logits [B, T, V] float32 (training mode, no cache)."""
     logits, _ = apply(cfg, params, tokens, positions=positions, segment_ids=segment_ids, lora=lora)
     return logits
