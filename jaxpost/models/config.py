@@ -49,7 +49,8 @@ class ModelConfig:
     # Attention scale is query_pre_attn_scalar ** -0.5 when set (Gemma 2/3), else head_dim ** -0.5.
     query_pre_attn_scalar: float | None = None
     rope_theta: float = 10000.0
-    # {"type": "llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    # {"type": "llama3", factor, low_freq_factor, high_freq_factor,
+    #  original_max_position_embeddings}
     # or {"type": "linear", "factor": f}; applies to global layers only.
     rope_scaling: dict[str, Any] | None = None
     # Local (sliding-window) layers' RoPE base; Gemma 3 uses 10k locally and 1M globally.
