@@ -1,0 +1,306 @@
+"""Orbax checkpoints of a training run: train state, data-iterator state, step and config.
+
+One `Checkpointer` wraps an `orbax.checkpoint.CheckpointManager` over `<directory>/<step>/` with
+two items: "state" (any pytree of arrays: params, optimizer state, RNG keys, step) and "meta"
+(JSON: step, data-iterator state, resolved config, the state's tree description, extras).
+
+* Atomic: Orbax writes each step into a temporary directory and renames it when complete, and
+  only finished steps are listed, so a half-written checkpoint is never restored; leftover
+  temporary directories are removed when the manager starts.
+* Async: arrays are copied off-device and written in the background; `wait()` blocks.
+* Retention: the latest `keep_last` steps plus every multiple of `keep_every`.
+* Restore takes an abstract target (ShapeDtypeStructs with shardings), so a checkpoint saved on one
+  mesh restores onto another. The saved tree description is compared with the target first: a
+  checkpoint of another model or another LoRA shape is an error naming the differing leaves.
+* `PreemptionGuard` turns SIGTERM / SIGINT into a flag the loop polls, so it can save and exit.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored into this run (mismatch or corruption)."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    data_state: Any
+    config: dict | None
+    extra: dict
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def describe(tree) -> dict[str, list]:
+    """{leaf path: [shape, dtype]} of a pytree of arrays or ShapeDtypeStructs."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = "prng_key" if _is_key(leaf) else str(np.dtype(leaf.dtype))
+        out[_path_str(path)] = [list(leaf.shape), dtype]
+    return out
+
+
+def _mismatches(saved: dict[str, list], target: dict[str, list], limit: int = 8) -> list[str]:
+    lines = []
+    for path in sorted(set(saved) | set(target)):
+        if path not in target:
+            lines.append(f"{path}: in the checkpoint, not in this run")
+        elif path not in saved:
+            lines.append(f"{path}: expected by this run, absent from the checkpoint")
+        elif saved[path] != target[path]:
+            lines.append(
+                f"{path}: checkpoint has shape {saved[path][0]} {saved[path][1]}, "
+                f"this run expects {target[path][0]} {target[path][1]}"
+            )
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
+    return lines
+
+
+def _keys_to_data(tree):
+    """Typed PRNG keys -> their uint32 key data (what Orbax stores)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_key_data(x):
+    if not _is_key(x):
+        return x
+    data = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _encode(value):
+    """Data-iterator states may be bytes (Grain); JSON keeps them base64-encoded."""
+    if isinstance(value, bytes):
+        return {"__bytes__": base64.b64encode(value).decode()}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and set(value) == {"__bytes__"}:
+        return base64.b64decode(value["__bytes__"])
+    return value
+
+
+class Checkpointer:
+    """Save / restore training checkpoints under `directory` (one sub-directory per step)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+    ):
+        self.directory = Path(directory).absolute()
+        policies = [ocm.LatestN(keep_last)]
+        if keep_every:
+            policies.append(ocm.EveryNSteps(keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        data_state=None,
+        config: dict | None = None,
+        extra: dict | None = None,
+        wait: bool = False,
+    ) -> None:
+        """Start saving `state` (a pytree of arrays) as step `step`; `wait` blocks until on disk."""
+        if step in self._manager.all_steps():
+            return
+        meta = {
+            "step": int(step),
+            "data_state": _encode(data_state),
+            "config": config,
+            "extra": extra or {},
+            "tree": describe(state),
+        }
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON side of a checkpoint (step, data state, config, tree description, extras)."""
+        step = self._resolve_step(step)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(meta["meta"])
+            _ = meta["tree"], meta["step"]
+        except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} is corrupt or incomplete: its metadata "
+                f"cannot be read ({type(e).__name__}: {e})"
+            ) from e
+        return meta
+
+    def _resolve_step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
+            )
+        return step
+
+    def restore(self, abstract_state, step: int | None = None, *, model_config=None) -> Restored:
+        """Restore into the structure, shapes, dtypes and shardings of `abstract_state`.
+
+        abstract_state: a pytree of jax.ShapeDtypeStruct (with .sharding) or arrays, shaped like
+        the saved state. model_config (a dict), when given, is compared with the saved config's
+        "model" section so a checkpoint of another model is reported by its differing fields.
+        """
+        step = self._resolve_step(step)
+        meta = self.read_meta(step)
+        where = self.directory / str(step)
+        saved_model = (meta.get("config") or {}).get("model")
+        if model_config is not None and saved_model is not None:
+            diffs = _dict_diffs(saved_model, model_config, "model")
+            if diffs:
+                raise CheckpointError(
+                    f"checkpoint {where} was written for a different model:\n  "
+                    + "\n  ".join(diffs)
+                )
+        problems = _mismatches(meta["tree"], describe(abstract_state))
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {where} does not match this run's state (another model or another "
+                "LoRA shape?):\n  " + "\n  ".join(problems)
+            )
+        target = jax.tree.map(_abstract_key_data, abstract_state)
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            target,
+        )
+        try:
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
+        except Exception as e:  # noqa: BLE001 - any failure to read the arrays is corruption
+            raise CheckpointError(
+                f"checkpoint {where} is corrupt or incomplete: its arrays cannot be read "
+                f"({type(e).__name__}: {str(e)[:300]})"
+            ) from e
+        state = jax.tree.map(
+            lambda like, x: (
+                jax.random.wrap_key_data(x, impl=like.dtype._impl) if _is_key(like) else x
+            ),
+            abstract_state,
+            out["state"],
+        )
+        return Restored(
+            step=int(meta["step"]),
+            state=state,
+            data_state=_decode(meta.get("data_state")),
+            config=meta.get("config"),
+            extra=meta.get("extra") or {},
+        )
+
+
+def _dict_diffs(saved: Any, current: Any, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _dict_diffs(saved.get(key), current.get(key), f"{prefix}.{key}")
+        return out
+    norm = lambda v: json.loads(json.dumps(v, default=list))
+    if norm(saved) != norm(current):
+        return [f"{prefix}: {saved!r} in the checkpoint, {current!r} in this config"]
+    return []
+
+
+class PreemptionGuard:
+    """Within the context, SIGTERM and SIGINT set `requested` instead of killing the process.
+
+    The training loop polls `requested` after each step, saves a checkpoint and exits; a second
+    signal of the same kind falls through to the previous handler (a stuck run can still be
+    interrupted).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def should_stop(self) -> bool:
+        """True on every process once any process got a signal (multi-process runs agree)."""
+        flag = self.requested is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag

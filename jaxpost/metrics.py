@@ -1,0 +1,171 @@
+"""Metric writers for a training run: stdout, JSONL, TensorBoard, a progress bar and a PNG plot.
+
+Only process 0 writes (the metrics are global means already). One JSONL record per logged step:
+`{"step": 12, "split": "train", "loss": ..., ...}`; TensorBoard tags are `split/name`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _scalar(value) -> float | None:
+    try:
+        out = float(np.asarray(value))
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+class MetricsWriter:
+    """Write scalar metrics to any of stdout, `<workdir>/metrics.jsonl` and TensorBoard events."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        stdout: bool = True,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        echo=None,
+    ):
+        self.workdir = Path(workdir)
+        self.enabled = jax.process_index() == 0
+        self.stdout = stdout
+        self.echo = echo or (lambda line: print(line, flush=True))
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.workdir / "metrics.jsonl"
+
+    def write(self, step: int, metrics: Mapping[str, object], split: str = "train") -> None:
+        """Log scalars; non-scalar values are ignored."""
+        if not self.enabled:
+            return
+        scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+        record = {"step": int(step), "split": split, **scalars}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(f"{split}/{name}", value, int(step))
+            self._tb.flush()
+        if self.stdout:
+            body = "  ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+            self.echo(f"[{split}] step {step}: {body}")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or (1e-3 <= abs(v) < 1e5):
+        return f"{v:.4g}"
+    return f"{v:.3e}"
+
+
+class Progress:
+    """A tqdm bar over training steps with ETA, steps/s and tokens/s (process 0 only)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._bar = None
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+        if self.enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
+
+    def update(self, tokens: int, loss: float | None = None) -> None:
+        self._tokens += tokens
+        if self._bar is None:
+            return
+        rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
+        postfix = {"tok/s": f"{rate:.0f}"}
+        if loss is not None and math.isfinite(loss):
+            postfix["loss"] = f"{loss:.4f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self._tokens / max(time.perf_counter() - self._t0, 1e-9)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(jsonl_path: str | Path, png_path: str | Path, names=("loss", "accuracy")) -> Path:
+    """One panel per metric in `names` found in the JSONL, a line per split; returns png_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(jsonl_path)
+    present = [n for n in names if any(n in r for r in records)]
+    if not present:
+        raise ValueError(f"{jsonl_path} has no metric among {names} to plot")
+    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], present):
+        for split in sorted({r["split"] for r in records if name in r}):
+            # A resumed run appends; the last record of each step is the one that stands.
+            by_step = {r["step"]: r[name] for r in records if r["split"] == split and name in r}
+            steps = sorted(by_step)
+            ax.plot(
+                steps,
+                [by_step[s] for s in steps],
+                marker="." if len(steps) < 30 else None,
+                label=split,
+            )
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)

@@ -1,0 +1,136 @@
+"""Config schema validation: typos name the nearest key, wrong types and impossible values fail."""
+
+import ml_collections
+import pytest
+
+from jaxpost import config as jconfig
+
+TINY_ARCH = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+
+
+def _cfg() -> ml_collections.ConfigDict:
+    c = jconfig.defaults()
+    c.model.arch = ml_collections.ConfigDict(TINY_ARCH)
+    c.data.task = "arithmetic"
+    c.train.steps = 10
+    return c
+
+
+def _problems(cfg, **kw) -> str:
+    with pytest.raises(jconfig.ConfigError) as info:
+        jconfig.validate(cfg, **kw)
+    return str(info.value)
+
+
+def test_valid_config_passes():
+    cfg = _cfg()
+    assert jconfig.validate(cfg, num_devices=8) is cfg
+    assert jconfig.model_config(cfg).hidden_size == 32
+
+
+def test_typo_names_the_nearest_key():
+    cfg = _cfg()
+    cfg.train.stpes = 3  # a config file may add keys; validation must catch them
+    msg = _problems(cfg)
+    assert "'train.stpes'" in msg and "'train.steps'" in msg
+
+
+def test_typo_in_section_name():
+    cfg = _cfg()
+    cfg.optimiser = ml_collections.ConfigDict({"learning_rate": 1e-3})
+    msg = _problems(cfg)
+    assert "'optimiser'" in msg and "'optimizer'" in msg
+
+
+def test_typo_in_model_arch_names_modelconfig_field():
+    cfg = _cfg()
+    cfg.model.arch.hiden_size = 48
+    msg = _problems(cfg)
+    assert "model.arch.hiden_size" in msg and "model.arch.hidden_size" in msg
+
+
+def test_wrong_type_names_key_and_types():
+    cfg = _cfg()
+    # Replacing a whole section bypasses ConfigDict's per-field type locking.
+    cfg.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "batch_size": "8"})
+    msg = _problems(cfg)
+    assert "train.batch_size='8'" in msg and "expected int" in msg
+
+
+def test_bool_is_not_an_int_and_int_is_a_float():
+    cfg = _cfg()
+    cfg.train = ml_collections.ConfigDict({**cfg.train.to_dict(), "steps": True})
+    assert "train.steps=True" in _problems(cfg)
+    cfg = _cfg()
+    cfg.optimizer = ml_collections.ConfigDict({**cfg.optimizer.to_dict(), "learning_rate": 1})
+    jconfig.validate(cfg)
+
+
+def test_batch_not_divisible_by_data_axes():
+    cfg = _cfg()
+    cfg.mesh.data, cfg.mesh.fsdp = 8, 1
+    cfg.train.batch_size = 12
+    msg = _problems(cfg, num_devices=8)
+    assert "train.batch_size=12" in msg and "(8 x 1 = 8)" in msg
+
+
+def test_fsdp_rest_resolved_from_device_count():
+    cfg = _cfg()
+    cfg.mesh.data, cfg.mesh.fsdp = 2, -1
+    cfg.train.batch_size = 4  # 2 x 4 = 8 shards on 8 devices
+    assert "(2 x 4 = 8)" in _problems(cfg, num_devices=8)
+    cfg.train.batch_size = 16
+    jconfig.validate(cfg, num_devices=8)
+
+
+def test_mesh_larger_than_devices():
+    cfg = _cfg()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 4, 1, 4
+    assert "needs 16 devices; have 8" in _problems(cfg, num_devices=8)
+
+
+def test_impossible_values_listed_together():
+    cfg = _cfg()
+    cfg.lora.rank = 0
+    cfg.lora.dropout = 1.5
+    cfg.optimizer.schedule = "cosin"
+    cfg.algorithm = "stf"
+    msg = _problems(cfg)
+    assert "lora.rank=0 must be > 0" in msg
+    assert "lora.dropout=1.5" in msg
+    assert "optimizer.schedule='cosin'" in msg
+    assert "algorithm='stf'" in msg and "did you mean 'sft'" in msg
+
+
+def test_invalid_model_arch_reports_modelconfig_error():
+    cfg = _cfg()
+    cfg.model.arch.num_kv_heads = 3
+    assert "num_heads=4 must be a multiple of num_kv_heads=3" in _problems(cfg)
+
+
+def test_missing_data_and_model():
+    cfg = jconfig.defaults()
+    msg = _problems(cfg)
+    assert "model.arch is empty" in msg and "no training data" in msg
+
+
+def test_json_round_trip():
+    cfg = _cfg()
+    again = jconfig.from_json(jconfig.to_json(cfg))
+    assert again.to_dict() == jconfig.from_json(jconfig.to_json(again)).to_dict()
+    assert again.model.arch.hidden_size == 32
+
+
+def test_parse_arg_variants_and_typo():
+    arg = jconfig.parse_arg("cpu,size=small,steps=7", cpu=False, size="tiny", steps=100)
+    assert arg.cpu is True and arg.size == "small" and arg.steps == 7
+    with pytest.raises(jconfig.ConfigError, match="did you mean 'size'"):
+        jconfig.parse_arg("szie=small", cpu=False, size="tiny")
