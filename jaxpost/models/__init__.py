@@ -1,6 +1,8 @@
 """Models: the transformer (Llama / Qwen2 / Qwen3 / Gemma 1-2-3 by config), KV cache, HF I/O."""
 
 from jaxpost.models.config import ModelConfig
+from jaxpost.models.hf import load_hf, save_hf
+from jaxpost.models.hf_configs import config_from_hf, config_to_hf
 from jaxpost.models.kv_cache import DenseKVCache
 from jaxpost.models.transformer import (
     apply,
@@ -16,10 +18,14 @@ __all__ = [
     "DenseKVCache",
     "ModelConfig",
     "apply",
+    "config_from_hf",
+    "config_to_hf",
     "embed",
     "forward",
     "init",
     "lm_head_kernel",
+    "load_hf",
     "logical_axes",
     "logits_from_hidden",
+    "save_hf",
 ]
