@@ -1,0 +1,61 @@
+"""Which implementation runs: the Pallas kernel or the plain-XLA reference, and how.
+
+The kernels in this package are written for TPU (Mosaic): grid + BlockSpecs, SMEM scalar
+prefetch, VMEM scratch accumulators. `impl` is the switch every entry point takes (and
+`ModelConfig.attention_impl` feeds it):
+
+  "xla"     always the reference;
+  "pallas"  always the kernel; compiled by Mosaic on TPU, run by Pallas's interpreter
+            (`interpret=True`) on any other backend, which is for testing only (slow);
+  "auto"    the kernel on TPU when the entry point's shape rule says it pays off, else the
+            reference. GPU and CPU always get the reference under "auto" (XLA, which on GPU
+            fuses attention through cuDNN where it can); no kernel here has been shown faster
+            there.
+
+Tests that want the TPU interpreter's stricter simulation (memory spaces, DMA semantics, grid
+order randomisation) wrap the call in `tpu_interpret_mode()`; any `pallas_call` traced inside
+it runs in TPU interpret mode regardless of the `interpret` argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def check_impl(impl: str, where: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"{where} impl={impl!r}; expected one of {', '.join(IMPLS)}")
+
+
+def on_tpu() -> bool:
+    return jax.default_backend() == "tpu"
+
+
+def use_kernel(impl: str, where: str, tpu_profitable: bool) -> bool:
+    """True when the kernel should run: forced by impl="pallas", or "auto" on a TPU where the
+    caller's shape rule (`tpu_profitable`) holds."""
+    check_impl(impl, where)
+    if impl == "auto":
+        return on_tpu() and tpu_profitable
+    return impl == "pallas"
+
+
+def interpret() -> bool:
+    """The `interpret` argument for pallas_call: compile on TPU, interpret everywhere else."""
+    return not on_tpu()
+
+
+@contextlib.contextmanager
+def tpu_interpret_mode() -> Iterator[None]:
+    """Run every Pallas kernel traced inside this context in TPU interpret mode (tests).
+
+    Functions jitted inside must be traced inside (a cached trace from outside is reused as is).
+    """
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        yield
