@@ -112,6 +112,14 @@ class ModelConfig:
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
+    def __hash__(self) -> int:
+        # Configs are jit-static arguments; rope_scaling is a dict, so hash its items instead.
+        values = tuple(
+            tuple(sorted(v.items())) if isinstance(v, dict) else v
+            for v in (getattr(self, f.name) for f in dataclasses.fields(self))
+        )
+        return hash(values)
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
