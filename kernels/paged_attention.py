@@ -9,13 +9,25 @@ Layout (one layer; the rollout engine stacks a leading [L] axis):
 The current token sits at position lengths-1; key j is visible iff j < lengths and, with a
 sliding window w, (lengths-1) - j < w. A slot with length 0 (idle) returns zeros.
 Returns [B, H, D] in q's dtype; softmax in float32.
+
+The Pallas kernel (`pallas`) walks each slot's page table with the table, the lengths and the
+window in SMEM (scalar prefetch): grid (slot, KV head, page), one page of keys/values per step
+fetched straight from the shared pool by the BlockSpec's index map, an online softmax over pages
+in VMEM scratch, all H/KVH query heads of a KV head served by one fetch (GQA). Pages past the
+slot's length or wholly outside the window are neither fetched (their index is clamped to a live
+page, which the pipeline does not copy twice) nor computed.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
+from jaxpost.kernels import dispatch as _dispatch
 from jaxpost.kernels.flash_attention import window_mask
 
 
@@ -59,28 +71,149 @@ def reference(
     return out.reshape(b, h, d).astype(q.dtype)
 
 
-def paged_attention(
-    q,
-    k_pages,
-    v_pages,
-    lengths,
-    page_table,
+# Pallas kernel ------------------------------------------------------------------------------------
+
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _live_pages(length, window, page_size: int):
+    """First and last page index holding a visible key (last >= first even for idle slots)."""
+    last = jnp.maximum((length + page_size - 1) // page_size - 1, 0)
+    first_key = jnp.where(window > 0, jnp.maximum(length - window, 0), 0)
+    return jnp.minimum(first_key // page_size, last), last
+
+
+def _kernel(
+    len_ref, table_ref, win_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc,
+    *, page_size, softcap, scale,
+):  # fmt: skip
+    b, j = pl.program_id(0), pl.program_id(2)
+    length, w = len_ref[b], win_ref[0]
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, _MASK, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    first, last = _live_pages(length, w, page_size)
+
+    @pl.when((j >= first) & (j <= last) & (length > 0))
+    def _step():
+        q = q_ref[...]
+        k = k_ref[...].astype(q.dtype)
+        v = v_ref[...].astype(q.dtype)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = s * scale
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        mask = (pos < length) & ((w <= 0) | (length - 1 - pos < w))
+        s = jnp.where(mask, s, _MASK)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_sc[...] = alpha * acc_sc[...] + pv
+        m_sc[...] = m_new
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        denom = l_sc[...]
+        safe = jnp.where(denom > 0, denom, 1.0)
+        o_ref[...] = jnp.where(denom > 0, acc_sc[...] / safe, 0.0).astype(o_ref.dtype)
+
+
+def pallas(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
     *,
     sliding_window=None,
-    softcap=None,
-    scale=1.0,
-    impl: str = "auto",
+    softcap: float | None = None,
+    scale: float = 1.0,
+    interpret: bool | None = None,
 ) -> jax.Array:
-    """Dispatch (the Pallas kernel plugs in here); see the module docstring for shapes."""
-    if impl not in ("auto", "xla", "pallas"):
-        raise ValueError(f"paged_attention impl={impl!r}; expected auto, xla or pallas")
-    return reference(
-        q,
+    """The Pallas paged decode attention; same signature and result as `reference`."""
+    b, h, d = q.shape
+    kvh, _, page_size, _ = k_pages.shape
+    m = page_table.shape[1]
+    if k_pages.shape[-1] != d or v_pages.shape != k_pages.shape or h % kvh:
+        raise ValueError(
+            f"paged attention: q {q.shape}, k_pages {k_pages.shape}, v_pages {v_pages.shape}; "
+            "expected q [B, H, D], k/v pages [KVH, P, S, D] with H a multiple of KVH"
+        )
+    if lengths.shape != (b,) or page_table.shape[0] != b:
+        raise ValueError(
+            f"paged attention: lengths {lengths.shape}, page_table {page_table.shape}; "
+            f"expected [{b}] and [{b}, M]"
+        )
+    groups = h // kvh
+    win = 0 if sliding_window is None else sliding_window
+    win = jnp.reshape(jnp.asarray(win, jnp.int32), (1,))
+
+    def page_map(bi, hi, j, len_ref, table_ref, win_ref):
+        first, last = _live_pages(len_ref[bi], win_ref[0], page_size)
+        return hi, table_ref[bi * m + jnp.clip(j, first, last)], 0, 0
+
+    q_spec = pl.BlockSpec((None, None, groups, d), lambda bi, hi, j, *_: (bi, hi, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, page_size, d), page_map)
+    out = pl.pallas_call(
+        functools.partial(
+            _kernel,
+            page_size=page_size,
+            softcap=None if softcap is None else float(softcap),
+            scale=float(scale),
+        ),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(b, kvh, m),
+            in_specs=[q_spec, kv_spec, kv_spec],
+            out_specs=q_spec,
+            scratch_shapes=[
+                pltpu.VMEM((groups, 1), jnp.float32),
+                pltpu.VMEM((groups, 1), jnp.float32),
+                pltpu.VMEM((groups, d), jnp.float32),
+            ],
+        ),
+        out_shape=jax.ShapeDtypeStruct((b, kvh, groups, d), q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=_dispatch.interpret() if interpret is None else interpret,
+    )(
+        lengths.astype(jnp.int32),
+        page_table.astype(jnp.int32).reshape(-1),  # 1-D: SMEM pads 2-D arrays heavily
+        win,
+        q.reshape(b, kvh, groups, d),
         k_pages,
         v_pages,
-        lengths,
-        page_table,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        scale=scale,
     )
+    return out.reshape(b, h, d)
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_table: jax.Array,
+    *,
+    sliding_window=None,
+    softcap: float | None = None,
+    scale: float = 1.0,
+    impl: str = "auto",
+) -> jax.Array:
+    """Dispatch between `pallas` and `reference` (see `dispatch`); shapes in the module docstring.
+
+    "auto" takes the kernel on TPU: the reference gathers every slot's M*S keys into a dense
+    copy per layer and step, the kernel reads only the live pages in place.
+    """
+    kwargs = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
+    if _dispatch.use_kernel(impl, "paged_attention", tpu_profitable=True):
+        return pallas(q, k_pages, v_pages, lengths, page_table, **kwargs)
+    return reference(q, k_pages, v_pages, lengths, page_table, **kwargs)
