@@ -1,7 +1,10 @@
 """The one entry point through which every self-attention of the model passes.
 
-It picks the implementation: the plain-XLA reference (`jaxpost.kernels.flash_attention.reference`)
-or, where the backend and shapes allow, a Pallas kernel. `impl` forces either.
+It forwards to `jaxpost.kernels.flash_attention.flash_attention`, whose dispatch picks the
+plain-XLA reference or the Pallas flash-attention kernel by backend and shape (TPU and T >= 128
+get the kernel under "auto"; see `jaxpost.kernels.dispatch`). `impl` (from
+`ModelConfig.attention_impl`) forces either: "xla" the reference, "pallas" the kernel (Mosaic
+on TPU, Pallas's interpreter elsewhere, for tests).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ def attention(
     scale: float = 1.0,
     impl: str = "auto",
 ) -> jax.Array:
-    """q [B, T, H, D], k/v [B, T, KVH, D], segment_ids [B, T] -> [B, T, H, D]."""
-    if impl not in ("auto", "xla", "pallas"):
-        raise ValueError(f"attention impl={impl!r}; expected auto, xla or pallas")
-    return flash_attention.reference(
+    """q [B, T, H, D], k/v [B, T, KVH, D], segment_ids [B, T] -> [B, T, H, D].
+
+    sliding_window: None, a Python int or a traced int32 scalar (per-layer windows under a
+    layer scan); <= 0 means global attention.
+    """
+    return flash_attention.flash_attention(
         q,
         k,
         v,
@@ -35,4 +40,5 @@ def attention(
         sliding_window=sliding_window,
         softcap=softcap,
         scale=scale,
+        impl=impl,
     )
