@@ -1,0 +1,27 @@
+"""Rollout: the JetStream-style engine over a paged KV cache, sampling, continuous batching.
+
+`rollout.generate(cfg, params, prompts, rollout.SamplingParams(...), lora=None)` is the one-call
+API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_adapter` (extra
+`jetstream`) presents the engine to JetStream's own orchestrator.
+"""
+
+from jaxpost.rollout.driver import Completion, Driver, Request, generate
+from jaxpost.rollout.engine import DecodeState, Engine, Prefix, StepResult, prefill_bucket
+from jaxpost.rollout.paged_cache import PageAllocator, PagedKVCache, PagesExhausted
+from jaxpost.rollout.sampling import SamplingParams
+
+__all__ = [
+    "Completion",
+    "DecodeState",
+    "Driver",
+    "Engine",
+    "PageAllocator",
+    "PagedKVCache",
+    "PagesExhausted",
+    "Prefix",
+    "Request",
+    "SamplingParams",
+    "StepResult",
+    "generate",
+    "prefill_bucket",
+]

@@ -1,0 +1,259 @@
+"""In-process continuous batching over an engine, and `generate`, the one-call rollout API.
+
+The loop: admit queued samples into free slots (prefill once per prompt, insert each of its n
+samples), dispatch one `generate` call, then read the previous call's tokens while the device
+works on the next one (one call in flight), retire finished samples (their pages return to the
+pool) and refill. A sample waits in the queue while no slot is free or the page pool cannot
+reserve its prompt + max_new_tokens; nothing is dropped.
+
+Works with any engine exposing the JetStream Engine API (`jaxpost.rollout.engine.Engine`, or
+JetStream's own `mock_engine.TestEngine`); the jaxpost-only extras (sampling parameters per slot,
+log-probs, page admission, releasing slots) are used when the engine has them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxpost.models.config import ModelConfig
+from jaxpost.rollout.engine import Engine, StepResult, prefill_bucket
+from jaxpost.rollout.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class Completion:
+    """One sampled completion of one prompt.
+
+    tokens / logprobs: the generated tokens (eos or stop sequence included) and the raw model
+    log-prob of each. finish_reason: "eos" | "stop" | "length". Times are time.perf_counter()
+    seconds: queued (request submitted), first_token (first token read on the host), finished.
+    """
+
+    request_index: int
+    sample_index: int
+    prompt: list[int]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    queued: float = 0.0
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def latency(self) -> float:
+        return (self.finished or time.perf_counter()) - self.queued
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingParams
+
+
+def _validate(prompt: Sequence[int], index: int, max_prefill: int, vocab: int | None) -> list[int]:
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError(f"prompt {index} is empty; expected at least one token")
+    if len(prompt) > max_prefill:
+        raise ValueError(
+            f"prompt {index} has {len(prompt)} tokens; the engine's max_prefill_length is "
+            f"{max_prefill}"
+        )
+    if vocab is not None and not all(0 <= t < vocab for t in prompt):
+        bad = next(t for t in prompt if not 0 <= t < vocab)
+        raise ValueError(f"prompt {index} has token id {bad}; expected ids in [0, {vocab})")
+    return prompt
+
+
+def _stop_hit(tokens: list[int], stops) -> bool:
+    return any(len(tokens) >= len(s) and tuple(tokens[-len(s) :]) == s for s in stops)
+
+
+class Driver:
+    """Continuous batching over `engine` with `params` (as returned by engine.load_params)."""
+
+    def __init__(self, engine, params=None):
+        self.engine = engine
+        self.params = params if params is not None else getattr(engine, "params", None)
+        self.is_jaxpost = isinstance(engine, Engine)
+        self.vocab = engine.cfg.vocab_size if self.is_jaxpost else None
+
+    def run(
+        self, requests: Sequence[Request], progress: bool | None = None
+    ) -> list[list[Completion]]:
+        """Generate every sample of every request. Returns completions[request][sample]."""
+        eng = self.engine
+        now = time.perf_counter()
+        prompts = [
+            _validate(r.prompt, i, eng.max_prefill_length, self.vocab)
+            for i, r in enumerate(requests)
+        ]
+        outs = [
+            [Completion(i, j, prompts[i], queued=now) for j in range(r.sampling.n)]
+            for i, r in enumerate(requests)
+        ]
+        queue = collections.deque(
+            (i, j) for i, r in enumerate(requests) for j in range(r.sampling.n)
+        )
+        total = len(queue)
+        prefixes: dict[int, tuple] = {}  # request -> (prefix, samples not yet inserted)
+        free = list(range(eng.max_concurrent_decodes - 1, -1, -1))
+        owner: list[tuple[int, int] | None] = [None] * eng.max_concurrent_decodes
+        state = eng.init_decode_state()
+        in_flight: tuple | None = None  # (result, owners at dispatch)
+        bar = tqdm(total=total, disable=not (progress if progress is not None else total >= 64))
+        finished = 0
+        while finished < total:
+            while free and queue:
+                i, j = queue[0]
+                sp = requests[i].sampling
+                if self.is_jaxpost and not eng.can_admit(len(prompts[i]) + sp.max_new_tokens):
+                    break  # pool exhausted: wait for a retirement
+                queue.popleft()
+                if i not in prefixes:
+                    prefixes[i] = [self._prefill(prompts[i]), sp.n]
+                slot = free.pop()
+                if self.is_jaxpost:
+                    state = eng.insert(prefixes[i][0], state, slot, sampling=sp, sample_index=j)
+                else:
+                    state = eng.insert(prefixes[i][0], state, slot)
+                prefixes[i][1] -= 1
+                if prefixes[i][1] == 0:
+                    del prefixes[i]
+                owner[slot] = (i, j)
+            if queue and in_flight is None and all(o is None for o in owner):
+                i, j = queue[0]
+                raise RuntimeError(
+                    f"request {i} (prompt {len(prompts[i])} + max_new_tokens "
+                    f"{requests[i].sampling.max_new_tokens} tokens) can never fit the page pool "
+                    f"of {eng.num_pages - 1} pages x {eng.page_size} tokens"
+                )
+            dispatched = None
+            if any(o is not None for o in owner):
+                state, result = eng.generate(self.params, state)
+                dispatched = (result, list(owner))
+            if in_flight is not None:
+                finished += self._consume(in_flight, requests, outs, owner, free, bar)
+            in_flight = dispatched
+        bar.close()
+        return outs
+
+    def _prefill(self, prompt: list[int]):
+        eng = self.engine
+        if self.is_jaxpost:
+            bucket = prefill_bucket(len(prompt), eng.max_prefill_length)
+        else:
+            bucket = eng.max_prefill_length
+        padded = np.zeros((bucket,), np.int32)
+        padded[: len(prompt)] = prompt
+        return eng.prefill(params=self.params, padded_tokens=padded, true_length=len(prompt))
+
+    def _consume(self, in_flight, requests, outs, owner, free, bar) -> int:
+        """Append one call's tokens; retire finished samples. Returns how many finished."""
+        result, owners = in_flight
+        r = _to_numpy(result)
+        now = time.perf_counter()
+        finished = 0
+        for slot, who in enumerate(owners):
+            if who is None or owner[slot] != who:
+                continue  # idle, or retired after this call was dispatched
+            i, j = who
+            c, sp = outs[i][j], requests[i].sampling
+            reason = None
+            for t, ok, lp in zip(r["tokens"][slot], r["valid"][slot], r["logprobs"][slot]):
+                if not ok:
+                    break
+                c.tokens.append(int(t))
+                c.logprobs.append(float(lp))
+                if c.first_token is None:
+                    c.first_token = now
+                if int(t) in sp.eos_token_ids:
+                    reason = "eos"
+                elif _stop_hit(c.tokens, sp.stop):
+                    reason = "stop"
+                elif len(c.tokens) >= sp.max_new_tokens:
+                    reason = "length"
+                if reason:
+                    break
+            if reason is None and self.is_jaxpost and r["done"][slot]:
+                reason = "length"  # the slot reached max_len before max_new_tokens
+            if reason:
+                c.finish_reason, c.finished = reason, now
+                owner[slot] = None
+                free.append(slot)
+                if self.is_jaxpost:
+                    self.engine.release(slot)
+                finished += 1
+                bar.update(1)
+        return finished
+
+
+def _to_numpy(result) -> dict[str, np.ndarray]:
+    """StepResult, or JetStream ResultTokens (no log-probs: NaN), as numpy columns."""
+    if isinstance(result, StepResult):
+        return result.to_numpy()
+    d = np.asarray(result.data)
+    tokens = d[:, result.tokens_idx[0] : result.tokens_idx[1]]
+    return {
+        "tokens": tokens,
+        "valid": d[:, result.valid_idx[0] : result.valid_idx[1]].astype(bool),
+        "logprobs": np.full(tokens.shape, np.nan, np.float32),
+    }
+
+
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    lora=None,
+    *,
+    slots: int = 16,
+    page_size: int = 16,
+    steps_per_call: int = 8,
+    mesh=None,
+    progress: bool | None = None,
+    engine: Engine | None = None,
+) -> list[Completion]:
+    """Sample completions for `prompts` (list of token-id lists).
+
+    sampling_params: one for all prompts or one per prompt. params may be plain or
+    {"base", "lora"}; `lora` (a tree or an object with .params/.scale) overrides. Pass a
+    prebuilt `engine` to reuse its compilations across calls (its params are swapped in).
+    Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
+    Each result has .tokens, .logprobs (raw model log-probs) and .finish_reason.
+    """
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    sps = (
+        [sampling_params] * len(prompts)
+        if isinstance(sampling_params, SamplingParams)
+        else list(sampling_params)
+    )
+    if len(sps) != len(prompts):
+        raise ValueError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
+    if engine is None:
+        longest = max((len(p) for p in prompts), default=1)
+        max_new = max((s.max_new_tokens for s in sps), default=1)
+        max_prefill = prefill_bucket(max(longest, 1), 1 << 30)
+        engine = Engine(
+            cfg,
+            params,
+            lora=lora,
+            slots=slots,
+            max_len=max_prefill + max_new,
+            max_prefill_length=max_prefill,
+            page_size=page_size,
+            steps_per_call=steps_per_call,
+            mesh=mesh,
+        )
+    else:
+        engine.update_params(params, lora=lora)
+    outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
+    return [c for per_prompt in outs for c in per_prompt]

@@ -1,0 +1,478 @@
+"""The rollout engine: JetStream's Engine API over a paged KV cache, with per-token log-probs.
+
+  prefix = engine.prefill(params=p, padded_tokens=tokens[T], true_length=n)  # a compile per bucket
+  state = engine.insert(prefix, state, slot, sampling=SamplingParams(...), sample_index=i)
+  state, result = engine.generate(p, state)  # steps_per_call tokens for every slot, one jit
+
+Order inside a step: sample the next token from the slot's last hidden state, report it with its
+raw log-prob, then feed it through the model (writing its k/v) to get the next hidden state. The
+prompt's last hidden state comes from prefill, so n samples of one prompt share that prefill and
+still draw different first tokens.
+
+Host-side bookkeeping lives in the engine object: the page allocator, each slot's page list and
+page-table row, an upper bound of its cache length, and page reservations. A slot reserves the
+pages of prompt + max_new_tokens when inserted (so generation never runs out of pages midway)
+but pages are only allocated as tokens arrive, so memory in use follows the live tokens.
+The device never waits on the host: `generate` grows page lists from the host's length bound
+(at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost import models
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.kv_cache import DenseKVCache
+from jaxpost.rollout import sampling
+from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
+from jaxpost.rollout.sampling import SamplingParams
+from jaxpost.sharding import (
+    DEFAULT_RULES,
+    logical_to_sharding,
+    replicated,
+    tree_shardings,
+    use_mesh,
+)
+
+MAX_EOS = 8  # eos ids per slot held on device
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything a generate step transforms; one row per slot. B = max_concurrent_decodes."""
+
+    cache: PagedKVCache
+    hidden: jax.Array  # [B, D] final-normed hidden of the last cached token
+    generated: jax.Array  # [B] int32 tokens emitted so far
+    done: jax.Array  # [B] bool: idle or finished on device (eos / max_new_tokens)
+    max_new: jax.Array  # [B] int32
+    key_data: jax.Array  # [B, 2] uint32 raw PRNG key of the slot's sample
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    min_p: jax.Array  # [B] float32
+    eos: jax.Array  # [B, MAX_EOS] int32, -1 padded
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Prefix:
+    """A prefilled prompt: k/v [L, T, KVH, D], hidden [D], length () int32 on device."""
+
+    k: jax.Array
+    v: jax.Array
+    hidden: jax.Array
+    length: jax.Array
+    true_length: int = dataclasses.field(metadata=dict(static=True))
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Output of one `generate` call, K = steps_per_call, as one int32 array [B, 3K + 2].
+
+    Columns: tokens [0, K), valid [K, 2K), generated count [2K] (JetStream's ResultTokens
+    layout), log-probs bit-cast to int32 [2K+1, 3K+1), done [3K+1]. One array, one host copy.
+    """
+
+    data: jax.Array | np.ndarray
+    steps: int
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        d = np.asarray(self.data)
+        k = self.steps
+        return {
+            "tokens": d[:, :k],
+            "valid": d[:, k : 2 * k].astype(bool),
+            "lengths": d[:, 2 * k],
+            "logprobs": d[:, 2 * k + 1 : 3 * k + 1].view(np.float32),
+            "done": d[:, 3 * k + 1].astype(bool),
+        }
+
+
+class _LoRA:
+    """The (tree, scale) pair handed to models.apply inside jit; the scale is static."""
+
+    def __init__(self, params, scale: float):
+        self.params, self.scale = params, scale
+
+
+def split_params(params, lora=None) -> tuple[Any, Any, float]:
+    """(base, lora tree or None, lora scale) from params or {"base", "lora"} plus `lora`."""
+    if isinstance(params, dict) and "base" in params:
+        if lora is None:
+            lora = params.get("lora")
+        params = params["base"]
+    if lora is None:
+        return params, None, 1.0
+    if isinstance(lora, dict):
+        return params, lora, 1.0
+    return params, lora.params, float(lora.scale)
+
+
+def prefill_bucket(length: int, max_prefill_length: int, min_bucket: int = 16) -> int:
+    """Smallest power of two >= length (and >= min_bucket), capped at max_prefill_length."""
+    return min(max(min_bucket, 1 << max(0, length - 1).bit_length()), max_prefill_length)
+
+
+class Engine:
+    """JetStream-style engine for a `jaxpost.models` transformer. See the module docstring.
+
+    slots: concurrent decodes B. max_len: prompt + completion tokens one slot can hold.
+    num_pages: pool size including the scratch page (default: enough for every slot at
+    max_len, i.e. no sharing pressure). page_size: tokens per page. steps_per_call: tokens each
+    `generate` call produces per slot (one jitted loop, one host round trip).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params,
+        *,
+        lora=None,
+        slots: int = 8,
+        max_len: int = 512,
+        max_prefill_length: int = 256,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        steps_per_call: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=DEFAULT_RULES,
+        default_sampling: SamplingParams | None = None,
+    ):
+        if max_prefill_length > max_len:
+            raise ValueError(f"max_prefill_length={max_prefill_length} exceeds max_len={max_len}")
+        self.cfg = cfg
+        self.slots = slots
+        self.max_len = max_len
+        self._max_prefill_length = max_prefill_length
+        self.page_size = page_size
+        self.max_pages_per_slot = -(-max_len // page_size)
+        self.num_pages = num_pages or slots * self.max_pages_per_slot + 1
+        self.steps_per_call = steps_per_call
+        self._mesh = mesh
+        self.rules = rules
+        self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
+        self.allocator = PageAllocator(self.num_pages, page_size, slots, self.max_pages_per_slot)
+        self._table = np.zeros((slots, self.max_pages_per_slot), np.int32)
+        self._active = np.zeros((slots,), bool)
+        self._len_bound = np.zeros((slots,), np.int64)  # >= the slot's cache length
+        self._limit = np.zeros((slots,), np.int64)  # prompt + max_new_tokens
+        self._reserved = np.zeros((slots,), np.int64)  # pages reserved (allocated or not)
+        self._variant = [sampling.GREEDY] * slots
+        self.compilations: dict[str, int] = {"prefill": 0, "insert": 0, "generate": 0}
+        self._jit_cache: dict = {}
+        self.params = self.load_params(params, lora=lora)
+
+    # JetStream Engine API: properties -----------------------------------------------------------
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self.slots
+
+    @property
+    def samples_per_slot(self) -> int:
+        return 1
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill_length
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh | None:
+        return self._mesh
+
+    def get_prefix_destination_sharding(self) -> Any:
+        return None if self._mesh is None else replicated(self._mesh)
+
+    # Parameters ---------------------------------------------------------------------------------
+
+    def load_params(self, params, lora=None) -> dict:
+        """Place params ({"base", "lora"} or plain, plus optional `lora`) on the mesh.
+
+        Returns {"base": ..., "lora": tree or None, "lora_scale": float}, the `params` argument
+        of prefill/generate.
+        """
+        base, tree, scale = split_params(params, lora)
+        if self._mesh is not None:
+            shardings = tree_shardings(base, models.logical_axes(self.cfg), self._mesh, self.rules)
+            base = jax.device_put(base, shardings)
+            if tree is not None:
+                tree = jax.device_put(tree, replicated(self._mesh))
+        return {"base": base, "lora": tree, "lora_scale": scale}
+
+    def update_params(self, params, lora=None) -> dict:
+        """Swap weights (e.g. after a trainer step). Same shapes and LoRA scale -> no recompile."""
+        self.params = self.load_params(params, lora=lora)
+        return self.params
+
+    # Compiled functions -------------------------------------------------------------------------
+
+    def _compiled(self, name: str, fn, **jit_kwargs):
+        if name not in self._jit_cache:
+            kind = name.split(":")[0]
+
+            def counted(*args, **kwargs):
+                self.compilations[kind] = self.compilations.get(kind, 0) + 1  # once per trace
+                with _maybe_mesh(self._mesh, self.rules):
+                    return fn(*args, **kwargs)
+
+            self._jit_cache[name] = jax.jit(counted, **jit_kwargs)
+        return self._jit_cache[name]
+
+    def _state_shardings(self):
+        if self._mesh is None:
+            return None
+        rep = replicated(self._mesh)
+        shape = (
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.num_pages,
+            self.page_size,
+            self.cfg.head_dim,
+        )
+        names = ("layers", "kv_heads", None, None, "head_dim")
+        pages = logical_to_sharding(shape, names, self._mesh, self.rules)
+        state = jax.eval_shape(self._empty_state)
+        out = jax.tree.map(lambda _: rep, state)
+        out.cache = dataclasses.replace(out.cache, k_pages=pages, v_pages=pages)
+        return out
+
+    def _empty_state(self) -> DecodeState:
+        b, cfg = self.slots, self.cfg
+        return DecodeState(
+            cache=PagedKVCache.create(
+                cfg, self.num_pages, self.page_size, b, self.max_pages_per_slot
+            ),
+            hidden=jnp.zeros((b, cfg.hidden_size), jnp.dtype(cfg.dtype)),
+            generated=jnp.zeros((b,), jnp.int32),
+            done=jnp.ones((b,), bool),
+            max_new=jnp.zeros((b,), jnp.int32),
+            key_data=jnp.zeros((b, 2), jnp.uint32),
+            temperature=jnp.zeros((b,), jnp.float32),
+            top_k=jnp.zeros((b,), jnp.int32),
+            top_p=jnp.ones((b,), jnp.float32),
+            min_p=jnp.zeros((b,), jnp.float32),
+            eos=jnp.full((b, MAX_EOS), -1, jnp.int32),
+        )
+
+    def init_decode_state(self) -> DecodeState:
+        """A fresh state with every slot idle; resets the host bookkeeping too."""
+        for slot in range(self.slots):
+            self.release(slot)
+        fn = self._compiled("init", self._empty_state, out_shardings=self._state_shardings())
+        return fn()
+
+    # Prefill / insert ---------------------------------------------------------------------------
+
+    def prefill(
+        self,
+        *,
+        params: dict,
+        existing_prefix: Prefix | None = None,
+        padded_tokens: jax.Array | np.ndarray,
+        true_length: int,
+    ) -> Prefix:
+        """Run the prompt padded_tokens[:true_length] (padded_tokens: [T]) through the model."""
+        if existing_prefix is not None:
+            raise NotImplementedError("prefill after an existing prefix is not supported")
+        padded = np.asarray(padded_tokens)
+        if padded.ndim != 1:
+            raise ValueError(f"padded_tokens must be 1-D [T], got shape {padded.shape}")
+        if not 1 <= true_length <= padded.shape[0]:
+            raise ValueError(
+                f"true_length={true_length} must be in [1, len(padded_tokens)={padded.shape[0]}]"
+            )
+        if padded.shape[0] > self.max_prefill_length:
+            raise ValueError(
+                f"prompt of {padded.shape[0]} tokens exceeds max_prefill_length="
+                f"{self.max_prefill_length}"
+            )
+        scale = params["lora_scale"]
+        fn = self._compiled(f"prefill:{scale}", functools.partial(self._prefill_fn, scale))
+        k, v, hidden = fn(
+            params["base"], params["lora"], jnp.asarray(padded, jnp.int32), jnp.int32(true_length)
+        )
+        return Prefix(k, v, hidden, jnp.int32(true_length), int(true_length))
+
+    def _prefill_fn(self, scale, base, lora_tree, tokens, true_length):
+        cache = DenseKVCache.create(self.cfg, 1, tokens.shape[0])
+        lora = None if lora_tree is None else _LoRA(lora_tree, scale)
+        hidden, cache = models.apply(
+            self.cfg, base, tokens[None], cache=cache, lora=lora, return_hidden=True
+        )
+        return cache.k[:, 0], cache.v[:, 0], hidden[0, true_length - 1]
+
+    def can_admit(self, total_tokens: int) -> bool:
+        """Whether a sequence of up to total_tokens tokens fits the unreserved pages."""
+        pages = self.allocator.pages_for(min(total_tokens, self.max_len))
+        unreserved = self.num_pages - 1 - int(self._reserved.sum())
+        return pages <= unreserved
+
+    def insert(
+        self,
+        prefix: Prefix,
+        decode_state: DecodeState,
+        slot: int,
+        *,
+        sampling: SamplingParams | None = None,
+        sample_index: int = 0,
+    ) -> DecodeState:
+        """Start decoding `prefix` in `slot` (freeing what the slot held) with `sampling`."""
+        sp = sampling or self.default_sampling
+        if len(sp.eos_token_ids) > MAX_EOS:
+            raise ValueError(f"{len(sp.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
+        self.release(slot)
+        n = prefix.true_length
+        limit = min(n + sp.max_new_tokens, self.max_len)
+        if not self.can_admit(limit):
+            raise RuntimeError(
+                f"page pool exhausted: slot {slot} needs {self.allocator.pages_for(limit)} pages, "
+                f"{self.num_pages - 1 - int(self._reserved.sum())} unreserved"
+            )
+        self._reserved[slot] = self.allocator.pages_for(limit)
+        self.allocator.grow(slot, n)
+        self._table[slot] = self.allocator.table_row(slot)
+        self._active[slot], self._len_bound[slot], self._limit[slot] = True, n, limit
+        self._variant[slot] = sp.variant
+        key = jax.random.key_data(jax.random.fold_in(jax.random.key(sp.seed), sample_index))
+        eos = np.full((MAX_EOS,), -1, np.int32)
+        eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
+        fn = self._compiled(
+            "insert", self._insert_fn, donate_argnums=(0,), out_shardings=self._state_shardings()
+        )
+        return fn(
+            decode_state,
+            (prefix.k, prefix.v, prefix.hidden, prefix.length),
+            np.int32(slot),
+            self._table[slot].copy(),
+            np.array([limit - n, sp.top_k], np.int32),
+            np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
+            key,
+            eos,
+        )
+
+    def _insert_fn(self, st: DecodeState, prefix, slot, row, ints, floats, key, eos):
+        k, v, hidden, length = prefix
+        page_size = self.page_size
+        pos = jnp.arange(k.shape[1])
+        pages = jnp.where(pos < length, row[jnp.minimum(pos // page_size, row.shape[0] - 1)], 0)
+        off = pos % page_size
+        c = st.cache
+        kp = c.k_pages.at[:, :, pages, off].set(jnp.moveaxis(k, 2, 1).astype(c.k_pages.dtype))
+        vp = c.v_pages.at[:, :, pages, off].set(jnp.moveaxis(v, 2, 1).astype(c.v_pages.dtype))
+        cache = dataclasses.replace(
+            c,
+            k_pages=kp,
+            v_pages=vp,
+            page_table=c.page_table.at[slot].set(row),
+            lengths=c.lengths.at[slot].set(length),
+        )
+        return DecodeState(
+            cache=cache,
+            hidden=st.hidden.at[slot].set(hidden.astype(st.hidden.dtype)),
+            generated=st.generated.at[slot].set(0),
+            done=st.done.at[slot].set(False),
+            max_new=st.max_new.at[slot].set(ints[0]),
+            key_data=st.key_data.at[slot].set(key),
+            temperature=st.temperature.at[slot].set(floats[0]),
+            top_k=st.top_k.at[slot].set(ints[1]),
+            top_p=st.top_p.at[slot].set(floats[1]),
+            min_p=st.min_p.at[slot].set(floats[2]),
+            eos=st.eos.at[slot].set(eos),
+        )
+
+    def release(self, slot: int) -> None:
+        """Retire the slot: its pages go back to the pool; the device stops decoding it."""
+        self.allocator.release(slot)
+        self._table[slot] = SCRATCH_PAGE
+        self._active[slot] = False
+        self._len_bound[slot] = self._limit[slot] = self._reserved[slot] = 0
+        self._variant[slot] = sampling.GREEDY
+
+    # Generate -----------------------------------------------------------------------------------
+
+    def generate(self, params: dict, decode_state: DecodeState) -> tuple[DecodeState, StepResult]:
+        """steps_per_call decode steps for every slot in one jitted call (no host sync)."""
+        k = self.steps_per_call
+        for slot in np.flatnonzero(self._active):
+            bound = min(int(self._len_bound[slot]) + k, int(self._limit[slot]))
+            if self.allocator.grow(slot, bound):
+                self._table[slot] = self.allocator.table_row(slot)
+            self._len_bound[slot] = bound
+        variant = sampling.widest_variant([self._variant[s] for s in np.flatnonzero(self._active)])
+        scale = params["lora_scale"]
+        shardings = self._state_shardings()
+        fn = self._compiled(
+            f"generate:{variant}:{scale}",
+            functools.partial(self._generate_fn, variant, scale),
+            donate_argnums=(2,),
+            out_shardings=None if shardings is None else (shardings, replicated(self._mesh)),
+        )
+        state, data = fn(
+            params["base"], params["lora"], decode_state, self._table.copy(), self._active.copy()
+        )
+        return state, StepResult(data, k)
+
+    def _generate_fn(self, variant, scale, base, lora_tree, st: DecodeState, table, active):
+        lora = None if lora_tree is None else _LoRA(lora_tree, scale)
+        cfg = self.cfg
+        cache = dataclasses.replace(
+            st.cache, page_table=table, lengths=jnp.where(active, st.cache.lengths, 0)
+        )
+        st = dataclasses.replace(st, cache=cache, done=st.done | ~active)
+
+        def step(st: DecodeState, _):
+            logits = models.logits_from_hidden(cfg, base, st.hidden)
+            keys = jax.vmap(lambda kd, g: jax.random.fold_in(jax.random.wrap_key_data(kd), g))(
+                st.key_data, st.generated
+            )
+            tok, logp = sampling.sample(
+                logits, keys, st.temperature, st.top_k, st.top_p, st.min_p, variant
+            )
+            emit = ~st.done
+            generated = st.generated + emit.astype(jnp.int32)
+            hit_eos = jnp.any(tok[:, None] == st.eos, axis=-1)
+            done = st.done | (emit & (hit_eos | (generated >= st.max_new)))
+            # Finished slots get length 0: their writes go to the scratch page.
+            lengths = jnp.where(done, 0, st.cache.lengths + 1)
+            cache = dataclasses.replace(st.cache, lengths=lengths)
+            hidden, cache = models.apply(
+                cfg,
+                base,
+                tok[:, None],
+                positions=(lengths - 1)[:, None],
+                cache=cache,
+                lora=lora,
+                return_hidden=True,
+            )
+            hidden = jnp.where(done[:, None], st.hidden, hidden[:, 0])
+            new = dataclasses.replace(
+                st, cache=cache, hidden=hidden, generated=generated, done=done
+            )
+            return new, (tok, emit, logp)
+
+        st, (toks, valid, logps) = jax.lax.scan(step, st, None, length=self.steps_per_call)
+        data = jnp.concatenate(
+            [
+                toks.T,
+                valid.T.astype(jnp.int32),
+                st.generated[:, None],
+                jax.lax.bitcast_convert_type(logps.T, jnp.int32),
+                st.done[:, None].astype(jnp.int32),
+            ],
+            axis=1,
+        )
+        return st, data
+
+
+def _maybe_mesh(mesh, rules):
+    return contextlib.nullcontext() if mesh is None else use_mesh(mesh, rules)

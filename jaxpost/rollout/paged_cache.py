@@ -1,0 +1,174 @@
+"""The paged KV cache (device side) and its page allocator (host side).
+
+Device layout, as documented in `jaxpost.kernels.paged_attention` with a leading layer axis:
+  k_pages, v_pages: [L, KVH, P, S, D]   P pages of S tokens, shared by every decode slot
+  page_table:       [B, M] int32        slot b's pages in order (M = max pages per slot)
+  lengths:          [B] int32           valid tokens in slot b, including those being written
+Page 0 is a scratch page that is never handed out: idle slots (length 0) point at it, so their
+writes land somewhere harmless and no live slot's page is ever touched by them.
+
+The allocator is plain Python bookkeeping: a free list plus per-slot page lists, so memory in
+use is the pages covering live tokens, and pages return to the free list when a slot retires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost.kernels.paged_attention import paged_attention
+from jaxpost.models.attention import attention
+from jaxpost.models.config import ModelConfig
+
+SCRATCH_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Implements the cache protocol of `jaxpost.models.kv_cache` over pages (see module doc)."""
+
+    k_pages: jax.Array | None
+    v_pages: jax.Array | None
+    page_table: jax.Array
+    lengths: jax.Array
+    impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
+
+    LAYER_FIELDS = ("k_pages", "v_pages")
+
+    @classmethod
+    def create(
+        cls,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        slots: int,
+        max_pages_per_slot: int,
+        dtype=None,
+    ) -> PagedKVCache:
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        return cls(
+            k_pages=jnp.zeros(shape, dtype),
+            v_pages=jnp.zeros(shape, dtype),
+            page_table=jnp.zeros((slots, max_pages_per_slot), jnp.int32),
+            lengths=jnp.zeros((slots,), jnp.int32),
+            impl=cfg.attention_impl,
+        )
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[-2]
+
+    def update_and_attend(self, layer: dict, q, k, v, positions, *, sliding_window, softcap, scale):
+        """Write k/v [B, T, KVH, D] at `positions` [B, T] through the page table, then attend.
+
+        T == 1 is decode: attention over the slot's pages (`paged_attention`). T > 1 is the
+        prefill of a fresh prompt at positions 0..T-1: it attends within the given tokens, as in
+        training, and only stores k/v. Slots with length 0 write to the scratch page.
+        Returns ([B, T, H, D], new layer arrays).
+        """
+        kp, vp = layer["k_pages"], layer["v_pages"]
+        page_size = kp.shape[-2]
+        b, t = positions.shape
+        rows = jnp.arange(b)[:, None]
+        page_idx = jnp.clip(positions // page_size, 0, self.page_table.shape[1] - 1)
+        pages = jnp.where(
+            (self.lengths > 0)[:, None], self.page_table[rows, page_idx], SCRATCH_PAGE
+        )
+        offsets = positions % page_size
+        # [KVH, B, T, D] written at [KVH, page, offset, D]
+        k_t = jnp.moveaxis(k, 2, 0).astype(kp.dtype)
+        v_t = jnp.moveaxis(v, 2, 0).astype(vp.dtype)
+        kp = kp.at[:, pages, offsets].set(k_t)
+        vp = vp.at[:, pages, offsets].set(v_t)
+        if t == 1:
+            out = paged_attention(
+                q[:, 0],
+                kp,
+                vp,
+                self.lengths,
+                self.page_table,
+                sliding_window=sliding_window,
+                softcap=softcap,
+                scale=scale,
+                impl=self.impl,
+            )[:, None]
+        else:
+            out = attention(
+                q,
+                k,
+                v,
+                None,
+                causal=True,
+                sliding_window=sliding_window,
+                softcap=softcap,
+                scale=scale,
+                impl=self.impl,
+            )
+        return out, {"k_pages": kp, "v_pages": vp}
+
+
+class PagesExhausted(RuntimeError):
+    """Raised by `PageAllocator.grow` when the free list cannot cover a request."""
+
+
+class PageAllocator:
+    """Free list of page ids 1..num_pages-1 (0 is scratch) and the pages each slot holds."""
+
+    def __init__(self, num_pages: int, page_size: int, slots: int, max_pages_per_slot: int):
+        if num_pages < 2:
+            raise ValueError(f"num_pages={num_pages}: need at least 2 (page 0 is scratch)")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.max_pages_per_slot = max_pages_per_slot
+        # Pop from the end: low page ids are handed out first, which keeps tests readable.
+        self._free = list(range(num_pages - 1, 0, -1))
+        self.slot_pages: list[list[int]] = [[] for _ in range(slots)]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return sum(len(p) for p in self.slot_pages)
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+    def can_grow(self, slot: int, tokens: int) -> bool:
+        need = self.pages_for(tokens) - len(self.slot_pages[slot])
+        return need <= self.num_free and self.pages_for(tokens) <= self.max_pages_per_slot
+
+    def grow(self, slot: int, tokens: int) -> bool:
+        """Make slot hold pages for `tokens` tokens. Returns whether its page list changed."""
+        want = self.pages_for(tokens)
+        if want > self.max_pages_per_slot:
+            raise PagesExhausted(
+                f"slot {slot} needs {want} pages for {tokens} tokens; a slot holds at most "
+                f"{self.max_pages_per_slot} (raise max_len)"
+            )
+        have = self.slot_pages[slot]
+        need = want - len(have)
+        if need <= 0:
+            return False
+        if need > len(self._free):
+            raise PagesExhausted(f"slot {slot} needs {need} more pages, {len(self._free)} are free")
+        have.extend(self._free.pop() for _ in range(need))
+        return True
+
+    def release(self, slot: int) -> int:
+        """Return the slot's pages to the free list; returns how many."""
+        pages = self.slot_pages[slot]
+        self._free.extend(reversed(pages))
+        self.slot_pages[slot] = []
+        return len(pages)
+
+    def table_row(self, slot: int) -> list[int]:
+        """The slot's page-table row, padded with the scratch page to max_pages_per_slot."""
+        pages = self.slot_pages[slot]
+        return pages + [SCRATCH_PAGE] * (self.max_pages_per_slot - len(pages))

@@ -1,0 +1,162 @@
+"""Sampling parameters and the on-device sampler used by every decode step.
+
+The filters apply in the order vLLM and HF `generate` use: temperature, then top-k, then top-p
+on the distribution renormalised after top-k, then min-p (relative to the most likely token,
+so renormalisation does not change it). Temperature 0 is greedy (argmax of the raw logits).
+
+The log-prob reported for a sampled token is always the raw model's, log_softmax(logits)[token]
+at temperature 1 and without filters: the RL trainer needs the policy's log-prob of the action,
+not the sampler's (TRL / vLLM convention). For greedy and plain temperature-1 sampling the two
+coincide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Static sampler variants: the engine compiles at most one step per variant and picks the
+# cheapest one that covers every live slot (sorting the vocabulary only when a filter is on).
+GREEDY, TEMPERATURE, FILTERED = "greedy", "temperature", "filtered"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request.
+
+    temperature: 0 is greedy; > 0 divides the logits.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1 = off).
+    min_p: drop tokens whose probability is below min_p x the top token's (0 = off).
+    seed: per-request seed; the same seed gives the same completion regardless of batching.
+    n: samples per prompt; they share one prefill and sample i uses seed (seed, i).
+    max_new_tokens: generation stops after this many tokens (finish_reason "length").
+    eos_token_ids: tokens that end a completion (kept in the output, finish_reason "eos").
+    stop: token sequences that end a completion (kept in the output, finish_reason "stop").
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    n: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+    stop: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self):
+        # Normalise lists to tuples so the object stays hashable and comparable.
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(self, "stop", tuple(tuple(int(t) for t in s) for s in self.stop))
+        problems = []
+        if not self.max_new_tokens >= 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.temperature >= 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not self.top_k >= 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
+        if not 0 <= self.min_p < 1:
+            problems.append(f"min_p={self.min_p} must be in [0, 1) (0 disables it)")
+        if not self.n >= 1:
+            problems.append(f"n={self.n} must be >= 1")
+        if any(len(s) == 0 for s in self.stop):
+            problems.append("stop contains an empty token sequence")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def variant(self) -> str:
+        """The cheapest sampler variant that implements these parameters."""
+        if self.temperature == 0:
+            return GREEDY
+        if self.top_k == 0 and self.top_p == 1 and self.min_p == 0:
+            return TEMPERATURE
+        return FILTERED
+
+
+def widest_variant(variants: Sequence[str]) -> str:
+    """The variant covering all of `variants` (filtered > temperature > greedy)."""
+    order = (GREEDY, TEMPERATURE, FILTERED)
+    return order[max((order.index(v) for v in variants), default=0)]
+
+
+def filter_logits(
+    logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p
+) -> jax.Array:
+    """Temperature, top-k, top-p, min-p on one row. logits [V] float32 -> masked scaled [V].
+
+    Scalars per row (traced). Removed tokens get -inf; at least the top token always survives.
+    """
+    v = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled)
+    sorted_logits = scaled[order]
+    rank = jnp.arange(v)
+    keep = rank < jnp.where(top_k > 0, top_k, v)
+    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(masked)
+    # Keep a token while the mass strictly before it is below top_p: the smallest set reaching p.
+    before = jnp.cumsum(probs) - probs
+    keep = keep & (before < top_p)
+    keep = keep & (probs >= min_p * probs[0])
+    keep = keep.at[0].set(True)
+    filtered_sorted = jnp.where(keep, sorted_logits, -jnp.inf)
+    return jnp.full_like(scaled, -jnp.inf).at[order].set(filtered_sorted)
+
+
+def sample(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    min_p: jax.Array,
+    variant: str = FILTERED,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample one token per row.
+
+    logits [B, V] float32 (raw model logits); keys [B] typed PRNG keys; temperature, top_p,
+    min_p [B] float32; top_k [B] int32. `variant` (static) skips work no row needs.
+    Returns (tokens [B] int32, raw log-probs [B] float32 of those tokens, see module docstring).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if variant == GREEDY:
+        tokens = greedy_tokens
+    else:
+        if variant == TEMPERATURE:
+            scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        else:
+            scaled = jax.vmap(filter_logits)(logits, temperature, top_k, top_p, min_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        tokens = jnp.where(temperature > 0, drawn, greedy_tokens)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def reference_filtered_probs(
+    logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> np.ndarray:
+    """The exact sampling distribution of one row in float64 NumPy (for tests). logits [V]."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    s = scaled[order]
+    keep = np.ones_like(s, dtype=bool)
+    if top_k > 0:
+        keep[top_k:] = False
+    p = np.where(keep, np.exp(s - s.max()), 0.0)
+    p /= p.sum()
+    keep &= (np.cumsum(p) - p) < top_p
+    keep &= p >= min_p * p[0]
+    keep[0] = True
+    q = np.where(keep, np.exp(s - s.max()), 0.0)
+    out = np.zeros_like(q)
+    out[order] = q / q.sum()
+    return out
