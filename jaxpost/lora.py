@@ -1,0 +1,491 @@
+"""LoRA as an explicit partition of the parameters: `{"base": params, "lora": LoraParams}`.
+
+`LoraParams.params` mirrors the targeted layer kernels with factors
+  {"layers": {"attn": {"q": {"a": [L, in, r], "b": [L, r, out]}, ...}, "mlp": {...}}},
+and is the pytree's only child: rank, alpha, rsLoRA, dropout and the targets are static
+metadata, so gradients and optimizer state exist for the factors only. The model computes
+  y = x @ W + scale * dropout(x) @ a @ b,   scale = alpha / r   (alpha / sqrt(r) with rsLoRA),
+which is PEFT's convention (its lora_A.weight is a.T [r, in], lora_B.weight is b.T [out, r]).
+`models.forward(cfg, params, tokens, lora=None)` is the base model exactly; the reference policy
+of preference and RL losses is that call, without a second copy of the weights.
+
+Targets are regexes, fully matched against '/'-joined parameter paths of the layer kernels,
+e.g. "layers/attn/q/kernel" or r"layers/mlp/.*/kernel". Layer parameters are stacked over L, so
+a target covers a module in every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from jaxpost import nf4
+from jaxpost.models import transformer
+from jaxpost.models.config import ModelConfig
+
+DEFAULT_TARGETS = nf4.DEFAULT_TARGETS
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# (block, module) -> the module's name inside HF's model.layers.{i}.
+HF_MODULES = {
+    ("attn", "q"): "self_attn.q_proj",
+    ("attn", "k"): "self_attn.k_proj",
+    ("attn", "v"): "self_attn.v_proj",
+    ("attn", "o"): "self_attn.o_proj",
+    ("mlp", "gate"): "mlp.gate_proj",
+    ("mlp", "up"): "mlp.up_proj",
+    ("mlp", "down"): "mlp.down_proj",
+}
+_KEY = re.compile(
+    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+    r"\.lora_([AB])\.weight"
+)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params"],
+    meta_fields=[
+        "rank",
+        "alpha",
+        "use_rslora",
+        "dropout",
+        "targets",
+        "kernel_axes",
+        "base_model_name_or_path",
+    ],
+)
+@dataclasses.dataclass(frozen=True)
+class LoraParams:
+    """LoRA factors plus their static hyper-parameters.
+
+    params: {"layers": {block: {module: {"a": [L, in, r], "b": [L, r, out]}}}}.
+    targets: the kernel paths the target regexes selected (sorted), so two adapters of the same
+      modules have equal tree structure however they were specified or loaded.
+    kernel_axes: ((kernel path, in logical axis, out logical axis), ...) for `logical_axes`.
+    """
+
+    params: dict
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    kernel_axes: tuple[tuple[str, str, str], ...] = ()
+    base_model_name_or_path: str | None = None
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def modules(self) -> tuple[tuple[str, str], ...]:
+        """The (block, module) pairs that carry factors, e.g. ("attn", "q")."""
+        return tuple(
+            (block, module)
+            for block, mods in sorted(self.params["layers"].items())
+            for module in sorted(mods)
+        )
+
+
+def _kernels(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Every layer kernel that can carry LoRA: path -> (shape [L, in, out], logical axes)."""
+    abstract = jax.eval_shape(lambda: transformer.init(cfg, jax.random.key(0)))
+    axes = transformer.logical_axes(cfg)
+    out = {}
+    for block, mods in abstract["layers"].items():
+        for module, leaves in mods.items() if isinstance(mods, dict) else ():
+            if (block, module) in HF_MODULES and "kernel" in leaves:
+                names = axes["layers"][block][module]["kernel"]
+                out[f"layers/{block}/{module}/kernel"] = (tuple(leaves["kernel"].shape), names)
+    return out
+
+
+def _select(targets: tuple[str, ...], kernels) -> list[str]:
+    chosen: set[str] = set()
+    for target in targets:
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise ValueError(f"LoRA target {target!r} is not a valid regex: {e}") from e
+        found = [k for k in kernels if pattern.fullmatch(k)]
+        if not found:
+            raise ValueError(
+                f"LoRA target {target!r} matches no layer kernel; targets are regexes fully "
+                f"matched against {sorted(kernels)}"
+            )
+        chosen.update(found)
+    return sorted(chosen)
+
+
+def _check_base(params: dict, path: str, shape: tuple[int, ...]) -> None:
+    """The base must hold this kernel (plain or NF4) with the shape cfg implies."""
+    _, block, module, _ = path.split("/")
+    node = params.get("layers", {}).get(block, {}).get(module)
+    if not isinstance(node, dict) or not ({"kernel", "kernel_nf4"} & set(node)):
+        raise ValueError(f"params have no {path} (nor an NF4 kernel_nf4 there); wrong model?")
+    if "kernel" in node and tuple(node["kernel"].shape) != shape:
+        raise ValueError(
+            f"params {path} has shape {tuple(node['kernel'].shape)}, expected {shape} from cfg"
+        )
+
+
+def _validate_hparams(rank, alpha, dropout) -> None:
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"LoRA rank={rank!r}; expected a positive integer")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha={alpha!r}; expected a positive number")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout={dropout!r}; expected 0 <= dropout < 1")
+
+
+def _axes_meta(paths, kernels) -> tuple[tuple[str, str, str], ...]:
+    return tuple((p, kernels[p][1][1], kernels[p][1][2]) for p in paths)
+
+
+def init(
+    cfg: ModelConfig,
+    params: dict,
+    rank: int = 8,
+    alpha: float = 16,
+    targets=None,
+    key: jax.Array | None = None,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    dtype=jnp.float32,
+) -> LoraParams:
+    """Fresh LoRA factors for the targeted kernels of `params` (plain, NF4 or abstract).
+
+    a [L, in, r] ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a=sqrt(5)) and
+    b [L, r, out] = 0, so the adapted model equals the base exactly at init. Works under
+    jax.eval_shape. key defaults to jax.random.key(0).
+    """
+    _validate_hparams(rank, alpha, dropout)
+    targets = DEFAULT_TARGETS if targets is None else tuple(targets)
+    if isinstance(targets, str) or not targets:
+        raise ValueError(f"LoRA targets={targets!r}; expected a non-empty sequence of regexes")
+    key = jax.random.key(0) if key is None else key
+    kernels = _kernels(cfg)
+    paths = _select(targets, kernels)
+    tree: dict = {"layers": {}}
+    for path, k in zip(paths, jax.random.split(key, len(paths))):
+        shape = kernels[path][0]
+        _check_base(params, path, shape)
+        n_layers, fan_in, fan_out = shape
+        bound = 1.0 / math.sqrt(fan_in)
+        _, block, module, _ = path.split("/")
+        tree["layers"].setdefault(block, {})[module] = {
+            "a": jax.random.uniform(k, (n_layers, fan_in, rank), dtype, -bound, bound),
+            "b": jnp.zeros((n_layers, rank, fan_out), dtype),
+        }
+    return LoraParams(
+        tree,
+        int(rank),
+        float(alpha),
+        bool(use_rslora),
+        float(dropout),
+        tuple(paths),
+        _axes_meta(paths, kernels),
+    )
+
+
+def logical_axes(lora: LoraParams) -> LoraParams:
+    """Logical axis names shaped like `lora`: a ("layers", in, "lora_rank"), b ("layers",
+    "lora_rank", out). Use with `sharding.tree_shardings(lora, logical_axes(lora), mesh)`."""
+    tree: dict = {"layers": {}}
+    for path, in_axis, out_axis in lora.kernel_axes:
+        _, block, module, _ = path.split("/")
+        tree["layers"].setdefault(block, {})[module] = {
+            "a": ("layers", in_axis, "lora_rank"),
+            "b": ("layers", "lora_rank", out_axis),
+        }
+    return dataclasses.replace(lora, params=tree)
+
+
+def combine(base: dict, lora: LoraParams) -> dict:
+    """The partitioned parameters {"base": base, "lora": lora}."""
+    return {"base": base, "lora": lora}
+
+
+def split(params: dict) -> tuple[dict, LoraParams]:
+    """(base, lora) from `combine`'s output."""
+    if not isinstance(params, dict) or set(params) != {"base", "lora"}:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"expected partitioned params with keys ['base', 'lora'], got {got}")
+    return params["base"], params["lora"]
+
+
+def _delta(lora: LoraParams, factors: dict) -> jax.Array:
+    """scale * a @ b per layer, [L, in, out] in float32."""
+    ab = jnp.einsum(
+        "lir,lro->lio",
+        factors["a"].astype(jnp.float32),
+        factors["b"].astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return lora.scale * ab
+
+
+def _map_targeted(params: dict, lora: LoraParams, fn) -> dict:
+    """params with each targeted module's dict replaced by fn(module dict, factors)."""
+    layers = dict(params["layers"])
+    for block, module in lora.modules:
+        if module not in layers.get(block, {}):
+            raise ValueError(f"params have no layers/{block}/{module} for the LoRA factors there")
+        layers[block] = dict(layers[block])
+        layers[block][module] = fn(layers[block][module], lora.params["layers"][block][module])
+    return {**params, "layers": layers}
+
+
+def merge(cfg: ModelConfig, params: dict, lora: LoraParams) -> dict:
+    """Plain params with W + scale * a @ b in every targeted kernel. Pure and jittable.
+
+    NF4 kernels are dequantized first, so merging a QLoRA model gives plain kernels in
+    cfg.param_dtype.
+    """
+
+    def fn(node, factors):
+        delta = _delta(lora, factors)
+        node = dict(node)
+        if "kernel" in node:
+            w = node["kernel"]
+            node["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        else:
+            w = nf4.dequantize(node.pop("kernel_nf4"), delta.shape, jnp.float32)
+            node["kernel"] = (w + delta).astype(cfg.param_dtype)
+        return node
+
+    return _map_targeted(params, lora, fn)
+
+
+def unmerge(cfg: ModelConfig, merged: dict, lora: LoraParams) -> dict:
+    """The base back from `merge`'s output: W - scale * a @ b (up to float rounding)."""
+
+    def fn(node, factors):
+        if "kernel" not in node:
+            raise ValueError("unmerge expects plain kernels (merge's output), found kernel_nf4")
+        w = node["kernel"]
+        return {**node, "kernel": (w.astype(jnp.float32) - _delta(lora, factors)).astype(w.dtype)}
+
+    return _map_targeted(merged, lora, fn)
+
+
+def save_merged_hf(cfg: ModelConfig, params: dict, lora: LoraParams, path) -> None:
+    """Write the merged model as an HF checkpoint directory (`models.save_hf`)."""
+    from jaxpost.models.hf import save_hf
+
+    save_hf(cfg, merge(cfg, params, lora), path)
+
+
+# PEFT adapter directories --------------------------------------------------------------------
+
+
+def save_peft(
+    cfg: ModelConfig,
+    lora: LoraParams,
+    path: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write an HF PEFT LoRA adapter directory that `peft.PeftModel.from_pretrained` loads.
+
+    adapter_model.safetensors holds, per layer i and module,
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (float32) and
+    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig.
+    """
+    _check_lora(cfg, lora)
+    tensors = {}
+    for block, module in lora.modules:
+        factors = lora.params["layers"][block][module]
+        a = np.asarray(factors["a"], dtype=np.float32)
+        b = np.asarray(factors["b"], dtype=np.float32)
+        for i in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[(block, module)]}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or lora.base_model_name_or_path,
+        "r": lora.rank,
+        "lora_alpha": alpha,
+        "use_rslora": lora.use_rslora,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(HF_MODULES[m].split(".")[1] for m in lora.modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_lora(cfg: ModelConfig, lora: LoraParams) -> None:
+    kernels = _kernels(cfg)
+    for block, module in lora.modules:
+        path = f"layers/{block}/{module}/kernel"
+        if path not in kernels:
+            raise ValueError(f"LoRA factors at {path}, which the model has no kernel for")
+        n_layers, fan_in, fan_out = kernels[path][0]
+        factors = lora.params["layers"][block][module]
+        want = {"a": (n_layers, fan_in, lora.rank), "b": (n_layers, lora.rank, fan_out)}
+        for name, shape in want.items():
+            if tuple(factors[name].shape) != shape:
+                raise ValueError(
+                    f"LoRA {path} factor {name} has shape {tuple(factors[name].shape)}, "
+                    f"expected {shape} (rank {lora.rank})"
+                )
+
+
+# Options of a PEFT LoraConfig that change the math and are not implemented, with their no-op
+# values.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "bias": ("none", None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, {}),
+    "use_qalora": (False, None),
+    "exclude_modules": (None, [], ""),
+}
+
+
+def _peft_targets(target_modules, n_layers: int) -> set[tuple[int, str]]:
+    """(layer, HF module name) pairs that PEFT's target_modules selects among ours."""
+    names = [(i, hf) for i in range(n_layers) for hf in HF_MODULES.values()]
+    full = lambda i, hf: f"model.layers.{i}.{hf}"
+    if target_modules == "all-linear":
+        return set(names)
+    if isinstance(target_modules, str):
+        return {(i, hf) for i, hf in names if re.fullmatch(target_modules, full(i, hf))}
+    targets = list(target_modules or [])
+    return {
+        (i, hf)
+        for i, hf in names
+        if any(full(i, hf) == t or full(i, hf).endswith("." + t) for t in targets)
+    }
+
+
+def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> LoraParams:
+    """Read an HF PEFT LoRA adapter directory (save_peft's or peft's save_pretrained output).
+
+    Every targeted module must be adapted in every layer with the config's rank; DoRA,
+    per-module rank/alpha patterns, LoRA biases, modules_to_save and the like are rejected.
+    """
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (config_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: {path} is not a PEFT adapter directory")
+    config = json.loads(config_path.read_text())
+    where = str(config_path)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'")
+    for option, neutral in _UNSUPPORTED.items():
+        value = config.get(option)
+        if option in config and value not in neutral:
+            raise ValueError(
+                f"{where}: {option}={value!r} is not supported; expected {neutral[0]!r}"
+            )
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    dropout = float(config.get("lora_dropout") or 0.0)
+    _validate_hparams(rank, alpha if alpha is not None else -1, dropout)
+
+    weights = safetensors.numpy.load_file(str(weights_path))
+    found: dict[tuple[int, str, str], np.ndarray] = {}
+    unexpected = []
+    for name, array in weights.items():
+        m = _KEY.fullmatch(name)
+        if m is None or int(m.group(1)) >= cfg.num_layers:
+            unexpected.append(name)
+        else:
+            found[(int(m.group(1)), m.group(2), m.group(3))] = array
+    if unexpected:
+        raise ValueError(
+            f"{weights_path}: unexpected tensor {unexpected[0]!r}"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+            + f"; expected base_model.model.model.layers.{{0..{cfg.num_layers - 1}}}."
+            "{self_attn.[qkvo]_proj|mlp.(gate|up|down)_proj}.lora_[AB].weight"
+        )
+    selected = _peft_targets(config.get("target_modules"), cfg.num_layers)
+    in_weights = {(i, hf) for i, hf, _ in found}
+    modules = sorted({hf for _, hf in selected | in_weights})
+    for i in range(cfg.num_layers):
+        for hf in modules:
+            for ab in "AB":
+                if (i, hf, ab) not in found:
+                    name = f"base_model.model.model.layers.{i}.{hf}.lora_{ab}.weight"
+                    why = (
+                        "jaxpost adapts a module in every layer or in none"
+                        if (i, hf) not in selected
+                        else f"target_modules={config.get('target_modules')!r} selects it"
+                    )
+                    raise ValueError(f"{weights_path}: missing tensor {name!r} ({why})")
+    extra = sorted(in_weights - selected)
+    if extra:
+        raise ValueError(
+            f"{weights_path}: holds factors for model.layers.{extra[0][0]}.{extra[0][1]}, "
+            f"which target_modules={config.get('target_modules')!r} does not select"
+        )
+
+    kernels = _kernels(cfg)
+    ours = {hf: key for key, hf in HF_MODULES.items()}
+    tree: dict = {"layers": {}}
+    paths = []
+    for hf in modules:
+        block, module = ours[hf]
+        path_ = f"layers/{block}/{module}/kernel"
+        _, fan_in, fan_out = kernels[path_][0]
+        a, b = [], []
+        for i in range(cfg.num_layers):
+            for ab, want, out in (("A", (rank, fan_in), a), ("B", (fan_out, rank), b)):
+                t = found[(i, hf, ab)]
+                if t.shape != want:
+                    raise ValueError(
+                        f"{weights_path}: model.layers.{i}.{hf}.lora_{ab}.weight has shape "
+                        f"{t.shape}, expected {want} (r={rank} from {CONFIG_FILE}, "
+                        f"{cfg.model_type} dims from the model config)"
+                    )
+                out.append(t.T)
+        tree["layers"].setdefault(block, {})[module] = {
+            "a": jnp.asarray(np.stack(a), dtype),
+            "b": jnp.asarray(np.stack(b), dtype),
+        }
+        paths.append(path_)
+    return LoraParams(
+        tree,
+        int(rank),
+        float(alpha),
+        bool(config.get("use_rslora", False)),
+        dropout,
+        tuple(sorted(paths)),
+        _axes_meta(sorted(paths), kernels),
+        config.get("base_model_name_or_path"),
+    )
