@@ -39,11 +39,11 @@ _MATH_FIELDS = tuple(
 )
 
 
-def _rope(spec: dict[str, Any], theta_default: float, where: str):
-    """(theta, ModelConfig.rope_scaling) from one HF RoPE dict."""
+def _rope(spec: dict[str, Any], hf: dict[str, Any], theta_default: float, where: str):
+    """(theta, ModelConfig.rope_scaling) from one HF RoPE dict; `hf` supplies top-level defaults."""
     kind = spec.get("rope_type", spec.get("type", "default"))
     theta = float(spec.get("rope_theta", theta_default))
-    factor = spec.get("partial_rotary_factor", 1.0)
+    factor = spec.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
         raise ValueError(f"{where}.partial_rotary_factor={factor} is not supported; expected 1.0")
     if kind == "default":
@@ -146,15 +146,15 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         full = dict(nested.get("full_attention") or {})
         full.update(hf.get("rope_scaling") or {})
         local = nested.get("sliding_attention") or {}
-        theta, scaling = _rope(full, hf.get("rope_theta", 1_000_000.0), "rope_parameters")
+        theta, scaling = _rope(full, hf, hf.get("rope_theta", 1_000_000.0), "rope_parameters")
         local_theta, local_scaling = _rope(
-            local, hf.get("rope_local_base_freq", 10_000.0), "rope_parameters.sliding_attention"
+            local, hf, hf.get("rope_local_base_freq", 10_000.0), "rope_parameters.sliding_attention"
         )
         if local_scaling is not None:
             raise ValueError("rope scaling on sliding_attention layers is not supported")
     else:
         spec = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        theta, scaling = _rope(spec, hf.get("rope_theta", 10_000.0), "rope_parameters")
+        theta, scaling = _rope(spec, hf, hf.get("rope_theta", 10_000.0), "rope_parameters")
         local_theta = None
     if family == "qwen2":
         qkv_bias, o_bias = True, False
