@@ -87,10 +87,23 @@ def test_bfloat16_checkpoint(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_sharded_load_matches_one_device(llama_dir):
+def test_sharded_load_matches_one_device(llama_dir, monkeypatch):
     """load_hf onto a (data=2, fsdp=2, tensor=2) mesh: leaves sharded, logits as on one device."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    reads = []
+    read = hf_io.SafetensorsFile.read
+
+    def recording_read(self, name, index=()):
+        out = read(self, name, index)
+        reads.append((name, out.shape))
+        return out
+
+    monkeypatch.setattr(hf_io.SafetensorsFile, "read", recording_read)
     cfg, params = models.load_hf(llama_dir, mesh=mesh)
+    monkeypatch.undo()
+    # Streaming: each device shard reads its [out/2, in/2] block of a q_proj, layer by layer.
+    q_reads = {shape for name, shape in reads if name.endswith("q_proj.weight")}
+    assert q_reads == {(32, 32)}, q_reads
     _, single = models.load_hf(llama_dir)
     expected = sharding.tree_shardings(params, models.logical_axes(cfg), mesh)
     for x, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
