@@ -1,0 +1,348 @@
+"""jaxpost.tokenizer against `tokenizers`, `sentencepiece` and `transformers` on tokenizers trained
+here: a byte-level BPE (tokenizers trainer, saved by transformers with a chat template) and a
+SentencePiece BPE model (sentencepiece trainer, Llama/Gemma-style normalization)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+import sentencepiece as spm
+import tokenizers
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from jaxpost import tokenizer
+from jaxpost.chat_templates import ChatTemplateError
+
+WORDS = (
+    "the cat dog sat on mat a big small red blue house tree run jump hello world how are you "
+    "fine thanks what is two plus three answer"
+).split()
+BPE_SPECIALS = ["<|endoftext|>", "<|begin|>", "<|im_start|>", "<|im_end|>"]
+SP_SPECIALS = ["<start_of_turn>", "<end_of_turn>"]
+# ChatML with the assistant reply and its <|im_end|> inside {% generation %} (TRL convention).
+CHATML_TAGGED = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_PLAIN = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _sentences(rng: random.Random, n: int) -> list[str]:
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!")
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    return random.Random(seed)
+
+
+def _random_text(rng: random.Random, specials: list[str], lead_space: bool = True) -> str:
+    """Words, odd spacing, newlines, digits, non-ASCII and special-token strings."""
+    pieces = []
+    for _ in range(rng.randint(1, 14)):
+        r = rng.random()
+        if r < 0.55:
+            pieces.append(rng.choice(WORDS))
+        elif r < 0.65:
+            pieces.append(rng.choice(specials))
+        elif r < 0.75:
+            pieces.append(rng.choice(["é", "中文", "ß", "🙂", "naïve", "Ω"]))
+        elif r < 0.85:
+            pieces.append(str(rng.randint(0, 9999)))
+        else:
+            pieces.append(rng.choice(["  ", "\n", "\n\n", "\t", "?", ", "]))
+    text = rng.choice(["", " ", ""]).join(pieces)
+    return text if lead_space else text.lstrip()
+
+
+def _conversation(rng: random.Random, end_with_assistant: bool) -> list[dict[str, str]]:
+    def content() -> str:
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
+        return text + rng.choice(["", ".", "!", " 42", " é"])
+
+    messages = [{"role": "system", "content": content()}] if rng.random() < 0.5 else []
+    for _ in range(rng.randint(1, 3)):
+        messages += [
+            {"role": "user", "content": content()},
+            {"role": "assistant", "content": content()},
+        ]
+    return messages if end_with_assistant else messages[:-1]
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory) -> str:
+    """Byte-level BPE with a BOS-adding post-processor (Llama 3 style), saved by transformers."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=BPE_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_sentences(random.Random(0), 400), trainer)
+    bos = tok.token_to_id("<|begin|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin|> $A", pair="<|begin|> $A $B", special_tokens=[("<|begin|>", bos)]
+            ),
+        ]
+    )
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    hf.chat_template = CHATML_TAGGED
+    path = tmp_path_factory.mktemp("bpe")
+    hf.save_pretrained(path)
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {"eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id(BPE_SPECIALS[0])]}
+        )
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory) -> str:
+    """SentencePiece BPE with byte fallback and control symbols, identity normalization (as Llama
+    and Gemma), with a tokenizer_config.json holding the chat template inline."""
+    path = tmp_path_factory.mktemp("sp")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_sentences(random.Random(1), 400)),
+        model_prefix=str(path / "tokenizer"),
+        vocab_size=320,
+        model_type="bpe",
+        byte_fallback=True,
+        control_symbols=SP_SPECIALS,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        minloglevel=2,
+    )
+    os.remove(path / "tokenizer.vocab")
+    added = {
+        str(i): {"content": c, "special": True, "lstrip": False, "rstrip": False,
+                 "normalized": False, "single_word": False}
+        for i, c in enumerate(["<unk>", "<s>", "</s>", "<pad>", *SP_SPECIALS])
+    }  # fmt: skip
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
+        "chat_template": tokenizer.BUILTIN_TEMPLATES["gemma"],
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_bpe(bpe_dir):
+    return transformers.AutoTokenizer.from_pretrained(bpe_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_sp(sp_dir):
+    return transformers.LlamaTokenizer.from_pretrained(sp_dir)
+
+
+def test_bpe_encode_decode_match_transformers(bpe_dir, hf_bpe, rng):
+    tok = tokenizer.load(bpe_dir)
+    raw = tokenizers.Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json"))
+    for _ in range(40):
+        text = _random_text(rng, BPE_SPECIALS)
+        ids = tok.encode(text)
+        assert ids == hf_bpe.encode(text), text  # BOS from the post-processor, by default
+        assert tok.encode(text, add_bos=False) == raw.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text, add_bos=False, add_eos=True)[-1] == tok.eos_id
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf_bpe.decode(
+                ids, skip_special_tokens=skip
+            )
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+
+
+def test_bpe_special_tokens(bpe_dir, hf_bpe):
+    tok = tokenizer.load(os.path.join(bpe_dir, "tokenizer.json"))  # a file path works too
+    assert tok.bos_id == hf_bpe.bos_token_id and tok.add_bos_default
+    assert tok.eos_id == hf_bpe.eos_token_id
+    # generation_config.json adds <|endoftext|> as a second stop token, after the tokenizer's EOS
+    assert tok.eos_ids == (hf_bpe.eos_token_id, hf_bpe.convert_tokens_to_ids("<|endoftext|>"))
+    assert tok.pad_id == hf_bpe.pad_token_id
+    assert tok.vocab_size == len(hf_bpe)
+    assert tok.chat_template == CHATML_TAGGED  # read back from chat_template.jinja
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_bpe_chat_template_and_mask_match_transformers(bpe_dir, hf_bpe, rng, add_generation_prompt):
+    tok = tokenizer.load(bpe_dir)
+    for _ in range(6):
+        messages = _conversation(rng, end_with_assistant=not add_generation_prompt)
+        kw = dict(add_generation_prompt=add_generation_prompt)
+        text = tok.apply_chat_template(messages, **kw)
+        assert text == hf_bpe.apply_chat_template(messages, tokenize=False, **kw)
+        ref = hf_bpe.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kw
+        )
+        assert tok.apply_chat_template(messages, tokenize=True, **kw) == ref["input_ids"]
+        ids, mask = tok.encode_chat(messages, **kw)
+        assert ids == ref["input_ids"]
+        assert mask == ref["assistant_masks"]
+        # The mask holds exactly the replies and their end-of-turn tokens.
+        replies = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == replies
+        # Without {% generation %} tags the mask comes from incremental rendering: same mask.
+        plain = tok.encode_chat(messages, chat_template=CHATML_PLAIN, **kw)
+        assert plain == (ids, mask)
+
+
+def test_sentencepiece_matches_sentencepiece(sp_dir, rng):
+    tok = tokenizer.load(os.path.join(sp_dir, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(sp_dir, "tokenizer.model"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, sp.get_piece_size())
+    for _ in range(40):
+        # Without special-token strings the text goes through SentencePiece in one piece.
+        text = _random_text(rng, specials=["x"])
+        ids = tok.encode(text)
+        assert ids == sp.encode(text, add_bos=True), text
+        assert tok.encode(text, add_bos=False) == sp.encode(text)
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids)
+        assert tok.decode(ids[1:]) == text
+
+
+def test_sentencepiece_matches_transformers_llama_tokenizer(sp_dir, hf_sp, rng):
+    tok = tokenizer.load(sp_dir)
+    for _ in range(40):
+        # transformers' Llama tokenizer drops SentencePiece's extra dummy prefix before leading
+        # whitespace (where it departs from sentencepiece), so texts start with a non-space here.
+        text = _random_text(rng, ["<s>", "</s>", "<unk>", *SP_SPECIALS], lead_space=False)
+        ids = tok.encode(text)
+        assert ids == hf_sp.encode(text), text
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf_sp.decode(
+                ids, skip_special_tokens=skip
+            )
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_sentencepiece_chat_and_mask_match_transformers(sp_dir, hf_sp, rng, add_generation_prompt):
+    tok = tokenizer.load(sp_dir)
+    for _ in range(6):
+        messages = _conversation(rng, end_with_assistant=not add_generation_prompt)
+        kw = dict(add_generation_prompt=add_generation_prompt)
+        assert tok.apply_chat_template(messages, **kw) == hf_sp.apply_chat_template(
+            messages, tokenize=False, **kw
+        )
+        ref = hf_sp.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kw
+        )
+        ids, mask = tok.encode_chat(messages, **kw)
+        assert ids == ref["input_ids"]
+        assert mask == ref["assistant_masks"]
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+
+
+def test_builtin_template_selected_by_name(bpe_dir, rng):
+    messages = _conversation(rng, end_with_assistant=True)
+    tok = tokenizer.load(bpe_dir, chat_template="chatml")
+    text = tok.apply_chat_template(messages)
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_end|>\n")
+    assert text == tokenizer.load(bpe_dir).apply_chat_template(messages, chat_template="qwen")
+
+
+def test_missing_tokenizer_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json .* nor tokenizer.model"):
+        tokenizer.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tokenizer.load(tmp_path / "nowhere")
+
+
+def test_corrupt_files(tmp_path, bpe_dir):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a valid SentencePiece model"):
+        tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match="not a valid HF tokenizer.json"):
+        tokenizer.load(tmp_path)
+    bad_config = tmp_path / "cfg"
+    bad_config.mkdir()
+    shutil.copy(os.path.join(bpe_dir, "tokenizer.json"), bad_config / "tokenizer.json")
+    (bad_config / "tokenizer_config.json").write_text("{'bos_token': 1}")
+    with pytest.raises(ValueError, match="tokenizer_config.json: invalid JSON"):
+        tokenizer.load(bad_config)
+    (bad_config / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+    with pytest.raises(ValueError, match="eos_token '<\\|nope\\|>' is not in the vocabulary"):
+        tokenizer.load(bad_config)
+
+
+def test_bad_messages(bpe_dir, sp_dir):
+    tok = tokenizer.load(bpe_dir)
+    user = {"role": "user", "content": "hi"}
+    with pytest.raises(ChatTemplateError, match="message 1 has unknown role 'robot'"):
+        tok.apply_chat_template([user, {"role": "robot", "content": "beep"}])
+    with pytest.raises(ChatTemplateError, match="message 0 .*'user'.* is missing 'content'"):
+        tok.encode_chat([{"role": "user"}])
+    with pytest.raises(ChatTemplateError, match="message 0 has no 'role'"):
+        tok.apply_chat_template([{"content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="messages is empty"):
+        tok.apply_chat_template([])
+    with pytest.raises(ChatTemplateError, match="message 0 is a str"):
+        tok.apply_chat_template(["hi"])
+    # The Gemma template requires user/model alternation and says so.
+    gemma = tokenizer.load(sp_dir)
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        gemma.encode_chat([user, user, {"role": "assistant", "content": "x"}])
+
+
+def test_bad_templates(tmp_path, bpe_dir):
+    raw = tokenizers.Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json"))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    bare = tokenizer.load(tmp_path)  # no config at all: no special tokens, no template
+    assert bare.bos_id is None and bare.chat_template is None and not bare.add_bos_default
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(ChatTemplateError, match="has no chat template; pass chat_template="):
+        bare.apply_chat_template(messages)
+    with pytest.raises(ChatTemplateError, match="neither a built-in template name"):
+        tokenizer.load(tmp_path, chat_template="vicuna")
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        bare.apply_chat_template(messages, chat_template="{% for m in messages %}")
+    # A template that renders the last turn differently has no stable per-turn text.
+    unstable = (
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ChatTemplateError, match="not a prefix"):
+        bare.encode_chat(messages, chat_template=unstable)
+    with pytest.raises(ChatTemplateError, match="rejected the conversation: no"):
+        bare.apply_chat_template(messages, chat_template="{{ raise_exception('no') }}")
