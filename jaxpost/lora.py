@@ -374,6 +374,8 @@ _UNSUPPORTED = {
     "trainable_token_indices": (None, {}),
     "use_qalora": (False, None),
     "exclude_modules": (None, [], ""),
+    "alora_invocation_tokens": (None, []),
+    "layer_replication": (None, []),
 }
 
 

@@ -1,0 +1,399 @@
+"""LoRA: exactness at init, merge vs the partitioned forward, sharding names, and interop with HF
+PEFT in both directions (adapters made by jaxpost loaded by peft onto the transformers model, and
+adapters made by peft loaded by jaxpost), checked on logits; plus every input error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from jaxpost import lora, models, sharding
+
+VOCAB = 128
+CFG = models.ModelConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+
+
+# One jitted forward for the whole file: calls with equal shapes and LoRA layout share a compile.
+forward = jax.jit(models.forward, static_argnums=0)
+
+
+def _tokens(seed: int, shape=(2, 12)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
+
+
+def _randomize(lp: lora.LoraParams, seed: int, std: float = 0.05) -> lora.LoraParams:
+    """Every factor redrawn (B too, which init leaves at zero), so the adapter changes logits."""
+    leaves, tree = jax.tree.flatten(lp)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
+
+
+@pytest.fixture(scope="module")
+def params():
+    return models.init(CFG, jax.random.key(0))
+
+
+# Partition, init and merge -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_init_equals_base_exactly(params, use_rslora):
+    lp = lora.init(CFG, params, rank=4, alpha=8, key=jax.random.key(1), use_rslora=use_rslora)
+    tokens = _tokens(1)
+    base = forward(CFG, params, tokens)
+    adapted = forward(CFG, params, tokens, lora=lp)
+    assert float(jnp.max(jnp.abs(adapted - base))) == 0.0
+    # A random with PEFT's kaiming-uniform bound 1/sqrt(fan_in), B zero.
+    q = lp.params["layers"]["attn"]["q"]
+    assert q["a"].shape == (2, 32, 4) and q["b"].shape == (2, 4, 32)
+    assert float(jnp.max(jnp.abs(q["a"]))) <= 1 / np.sqrt(32)
+    assert float(jnp.std(q["a"])) > 0.5 / np.sqrt(3 * 32)
+    assert not jnp.any(q["b"])
+    assert lp.scale == pytest.approx(8 / 2 if use_rslora else 8 / 4)
+
+
+def test_default_targets_and_trainable_leaves(params):
+    lp = lora.init(CFG, params, rank=2)
+    assert lp.modules == (
+        ("attn", "k"),
+        ("attn", "o"),
+        ("attn", "q"),
+        ("attn", "v"),
+        ("mlp", "down"),
+        ("mlp", "gate"),
+        ("mlp", "up"),
+    )
+    # Only the factors are pytree leaves, so grads / optimizer state cover nothing else.
+    assert len(jax.tree.leaves(lp)) == 14
+    grads = jax.grad(lambda lp_: jnp.sum(forward(CFG, params, _tokens(2), lora=lp_)))(lp)
+    assert jax.tree.structure(grads) == jax.tree.structure(lp)
+    # With B = 0 only B receives gradient, in every targeted module.
+    for block, module in lp.modules:
+        assert float(jnp.max(jnp.abs(grads.params["layers"][block][module]["b"]))) > 0
+
+
+def test_custom_targets(params):
+    lp = lora.init(CFG, params, rank=2, targets=[r"layers/attn/(q|v)/kernel", r".*/down/.*"])
+    assert lp.modules == (("attn", "q"), ("attn", "v"), ("mlp", "down"))
+    lp = _randomize(lp, 3)
+    merged = lora.merge(CFG, params, lp)
+    for block, module in (("attn", "k"), ("mlp", "up")):
+        np.testing.assert_array_equal(
+            merged["layers"][block][module]["kernel"], params["layers"][block][module]["kernel"]
+        )
+
+
+def test_init_on_abstract_params():
+    abstract = jax.eval_shape(lambda: models.init(CFG, jax.random.key(0)))
+    lp = jax.eval_shape(lambda p: lora.init(CFG, p, rank=3), abstract)
+    assert isinstance(lp, lora.LoraParams)
+    assert lp.params["layers"]["mlp"]["down"]["a"].shape == (2, 64, 3)
+    assert lp.params["layers"]["mlp"]["down"]["b"].shape == (2, 3, 32)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_merge_equals_partitioned_forward(params, use_rslora):
+    lp = _randomize(lora.init(CFG, params, rank=4, alpha=16, use_rslora=use_rslora), 4)
+    tokens = _tokens(5)
+    partitioned = forward(CFG, params, tokens, lora=lp)
+    merged = jax.jit(lora.merge, static_argnums=0)(CFG, params, lp)
+    plain = forward(CFG, merged, tokens)
+    assert float(jnp.max(jnp.abs(plain - forward(CFG, params, tokens)))) > 1e-2
+    np.testing.assert_allclose(plain, partitioned, atol=1e-5, rtol=0)
+    # merge is W + scale * A @ B, checked in float64 on one kernel.
+    f = lp.params["layers"]["mlp"]["gate"]
+    want = np.asarray(params["layers"]["mlp"]["gate"]["kernel"], np.float64) + lp.scale * np.einsum(
+        "lir,lro->lio", np.asarray(f["a"], np.float64), np.asarray(f["b"], np.float64)
+    )
+    np.testing.assert_allclose(merged["layers"]["mlp"]["gate"]["kernel"], want, atol=1e-6)
+    unmerged = lora.unmerge(CFG, merged, lp)
+    for x, y in zip(jax.tree.leaves(unmerged), jax.tree.leaves(params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_dropout_acts_only_with_an_rng(params):
+    lp = _randomize(lora.init(CFG, params, rank=4, dropout=0.5), 6, std=0.3)
+    tokens = _tokens(7)
+    no_dropout = dataclasses.replace(lp, dropout=0.0)
+    det = forward(CFG, params, tokens, lora=lp)
+    np.testing.assert_array_equal(det, forward(CFG, params, tokens, lora=no_dropout))
+    logits, _ = models.apply(CFG, params, tokens, lora=lp, dropout_rng=jax.random.key(0))
+    assert float(jnp.max(jnp.abs(logits - det))) > 1e-3
+
+
+def test_partition_and_sharding_names(params):
+    lp = lora.init(CFG, params, rank=4)
+    base, again = lora.split(lora.combine(params, lp))
+    assert base is params and again is lp
+    axes = lora.logical_axes(lp)
+    assert axes.params["layers"]["attn"]["k"] == {
+        "a": ("layers", "embed", "lora_rank"),
+        "b": ("layers", "lora_rank", "kv_heads"),
+    }
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = sharding.tree_shardings(lp, axes, mesh)
+    placed = jax.device_put(_randomize(lp, 8), shardings)
+    spec = placed.params["layers"]["mlp"]["up"]["b"].sharding.spec
+    assert tuple(spec) == (None, None, "tensor")
+    tokens = _tokens(9)
+    np.testing.assert_allclose(
+        forward(CFG, params, tokens, lora=placed),
+        forward(CFG, params, tokens, lora=_randomize(lp, 8)),
+        atol=1e-5,
+    )
+
+
+def test_init_errors(params):
+    with pytest.raises(ValueError, match=r"'layers/attn/qq/kernel' matches no layer kernel"):
+        lora.init(CFG, params, targets=["layers/attn/qq/kernel"])
+    with pytest.raises(ValueError, match="embedder/embedding' matches no layer kernel"):
+        lora.init(CFG, params, targets=["embedder/embedding"])
+    with pytest.raises(ValueError, match="not a valid regex"):
+        lora.init(CFG, params, targets=["layers/attn/(q"])
+    with pytest.raises(ValueError, match="rank=0"):
+        lora.init(CFG, params, rank=0)
+    with pytest.raises(ValueError, match="dropout=1.0"):
+        lora.init(CFG, params, dropout=1.0)
+    with pytest.raises(ValueError, match="alpha=0"):
+        lora.init(CFG, params, alpha=0)
+    wrong = models.init(CFG.replace(intermediate_size=48), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"layers/mlp/down/kernel has shape \(2, 48, 32\)"):
+        lora.init(CFG, wrong)
+    with pytest.raises(ValueError, match="keys \\['base', 'lora'\\]"):
+        lora.split(params)
+
+
+# PEFT interop --------------------------------------------------------------------------------
+
+
+def _hf_model(family: str, seed: int) -> transformers.PreTrainedModel:
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
+    if family == "llama":
+        config = transformers.LlamaConfig(**common)
+    else:
+        config = transformers.Qwen3Config(**common, head_dim=24)  # head_dim != hidden / heads
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.08 * torch.randn_like(p))
+    return model
+
+
+def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def hf_pair(request, tmp_path_factory):
+    """(family, HF model dir, jaxpost cfg, params) with identical weights."""
+    path = tmp_path_factory.mktemp(request.param)
+    _hf_model(request.param, seed=1).save_pretrained(path)
+    cfg, params = models.load_hf(path)
+    return request.param, path, cfg, params
+
+
+def _peft_model(path, adapter_dir) -> peft.PeftModel:
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    return peft.PeftModel.from_pretrained(base.eval(), adapter_dir).eval()
+
+
+def test_jaxpost_adapter_loads_in_peft(hf_pair, tmp_path):
+    family, path, cfg, params = hf_pair
+    rslora = family == "qwen3"
+    targets = None if family == "llama" else [r"layers/attn/(q|k|o)/kernel", r"layers/mlp/up/.*"]
+    lp = lora.init(cfg, params, rank=4, alpha=8, targets=targets, use_rslora=rslora)
+    lp = _randomize(lp, 10)
+    lora.save_peft(cfg, lp, tmp_path / "adapter", base_model_name_or_path=str(path))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_rslora"] is rslora
+    assert set(config["target_modules"]) == (
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        if family == "llama"
+        else {"q_proj", "k_proj", "o_proj", "up_proj"}
+    )
+
+    model = _peft_model(path, tmp_path / "adapter")
+    tokens = _tokens(11, (2, 16))
+    ours = np.asarray(forward(cfg, params, tokens, lora=lp))
+    theirs = _hf_logits(model, tokens)
+    base = np.asarray(forward(cfg, params, tokens))
+    assert np.max(np.abs(ours - base)) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+    # Round trip: the same tree, the same static metadata, bit for bit.
+    again = lora.load_peft(cfg, tmp_path / "adapter")
+    assert again.base_model_name_or_path == str(path)
+    again = dataclasses.replace(again, base_model_name_or_path=None)
+    assert jax.tree.structure(again) == jax.tree.structure(lp)
+    for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(lp)):
+        np.testing.assert_array_equal(x, y)
+
+    # Merged weights exported through the HF saver equal peft's adapted model.
+    lora.save_merged_hf(cfg, params, lp, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", attn_implementation="eager"
+    ).eval()
+    np.testing.assert_allclose(_hf_logits(merged, tokens), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj", "down_proj"], "all-linear"])
+def test_peft_adapter_loads_in_jaxpost(hf_pair, tmp_path, target_modules):
+    family, path, cfg, params = hf_pair
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    config = peft.LoraConfig(
+        r=3,
+        lora_alpha=5,
+        target_modules=target_modules,
+        lora_dropout=0.1,
+        use_rslora=family == "qwen3",
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(base, config)
+    torch.manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+
+    lp = lora.load_peft(cfg, tmp_path / "adapter")
+    assert lp.rank == 3 and lp.alpha == 5 and lp.dropout == pytest.approx(0.1)
+    want_modules = 3 if isinstance(target_modules, list) else 7
+    assert len(lp.modules) == want_modules
+    tokens = _tokens(13, (2, 16))
+    np.testing.assert_allclose(
+        forward(cfg, params, tokens, lora=lp), _hf_logits(model, tokens), atol=1e-4, rtol=0
+    )
+
+
+# load_peft errors ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter(params, tmp_path):
+    lp = _randomize(lora.init(CFG, params, rank=4, targets=[r"layers/attn/(q|v)/kernel"]), 14)
+    lora.save_peft(CFG, lp, tmp_path)
+    return tmp_path
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(path, fn):
+    tensors = safetensors.numpy.load_file(str(path / "adapter_model.safetensors"))
+    fn(tensors)
+    safetensors.numpy.save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"peft_type": "IA3"}, "peft_type='IA3'; expected 'LORA'"),
+        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern=.* is not supported"),
+        ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern=.* is not supported"),
+        ({"bias": "lora_only"}, "bias='lora_only' is not supported"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save=.* is not supported"),
+        ({"layers_to_transform": [0]}, "layers_to_transform=.* is not supported"),
+        ({"r": 0}, "rank=0"),
+        ({"r": 8}, r"lora_A.weight has shape \(4, 32\), expected \(8, 32\)"),
+        ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, "missing tensor .*k_proj.lora_A"),
+        ({"target_modules": ["q_proj"]}, "v_proj, which target_modules=.* does not select"),
+        (
+            {"target_modules": r"model\.layers\.0\.self_attn\.(q|v)_proj"},
+            "factors for model.layers.1.self_attn.q_proj, which target_modules=.* does not select",
+        ),
+    ],
+)
+def test_load_peft_config_errors(adapter, changes, message):
+    _edit_config(adapter, **changes)
+    with pytest.raises(ValueError, match=message):
+        lora.load_peft(CFG, adapter)
+
+
+def test_load_peft_rejects_a_layer_subset(adapter):
+    """PEFT can adapt some layers only; stacked jaxpost factors cover every layer."""
+    _edit_config(adapter, target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj")
+    _edit_weights(adapter, lambda t: [t.pop(k) for k in list(t) if ".layers.1." in k])
+    with pytest.raises(ValueError, match="layers.1.self_attn.q_proj.lora_A.*every layer"):
+        lora.load_peft(CFG, adapter)
+
+
+def test_load_peft_weight_errors(adapter, tmp_path_factory):
+    def drop(t):
+        del t["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+
+    _edit_weights(adapter, drop)
+    with pytest.raises(ValueError, match=r"missing tensor .*layers.1.self_attn.v_proj.lora_B"):
+        lora.load_peft(CFG, adapter)
+
+    def add(t):
+        t["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = np.zeros((16, 4))
+        t["base_model.model.lm_head.lora_A.weight"] = np.zeros((4, 32), np.float32)
+
+    _edit_weights(adapter, add)
+    with pytest.raises(ValueError, match=r"unexpected tensor 'base_model.model.lm_head.lora_A"):
+        lora.load_peft(CFG, adapter)
+
+    def layer3(t):
+        del t["base_model.model.lm_head.lora_A.weight"]
+        t["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 32))
+
+    _edit_weights(adapter, layer3)
+    with pytest.raises(ValueError, match=r"unexpected tensor .*layers.3.self_attn.q_proj"):
+        lora.load_peft(CFG, adapter)
+
+    def wrong_out(t):
+        del t["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"]
+        t["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"] = np.zeros((8, 4))
+
+    _edit_weights(adapter, wrong_out)
+    with pytest.raises(ValueError, match=r"v_proj.lora_B.weight has shape \(8, 4\), expected"):
+        lora.load_peft(CFG, adapter)
+
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        lora.load_peft(CFG, empty)
+
+
+def test_save_peft_rejects_mismatched_factors(params, tmp_path):
+    lp = lora.init(CFG, params, rank=4)
+    bad = jax.tree.map(lambda x: x[:, :, :3] if x.shape[-1] == 4 else x, lp)
+    with pytest.raises(ValueError, match=r"factor a has shape \(2, 32, 3\), expected"):
+        lora.save_peft(CFG, bad, tmp_path)
+    other = CFG.replace(hidden_size=48)
+    with pytest.raises(ValueError, match="expected"):
+        lora.save_peft(other, lp, tmp_path)
