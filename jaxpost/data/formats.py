@@ -1,0 +1,233 @@
+"""Row formats: validation, chat templating, tokenization, loss masks and truncation.
+
+Formats (the keys a row must have; extra keys are ignored):
+  messages           messages: [{"role", "content"}, ...] with at least one assistant turn
+  prompt_completion  prompt: str | messages, completion: str | messages
+  text               text: str
+  preference         prompt: str | messages, chosen: str | messages, rejected: str | messages
+  prompt_answer      prompt: str | messages, answer: str | int (reference answer, for RL)
+
+A tokenized sequence example holds `tokens` [L] int32, `targets` [L] int32 (the next token within
+the example; the last position's target is pad) and `loss_mask` [L] float32 (1 where the target
+is trained: assistant / completion tokens, or every real token for `text`). The tokenizer is any
+object with `encode`, `bos_id`, `eos_id`, `pad_id` and, for chat rows, `encode_chat(messages,
+add_generation_prompt) -> (ids, assistant_mask)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpost.data.sources import DataError, MalformedRow
+
+FORMATS = ("messages", "prompt_completion", "text", "preference", "prompt_answer")
+REQUIRED = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "prompt_answer": ("prompt", "answer"),
+}
+TRUNCATION = ("error", "truncate_left", "truncate_right", "drop")
+
+
+def _check_messages(value: Any, field: str, need_assistant: bool) -> None:
+    if not isinstance(value, list) or not value:
+        raise MalformedRow(f"{field!r} must be a non-empty list of messages, got {value!r:.60}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise MalformedRow(f"{field}[{i}] must be an object, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise MalformedRow(f"{field}[{i}]: {key!r} is missing; expected role, content")
+            if not isinstance(m[key], str):
+                raise MalformedRow(
+                    f"{field}[{i}].{key} must be a string, got {type(m[key]).__name__}"
+                )
+    if need_assistant and not any(m["role"] == "assistant" for m in value):
+        raise MalformedRow(f"{field!r} has no assistant message, so nothing would be trained")
+
+
+def _check_text_or_messages(row: dict, field: str) -> None:
+    value = row[field]
+    if isinstance(value, list):
+        _check_messages(value, field, need_assistant=False)
+    elif not isinstance(value, str):
+        raise MalformedRow(
+            f"{field!r} must be a string or a list of messages, got {type(value).__name__}"
+        )
+
+
+def validate(row: dict, fmt: str) -> None:
+    """Raise `MalformedRow` naming the missing or mistyped field; return None when usable."""
+    if fmt not in REQUIRED:
+        raise ValueError(f"data format {fmt!r} is not one of {FORMATS}")
+    for key in REQUIRED[fmt]:
+        if key not in row:
+            raise MalformedRow(f"{key!r} is missing; expected keys {', '.join(REQUIRED[fmt])}")
+    if fmt == "messages":
+        _check_messages(row["messages"], "messages", need_assistant=True)
+    elif fmt == "text":
+        if not isinstance(row["text"], str):
+            raise MalformedRow(f"'text' must be a string, got {type(row['text']).__name__}")
+    elif fmt == "prompt_answer":
+        _check_text_or_messages(row, "prompt")
+        answer = row["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+            raise MalformedRow(f"'answer' must be a string or an int, got {type(answer).__name__}")
+    else:
+        for key in REQUIRED[fmt]:
+            _check_text_or_messages(row, key)
+
+
+def _as_messages(value: str | list, role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None or (ids and ids[0] == bos):
+        return list(ids)
+    return [bos, *ids]
+
+
+def encode_prompt(tokenizer, prompt: str | list, chat_template: bool = True) -> list[int]:
+    """The ids a model continues from: chat-templated with the generation prompt, or BOS + text."""
+    if isinstance(prompt, list) or chat_template:
+        ids, _ = tokenizer.encode_chat(_as_messages(prompt, "user"), add_generation_prompt=True)
+        return list(ids)
+    return _with_bos(tokenizer, tokenizer.encode(prompt))
+
+
+def encode_pair(
+    tokenizer, prompt: str | list, completion: str | list, chat_template: bool = True
+) -> tuple[list[int], list[int]]:
+    """-> (ids, trained) for a prompt followed by a completion; trained marks completion tokens
+    (with the chat template: assistant turns after the prompt, including their end token)."""
+    if isinstance(prompt, list) or isinstance(completion, list) or chat_template:
+        prompt_msgs = _as_messages(prompt, "user")
+        ids, mask = tokenizer.encode_chat(
+            prompt_msgs + _as_messages(completion, "assistant"), add_generation_prompt=False
+        )
+        # Assistant turns inside a multi-turn prompt are context here, not trained.
+        n_prompt = len(encode_prompt(tokenizer, prompt_msgs))
+        mask = [0] * min(n_prompt, len(mask)) + list(mask[n_prompt:])
+        return list(ids), mask
+    p = _with_bos(tokenizer, tokenizer.encode(prompt))
+    c = list(tokenizer.encode(completion)) + [tokenizer.eos_id]
+    return p + c, [0] * len(p) + [1] * len(c)
+
+
+def encode_sft(
+    tokenizer, row: dict, fmt: str, chat_template: bool = True
+) -> tuple[list[int], list[int]]:
+    """(ids, trained) for the sequence formats messages / prompt_completion / text."""
+    if fmt == "messages":
+        ids, mask = tokenizer.encode_chat(row["messages"], add_generation_prompt=False)
+        return list(ids), [int(m) for m in mask]
+    if fmt == "prompt_completion":
+        return encode_pair(tokenizer, row["prompt"], row["completion"], chat_template)
+    if fmt == "text":
+        ids = _with_bos(tokenizer, tokenizer.encode(row["text"])) + [tokenizer.eos_id]
+        return ids, [1] * len(ids)
+    raise ValueError(f"format {fmt!r} is not a sequence format (messages, prompt_completion, text)")
+
+
+class Dropped(Exception):  # noqa: N818 - a filter signal, counted by the pipeline
+    """The example is left out under the truncation policy; `reason` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def truncate(
+    ids: Sequence[int], trained: Sequence[int], max_length: int, policy: str, where: str
+) -> tuple[list[int], list[int]]:
+    """Fit a sequence into max_length by `policy`; raise DataError ('error') or Dropped."""
+    if policy not in TRUNCATION:
+        raise ValueError(f"truncation policy {policy!r} is not one of {TRUNCATION}")
+    n = len(ids)
+    if n > max_length:
+        n_prompt = next((i for i, t in enumerate(trained) if t), n)
+        if policy == "error":
+            what = (
+                f"the prompt alone is {n_prompt} tokens"
+                if n_prompt >= max_length
+                else f"prompt {n_prompt} + completion {n - n_prompt} tokens"
+            )
+            raise DataError(
+                f"{where}: {n} tokens exceed max_length {max_length} ({what}); set the "
+                "truncation policy to 'truncate_left', 'truncate_right' or 'drop' to allow this"
+            )
+        if policy == "drop":
+            raise Dropped(f"longer than max_length ({n} > {max_length})")
+        keep = slice(0, max_length) if policy == "truncate_right" else slice(n - max_length, n)
+        ids, trained = list(ids)[keep], list(trained)[keep]
+    if not any(trained[1:]):
+        raise Dropped("no trained tokens left after truncation")
+    return list(ids), list(trained)
+
+
+def sequence_example(ids: Sequence[int], trained: Sequence[int], pad_id: int) -> dict:
+    """tokens = ids, targets = ids shifted left (pad last), loss_mask = trained of the target."""
+    tokens = np.asarray(ids, np.int32)
+    targets = np.concatenate([tokens[1:], np.asarray([pad_id], np.int32)])
+    loss_mask = np.concatenate([np.asarray(trained[1:], np.float32), np.zeros(1, np.float32)])
+    return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """row -> example for one format; raises MalformedRow, DataError or Dropped.
+
+    Sequence formats give a `sequence_example`; preference gives one per side with prefixes
+    `chosen_` / `rejected_`; prompt_answer gives `prompt_tokens` [L] int32 and `answer` (str).
+    """
+
+    tokenizer: Any
+    fmt: str
+    max_length: int
+    truncation: str = "error"
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise ValueError(f"data format {self.fmt!r} is not one of {FORMATS}")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"truncation policy {self.truncation!r} is not one of {TRUNCATION}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+    def __call__(self, row: dict, where: str) -> dict:
+        validate(row, self.fmt)
+        tok, pad = self.tokenizer, self.tokenizer.pad_id
+        if self.fmt == "prompt_answer":
+            ids = encode_prompt(tok, row["prompt"], self.chat_template)
+            if len(ids) > self.max_length:
+                if self.truncation == "error":
+                    raise DataError(
+                        f"{where}: the prompt is {len(ids)} tokens, longer than max_length "
+                        f"{self.max_length}; set the truncation policy to 'truncate_left' or "
+                        "'drop' to allow this"
+                    )
+                if self.truncation == "drop":
+                    raise Dropped(f"prompt longer than max_length ({len(ids)})")
+                # Both truncations cut the front: the end holds the generation cue.
+                ids = ids[len(ids) - self.max_length :]
+            return {"prompt_tokens": np.asarray(ids, np.int32), "answer": str(row["answer"])}
+        if self.fmt == "preference":
+            out = {}
+            for side in ("chosen", "rejected"):
+                ids, trained = encode_pair(tok, row["prompt"], row[side], self.chat_template)
+                ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
+                for k, v in sequence_example(ids, trained, pad).items():
+                    out[f"{side}_{k}"] = v
+            return out
+        ids, trained = encode_sft(tok, row, self.fmt, self.chat_template)
+        ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
+        return sequence_example(ids, trained, pad)
