@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from jaxpost import chat_templates
 from jaxpost.chat_templates import ChatTemplateError
 
@@ -214,12 +216,12 @@ def _spans_to_mask(offsets: Offsets, spans: Iterable[tuple[int, int]]) -> list[i
 
     A token straddling a span boundary counts as inside, as with `transformers`' char_to_token.
     """
-    mask = [0] * len(offsets)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    s, e = bounds[:, 0], bounds[:, 1]
+    mask = np.zeros(len(bounds), dtype=bool)
     for a, b in spans:
-        for t, (s, e) in enumerate(offsets):
-            if (s < b and e > a) or (s == e and a <= s < b):
-                mask[t] = 1
-    return mask
+        mask |= ((s < b) & (e > a)) | ((s == e) & (s >= a) & (s < b))
+    return mask.astype(int).tolist()
 
 
 class Tokenizer:
@@ -229,8 +231,9 @@ class Tokenizer:
       bos_id, eos_id: the BOS / primary EOS id, or None when the tokenizer has none.
       eos_ids: every id that ends generation: the tokenizer's EOS and generation_config.json's
         eos_token_id entries (e.g. Llama 3's <|eot_id|> and <|end_of_text|>), EOS first.
-      pad_id: the pad token, else generation_config's pad_token_id, else the model's pad piece, else
-        eos_id, else 0. Padding is always masked out, so the id only has to be a valid token.
+      pad_id: the pad token (tokenizer_config / special_tokens_map / the SentencePiece model's pad
+        piece), else generation_config's pad_token_id, else eos_id, else 0. Padding is always
+        masked out, so the id only has to be a valid token.
       vocab_size: number of ids the tokenizer can produce (including added tokens); the model's
         embedding may be larger (padded).
       chat_template: jinja source of the chat template, or None.

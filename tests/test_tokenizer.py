@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -346,3 +347,13 @@ def test_bad_templates(tmp_path, bpe_dir):
         bare.encode_chat(messages, chat_template=unstable)
     with pytest.raises(ChatTemplateError, match="rejected the conversation: no"):
         bare.apply_chat_template(messages, chat_template="{{ raise_exception('no') }}")
+
+
+def test_pickle_round_trip(bpe_dir, sp_dir, rng):
+    # Grain worker processes receive the tokenizer pickled.
+    messages = _conversation(rng, end_with_assistant=True)
+    for path in (bpe_dir, sp_dir):
+        tok = tokenizer.load(path)
+        copy = pickle.loads(pickle.dumps(tok))
+        assert copy.encode_chat(messages) == tok.encode_chat(messages)
+        assert copy.eos_ids == tok.eos_ids
