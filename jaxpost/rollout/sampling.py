@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # Static sampler variants: the engine compiles at most one step per variant and picks the
 # cheapest one that covers every live slot (sorting the vocabulary only when a filter is on).
@@ -139,24 +138,3 @@ def sample(
         tokens = jnp.where(temperature > 0, drawn, greedy_tokens)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-
-
-def reference_filtered_probs(
-    logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
-) -> np.ndarray:
-    """The exact sampling distribution of one row in float64 NumPy (for tests). logits [V]."""
-    scaled = np.asarray(logits, np.float64) / temperature
-    order = np.argsort(-scaled, kind="stable")
-    s = scaled[order]
-    keep = np.ones_like(s, dtype=bool)
-    if top_k > 0:
-        keep[top_k:] = False
-    p = np.where(keep, np.exp(s - s.max()), 0.0)
-    p /= p.sum()
-    keep &= (np.cumsum(p) - p) < top_p
-    keep &= p >= min_p * p[0]
-    keep[0] = True
-    q = np.where(keep, np.exp(s - s.max()), 0.0)
-    out = np.zeros_like(q)
-    out[order] = q / q.sum()
-    return out

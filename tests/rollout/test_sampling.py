@@ -1,0 +1,104 @@
+"""Sampler: frequencies of temperature / top-k / top-p / min-p draws against the exact filtered
+distribution (computed independently in float64 NumPy), greedy, and the reported log-prob."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxpost.rollout import sampling
+from jaxpost.rollout.sampling import SamplingParams
+
+DRAWS = 40_000
+# Reject when the chi-square p-value is below this. With a fixed seed the test is deterministic;
+# a correct sampler fails it with probability 1e-4 per case for a random seed.
+P_THRESHOLD = 1e-4
+
+
+def exact_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution the filters define (vLLM / HF order), float64, from the definitions:
+    top-k keeps the k largest; top-p keeps the smallest prefix of the sorted (top-k
+    renormalised) distribution whose mass reaches p; min-p keeps p_i >= min_p * max p."""
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = np.ones(len(p), bool)
+    order = np.argsort(-p, kind="stable")
+    if top_k:
+        keep[order[top_k:]] = False
+    q = np.where(keep, p, 0.0) / p[keep].sum()
+    mass = 0.0
+    for i in order:
+        if keep[i] and mass >= top_p:
+            keep[i] = False
+        mass += q[i]
+    keep &= p >= min_p * p.max()
+    out = np.where(keep, p, 0.0)
+    return out / out.sum()
+
+
+CASES = [
+    dict(temperature=1.0),
+    dict(temperature=0.6),
+    dict(temperature=1.3, top_k=5),
+    dict(temperature=1.0, top_p=0.7),
+    dict(temperature=1.5, min_p=0.1),
+    dict(temperature=1.2, top_k=8, top_p=0.8, min_p=0.05),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_sample_frequencies_match_filtered_distribution(case):
+    rng = np.random.default_rng(1234)
+    vocab = 16
+    logits = rng.normal(size=vocab).astype(np.float32)
+    sp = SamplingParams(**case)
+    rows = lambda x, dt: jnp.full((DRAWS,), x, dt)
+    keys = jax.random.split(jax.random.key(7), DRAWS)
+    tokens, logp = jax.jit(sampling.sample, static_argnames="variant")(
+        jnp.broadcast_to(logits, (DRAWS, vocab)),
+        keys,
+        rows(sp.temperature, jnp.float32),
+        rows(sp.top_k, jnp.int32),
+        rows(sp.top_p, jnp.float32),
+        rows(sp.min_p, jnp.float32),
+        variant=sp.variant,
+    )
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    expected = exact_probs(logits, **case)
+    # Filtered-out tokens must never be drawn.
+    assert counts[expected == 0].sum() == 0
+    support = expected > 0
+    assert support.sum() >= 3, "the case should keep several tokens"
+    chi2, p_value = stats.chisquare(counts[support], DRAWS * expected[support])
+    assert p_value > P_THRESHOLD, (case, chi2, p_value, counts, DRAWS * expected)
+    # The reported log-prob is the raw model's, whatever the filters.
+    raw = jax.nn.log_softmax(jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(raw)[np.asarray(tokens)], atol=1e-6)
+
+
+def test_greedy_is_argmax_and_variants():
+    logits = jnp.asarray(np.random.default_rng().normal(size=(6, 50)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 6)
+    zeros, ones = jnp.zeros(6), jnp.ones(6)
+    for variant in (sampling.GREEDY, sampling.TEMPERATURE, sampling.FILTERED):
+        tok, _ = sampling.sample(logits, keys, zeros, jnp.zeros(6, jnp.int32), ones, zeros, variant)
+        np.testing.assert_array_equal(tok, jnp.argmax(logits, -1))
+    assert SamplingParams(temperature=0.0, top_k=3).variant == sampling.GREEDY
+    assert SamplingParams(temperature=0.5).variant == sampling.TEMPERATURE
+    assert SamplingParams(min_p=0.1).variant == sampling.FILTERED
+    assert sampling.widest_variant([sampling.GREEDY, sampling.FILTERED]) == sampling.FILTERED
+    assert sampling.widest_variant([]) == sampling.GREEDY
+
+
+def test_sampling_params_validation_messages():
+    with pytest.raises(ValueError, match="top_k=-1 must be >= 0"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match=r"min_p=1.0 must be in \[0, 1\)"):
+        SamplingParams(min_p=1.0)
+    with pytest.raises(ValueError, match="n=0 must be >= 1"):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError, match="stop contains an empty token sequence"):
+        SamplingParams(stop=[[]])
+    assert SamplingParams(stop=[[1, 2]], eos_token_ids=[3]).stop == ((1, 2),)
