@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.alpha = 2.0 * arg.rank
     c.lora.dropout = 0.05
     # Regexes over parameter paths: attention and MLP projections.
-    c.lora.targets = (r"attn/(q|k|v|o)/kernel", r"mlp/(gate|up|down)/kernel")
+    c.lora.targets = (r"layers/attn/(q|k|v|o)/kernel", r"layers/mlp/(gate|up|down)/kernel")
     c.data.train_path = "train.jsonl"
     c.data.format = "messages"
     c.data.max_length = 1024

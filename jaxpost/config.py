@@ -90,6 +90,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.num_epochs = _fieldref(None, int)  # None: repeat forever
     c.data.skip_malformed = False
+    c.data.truncation = "error"
+    c.data.num_train_examples = 20000  # rows generated for a built-in task's train split
     c.data.num_eval_examples = 200  # held-out examples for task accuracy
 
     c.mesh = ml_collections.ConfigDict()
@@ -125,6 +127,7 @@ CHOICES: dict[str, tuple] = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "data.format": ("messages", "prompt_completion", "text", "preference", "prompt_answer"),
     "model.dtype": ("float32", "bfloat16"),
+    "data.truncation": ("error", "truncate_left", "truncate_right", "drop"),
 }
 POSITIVE = (
     "lora.rank",
@@ -136,6 +139,7 @@ POSITIVE = (
     "train.eval_batches",
     "pretrain.batch_size",
     "data.max_length",
+    "data.num_train_examples",
     "checkpoint.every",
     "checkpoint.keep_last",
     "mesh.data",

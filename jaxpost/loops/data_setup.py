@@ -1,0 +1,123 @@
+"""The data side of a run: tokenizer, train / eval batch streams and held-out prompts.
+
+A built-in task (`config.data.task`) generates its train and test splits (disjoint by
+construction); otherwise `data.train_path` / `data.eval_path` are read by the Grain pipeline.
+Batches are this process's share of the global batch (`batch_size // process_count` rows).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxpost.data import Pipeline, PipelineConfig, formats, tasks
+
+
+def task_and_tokenizer(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(the built-in Task or None, the tokenizer: the model's when loading HF, else the task's)."""
+    task = tasks.get(cfg.data.task) if cfg.data.task is not None else None
+    if cfg.model.hf_path is not None:
+        from jaxpost import tokenizer
+
+        return task, tokenizer.load(cfg.model.hf_path)
+    return task, task.tokenizer()
+
+
+@functools.lru_cache(maxsize=8)
+def _task_rows(name: str, seed: int, n: int, split: str) -> tuple[dict, ...]:
+    return tuple(tasks.get(name).generate_split(seed, n, split))
+
+
+def _source(cfg, split: str):
+    if cfg.data.task is not None:
+        n = cfg.data.num_train_examples if split == "train" else cfg.data.num_eval_examples
+        return list(_task_rows(cfg.data.task, cfg.seed, n, split))
+    return cfg.data.train_path if split == "train" else cfg.data.eval_path
+
+
+def _per_process(batch_size: int) -> int:
+    count = jax.process_count()
+    if batch_size % count:
+        raise ValueError(f"batch size {batch_size} does not split over {count} processes")
+    return batch_size // count
+
+
+class BatchStream:
+    """Checkpointable train batches: next() -> dict of numpy arrays; get/set_state for resume."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self._it = pipeline.iterator()
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it = self.pipeline.iterator(state)
+
+
+def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStream:
+    pipeline = Pipeline(
+        _source(cfg, "train"),
+        tokenizer,
+        PipelineConfig(
+            format=cfg.data.format,
+            max_length=cfg.data.max_length,
+            batch_size=_per_process(batch_size),
+            packing=cfg.data.packing,
+            shuffle=True,
+            seed=seed,
+            num_epochs=cfg.data.num_epochs,
+            truncation=cfg.data.truncation,
+            skip_malformed=cfg.data.skip_malformed,
+        ),
+    )
+    return BatchStream(pipeline)
+
+
+def eval_batches(cfg, task, tokenizer, batch_size: int):
+    """The first `train.eval_batches` batches of the held-out split, or None without one."""
+    source = _source(cfg, "test")
+    if source is None:
+        return iter(())
+    pipeline = Pipeline(
+        source,
+        tokenizer,
+        PipelineConfig(
+            format=cfg.data.format,
+            max_length=cfg.data.max_length,
+            batch_size=_per_process(batch_size),
+            packing=cfg.data.packing,
+            shuffle=False,
+            num_epochs=None,  # cycle a small split so the requested batch count always exists
+            truncation=cfg.data.truncation,
+            skip_malformed=cfg.data.skip_malformed,
+        ),
+    )
+    it = pipeline.iterator()
+    return (next(it) for _ in range(cfg.train.eval_batches))
+
+
+def has_eval_data(cfg) -> bool:
+    return _source(cfg, "test") is not None
+
+
+def eval_prompts(cfg, task, tokenizer) -> tuple[list[list[int]], list[str]]:
+    """Held-out prompts (chat-templated, generation prompt appended) and reference answers."""
+    rows = _source(cfg, "test")
+    prompts = [formats.encode_prompt(tokenizer, r["prompt"]) for r in rows]
+    return prompts, [r["answer"] for r in rows]
+
+
+def stats(batches: BatchStream) -> dict:
+    """Malformed / dropped row counts and packing efficiency of the stream so far."""
+    return batches.pipeline.report()

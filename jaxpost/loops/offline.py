@@ -1,0 +1,176 @@
+"""The offline loop: batches from a fixed dataset -> train_step -> eval -> metrics -> checkpoint.
+
+Shared by every algorithm that trains on a dataset (SFT, pretraining, DPO family, reward models);
+the algorithm enters only through the jitted `train_step` / `eval_step` built from its loss.
+
+Resume is exact: the checkpoint holds the train state (params, optimizer state, RNG, step) and the
+data iterator's state, so a restarted run sees the same batches in the same order and reproduces
+the uninterrupted run's losses; nothing is replayed. SIGTERM / SIGINT (via `PreemptionGuard`) save
+a checkpoint at the current step and raise `Preempted`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.metrics import MetricsWriter, Progress
+
+
+class Preempted(Exception):  # noqa: N818 - a control-flow signal, not a failure
+    """Raised after the loop saved a checkpoint because SIGTERM / SIGINT arrived."""
+
+    def __init__(self, signal_name: str, step: int, directory):
+        super().__init__(
+            f"{signal_name} received: saved checkpoint at step {step} in {directory}; "
+            "run the same command again to resume"
+        )
+        self.signal_name, self.step = signal_name, step
+
+
+class CheckpointableIterator(Protocol):
+    """A batch iterator whose position can be saved and restored (Grain's DataLoader iterator)."""
+
+    def __next__(self) -> dict: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass
+class LoopSettings:
+    steps: int
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic evaluation
+    checkpoint_every: int = 100
+    progress_bar: bool = True
+    name: str = "train"
+
+
+def _host(metrics: dict) -> dict[str, float]:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        arr = np.asarray(v)
+        if arr.size == 1 and np.issubdtype(arr.dtype, np.number):
+            out[k] = float(arr)
+    return out
+
+
+def _tokens(batch: dict) -> int:
+    mask = batch.get("loss_mask")
+    if mask is None:
+        mask = batch.get("segment_ids")
+    if mask is not None:
+        return int(np.count_nonzero(np.asarray(mask)))
+    return int(np.size(batch["tokens"]))
+
+
+def evaluate(eval_step: Callable, state, batches: Iterable[dict]) -> dict[str, float]:
+    """Global means over `batches`: loss = sum(loss_sum) / sum(weight_sum) when the step reports
+    the sums (exact under padding and packing), else the mean of per-batch values."""
+    totals: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        for k, v in _host(eval_step(state, batch)).items():
+            totals[k] = totals.get(k, 0.0) + v
+        n += 1
+    if n == 0:
+        raise ValueError("evaluation got no batches; the eval split is empty")
+    if "loss_sum" in totals and totals.get("weight_sum", 0) > 0:
+        out = {k: v / n for k, v in totals.items() if k not in ("loss_sum", "weight_sum")}
+        out["loss"] = totals["loss_sum"] / totals["weight_sum"]
+        return out
+    return {k: v / n for k, v in totals.items()}
+
+
+def run_offline(
+    settings: LoopSettings,
+    *,
+    train_step: Callable,
+    state,
+    batches: CheckpointableIterator,
+    checkpointer: Checkpointer,
+    writer: MetricsWriter,
+    guard: PreemptionGuard,
+    abstract_state=None,
+    eval_step: Callable | None = None,
+    eval_batches: Callable[[], Iterator[dict]] | None = None,
+    config_dict: dict | None = None,
+    on_eval: Callable[[Any, int], dict[str, float]] | None = None,
+):
+    """Train for `settings.steps` steps, resuming from `checkpointer`'s latest step if present.
+
+    state: the initial train state (used when there is no checkpoint); abstract_state: its
+    ShapeDtypeStructs with shardings (defaults to state's), the restore target.
+    eval_batches: a fresh iterator of eval batches per evaluation. on_eval(state, step) adds
+    metrics computed outside the loss (e.g. task accuracy from generation).
+    Returns the final train state.
+    """
+    start = 0
+    if checkpointer.latest_step() is not None:
+        target = abstract_state if abstract_state is not None else jax.eval_shape(lambda: state)
+        restored = checkpointer.restore(target, model_config=(config_dict or {}).get("model"))
+        state, start = restored.state, restored.step
+        if restored.data_state is not None:
+            batches.set_state(restored.data_state)
+        writer.echo(f"[{settings.name}] resumed from step {start} ({checkpointer.directory})")
+    if start >= settings.steps:
+        return state
+
+    saved = [start]
+
+    def save(step: int, wait: bool = False) -> None:
+        if saved[-1] != step:
+            checkpointer.save(
+                step, state, data_state=batches.get_state(), config=config_dict, wait=wait
+            )
+            saved.append(step)
+        elif wait:
+            checkpointer.wait()
+
+    def run_eval(step: int) -> None:
+        metrics = {}
+        if eval_step is not None and eval_batches is not None:
+            metrics.update(evaluate(eval_step, state, eval_batches()))
+        if on_eval is not None:
+            metrics.update(on_eval(state, step))
+        if metrics:
+            writer.write(step, metrics, split=f"{settings.name}_eval")
+
+    progress = Progress(settings.steps, start, settings.name, settings.progress_bar)
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        for step in range(start + 1, settings.steps + 1):
+            batch = next(batches)
+            tokens = _tokens(batch)
+            state, metrics = train_step(state, batch)
+            tokens_since += tokens
+            loss = None
+            if step % settings.log_every == 0 or step == settings.steps:
+                host = _host(metrics)
+                now = time.perf_counter()
+                host["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                writer.write(step, host, split=settings.name)
+                loss = host.get("loss")
+            progress.update(tokens, loss)
+            if settings.eval_every and step % settings.eval_every == 0:
+                run_eval(step)
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                save(step, wait=step == settings.steps)
+            if guard.should_stop():
+                save(step, wait=True)
+                raise Preempted(guard.requested or "signal", step, checkpointer.directory)
+    finally:
+        progress.close()
+    if settings.eval_every and settings.steps % settings.eval_every:
+        run_eval(settings.steps)
+    checkpointer.wait()
+    return state
