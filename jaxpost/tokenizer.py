@@ -7,9 +7,12 @@
 
 Text is tokenized the way `transformers` tokenizes it: special-token strings in the text (e.g. the
 `<|im_start|>` a chat template writes) become their ids, and the rest goes through the model. For
-SentencePiece, the text between special tokens is encoded piece by piece and only text at the very
-start of the string gets SentencePiece's dummy-prefix space (what `transformers`' Llama/Gemma
-tokenizers do, and what SentencePiece itself does with user-defined symbols).
+SentencePiece, the text between special tokens is encoded span by span and only a span at the very
+start of the string gets the model's dummy-prefix space, as in `transformers`' Llama and Gemma
+tokenizers. One deliberate difference: text that starts with whitespace is encoded exactly as
+SentencePiece encodes it ("▁" + "▁hello" for " hello"), where `transformers`' Llama tokenizer
+drops the dummy prefix. `decode` never applies `clean_up_tokenization_spaces` (`transformers`
+ignores it for BPE models too).
 
     tok = tokenizer.load("path/to/model")
     ids = tok.encode("Hello")                       # list[int], BOS added if the model wants one
@@ -19,171 +22,19 @@ tokenizers do, and what SentencePiece itself does with user-defined symbols).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from jaxpost import chat_templates
 from jaxpost.chat_templates import ChatTemplateError
+from jaxpost.tokenizer_backends import Backend, HFBackend, Offsets, SentencePieceBackend
 
 __all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES"]
 
 BUILTIN_TEMPLATES = chat_templates.BUILTIN_TEMPLATES
-
-Offsets = list[tuple[int, int]]
-
-
-class _Backend(Protocol):
-    vocab_size: int
-    special_ids: frozenset[int]
-
-    def encode(self, text: str) -> tuple[list[int], Offsets]: ...
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
-    def token_to_id(self, token: str) -> int | None: ...
-    def id_to_token(self, token_id: int) -> str | None: ...
-
-
-class _HFBackend:
-    """A `tokenizers.Tokenizer` from tokenizer.json; added tokens are matched by the library."""
-
-    def __init__(self, file: Path, added: Mapping[int, tuple[str, bool]]):
-        import tokenizers
-
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # the library raises bare Exceptions on malformed files
-            raise ValueError(f"{file}: not a valid HF tokenizer.json ({e})") from e
-        # tokenizer_config.json may declare added tokens that tokenizer.json lacks (transformers
-        # adds them when loading); add them so both see the same vocabulary.
-        missing = [
-            tokenizers.AddedToken(content, special=special, normalized=False)
-            for _, (content, special) in sorted(added.items())
-            if self.tok.token_to_id(content) is None
-        ]
-        if missing:
-            self.tok.add_tokens(missing)
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.special_ids = frozenset(
-            i for i, t in self.tok.get_added_tokens_decoder().items() if t.special
-        )
-
-    def encode(self, text: str) -> tuple[list[int], Offsets]:
-        enc = self.tok.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
-
-    def adds_bos(self, bos_id: int) -> bool:
-        """Whether the post-processor inserts BOS (Llama 3 style tokenizer.json)."""
-        with_special = self.tok.encode("a", add_special_tokens=True).ids
-        plain = self.tok.encode("a", add_special_tokens=False).ids
-        return len(with_special) > len(plain) and with_special[0] == bos_id
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.tok.id_to_token(token_id)
-
-
-class _SentencePieceBackend:
-    """A SentencePiece model, with special-token strings split off before encoding."""
-
-    def __init__(self, file: Path, added: Mapping[int, tuple[str, bool]]):
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2
-
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.LoadFromFile(str(file))
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{file}: not a valid SentencePiece model ({e})") from e
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self.sp.serialized_model_proto())
-        # Text that follows a special token must not get the dummy-prefix space: encode (and decode)
-        # it with a copy of the model whose normalizer does not add one.
-        if proto.normalizer_spec.add_dummy_prefix:
-            proto.normalizer_spec.add_dummy_prefix = False
-            self.sp_inner = spm.SentencePieceProcessor()
-            self.sp_inner.LoadFromSerializedProto(proto.SerializeToString())
-        else:
-            self.sp_inner = self.sp
-        n = self.sp.get_piece_size()
-        user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-        self.added = {i: content for i, (content, _) in added.items()}
-        self.special_ids = frozenset(
-            [i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)]
-            + [i for i, (_, special) in added.items() if special]
-        )
-        # Strings matched in text before SentencePiece sees it: control and unknown pieces,
-        # user-defined pieces, and tokens added by tokenizer_config.json.
-        split_ids = set(self.special_ids) | {
-            i for i in range(n) if proto.pieces[i].type == user_defined
-        }
-        self.split_tokens = {self.sp.id_to_piece(i): i for i in split_ids if i < n}
-        self.split_tokens.update({content: i for i, content in self.added.items()})
-        pattern = "|".join(re.escape(t) for t in sorted(self.split_tokens, key=len, reverse=True))
-        self.split_re = re.compile(f"({pattern})") if pattern else None
-        self.vocab_size = max([n, *(i + 1 for i in self.added)])
-
-    def encode(self, text: str) -> tuple[list[int], Offsets]:
-        ids: list[int] = []
-        offsets: Offsets = []
-        parts = self.split_re.split(text) if self.split_re else [text]
-        start = 0
-        # re.split with one capture group alternates text, special, text, special, ...
-        for k, part in enumerate(parts):
-            if k % 2 == 1:
-                ids.append(self.split_tokens[part])
-                offsets.append((start, start + len(part)))
-            elif part:
-                sp = self.sp if start == 0 else self.sp_inner
-                enc = sp.encode(part, return_type="offset_mapping")
-                ids.extend(enc["ids"])
-                offsets.extend((start + a, start + b) for a, b in enc["offsets"])
-            start += len(part)
-        return ids, offsets
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        n = self.sp.get_piece_size()
-        if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
-        out: list[str] = []
-        run: list[int] = []
-
-        def flush() -> None:
-            if run:
-                # Only a run at the very start lost a dummy-prefix space when it was encoded.
-                sp = self.sp if not out else self.sp_inner
-                out.append(sp.decode(run))
-                run.clear()
-
-        for i in ids:
-            if i in self.special_ids or i >= n:
-                flush()
-                out.append(self.id_to_token(i) or "")
-            else:
-                run.append(i)
-        flush()
-        return "".join(out)
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in self.split_tokens:
-            return self.split_tokens[token]
-        i = self.sp.piece_to_id(token)
-        # piece_to_id answers the unknown id for strings that are not pieces
-        return None if self.sp.is_unknown(i) and self.sp.id_to_piece(i) != token else i
-
-    def id_to_token(self, token_id: int) -> str | None:
-        if token_id in self.added:
-            return self.added[token_id]
-        if 0 <= token_id < self.sp.get_piece_size():
-            return self.sp.id_to_piece(token_id)
-        return None
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -241,7 +92,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend: _Backend,
+        backend: Backend,
         *,
         special_tokens: Mapping[str, str | None],
         extra_eos_ids: Sequence[int] = (),
@@ -450,13 +301,13 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
             added[int(key)] = (content, bool(entry.get("special", True)))
 
     is_json = file.suffix == ".json"
-    backend: _HFBackend | _SentencePieceBackend
-    backend = _HFBackend(file, added) if is_json else _SentencePieceBackend(file, added)
+    backend: HFBackend | SentencePieceBackend
+    backend = HFBackend(file, added) if is_json else SentencePieceBackend(file, added)
 
     special: dict[str, str | None] = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         special[key] = _token_str(config.get(key)) or _token_str(token_map.get(key))
-    if isinstance(backend, _SentencePieceBackend):
+    if isinstance(backend, SentencePieceBackend):
         sp = backend.sp
         for key, piece_id in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
                               ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())):  # fmt: skip
@@ -465,7 +316,7 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
 
     if "add_bos_token" in config:
         add_bos_default = bool(config["add_bos_token"])
-    elif isinstance(backend, _HFBackend):
+    elif isinstance(backend, HFBackend):
         bos_id = backend.token_to_id(special["bos_token"]) if special["bos_token"] else None
         add_bos_default = bos_id is not None and backend.adds_bos(bos_id)
     else:

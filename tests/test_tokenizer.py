@@ -126,11 +126,28 @@ def bpe_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory) -> str:
+# Llama 2 style (dummy-prefix space, <s> </s>) and Gemma style (no dummy prefix, <bos> <eos>).
+SP_STYLES = {
+    "llama": dict(
+        add_dummy_prefix=True,
+        pieces={"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"},
+        hf_class="LlamaTokenizer",
+    ),
+    "gemma": dict(
+        add_dummy_prefix=False,
+        pieces={"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"},
+        hf_class="GemmaTokenizer",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SP_STYLES))
+def sp_dir(request, tmp_path_factory) -> str:
     """SentencePiece BPE with byte fallback and control symbols, identity normalization (as Llama
     and Gemma), with a tokenizer_config.json holding the chat template inline."""
-    path = tmp_path_factory.mktemp("sp")
+    style = SP_STYLES[request.param]
+    path = tmp_path_factory.mktemp(f"sp_{request.param}")
+    pieces = style["pieces"]  # in id order
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_sentences(random.Random(1), 400)),
         model_prefix=str(path / "tokenizer"),
@@ -138,10 +155,9 @@ def sp_dir(tmp_path_factory) -> str:
         model_type="bpe",
         byte_fallback=True,
         control_symbols=SP_SPECIALS,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
+        **{f"{k}_id": i for i, k in enumerate(pieces)},
+        **{f"{k}_piece": v for k, v in pieces.items()},
+        add_dummy_prefix=style["add_dummy_prefix"],
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         split_digits=True,
@@ -151,14 +167,11 @@ def sp_dir(tmp_path_factory) -> str:
     added = {
         str(i): {"content": c, "special": True, "lstrip": False, "rstrip": False,
                  "normalized": False, "single_word": False}
-        for i, c in enumerate(["<unk>", "<s>", "</s>", "<pad>", *SP_SPECIALS])
+        for i, c in enumerate([*pieces.values(), *SP_SPECIALS])
     }  # fmt: skip
     config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<pad>",
+        "tokenizer_class": style["hf_class"],
+        **{f"{k}_token": v for k, v in pieces.items()},
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": added,
@@ -175,7 +188,8 @@ def hf_bpe(bpe_dir):
 
 @pytest.fixture(scope="module")
 def hf_sp(sp_dir):
-    return transformers.LlamaTokenizer.from_pretrained(sp_dir)
+    config = json.loads(open(os.path.join(sp_dir, "tokenizer_config.json")).read())
+    return getattr(transformers, config["tokenizer_class"]).from_pretrained(sp_dir)
 
 
 def test_bpe_encode_decode_match_transformers(bpe_dir, hf_bpe, rng):
@@ -231,7 +245,8 @@ def test_bpe_chat_template_and_mask_match_transformers(bpe_dir, hf_bpe, rng, add
 def test_sentencepiece_matches_sentencepiece(sp_dir, rng):
     tok = tokenizer.load(os.path.join(sp_dir, "tokenizer.model"))
     sp = spm.SentencePieceProcessor(model_file=os.path.join(sp_dir, "tokenizer.model"))
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 3, sp.get_piece_size())
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
+    assert tok.vocab_size == sp.get_piece_size()
     for _ in range(40):
         # Without special-token strings the text goes through SentencePiece in one piece.
         text = _random_text(rng, specials=["x"])
@@ -242,12 +257,14 @@ def test_sentencepiece_matches_sentencepiece(sp_dir, rng):
         assert tok.decode(ids[1:]) == text
 
 
-def test_sentencepiece_matches_transformers_llama_tokenizer(sp_dir, hf_sp, rng):
+def test_sentencepiece_matches_transformers(sp_dir, hf_sp, rng):
     tok = tokenizer.load(sp_dir)
+    specials = [tok.bos_token, tok.eos_token, tok.pad_token, "<unk>", *SP_SPECIALS]
+    # transformers' Llama tokenizer drops SentencePiece's extra dummy prefix before leading
+    # whitespace (where it departs from sentencepiece), so texts start with a non-space there.
+    lead_space = type(hf_sp).__name__ == "GemmaTokenizer"  # Gemma has no dummy prefix
     for _ in range(40):
-        # transformers' Llama tokenizer drops SentencePiece's extra dummy prefix before leading
-        # whitespace (where it departs from sentencepiece), so texts start with a non-space here.
-        text = _random_text(rng, ["<s>", "</s>", "<unk>", *SP_SPECIALS], lead_space=False)
+        text = _random_text(rng, specials, lead_space=lead_space)
         ids = tok.encode(text)
         assert ids == hf_sp.encode(text), text
         for skip in (False, True):
