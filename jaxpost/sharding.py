@@ -131,6 +131,11 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) set by the enclosing `use_mesh`, or None (kernels shard_map over it)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `use_mesh` or on a 1-device mesh."""
     active = _ACTIVE.get()

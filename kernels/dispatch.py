@@ -12,6 +12,10 @@ prefetch, VMEM scratch accumulators. `impl` is the switch every entry point take
             fuses attention through cuDNN where it can); no kernel here has been shown faster
             there.
 
+Under a multi-device mesh (`jaxpost.sharding.use_mesh`), `per_shard` runs a kernel inside
+`jax.shard_map`: a Mosaic call is opaque to XLA's SPMD partitioner, which would otherwise gather
+every operand onto every device. Attention shards over batch and heads, log-probs over tokens.
+
 Tests that want the TPU interpreter's stricter simulation (memory spaces, DMA semantics, grid
 order randomisation) wrap the call in `tpu_interpret_mode()`; any `pallas_call` traced inside
 it runs in TPU interpret mode regardless of the `interpret` argument.
@@ -20,10 +24,13 @@ it runs in TPU interpret mode regardless of the `interpret` argument.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
+
+from jaxpost import sharding
 
 IMPLS = ("auto", "xla", "pallas")
 
@@ -59,3 +66,34 @@ def tpu_interpret_mode() -> Iterator[None]:
     """
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         yield
+
+
+def sharded_over(name: str, size: int) -> bool:
+    """Whether the active mesh splits a dimension of `size` with logical name `name`."""
+    active = sharding.active_mesh()
+    if active is None:
+        return False
+    mesh, rules = active
+    return sharding.logical_to_spec((size,), (name,), mesh, rules)[0] is not None
+
+
+def per_shard(
+    fn: Callable, args: Sequence, names: Sequence[Sequence[str | None] | None], out_rank: int
+):
+    """fn(*args), run per shard of the active mesh when there is one with more than one device.
+
+    names: logical axis names per argument (None: replicated, e.g. a scalar). Every output is
+    laid out like the first argument's leading `out_rank` dimensions. Mesh axes that do not
+    divide a dimension are dropped, as in `jaxpost.sharding.logical_to_spec`.
+    """
+    active = sharding.active_mesh()
+    if active is None or active[0].size == 1:
+        return fn(*args)
+    mesh, rules = active
+    specs = tuple(
+        PartitionSpec() if n is None else sharding.logical_to_spec(a.shape, n, mesh, rules)
+        for a, n in zip(args, names)
+    )
+    out_spec = PartitionSpec(*tuple(specs[0])[:out_rank])
+    # check_vma=False: pallas_call output shapes carry no varying-axes annotation.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=False)(*args)

@@ -415,11 +415,21 @@ def pallas(
         interpret=_dispatch.interpret() if interpret is None else interpret,
     )
 
-    def to_kernel(x):
-        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    def run(q, k, v, seg, win):
+        def to_kernel(x):
+            return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
 
-    out = _flash(cfg, to_kernel(q), to_kernel(k), to_kernel(v), seg[:, :, None], seg[:, None], win)
-    return jnp.swapaxes(out[:, :, :t], 1, 2)
+        out = _flash(
+            cfg, to_kernel(q), to_kernel(k), to_kernel(v), seg[:, :, None], seg[:, None], win
+        )
+        return jnp.swapaxes(out[:, :, :t], 1, 2)
+
+    # Heads are split only when the KV heads split the same way (each shard keeps its groups).
+    heads = "act_heads" if _dispatch.sharded_over("act_heads", kvh) else None
+    qkv = ("batch", None, heads, None)
+    return _dispatch.per_shard(
+        run, (q, k, v, seg, win), (qkv, qkv, qkv, ("batch", None), None), out_rank=4
+    )
 
 
 def flash_attention(

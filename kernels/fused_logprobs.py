@@ -320,7 +320,6 @@ def pallas(
     compute_dtype = jnp.dtype(compute_dtype or hidden.dtype)
     block_n = min(block_n, -(-n // 8) * 8)
     block_v = vocab if vocab <= block_v else block_v
-    pad = (-n) % block_n
     # VMEM: double-buffered h and W tiles, a few f32 [bn, bv] temporaries, the f32 accumulators.
     item = max(hidden.dtype.itemsize, w.dtype.itemsize)
     vmem = 2 * 2 * (block_n * d + d * block_v) * item + 8 * block_n * block_v * 4
@@ -334,9 +333,17 @@ def pallas(
         interpret=_dispatch.interpret() if interpret is None else interpret,
         vmem_limit=int(max(vmem, 32 << 20)),
     )
-    h = jnp.pad(hidden, ((0, pad), (0, 0)))
-    t = jnp.pad(targets.astype(jnp.int32), (0, pad))[:, None]
-    lse, logp, ex, mean = (a[:n, 0] for a in _fused(cfg, h, w, t))
+
+    def run(hidden, w, targets):
+        pad = (-hidden.shape[0]) % block_n  # per shard: the local token count
+        h = jnp.pad(hidden, ((0, pad), (0, 0)))
+        t = jnp.pad(targets.astype(jnp.int32), (0, pad))[:, None]
+        return tuple(a[: hidden.shape[0], 0] for a in _fused(cfg, h, w, t))
+
+    # Tokens split over the batch axes; every shard sees the whole W (gathered once per call).
+    lse, logp, ex, mean = _dispatch.per_shard(
+        run, (hidden, w, targets), (("batch", None), None, ("batch",)), out_rank=1
+    )
     out = {"logp": logp, "lse": lse}
     if with_entropy:
         out["entropy"] = lse - ex
