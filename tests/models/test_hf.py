@@ -87,7 +87,7 @@ def test_bfloat16_checkpoint(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_sharded_load_matches_one_device(llama_dir, monkeypatch):
+def test_sharded_load_matches_one_device(llama_dir, monkeypatch, tmp_path):
     """load_hf onto a (data=2, fsdp=2, tensor=2) mesh: leaves sharded, logits as on one device."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     reads = []
@@ -122,6 +122,11 @@ def test_sharded_load_matches_one_device(llama_dir, monkeypatch):
         sharded_logits = jax.jit(lambda p, t: models.forward(cfg, p, t))(params, ids)
     one = jax.jit(lambda p, t: models.forward(cfg, p, t))(single, ids)
     np.testing.assert_allclose(np.asarray(sharded_logits), np.asarray(one), atol=1e-5, rtol=0)
+
+    # Saving sharded params gathers each tensor and writes the same checkpoint.
+    models.save_hf(cfg, params, tmp_path / "from_mesh")
+    _, back = models.load_hf(tmp_path / "from_mesh")
+    jax.tree.map(np.testing.assert_array_equal, back, single)
 
 
 # Config mapping ------------------------------------------------------------------------------
