@@ -15,7 +15,7 @@ drops the dummy prefix. `decode` never applies `clean_up_tokenization_spaces` (`
 ignores it for BPE models too).
 
     tok = tokenizer.load("path/to/model")
-    ids = tok.encode("Hello")                       # list[int], BOS added if the model wants one
+    ids = tok.encode("Hello", add_bos=True)         # list[int]; no BOS unless asked
     ids, mask = tok.encode_chat(messages)           # mask: 1 on assistant reply tokens
 """
 
@@ -88,6 +88,9 @@ class Tokenizer:
       vocab_size: number of ids the tokenizer can produce (including added tokens); the model's
         embedding may be larger (padded).
       chat_template: jinja source of the chat template, or None.
+      add_bos_default: whether the model expects BOS before raw text: `add_bos_token` in
+        tokenizer_config.json, else whether tokenizer.json's post-processor adds BOS, else True
+        for SentencePiece models (False when there is no BOS token).
     """
 
     def __init__(
@@ -134,12 +137,12 @@ class Tokenizer:
             f"eos_ids={self.eos_ids}, pad_id={self.pad_id})"
         )
 
-    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = False, add_eos: bool = False) -> list[int]:
         """Token ids of `text` ([T]); special-token strings in the text become their ids.
 
-        add_bos: prepend BOS; None means the tokenizer's default (`add_bos_token` in
-          tokenizer_config.json, else whether tokenizer.json's post-processor adds BOS, else True
-          for SentencePiece models), as `transformers`' `encode(text)` does.
+        add_bos: prepend BOS. Off by default, so pieces of a sequence can be encoded separately;
+          None follows the tokenizer's own default (`add_bos_default`), which is what
+          `transformers`' `encode(text)` does.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")

@@ -197,9 +197,9 @@ def test_bpe_encode_decode_match_transformers(bpe_dir, hf_bpe, rng):
     raw = tokenizers.Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json"))
     for _ in range(40):
         text = _random_text(rng, BPE_SPECIALS)
-        ids = tok.encode(text)
+        ids = tok.encode(text, add_bos=None)
         assert ids == hf_bpe.encode(text), text  # BOS from the post-processor, by default
-        assert tok.encode(text, add_bos=False) == raw.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids
         assert tok.encode(text, add_bos=False, add_eos=True)[-1] == tok.eos_id
         for skip in (False, True):
             assert tok.decode(ids, skip_special_tokens=skip) == hf_bpe.decode(
@@ -250,7 +250,7 @@ def test_sentencepiece_matches_sentencepiece(sp_dir, rng):
     for _ in range(40):
         # Without special-token strings the text goes through SentencePiece in one piece.
         text = _random_text(rng, specials=["x"])
-        ids = tok.encode(text)
+        ids = tok.encode(text, add_bos=True)
         assert ids == sp.encode(text, add_bos=True), text
         assert tok.encode(text, add_bos=False) == sp.encode(text)
         assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids)
@@ -265,7 +265,7 @@ def test_sentencepiece_matches_transformers(sp_dir, hf_sp, rng):
     lead_space = type(hf_sp).__name__ == "GemmaTokenizer"  # Gemma has no dummy prefix
     for _ in range(40):
         text = _random_text(rng, specials, lead_space=lead_space)
-        ids = tok.encode(text)
+        ids = tok.encode(text, add_bos=None)
         assert ids == hf_sp.encode(text), text
         for skip in (False, True):
             assert tok.decode(ids, skip_special_tokens=skip) == hf_sp.decode(
