@@ -89,10 +89,17 @@ def _as_messages(value: str | list, role: str) -> list[dict]:
 
 
 def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    # Models trained without BOS before raw text (e.g. Qwen) say so with add_bos_default=False.
     bos = getattr(tokenizer, "bos_id", None)
-    if bos is None or (ids and ids[0] == bos):
+    wanted = getattr(tokenizer, "add_bos_default", True)
+    if bos is None or not wanted or (ids and ids[0] == bos):
         return list(ids)
     return [bos, *ids]
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = getattr(tokenizer, "eos_id", None)
+    return list(ids) if eos is None else [*ids, eos]
 
 
 def encode_prompt(tokenizer, prompt: str | list, chat_template: bool = True) -> list[int]:
@@ -118,7 +125,7 @@ def encode_pair(
         mask = [0] * min(n_prompt, len(mask)) + list(mask[n_prompt:])
         return list(ids), mask
     p = _with_bos(tokenizer, tokenizer.encode(prompt))
-    c = list(tokenizer.encode(completion)) + [tokenizer.eos_id]
+    c = _with_eos(tokenizer, tokenizer.encode(completion))
     return p + c, [0] * len(p) + [1] * len(c)
 
 
@@ -132,7 +139,7 @@ def encode_sft(
     if fmt == "prompt_completion":
         return encode_pair(tokenizer, row["prompt"], row["completion"], chat_template)
     if fmt == "text":
-        ids = _with_bos(tokenizer, tokenizer.encode(row["text"])) + [tokenizer.eos_id]
+        ids = _with_eos(tokenizer, _with_bos(tokenizer, tokenizer.encode(row["text"])))
         return ids, [1] * len(ids)
     raise ValueError(f"format {fmt!r} is not a sequence format (messages, prompt_completion, text)")
 

@@ -35,6 +35,7 @@ class CharTokenizer:
         self.pad_id = self._stoi["<pad>"]
         self.bos_id = self._stoi["<bos>"]
         self.eos_id = self._stoi["<eos>"]
+        self.add_bos_default = True  # raw-text formats start with <bos>, like the chat template
 
     @property
     def vocab_size(self) -> int:
