@@ -49,7 +49,10 @@ def _lora_tree(key, rank=4):
 
 @pytest.fixture(scope="module")
 def params():
-    return models.init(CFG, jax.random.key(np.random.SeedSequence().entropy % 2**31))
+    # jit: one compiled program instead of many eager ops
+    return jax.jit(models.init, static_argnums=0)(
+        CFG, jax.random.key(np.random.SeedSequence().entropy % 2**31)
+    )
 
 
 REF_LEN = 64  # references pad to one length so the forward compiles once (causal: exact)

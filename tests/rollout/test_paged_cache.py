@@ -1,0 +1,99 @@
+"""Paged KV cache: the allocator's pages follow live tokens, are reused after completion, and an
+exhausted pool queues requests instead of failing (with the same tokens as running alone)."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpost import models, rollout
+from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagesExhausted
+
+CFG = models.ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    key = jax.random.key(np.random.SeedSequence().entropy % 2**31)
+    return jax.jit(models.init, static_argnums=0)(CFG, key)
+
+
+def test_allocator_grows_releases_and_reuses_pages():
+    alloc = PageAllocator(num_pages=9, page_size=4, slots=3, max_pages_per_slot=4)
+    assert alloc.num_free == 8  # page 0 is scratch
+    assert alloc.grow(0, 5) and alloc.slot_pages[0] == [1, 2]
+    assert not alloc.grow(0, 8)  # still two pages
+    assert alloc.grow(1, 1) and alloc.slot_pages[1] == [3]
+    assert alloc.grow(0, 9) and alloc.slot_pages[0] == [1, 2, 4]
+    assert alloc.num_used == 4 and alloc.num_free == 4
+    assert alloc.table_row(1) == [3, SCRATCH_PAGE, SCRATCH_PAGE, SCRATCH_PAGE]
+    assert alloc.release(0) == 3 and alloc.num_free == 7
+    assert alloc.grow(2, 12) and sorted(alloc.slot_pages[2]) == [1, 2, 4]  # reused
+    with pytest.raises(PagesExhausted, match="slot 1 needs 5 pages for 17 tokens; a slot holds"):
+        alloc.grow(1, 17)
+    alloc.grow(1, 16)
+    alloc.grow(2, 13)
+    assert alloc.num_free == 0
+    with pytest.raises(PagesExhausted, match="slot 0 needs 1 more pages, 0 are free"):
+        alloc.grow(0, 1)
+
+
+class RecordingEngine(rollout.Engine):
+    """Records, at every generate call, the live slots, pages in use and tokens in flight."""
+
+    def generate(self, params, decode_state):
+        state, result = super().generate(params, decode_state)
+        live = np.flatnonzero(self._active)
+        self.log.append((len(live), self.allocator.num_used, int(self._len_bound[live].sum())))
+        return state, result
+
+
+def test_pages_follow_live_tokens_and_exhaustion_queues(params):
+    rng = np.random.default_rng()
+    page_size, pool = 4, 16  # 15 usable pages = 60 tokens, while 6 slots x 64 would need 96
+    engine = RecordingEngine(
+        CFG,
+        params,
+        slots=6,
+        max_len=64,
+        max_prefill_length=16,
+        page_size=page_size,
+        num_pages=pool,
+        steps_per_call=2,
+    )
+    engine.log = []
+    # 10 + 12 tokens = 6 pages reserved per request: only 2 fit the 15-page pool at once.
+    prompts = [list(rng.integers(0, CFG.vocab_size, 10)) for _ in range(8)]
+    sps = [rollout.SamplingParams(max_new_tokens=12, temperature=0.0)] * 8
+    outs = rollout.generate(CFG, params, prompts, sps, engine=engine)
+    assert all(o.finish_reason == "length" for o in outs)
+    assert [len(o.tokens) for o in outs] == [s.max_new_tokens for s in sps]
+    live, used, tokens = map(np.array, zip(*engine.log))
+    # Memory in use is the pages covering the live tokens (bound: ceil per slot), never the pool.
+    assert (used <= tokens / page_size + live).all() and (used >= tokens / page_size).all()
+    assert used.max() <= pool - 1
+    # Reservations keep 2 requests in flight although 6 slots are free; the rest queued.
+    assert live.max() == 2
+    # Pages follow the tokens as they grow: fewer pages early in a request than at its end.
+    assert used.min() < used.max()
+    assert engine.allocator.num_free == pool - 1  # every page returned
+    for prompt, sp, out in zip(prompts, sps, outs):
+        alone = rollout.generate(CFG, params, [prompt], sp, slots=2, page_size=page_size)[0]
+        assert alone.tokens == out.tokens
+
+
+def test_request_that_can_never_fit_is_an_error(params):
+    engine = rollout.Engine(
+        CFG, params, slots=2, max_len=64, max_prefill_length=16, page_size=4, num_pages=4
+    )
+    with pytest.raises(RuntimeError, match="can never fit the page pool of 3 pages x 4 tokens"):
+        rollout.generate(
+            CFG, params, [[1, 2, 3]], rollout.SamplingParams(max_new_tokens=20), engine=engine
+        )
