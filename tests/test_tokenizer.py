@@ -374,3 +374,65 @@ def test_pickle_round_trip(bpe_dir, sp_dir, rng):
         copy = pickle.loads(pickle.dumps(tok))
         assert copy.encode_chat(messages) == tok.encode_chat(messages)
         assert copy.eos_ids == tok.eos_ids
+
+
+def _added(content: str, special: bool = True) -> dict:
+    return {"content": content, "special": special, "lstrip": False, "rstrip": False,
+            "normalized": False, "single_word": False}  # fmt: skip
+
+
+def test_sentencepiece_added_tokens_beyond_vocab(sp_dir, tmp_path, rng):
+    # A SentencePiece model fine-tuned with ChatML tokens appended after its vocabulary.
+    shutil.copy(os.path.join(sp_dir, "tokenizer.model"), tmp_path / "tokenizer.model")
+    config = json.loads(open(os.path.join(sp_dir, "tokenizer_config.json")).read())
+    n = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).get_piece_size()
+    new = {n: _added("<|im_start|>"), n + 1: _added("<|im_end|>"), n + 2: _added("<x>", False)}
+    config["added_tokens_decoder"].update({str(i): t for i, t in new.items()})
+    config["eos_token"] = "<|im_end|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = tokenizer.load(tmp_path, chat_template="chatml")
+    hf = getattr(transformers, config["tokenizer_class"]).from_pretrained(tmp_path)
+    # (not len(hf): transformers' GemmaTokenizer appends a <mask> token of its own)
+    assert (tok.vocab_size, tok.eos_id) == (n + 3, hf.eos_token_id)
+    for _ in range(20):
+        text = _random_text(rng, ["<|im_start|>", "<|im_end|>", "<x>"], lead_space=False)
+        ids = tok.encode(text, add_bos=None)
+        assert ids == hf.encode(text), text
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                ids, skip_special_tokens=skip
+            )
+    messages = _conversation(rng, end_with_assistant=True)
+    ids, mask = tok.encode_chat(messages)
+    replies = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == replies
+
+
+def test_config_variants(bpe_dir, tmp_path):
+    """AddedToken dicts, special_tokens_map.json, named chat templates, generation_config ids."""
+    shutil.copy(os.path.join(bpe_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    config = {
+        "bos_token": {"content": "<|begin|>", "special": True},
+        "add_bos_token": False,
+        "chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": CHATML_PLAIN},
+        ],
+        "added_tokens_decoder": {"300": _added("<|new|>")},
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 0, "pad_token_id": 2})
+    )
+    tok = tokenizer.load(tmp_path)
+    raw = tokenizers.Tokenizer.from_file(os.path.join(bpe_dir, "tokenizer.json"))
+    assert tok.bos_id == raw.token_to_id("<|begin|>") and not tok.add_bos_default
+    assert tok.eos_ids == (raw.token_to_id("<|im_end|>"), 0)
+    assert tok.pad_id == 2
+    assert tok.chat_template == CHATML_PLAIN
+    assert tok.vocab_size == 301 and tok.encode("a<|new|>")[-1] == 300
+    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="none is named 'default'"):
+        tokenizer.load(tmp_path)
