@@ -187,16 +187,16 @@ def _specs(cfg: _Cfg, d: int, groups: int, kv_major: bool):
     def qk(a, b):
         i, j = (b, a) if kv_major else (a, b)
         if cfg.causal and kv_major:
-            i = jnp.maximum(i, (j * bk) // bq)
+            i = jnp.maximum(i, jax.lax.div(j * bk, bq))
         elif cfg.causal:
-            j = jnp.minimum(j, (i * bq + bq - 1) // bk)
+            j = jnp.minimum(j, jax.lax.div(i * bq + bq - 1, bk))
         return i, j
 
     def q_map(b, h, x, y, win):
         return b, h, qk(x, y)[0], 0
 
     def kv_map(b, h, x, y, win):
-        return b, h // groups, qk(x, y)[1], 0
+        return b, jax.lax.div(h, groups), qk(x, y)[1], 0
 
     return (
         pl.BlockSpec((None, None, bq, d), q_map),

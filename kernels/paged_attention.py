@@ -77,10 +77,12 @@ _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _live_pages(length, window, page_size: int):
-    """First and last page index holding a visible key (last >= first even for idle slots)."""
-    last = jnp.maximum((length + page_size - 1) // page_size - 1, 0)
+    """First and last page index holding a visible key (last >= first even for idle slots).
+
+    Operands are non-negative, so lax.div (truncating; Mosaic lowers it directly) is floor."""
+    last = jnp.maximum(jax.lax.div(length + page_size - 1, page_size) - 1, 0)
     first_key = jnp.where(window > 0, jnp.maximum(length - window, 0), 0)
-    return jnp.minimum(first_key // page_size, last), last
+    return jnp.minimum(jax.lax.div(first_key, page_size), last), last
 
 
 def _kernel(
