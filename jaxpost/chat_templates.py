@@ -144,6 +144,31 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return out
 
 
+def _plain(value: Any) -> Any:
+    """A copy made of plain JSON-like types: the sandbox lets a template call any public method of
+    an object it is given, so rich objects (arrays, images, str subclasses) are never handed over;
+    anything unknown becomes an inert "<TypeName>" string (as in `transformers`)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    # Subclasses (enums, numpy strings) carry extra methods: keep only the base value.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    item = getattr(value, "item", None)  # NumPy / JAX scalars
+    if callable(item) and getattr(value, "shape", None) == ():
+        return _plain(item())
+    return f"<{type(value).__name__}>"
+
+
 # The rendering in progress: (chunks emitted so far, generation spans found so far). A context
 # variable rather than state on the shared, cached environment, so concurrent renders stay apart.
 _TRACKER: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = (
@@ -243,8 +268,8 @@ def render(
     template = compile_template(source)
     chunks: list[str] = []
     spans: list[tuple[int, int]] = []
-    context = {"tools": None, "documents": None, **variables}
-    context.update(messages=messages, add_generation_prompt=add_generation_prompt)
+    context = _plain({"tools": None, "documents": None, **variables, "messages": messages})
+    context["add_generation_prompt"] = bool(add_generation_prompt)
     token = _TRACKER.set((chunks, spans))
     try:
         for chunk in template.generate(**context):

@@ -83,8 +83,8 @@ class Tokenizer:
       eos_ids: every id that ends generation: the tokenizer's EOS and generation_config.json's
         eos_token_id entries (e.g. Llama 3's <|eot_id|> and <|end_of_text|>), EOS first.
       pad_id: the pad token (tokenizer_config / special_tokens_map / the SentencePiece model's pad
-        piece), else generation_config's pad_token_id, else eos_id, else 0. Padding is always
-        masked out, so the id only has to be a valid token.
+        piece) if it is in the vocabulary, else generation_config's pad_token_id, else eos_id,
+        else 0. Padding is always masked out, so the id only has to be a valid token.
       vocab_size: number of ids the tokenizer can produce (including added tokens); the model's
         embedding may be larger (padded).
       chat_template: jinja source of the chat template, or None.
@@ -116,7 +116,9 @@ class Tokenizer:
             self.eos_id = int(extra_eos_ids[0])
         eos = [self.eos_id] if self.eos_id is not None else []
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys([*eos, *map(int, extra_eos_ids)]))
-        pad = self._special_id("pad_token")
+        # A pad token missing from the vocabulary (transformers would append it, growing the
+        # vocabulary past the model's embedding) is ignored: any valid id pads equally well.
+        pad = self._backend.token_to_id(self.pad_token) if self.pad_token is not None else None
         self.pad_id: int = next(i for i in (pad, pad_id, self.eos_id, 0) if i is not None)
         self.vocab_size: int = backend.vocab_size
         self.add_bos_default = bool(add_bos_default and self.bos_id is not None)

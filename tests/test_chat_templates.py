@@ -143,3 +143,17 @@ def test_message_validation():
     assert chat_templates.validate_messages(calls) == [
         {"role": "assistant", "tool_calls": [{"name": "f"}]}
     ]
+
+
+def test_template_sees_plain_data_only():
+    import numpy as np
+
+    class Rich(str):
+        def leak(self) -> str:
+            return "leaked"
+
+    messages = [{"role": "user", "content": Rich("hi"), "n": np.int64(3), "x": np.zeros(2)}]
+    source = "{{ messages[0].content }}|{{ messages[0].n + 1 }}|{{ messages[0].x }}"
+    assert chat_templates.render(source, messages, False, {})[0] == "hi|4|<ndarray>"
+    with pytest.raises(ChatTemplateError, match="rejected"):
+        chat_templates.render("{{ messages[0].content.leak() }}", messages, False, {})

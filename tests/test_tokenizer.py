@@ -414,6 +414,7 @@ def test_config_variants(bpe_dir, tmp_path):
     config = {
         "bos_token": {"content": "<|begin|>", "special": True},
         "add_bos_token": False,
+        "pad_token": "<pad>",  # not in the vocabulary: ignored, generation_config's id is used
         "chat_template": [
             {"name": "tool_use", "template": "TOOLS"},
             {"name": "default", "template": CHATML_PLAIN},
