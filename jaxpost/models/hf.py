@@ -3,9 +3,7 @@
 Loading streams tensor by tensor: every parameter is built with `jax.make_array_from_callback`,
 so each device shard reads only its own slice of the file (stacked [L, ...] leaves one layer at a
 time) and the host never holds the whole model. The safetensors files are memory-mapped and decoded
-here rather than through `safetensors.safe_open(framework="numpy")`, which cannot return bfloat16
-(ml_dtypes supplies it); the format is a little-endian u64 header length, a JSON header with
-dtype / shape / data_offsets per tensor, then the raw bytes.
+by `jaxpost.models.safetensors_io` (bfloat16 included).
 
 HF Linear weights are [out, in]; ours are [in, out] (see `jaxpost.models.transformer`).
 """
@@ -16,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,93 +22,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from jaxpost.models import safetensors_io
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf_configs import config_from_hf, config_to_hf
 from jaxpost.models.transformer import init, logical_axes
 from jaxpost.sharding import DEFAULT_RULES, Rules, tree_shardings
 
-_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_CODES = {v: k for k, v in _DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Tensors some checkpoints carry that transformers ignores: RoPE buffers of old exports.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class SafetensorsFile:
-    """A validated, memory-mapped safetensors file. `read` copies out one (slice of a) tensor."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{path}: not a safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError(
-                    f"{path}: corrupt or truncated safetensors file: header of {n} bytes "
-                    f"but the file has {size} bytes"
-                )
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-        end_of_data = 0
-        for name, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: corrupt header entry for tensor {name!r}: {info}") from e
-            if end - start != math.prod(shape) * dtype.itemsize:
-                raise ValueError(
-                    f"{path}: corrupt header: tensor {name!r} of shape {shape} {info['dtype']} "
-                    f"spans {end - start} bytes"
-                )
-            self.entries[name] = (dtype, shape, start)
-            end_of_data = max(end_of_data, end)
-        if self.data_start + end_of_data > size:
-            raise ValueError(
-                f"{path}: truncated safetensors file: the header declares "
-                f"{self.data_start + end_of_data} bytes, the file has {size}"
-            )
-        self._map = np.memmap(path, np.uint8, mode="r") if size else None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
-        """tensor[index] as an in-memory array in the file's dtype (only those bytes are read)."""
-        dtype, shape, start = self.entries[name]
-        nbytes = math.prod(shape) * dtype.itemsize
-        offset = self.data_start + start
-        flat = self._map[offset : offset + nbytes].view(dtype)
-        return np.array(flat.reshape(shape)[index])
-
-
-def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
+def _open_weights(path: Path) -> dict[str, safetensors_io.SafetensorsFile]:
     """Tensor name -> the file holding it, for a single file or a sharded checkpoint."""
     index_path = path / INDEX_FILE
     if index_path.exists():
@@ -119,7 +44,9 @@ def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index_path}: not a safetensors index (needs 'weight_map')") from e
-        files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+        files = {
+            f: safetensors_io.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))
+        }
         out = {}
         for name, fname in weight_map.items():
             if name not in files[fname].entries:
@@ -129,8 +56,43 @@ def _open_weights(path: Path) -> dict[str, SafetensorsFile]:
     single = path / SINGLE_FILE
     if not single.exists():
         raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-    f = SafetensorsFile(single)
+    f = safetensors_io.SafetensorsFile(single)
     return dict.fromkeys(f.entries, f)
+
+
+class _Source:
+    """One tensor in one file (its name there may carry a multimodal prefix)."""
+
+    def __init__(self, file: safetensors_io.SafetensorsFile, name: str):
+        self.file, self.name = file, name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.shape(self.name)
+
+    def read(self, index: tuple[slice, ...]) -> np.ndarray:
+        return self.file.read(self.name, index)
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+# Where multimodal Gemma 3 checkpoints keep the language model (older and newer layouts).
+_TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+)
+
+
+def _text_model_name(name: str) -> str | None:
+    """A multimodal checkpoint's tensor name as the text-only model names it; None for the
+    vision tower and projector, which the text model does not use."""
+    for prefix, replacement in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix) :]
+    return None
 
 
 def _layer_names(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
@@ -177,13 +139,11 @@ class _Leaf:
             one = shape
         self.hf_shape = one[::-1] if self.transposed else one
 
-    def read(
-        self, files: dict[str, SafetensorsFile], index: tuple[slice, ...], dtype
-    ) -> np.ndarray:
+    def read(self, sources: dict[str, _Source], index: tuple[slice, ...], dtype) -> np.ndarray:
         """Our leaf[index], assembled from the HF tensors, in `dtype`."""
 
         def one(name: str, sub: tuple[slice, ...]) -> np.ndarray:
-            a = files[name].read(name, sub[::-1] if self.transposed else sub)
+            a = sources[name].read(sub[::-1] if self.transposed else sub)
             return (a.T if self.transposed else a).astype(dtype)
 
         if not self.stacked:
@@ -242,15 +202,21 @@ def load_hf(
     device. dtype is the parameter and compute dtype ("float32" or "bfloat16").
     """
     path = Path(path)
-    cfg = config_from_hf(read_config(path), dtype=dtype)
-    files = _open_weights(path)
+    hf_config = read_config(path)
+    cfg = config_from_hf(hf_config, dtype=dtype)
+    multimodal = hf_config.get("model_type") == "gemma3"
+    sources = {}  # the name a text-only checkpoint would use -> the tensor in the files
+    for name, file in _open_weights(path).items():
+        canonical = _text_model_name(name) if multimodal else name
+        if canonical is not None:
+            sources[canonical] = _Source(file, name)
     abstract, leaves = _leaves(cfg)
 
     expected = {}
     for leaf in leaves:
         for name in leaf.names:
             expected[name] = leaf.hf_shape
-    missing = [n for n in expected if n not in files]
+    missing = [n for n in expected if n not in sources]
     if missing:
         raise ValueError(
             f"{path}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]]})"
@@ -259,22 +225,23 @@ def load_hf(
     ignorable = lambda n: (
         n.endswith(_IGNORED_SUFFIXES)
         or (
-            n == "lm_head.weight"
-            and cfg.tie_embeddings  # transformers re-ties it over the embedding
+            # transformers re-ties a stored lm_head over the embedding
+            n == "lm_head.weight" and cfg.tie_embeddings
         )
     )
-    unexpected = [n for n in files if n not in expected and not ignorable(n)]
+    unexpected = [sources[n] for n in sources if n not in expected and not ignorable(n)]
     if unexpected:
-        n = unexpected[0]
         raise ValueError(
-            f"{files[n].path}: unexpected tensor {n!r} of shape {files[n].shape(n)}; the config "
-            f"({cfg.model_type}, {cfg.num_layers} layers) has no such parameter"
+            f"{unexpected[0].file.path}: unexpected tensor {unexpected[0].name!r} of shape "
+            f"{unexpected[0].shape}; the config ({cfg.model_type}, {cfg.num_layers} layers) has "
+            "no such parameter"
             + (f" ({len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1 else "")
         )
     for name, shape in expected.items():
-        if files[name].shape(name) != shape:
+        src = sources[name]
+        if src.shape != shape:
             raise ValueError(
-                f"{files[name].path}: tensor {name!r} has shape {files[name].shape(name)}, "
+                f"{src.file.path}: tensor {src.name!r} has shape {src.shape}, "
                 f"expected {shape} from config.json"
             )
 
@@ -286,7 +253,7 @@ def load_hf(
     target = jnp.dtype(dtype)
     arrays = [
         jax.make_array_from_callback(
-            leaf.shape, sharding, lambda index, leaf=leaf: leaf.read(files, index, target)
+            leaf.shape, sharding, lambda index, leaf=leaf: leaf.read(sources, index, target)
         )
         for leaf, sharding in zip(leaves, jax.tree.leaves(shardings))
     ]
@@ -314,31 +281,6 @@ def _check_params(cfg: ModelConfig, params: dict, leaves: list[_Leaf]) -> list[j
                 f"expected {want[path]} from the config"
             )
     return [given[leaf.path] for leaf in leaves]
-
-
-def _write_safetensors(path: Path, tensors: list[tuple[str, Callable[[], np.ndarray], Any]]):
-    """Write (name, thunk, abstract) tensors one at a time; the header is computed up front."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, _, spec in tensors:
-        nbytes = math.prod(spec.shape) * spec.dtype.itemsize
-        code = _CODES[np.dtype(spec.dtype)]
-        header[name] = {
-            "dtype": code,
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, thunk, spec in tensors:
-            a = thunk()
-            if a.shape != tuple(spec.shape) or a.dtype != spec.dtype:
-                raise AssertionError(f"{name}: produced {a.shape} {a.dtype}, declared {spec}")
-            f.write(a.tobytes())
 
 
 def save_hf(
@@ -380,13 +322,13 @@ def save_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         if len(shards) == 1:
-            _write_safetensors(tmp / SINGLE_FILE, shards[0])
+            safetensors_io.write(tmp / SINGLE_FILE, shards[0])
         else:
             weight_map = {}
             total = 0
             for i, shard in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                _write_safetensors(tmp / fname, shard)
+                safetensors_io.write(tmp / fname, shard)
                 for name, _, spec in shard:
                     weight_map[name] = fname
                     total += math.prod(spec.shape) * spec.dtype.itemsize

@@ -30,6 +30,20 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
 }
+# Gemma3TextConfig's defaults (transformers 5.x) for fields the released configs leave out.
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
 _LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
 # Fields compared when checking that a ModelConfig survives the trip to an HF config and back.
 _MATH_FIELDS = tuple(
@@ -119,12 +133,23 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     dtype sets both the parameter and the compute dtype.
     """
     family = hf.get("model_type")
-    if family == "gemma3" or "text_config" in hf:
-        raise ValueError(
-            f"model_type={family!r} is a multimodal config (it has text_config); jaxpost loads "
-            "text-only checkpoints: model_type 'gemma3_text' (Gemma3ForCausalLM) and "
-            f"{sorted(ARCHITECTURES)}"
+    if family == "gemma3":
+        # Multimodal Gemma 3: its language model only (the vision tower is not loaded).
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise ValueError("model_type='gemma3' config has no text_config dict")
+        tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+        return config_from_hf(
+            {**text, "model_type": "gemma3_text", "tie_word_embeddings": tie}, dtype
         )
+    if "text_config" in hf:
+        raise ValueError(
+            f"model_type={family!r} has a text_config (a multimodal model); of multimodal "
+            "configs only 'gemma3' is supported"
+        )
+    if family == "gemma3_text":
+        # Released Gemma 3 configs omit fields that equal transformers' defaults.
+        hf = {**_GEMMA3_TEXT_DEFAULTS, **hf}
     if family not in ARCHITECTURES:
         raise ValueError(
             f"model_type={family!r} is not supported; expected one of {sorted(ARCHITECTURES)}"

@@ -81,7 +81,37 @@ def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     """A float32 causal LM with every parameter redrawn from `seed`, in eval mode."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
-    gemma = family.startswith("gemma")
+    return randomize(model, gemma=family.startswith("gemma"))
+
+
+def build_gemma3_multimodal(seed: int = 0) -> transformers.PreTrainedModel:
+    """Gemma3ForConditionalGeneration: the gemma3_text model above plus a tiny SigLIP tower."""
+    torch.manual_seed(seed)
+    text = hf_config("gemma3_text").to_dict()
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+        image_token_index=VOCAB - 1,
+    )
+    config._attn_implementation = "eager"
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    return randomize(model, gemma=True)
+
+
+def randomize(model: transformers.PreTrainedModel, gemma: bool) -> transformers.PreTrainedModel:
+    """Redraw every parameter in place (norm weights around Gemma's 0 or the others' 1)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from jaxpost import models, sharding
-from jaxpost.models import hf as hf_io
+from jaxpost.models import safetensors_io
 
 # Tiny model fixtures -------------------------------------------------------------------------
 
@@ -79,7 +79,7 @@ def test_bfloat16_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(params32["layers"]["attn"]["q"]["kernel"][1]), q)
 
     models.save_hf(cfg, params, tmp_path / "ours")
-    header = hf_io.SafetensorsFile(tmp_path / "ours" / "model.safetensors").entries
+    header = safetensors_io.SafetensorsFile(tmp_path / "ours" / "model.safetensors").entries
     assert {str(e[0]) for e in header.values()} == {"bfloat16"}
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert reloaded.dtype == torch.bfloat16
@@ -91,14 +91,14 @@ def test_sharded_load_matches_one_device(llama_dir, monkeypatch, tmp_path):
     """load_hf onto a (data=2, fsdp=2, tensor=2) mesh: leaves sharded, logits as on one device."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     reads = []
-    read = hf_io.SafetensorsFile.read
+    read = safetensors_io.SafetensorsFile.read
 
     def recording_read(self, name, index=()):
         out = read(self, name, index)
         reads.append((name, out.shape))
         return out
 
-    monkeypatch.setattr(hf_io.SafetensorsFile, "read", recording_read)
+    monkeypatch.setattr(safetensors_io.SafetensorsFile, "read", recording_read)
     cfg, params = models.load_hf(llama_dir, mesh=mesh)
     monkeypatch.undo()
     # Streaming: each device shard reads its [out/2, in/2] block of a q_proj, layer by layer.
@@ -127,6 +127,32 @@ def test_sharded_load_matches_one_device(llama_dir, monkeypatch, tmp_path):
     models.save_hf(cfg, params, tmp_path / "from_mesh")
     _, back = models.load_hf(tmp_path / "from_mesh")
     jax.tree.map(np.testing.assert_array_equal, back, single)
+
+
+@pytest.mark.parametrize("layout", ["language_model.model.", "model.language_model."])
+def test_gemma3_multimodal_checkpoint_loads_its_language_model(layout, tmp_path):
+    """Gemma3ForConditionalGeneration: the text model loads (either weight layout); the vision
+    tower is left out; text-only logits match, and save_hf writes a Gemma3ForCausalLM."""
+    model = hf_tiny.build_gemma3_multimodal(seed=6)
+    model.save_pretrained(tmp_path / "mm")
+    file = tmp_path / "mm" / "model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    assert any(k.startswith("vision_tower.") for k in tensors)
+    renamed = {k.replace("language_model.model.", layout): v for k, v in tensors.items()}
+    safetensors.torch.save_file(renamed, file, metadata={"format": "pt"})
+
+    cfg, params = models.load_hf(tmp_path / "mm")
+    assert cfg.model_type == "gemma3_text" and cfg.layer_types == ("local", "local", "global")
+    ids = _ids(7, (2, 24))
+    ours = np.asarray(models.forward(cfg, params, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, _hf_logits(model, ids), atol=1e-4, rtol=0)
+
+    models.save_hf(cfg, params, tmp_path / "text")
+    text_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "text", attn_implementation="eager"
+    )
+    assert type(text_model).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_allclose(_hf_logits(text_model, ids), ours, atol=1e-4, rtol=0)
 
 
 # Config mapping ------------------------------------------------------------------------------
@@ -199,6 +225,30 @@ GEMMA2_9B = {
     "vocab_size": 256000,
 }
 
+# google/gemma-3-4b-it: multimodal; the text config lists only what differs from the defaults.
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
 
 @pytest.mark.parametrize(
     "hf_config, count",
@@ -244,8 +294,9 @@ def _hf_roundtrip(config: dict) -> dict:
             "max_window_layers": 30,
         },
         {**GEMMA2_9B, "model_type": "gemma", "hidden_act": "gelu", "head_dim": 128},
+        GEMMA3_4B,
     ],
-    ids=["llama3", "qwen3", "gemma2", "gemma3-legacy", "qwen2-sliding", "gemma-gelu"],
+    ids=["llama3", "qwen3", "gemma2", "gemma3-legacy", "qwen2-sliding", "gemma-gelu", "gemma3-4b"],
 )
 def test_legacy_and_new_spellings_agree_with_transformers(legacy):
     """Old-style config.json and transformers 5's re-spelling of it map to the same config."""
@@ -260,13 +311,22 @@ def test_legacy_and_new_spellings_agree_with_transformers(legacy):
         assert ours.layer_types == ("global",) * 30 + ("local",) * 6 and ours.qkv_bias
     if legacy["model_type"] == "gemma":
         assert ours.activation == "gelu_tanh"
+    if legacy["model_type"] == "gemma3":  # the text model, with Gemma3TextConfig's defaults
+        assert (ours.num_layers, ours.hidden_size, ours.num_heads, ours.head_dim) == (
+            34,
+            2560,
+            8,
+            256,
+        )
+        assert ours.layer_types[:6] == ("local",) * 5 + ("global",) and ours.sliding_window == 1024
+        assert ours.tie_embeddings and ours.rope_scaling == {"type": "linear", "factor": 8.0}
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"model_type": "mistral"}, "model_type='mistral' is not supported"),
-        ({"model_type": "gemma3", "text_config": {}}, "model_type='gemma3' is a multimodal"),
+        ({"model_type": "llava", "text_config": {}}, "model_type='llava' has a text_config"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
@@ -376,7 +436,7 @@ def test_failed_save_keeps_the_old_checkpoint(broken, llama_dir, monkeypatch):
         path.write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_io, "_write_safetensors", fail)
+    monkeypatch.setattr(safetensors_io, "write", fail)
     with pytest.raises(OSError, match="disk full"):
         models.save_hf(cfg, params, broken)
     assert {p.name: p.read_bytes() for p in broken.iterdir()} == before
