@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
 
 Offsets = list[tuple[int, int]]
 
@@ -121,9 +123,9 @@ class SentencePieceBackend:
                 offsets.append((start, start + len(part)))
             elif part:
                 sp = self.sp if start == 0 else self.sp_inner
-                enc = sp.encode(part, return_type="offset_mapping")
-                ids.extend(enc["ids"])
-                offsets.extend((start + a, start + b) for a, b in enc["offsets"])
+                piece_ids, piece_offsets = _encode_span(sp, part)
+                ids.extend(piece_ids)
+                offsets.extend((start + a, start + b) for a, b in piece_offsets)
             start += len(part)
         return ids, offsets
 
@@ -163,3 +165,23 @@ class SentencePieceBackend:
         if 0 <= token_id < self.sp.get_piece_size():
             return self.sp.id_to_piece(token_id)
         return None
+
+
+def _encode_span(sp: Any, text: str) -> tuple[list[int], Offsets]:
+    """SentencePiece ids of `text` with character offsets (the proto holds UTF-8 byte offsets).
+
+    Uses the serialized SentencePieceText, which every sentencepiece 0.2.x returns.
+    """
+    from sentencepiece import sentencepiece_pb2
+
+    proto = sentencepiece_pb2.SentencePieceText.FromString(
+        sp.encode(text, out_type="serialized_proto")
+    )
+    # char_start[c] = byte offset where character c starts; searchsorted maps bytes back to chars
+    # (SentencePiece only cuts inside a character for byte-fallback pieces, which it gives
+    # zero-width or whole-character spans).
+    char_start = np.cumsum([0, *(len(ch.encode("utf-8")) for ch in text)])
+    ids = [p.id for p in proto.pieces]
+    bounds = np.array([(p.begin, p.end) for p in proto.pieces], dtype=np.int64).reshape(-1, 2)
+    chars = np.searchsorted(char_start, bounds, side="left")
+    return ids, [(int(a), int(b)) for a, b in chars]
