@@ -13,6 +13,7 @@ spans from `assistant_spans_by_prefix`, which renders the conversation increment
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -169,10 +170,18 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-# The rendering in progress: (chunks emitted so far, generation spans found so far). A context
-# variable rather than state on the shared, cached environment, so concurrent renders stay apart.
-_TRACKER: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = (
-    contextvars.ContextVar("jaxpost_chat_template_tracker", default=None)
+@dataclasses.dataclass
+class _Tracker:
+    """The rendering in progress: chunks emitted so far and the generation blocks found."""
+
+    chunks: list[str] = dataclasses.field(default_factory=list)
+    blocks: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (start, text)
+
+
+# A context variable rather than state on the shared, cached environment, so concurrent renders
+# stay apart.
+_TRACKER: contextvars.ContextVar[_Tracker | None] = contextvars.ContextVar(
+    "jaxpost_chat_template_tracker", default=None
 )
 
 
@@ -192,9 +201,9 @@ class _GenerationTag(jinja2.ext.Extension):
         tracker = _TRACKER.get()
         if tracker is not None:
             # Top-level output reaches the consumer of `generate()` chunk by chunk, so the chunks
-            # joined so far are exactly the text before this block (as in transformers).
-            start = sum(len(chunk) for chunk in tracker[0])
-            tracker[1].append((start, start + len(text)))
+            # joined so far are the text before this block (as in transformers); `render` checks
+            # it, since a block inside a macro or {% set %} is buffered and lands elsewhere.
+            tracker.blocks.append((sum(len(chunk) for chunk in tracker.chunks), text))
         return text
 
 
@@ -266,19 +275,27 @@ def render(
     rendering failure, becomes a `ChatTemplateError` carrying the template's message.
     """
     template = compile_template(source)
-    chunks: list[str] = []
-    spans: list[tuple[int, int]] = []
+    tracker = _Tracker()
     context = _plain({"tools": None, "documents": None, **variables, "messages": messages})
     context["add_generation_prompt"] = bool(add_generation_prompt)
-    token = _TRACKER.set((chunks, spans))
+    token = _TRACKER.set(tracker)
     try:
         for chunk in template.generate(**context):
-            chunks.append(chunk)
+            tracker.chunks.append(chunk)
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template rejected the conversation: {e}") from e
     finally:
         _TRACKER.reset(token)
-    return "".join(chunks), spans
+    text = "".join(tracker.chunks)
+    spans = []
+    for start, block in tracker.blocks:
+        if text[start : start + len(block)] != block:
+            raise ChatTemplateError(
+                "a {% generation %} block is rendered inside a macro, {% set %} block or filter, "
+                "so its place in the output is unknown; move it to the template's top level"
+            )
+        spans.append((start, start + len(block)))
+    return text, spans
 
 
 def assistant_spans_by_prefix(

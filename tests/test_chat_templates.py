@@ -157,3 +157,14 @@ def test_template_sees_plain_data_only():
     assert chat_templates.render(source, messages, False, {})[0] == "hi|4|<ndarray>"
     with pytest.raises(ChatTemplateError, match="rejected"):
         chat_templates.render("{{ messages[0].content.leak() }}", messages, False, {})
+
+
+def test_generation_block_outside_top_level_is_an_error():
+    # Inside {% set %} the block's output is buffered, so its offset at render time is wrong.
+    source = (
+        "{% for m in messages %}{% set turn %}[{{ m['role'] }}]"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{% endset %}{{ turn }}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(ChatTemplateError, match="move it to the template's top level"):
+        chat_templates.render(source, messages, False, {})
