@@ -46,6 +46,12 @@ class HFBackend:
         ]
         if missing:
             self.tok.add_tokens(missing)
+        for token_id, (content, _) in added.items():
+            if self.tok.token_to_id(content) != token_id:
+                raise ValueError(
+                    f"{file}: tokenizer_config.json gives added token {content!r} id {token_id}, "
+                    f"but the tokenizer assigns it id {self.tok.token_to_id(content)}"
+                )
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(
             i for i, t in self.tok.get_added_tokens_decoder().items() if t.special

@@ -437,3 +437,7 @@ def test_config_variants(bpe_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="none is named 'default'"):
         tokenizer.load(tmp_path)
+    config.update(chat_template=None, added_tokens_decoder={"305": _added("<|new|>")})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="added token '<\\|new\\|>' id 305, .* assigns it id 300"):
+        tokenizer.load(tmp_path)
