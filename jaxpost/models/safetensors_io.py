@@ -29,6 +29,8 @@ _DTYPES = {
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 
@@ -60,6 +62,11 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         end_of_data = 0
         for name, info in header.items():
+            if isinstance(info, dict) and info.get("dtype") not in _DTYPES:
+                raise ValueError(
+                    f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; "
+                    f"supported: {sorted(_DTYPES)}"
+                )
             try:
                 dtype = _DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])
@@ -78,7 +85,7 @@ class SafetensorsFile:
                 f"{path}: truncated safetensors file: the header declares "
                 f"{self.data_start + end_of_data} bytes, the file has {size}"
             )
-        self._map = np.memmap(path, np.uint8, mode="r") if size else None
+        self._map = np.memmap(path, np.uint8, mode="r")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
@@ -92,8 +99,9 @@ class SafetensorsFile:
         return np.array(flat.reshape(shape)[index])
 
 
-def write(path: Path, tensors: list[tuple[str, Callable[[], np.ndarray], Any]]):
-    """Write (name, thunk, abstract) tensors one at a time; the header is computed up front."""
+def write(path: Path, tensors: list[tuple[str, Callable[[], np.ndarray], Any]]) -> None:
+    """Write tensors given as (name, thunk returning the array, ShapeDtypeStruct), fetching and
+    writing one at a time; the header is computed up front from the declared shapes."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, _, spec in tensors:
