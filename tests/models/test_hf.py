@@ -64,6 +64,16 @@ def test_save_hf_loads_in_transformers(family, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+def test_loads_sharded_checkpoint_written_by_transformers(llama_dir, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    _, params = models.load_hf(tmp_path)
+    _, reference = models.load_hf(llama_dir)
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+
+
 def test_bfloat16_checkpoint(tmp_path):
     """bf16 safetensors load exactly (as bf16 or upcast to f32) and save back as BF16."""
     model = hf_tiny.build("qwen3", seed=4).to(torch.bfloat16)
