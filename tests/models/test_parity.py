@@ -7,6 +7,7 @@ batch, a packed row, and 20 tokens of greedy decoding with the dense KV cache.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import hf_tiny
@@ -200,3 +201,18 @@ def test_each_family_switch_changes_logits(loaded):
             np.asarray(models.forward(other, params, jnp.asarray(ids, jnp.int32))) - ref
         ).max()
         assert diff > 100 * TOL, (change, diff)
+
+
+def test_bfloat16_as_accurate_as_transformers(loaded, tmp_path):
+    """A bf16 checkpoint loaded in bf16 is as close to the float32 logits as transformers' own
+    bf16 run is (bf16 rounding differs between the two, so they cannot agree exactly)."""
+    family, hf_model, _, _ = loaded
+    ids = _rng(family, 5).integers(0, hf_tiny.VOCAB, (2, 24))
+    ref32 = _hf_logits(hf_model, ids)
+    hf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+    hf16.save_pretrained(tmp_path)
+    cfg, params = models.load_hf(tmp_path, dtype="bfloat16")
+    ours = np.asarray(models.forward(cfg, params, jnp.asarray(ids, jnp.int32)))
+    theirs_err = np.abs(_hf_logits(hf16, ids) - ref32).max()
+    ours_err = np.abs(ours - ref32).max()
+    assert 0 < ours_err <= 1.5 * theirs_err, (ours_err, theirs_err)
