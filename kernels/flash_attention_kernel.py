@@ -147,10 +147,14 @@ def _dq_kernel(
 def _dkv_kernel(
     win_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref,
     dk_ref, dv_ref, dk_sc, dv_sc, *, cfg,
+    num_q_blocks,
 ):  # fmt: skip
-    j, i = pl.program_id(2), pl.program_id(3)
+    # The innermost axis walks (group member, query block) pairs: every query head sharing
+    # this KV head adds into the same dk/dv accumulators.
+    j, y = pl.program_id(2), pl.program_id(3)
+    i = jax.lax.rem(y, num_q_blocks)
 
-    @pl.when(i == 0)
+    @pl.when(y == 0)
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
@@ -169,42 +173,67 @@ def _dkv_kernel(
             ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32
         )
 
-    @pl.when(i == pl.num_programs(3) - 1)
+    @pl.when(y == pl.num_programs(3) - 1)
     def _finish():
-        dk_ref[...] = dk_sc[...] * cfg.scale
-        dv_ref[...] = dv_sc[...]
+        dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _specs(cfg: _Cfg, d: int, groups: int, kv_major: bool):
-    """BlockSpecs of (q-like, kv, q-row stats, q segments, kv segments) for a grid whose two
-    last axes are (query block, key block), or (key block, query block) when kv_major.
+def _specs(cfg: _Cfg, d: int, index):
+    """BlockSpecs of (q-like, kv, q-row stats, q segments, kv segments).
 
-    Under causal masking, key blocks past the diagonal (resp. query blocks before it) are dead;
-    their index is clamped to the last live one so the pipeline does not fetch them again.
+    index(b, x, y, z) maps a grid point to (batch, query head, KV head, query block, key block).
     """
+
+    def q_map(*g):
+        b, qh, _, i, _ = index(*g[:4])
+        return b, qh, i, 0
+
+    def kv_map(*g):
+        b, _, kh, _, j = index(*g[:4])
+        return b, kh, j, 0
+
+    def qs_map(*g):
+        b, _, _, i, _ = index(*g[:4])
+        return b, i, 0
+
+    def ks_map(*g):
+        b, _, _, _, j = index(*g[:4])
+        return b, 0, j
+
     bq, bk = cfg.block_q, cfg.block_k
-
-    def qk(a, b):
-        i, j = (b, a) if kv_major else (a, b)
-        if cfg.causal and kv_major:
-            i = jnp.maximum(i, jax.lax.div(j * bk, bq))
-        elif cfg.causal:
-            j = jnp.minimum(j, jax.lax.div(i * bq + bq - 1, bk))
-        return i, j
-
-    def q_map(b, h, x, y, win):
-        return b, h, qk(x, y)[0], 0
-
-    def kv_map(b, h, x, y, win):
-        return b, jax.lax.div(h, groups), qk(x, y)[1], 0
-
     return (
         pl.BlockSpec((None, None, bq, d), q_map),
         pl.BlockSpec((None, None, bk, d), kv_map),
         pl.BlockSpec((None, None, bq, 1), q_map),
-        pl.BlockSpec((None, bq, 1), lambda b, h, x, y, win: (b, qk(x, y)[0], 0)),
-        pl.BlockSpec((None, 1, bk), lambda b, h, x, y, win: (b, 0, qk(x, y)[1])),
+        pl.BlockSpec((None, bq, 1), qs_map),
+        pl.BlockSpec((None, 1, bk), ks_map),
     )
+
+
+def _query_major(cfg: _Cfg, groups: int):
+    """Grid (batch, query head, query block, key block). Under causal masking key blocks past the
+    diagonal are dead; their index is clamped to the last live one, which is not fetched again."""
+
+    def index(b, h, i, j):
+        if cfg.causal:
+            j = jnp.minimum(j, jax.lax.div(i * cfg.block_q + cfg.block_q - 1, cfg.block_k))
+        return b, h, jax.lax.div(h, groups), i, j
+
+    return index
+
+
+def _kv_major(cfg: _Cfg, groups: int, num_q_blocks: int):
+    """Grid (batch, KV head, key block, group member x query block); query blocks before the
+    causal diagonal are dead and clamped to the first live one."""
+
+    def index(b, kh, j, y):
+        g, i = jax.lax.div(y, num_q_blocks), jax.lax.rem(y, num_q_blocks)
+        if cfg.causal:
+            i = jnp.maximum(i, jax.lax.div(j * cfg.block_k, cfg.block_q))
+        return b, kh * groups + g, kh, i, j
+
+    return index
 
 
 def _params():
@@ -217,7 +246,7 @@ def _params():
 def _fwd(cfg: _Cfg, q, k, v, q_seg, kv_seg, win):
     b, h, t, d = q.shape
     groups = h // k.shape[1]
-    q_spec, kv_spec, row_spec, qs_spec, ks_spec = _specs(cfg, d, groups, kv_major=False)
+    q_spec, kv_spec, row_spec, qs_spec, ks_spec = _specs(cfg, d, _query_major(cfg, groups))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, t // cfg.block_q, t // cfg.block_k),
@@ -248,7 +277,7 @@ def _bwd(cfg: _Cfg, q, k, v, q_seg, kv_seg, win, o, lse, do):
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
     args = (win, q, k, v, do, lse, delta, q_seg, kv_seg)
 
-    q_spec, kv_spec, row_spec, qs_spec, ks_spec = _specs(cfg, d, groups, kv_major=False)
+    q_spec, kv_spec, row_spec, qs_spec, ks_spec = _specs(cfg, d, _query_major(cfg, groups))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -263,27 +292,27 @@ def _bwd(cfg: _Cfg, q, k, v, q_seg, kv_seg, win, o, lse, do):
         interpret=cfg.interpret,
     )(*args)
 
-    q_spec, kv_spec, row_spec, qs_spec, ks_spec = _specs(cfg, d, groups, kv_major=True)
-    # dk/dv per query head (float32), summed over each KV head's group below.
-    dkv_spec = pl.BlockSpec((None, None, cfg.block_k, d), lambda b, h, j, i, win: (b, h, j, 0))
+    nq = t // cfg.block_q
+    q_spec, kv_spec, row_spec, qs_spec, ks_spec = _specs(cfg, d, _kv_major(cfg, groups, nq))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg),
+        functools.partial(_dkv_kernel, cfg=cfg, num_q_blocks=nq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, h, t // cfg.block_k, t // cfg.block_q),
+            grid=(b, kvh, t // cfg.block_k, groups * nq),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, qs_spec, ks_spec],
-            out_specs=[dkv_spec, dkv_spec],
+            out_specs=[kv_spec, kv_spec],
             scratch_shapes=[
                 pltpu.VMEM((cfg.block_k, d), jnp.float32),
                 pltpu.VMEM((cfg.block_k, d), jnp.float32),
             ],
         ),
-        out_shape=[jax.ShapeDtypeStruct((b, h, t, d), jnp.float32)] * 2,
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ],
         compiler_params=_params(),
         interpret=cfg.interpret,
     )(*args)
-    dk = dk.reshape(b, kvh, groups, t, d).sum(2).astype(k.dtype)
-    dv = dv.reshape(b, kvh, groups, t, d).sum(2).astype(v.dtype)
     return dq, dk, dv
 
 
