@@ -1,0 +1,475 @@
+"""Jittable train and eval steps over a device mesh: `step(state, batch) -> (state, metrics)`.
+
+The step is a module-level pure function (`train_step`, `eval_step`) of the state, the batch and
+static settings; `make_train_step` / `make_eval_step` bind the settings and jit it once with
+explicit in/out shardings derived from logical axes (`models.logical_axes`, `lora.logical_axes`,
+`jaxpost.sharding`), the state donated.
+
+Trainable part: under trainable="lora" only params["lora"] is differentiated and has optimizer
+state; params["base"] passes through the step untouched (donated, so aliased, never copied), and
+JAX never forms the base kernels' weight gradients. Under trainable="full", params["base"] is.
+
+Gradient accumulation: the batch [B, ...] is split into k micro-batches of B/k rows taken with
+stride k (row i*k + j is in micro-batch j), so every device keeps its rows and each micro-batch
+stays spread over the data axes; a `lax.scan` sums the loss sums, weights and gradients, and the
+step divides by the total weight: the exact token mean of the whole batch, whatever each
+micro-batch's token count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxpost import models, nf4, sharding
+from jaxpost.models.config import ModelConfig
+from jaxpost.optim import Optimizer, OptimizerConfig, decay_mask, make_optimizer, make_schedule
+
+__all__ = [
+    "Optimizer",
+    "OptimizerConfig",
+    "TrainState",
+    "decay_mask",
+    "eval_step",
+    "init_train_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "param_logical_axes",
+    "state_shardings",
+    "tokens_per_second",
+    "train_step",
+]
+
+TRAINABLE = ("lora", "full")
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["step", "params", "opt_state", "rng"],
+    meta_fields=[],
+)
+@dataclasses.dataclass
+class TrainState:
+    """step: int32 []; params: {"base", "lora"}; opt_state: of the trainable part only; rng: key."""
+
+    step: jax.Array
+    params: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+# Trainable / frozen split ------------------------------------------------------------------------
+
+
+def _check_trainable(params: dict, trainable: str) -> None:
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable={trainable!r}; expected 'lora' or 'full'")
+    if not isinstance(params, dict) or "base" not in params:
+        raise ValueError("params must be {'base': model params, 'lora': LoRA params or None}")
+    if trainable == "lora" and params.get("lora") is None:
+        raise ValueError("trainable='lora' but params['lora'] is None; build it with lora.init")
+    if trainable == "full":
+        if params.get("lora") is not None:
+            raise ValueError(
+                "trainable='full' expects params['lora'] None (merge the adapter first)"
+            )
+        bad = [
+            jax.tree_util.keystr(p)
+            for p, x in jax.tree_util.tree_leaves_with_path(params["base"])
+            if not jnp.issubdtype(x.dtype, jnp.floating)
+        ]
+        if bad:
+            raise ValueError(
+                f"trainable='full' needs floating-point base params; {bad[:3]} are not "
+                "(an NF4-quantized base can only be trained with LoRA)"
+            )
+
+
+def _split(params: dict, trainable: str):
+    key = "lora" if trainable == "lora" else "base"
+    return params[key], {k: v for k, v in params.items() if k != key}
+
+
+def _join(train_part, frozen: dict, trainable: str) -> dict:
+    return {**frozen, ("lora" if trainable == "lora" else "base"): train_part}
+
+
+# Shardings ---------------------------------------------------------------------------------------
+
+
+def _has_nf4(tree) -> bool:
+    return isinstance(tree, dict) and any(
+        k == "kernel_nf4" or _has_nf4(v) for k, v in tree.items() if isinstance(v, dict)
+    )
+
+
+def _plain_lora_axes(tree: dict, base_axes: dict) -> dict:
+    """Axes of a plain {"layers": {block: {module: {"a", "b"}}}} tree from the base kernels'."""
+    out: dict = {"layers": {}}
+    for block, mods in tree["layers"].items():
+        for module in mods:
+            layers, d_in, d_out = base_axes["layers"][block][module]["kernel"]
+            out["layers"].setdefault(block, {})[module] = {
+                "a": (layers, d_in, "lora_rank"),
+                "b": (layers, "lora_rank", d_out),
+            }
+    return out
+
+
+def param_logical_axes(cfg: ModelConfig, params: dict) -> dict:
+    """Logical axis names shaped like {"base": ..., "lora": ...} (NF4 bases and plain LoRA trees
+    included)."""
+    axes = models.logical_axes(cfg)
+    base_axes = (
+        nf4.quantized_logical_axes(axes, params["base"]) if _has_nf4(params["base"]) else axes
+    )
+    lora = params.get("lora")
+    if lora is None:
+        lora_axes = None
+    elif isinstance(lora, dict):
+        lora_axes = _plain_lora_axes(lora, axes)
+    else:
+        from jaxpost import lora as lora_lib  # lazy: lora imports the model stack
+
+        lora_axes = lora_lib.logical_axes(lora)
+    return {**params, "base": base_axes, "lora": lora_axes}
+
+
+def _path_keys(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _opt_state_shardings(abstract_opt, train_abstract, train_shardings, mesh: Mesh):
+    """Optimizer-state leaves shaped like a parameter (Adam moments, momentum) take the
+    parameter's sharding (found by path suffix); everything else (counts, Adafactor's factored
+    rows / columns) is replicated."""
+    by_path = {}
+    for (path, x), s in zip(
+        jax.tree_util.tree_leaves_with_path(train_abstract), jax.tree.leaves(train_shardings)
+    ):
+        by_path[_path_keys(path)] = (tuple(x.shape), s)
+
+    def pick(path, x):
+        keys = _path_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(x.shape):
+                return hit[1]
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def state_shardings(
+    cfg: ModelConfig,
+    abstract_state: TrainState,
+    mesh: Mesh,
+    trainable: str,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+    """NamedShardings for every leaf of a (possibly abstract) train state."""
+    params = abstract_state.params
+    p_shard = sharding.tree_shardings(params, param_logical_axes(cfg, params), mesh, rules)
+    train_abs, _ = _split(params, trainable)
+    train_shard, _ = _split(p_shard, trainable)
+    rep = sharding.replicated(mesh)
+    return TrainState(
+        step=rep,
+        params=p_shard,
+        opt_state=_opt_state_shardings(abstract_state.opt_state, train_abs, train_shard, mesh),
+        rng=rep,
+    )
+
+
+def _batch_shardings(batch: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
+    return {
+        k: sharding.logical_to_sharding(
+            np.shape(v), ("batch",) + (None,) * (np.ndim(v) - 1), mesh, rules
+        )
+        for k, v in batch.items()
+    }
+
+
+def _to_global(batch: dict, shardings: dict) -> dict:
+    """Per-process numpy rows -> global jax.Arrays when there are several processes."""
+    if jax.process_count() == 1:
+        return batch
+    return {
+        k: v
+        if isinstance(v, jax.Array)
+        else jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+# Initialisation ----------------------------------------------------------------------------------
+
+
+def init_train_state(
+    cfg: ModelConfig,
+    params: dict | Callable[[jax.Array], dict],
+    optimizer: Optimizer | optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    trainable: str = "lora",
+    rng: jax.Array | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+    """A train state laid out over `mesh`.
+
+    params: {"base", "lora"} arrays (placed onto their shardings; already-placed arrays are not
+    copied), or a function key -> params for a fresh model, which is shaped with jax.eval_shape
+    and then run under jit with out_shardings, so no full copy ever exists on the host or on one
+    device. The optimizer state is created the same way, for the trainable part only.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    init_key, rng = jax.random.split(rng)
+    if callable(params):
+        abstract = jax.eval_shape(params, init_key)
+        shard = sharding.tree_shardings(abstract, param_logical_axes(cfg, abstract), mesh, rules)
+        params = jax.jit(params, out_shardings=shard)(init_key)
+    _check_trainable(params, trainable)
+    abstract_params = jax.eval_shape(lambda: params)
+    shard = sharding.tree_shardings(
+        abstract_params, param_logical_axes(cfg, abstract_params), mesh, rules
+    )
+    params = jax.tree.map(
+        lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else jax.device_put(x, s),
+        params,
+        shard,
+    )
+    train_part, _ = _split(params, trainable)
+    train_shard, _ = _split(shard, trainable)
+    abstract_opt = jax.eval_shape(optimizer.init, train_part)
+    opt_shard = _opt_state_shardings(abstract_opt, train_part, train_shard, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(train_part)
+    rep = sharding.replicated(mesh)
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(rng, rep),
+    )
+
+
+# The steps ---------------------------------------------------------------------------------------
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, j+2k, ... (see module doc)."""
+    out = {}
+    for name, x in batch.items():
+        if x.shape[0] % k:
+            raise ValueError(
+                f"batch {name!r} has {x.shape[0]} rows, not divisible by grad_accum={k}"
+            )
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        out[name] = jnp.swapaxes(x, 0, 1)
+    return out
+
+
+def _token_count(batch: dict) -> jax.Array:
+    if "loss_mask" in batch:
+        return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    return jnp.asarray(batch["tokens"].size, jnp.float32)
+
+
+def _normalise(loss_sum, weight, aux) -> dict:
+    denom = jnp.where(weight > 0, weight, 1.0)
+    out = {"loss": loss_sum / denom, "loss_sum": loss_sum, "weight_sum": weight}
+    out.update({k: v / denom for k, v in aux.items() if k not in out})
+    return out
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    cfg: ModelConfig,
+    loss_fn: LossFn,
+    optimizer: Optimizer | optax.GradientTransformation,
+    trainable: str = "lora",
+    grad_accum: int = 1,
+) -> tuple[TrainState, dict]:
+    """One optimizer update on `batch` (leading dim = global batch). Pure; jit it with
+    `make_train_step`. Metrics: loss (global token mean), grad_norm (before clipping),
+    learning_rate (applied in this update), tokens (sum of loss_mask), loss_sum, weight_sum and
+    the loss's aux sums divided by weight_sum."""
+    rng, step_rng = jax.random.split(state.rng)
+    train_part, frozen = _split(state.params, trainable)
+
+    def loss_of(tp, mb, key):
+        loss_sum, weight, aux = loss_fn(cfg, _join(tp, frozen, trainable), mb, key)
+        return loss_sum, (weight, aux)
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    if grad_accum == 1:
+        (loss_sum, (weight, aux)), grads = grad_fn(train_part, batch, step_rng)
+        grads = f32(grads)
+    else:
+        micro = _micro_batches(batch, grad_accum)
+
+        def body(carry, xs):
+            mb, j = xs
+            mb = {
+                k: sharding.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in mb.items()
+            }
+            (ls, (w, ax)), g = grad_fn(train_part, mb, jax.random.fold_in(step_rng, j))
+            add = lambda a, b: jax.tree.map(lambda x, y: x + y.astype(jnp.float32), a, b)
+            return (add(carry[0], g), carry[1] + ls, carry[2] + w, add(carry[3], ax)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        aux_shape = jax.eval_shape(loss_of, train_part, first, step_rng)[1][1]
+        zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)
+        init = (zeros(train_part), jnp.zeros(()), jnp.zeros(()), zeros(aux_shape))
+        (grads, loss_sum, weight, aux), _ = jax.lax.scan(
+            body, init, (micro, jnp.arange(grad_accum))
+        )
+    denom = jnp.where(weight > 0, weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, train_part)
+    updates, opt_state = optimizer.update(grads, state.opt_state, train_part)
+    new_train = optax.apply_updates(train_part, updates)
+    metrics = _normalise(loss_sum, weight, aux)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["tokens"] = _token_count(batch)
+    schedule = getattr(optimizer, "schedule", None)
+    if schedule is not None:
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = TrainState(state.step + 1, _join(new_train, frozen, trainable), opt_state, rng)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, cfg: ModelConfig, loss_fn: LossFn) -> dict:
+    """Loss metrics of `batch` without an update: loss, loss_sum, weight_sum (sum those over
+    batches for the exact eval mean), tokens and the aux sums / weight_sum."""
+    loss_sum, weight, aux = loss_fn(cfg, state.params, batch, None)
+    metrics = _normalise(loss_sum, weight, aux)
+    metrics["tokens"] = _token_count(batch)
+    return metrics
+
+
+class _Jitted:
+    """Jits `fn` with shardings derived from the first state / batch it sees (per tree / shape
+    signature), so the builders need no example state. `jitted` is the last jax.jit object used;
+    `traces` counts how often the step was traced (each trace is one compilation)."""
+
+    def __init__(self, fn, cfg, mesh, trainable, rules, train: bool):
+        self._fn, self._cfg, self._mesh = fn, cfg, mesh
+        self._trainable, self._rules, self._train = trainable, rules, train
+        self._cache: dict = {}
+        self.jitted = None
+        self.traces = 0
+
+    def _build(self, state, batch):
+        s_shard = state_shardings(self._cfg, state, self._mesh, self._trainable, self._rules)
+        b_shard = _batch_shardings(batch, self._mesh, self._rules)
+        rep = sharding.replicated(self._mesh)
+        mesh, rules, fn = self._mesh, self._rules, self._fn
+
+        def run(state, batch):
+            self.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
+            with sharding.use_mesh(mesh, rules):  # activation constraints at trace time
+                return fn(state, batch)
+
+        out = (s_shard, rep) if self._train else rep
+        donate = (0,) if self._train else ()
+        jitted = jax.jit(
+            run, in_shardings=(s_shard, b_shard), out_shardings=out, donate_argnums=donate
+        )
+        return jitted, b_shard
+
+    def __call__(self, state: TrainState, batch: dict):
+        shapes = tuple((k, np.shape(v), str(np.result_type(v))) for k, v in sorted(batch.items()))
+        key = (jax.tree.structure(state), shapes)
+        if key not in self._cache:
+            self._cache[key] = self._build(state, batch)
+        self.jitted, b_shard = self._cache[key]
+        return self.jitted(state, _to_global(batch, b_shard))
+
+
+def make_train_step(
+    cfg: ModelConfig,
+    loss_fn: LossFn,
+    optimizer: Optimizer | optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    trainable: str = "lora",
+    grad_accum: int = 1,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
+
+    The batch's leading dimension is the global batch; with several processes each passes its
+    own rows as numpy arrays (or global jax.Arrays). Compiles once per batch shape.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable={trainable!r}; expected 'lora' or 'full'")
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r}; expected a positive integer")
+    fn = functools.partial(
+        train_step,
+        cfg=cfg,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        trainable=trainable,
+        grad_accum=grad_accum,
+    )
+    return _Jitted(fn, cfg, mesh, trainable, rules, train=True)
+
+
+def make_eval_step(
+    cfg: ModelConfig,
+    loss_fn: LossFn,
+    mesh: Mesh,
+    *,
+    trainable: str | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> Callable[[TrainState, dict], dict]:
+    """`eval_step(state, batch) -> metrics`, jitted over `mesh` (state not donated).
+
+    trainable only picks the optimizer-state layout; by default it is inferred from the state
+    (LoRA present -> "lora")."""
+    fn = functools.partial(eval_step, cfg=cfg, loss_fn=loss_fn)
+    inner: dict = {}
+
+    def call(state: TrainState, batch: dict) -> dict:
+        mode = trainable or ("full" if state.params.get("lora") is None else "lora")
+        if mode not in inner:
+            inner[mode] = _Jitted(fn, cfg, mesh, mode, rules, train=False)
+        return inner[mode](state, batch)
+
+    return call
+
+
+def tokens_per_second(tokens: float, seconds: float) -> float:
+    """Throughput from a token count and wall time (host-side; the step cannot see the clock)."""
+    if seconds <= 0:
+        raise ValueError(f"seconds={seconds}; expected a positive wall time")
+    return float(tokens) / seconds
+
+
+class Stopwatch:
+    """Tokens/s between successive `lap(tokens)` calls: lap returns tokens / elapsed seconds.
+    Block on the step's outputs (e.g. float(metrics["loss"])) before lapping."""
+
+    def __init__(self):
+        self._t = time.perf_counter()
+
+    def lap(self, tokens: float) -> float:
+        now = time.perf_counter()
+        rate = tokens_per_second(tokens, max(now - self._t, 1e-9))
+        self._t = now
+        return rate
