@@ -1,14 +1,12 @@
 """Engine: greedy decode and log-probs against the full-forward model, LoRA, weight swaps,
 tensor-parallel decode, input validation."""
 
-import dataclasses
-import functools
-
 import jax
 import numpy as np
 import pytest
 
-from jaxpost import models, rollout
+from jaxpost import lora, models, rollout
+from jaxpost.losses.logprobs import token_logprobs
 from jaxpost.sharding import make_mesh
 
 CFG = models.ModelConfig(
@@ -24,27 +22,19 @@ CFG = models.ModelConfig(
 )
 
 
-@dataclasses.dataclass
-class LoRA:
-    params: dict
-    scale: float
-
-
-def _lora_tree(key, rank=4):
-    """A LoRA tree over q, v and down with non-zero b, so it changes the model."""
-    shapes = {
-        ("attn", "q"): (CFG.hidden_size, CFG.num_heads * CFG.head_dim),
-        ("attn", "v"): (CFG.hidden_size, CFG.num_kv_heads * CFG.head_dim),
-        ("mlp", "down"): (CFG.intermediate_size, CFG.hidden_size),
-    }
-    tree: dict = {"layers": {"attn": {}, "mlp": {}}}
-    for i, ((group, name), (din, dout)) in enumerate(shapes.items()):
-        ka, kb = jax.random.split(jax.random.fold_in(key, i))
-        tree["layers"][group][name] = {
-            "a": jax.random.normal(ka, (CFG.num_layers, din, rank)) * 0.3,
-            "b": jax.random.normal(kb, (CFG.num_layers, rank, dout)) * 0.3,
-        }
-    return tree
+def _lora(params, key, rank=4):
+    """A jaxpost.lora adapter on q, v and down with random a and b, so it changes the model."""
+    adapter = lora.init(
+        CFG,
+        params,
+        rank=rank,
+        alpha=8.0,
+        targets=("layers/attn/(q|v)/kernel", "layers/mlp/down/kernel"),
+    )
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, leaves)
 
 
 @pytest.fixture(scope="module")
@@ -58,33 +48,37 @@ def params():
 REF_LEN = 64  # references pad to one length so the forward compiles once (causal: exact)
 
 
-@functools.partial(jax.jit, static_argnames="scale")
-def _ref_logp(params, tokens, tree, scale):
-    lora = None if tree is None else LoRA(tree, scale)
-    return jax.nn.log_softmax(models.forward(CFG, params, tokens, lora=lora)[0], axis=-1)
+@jax.jit
+def _trainer_logp(params, adapter, tokens):
+    """The trainer's per-token log-probs (`token_logprobs`) of every next token."""
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+    return token_logprobs(CFG, {"base": params, "lora": adapter}, batch)["logp"][0]
 
 
-def _ref_logprobs(params, seq, lora):
+@jax.jit
+def _forward_logits(params, adapter, tokens):
+    return models.forward(CFG, params, tokens, lora=adapter)[0]
+
+
+def _padded(seq):
     padded = np.zeros((1, REF_LEN), np.int32)
     padded[0, : len(seq)] = seq
-    if lora is None:
-        return np.asarray(_ref_logp(params, padded, None, 1.0))
-    return np.asarray(_ref_logp(params, padded, lora.params, lora.scale))
+    return padded
 
 
-def full_forward_greedy(params, prompt, n, lora=None):
+def full_forward_greedy(params, prompt, n, adapter=None):
     """Greedy decode by re-running the whole sequence each step (no cache)."""
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(np.argmax(_ref_logprobs(params, seq, lora)[len(seq) - 1])))
+        logits = _forward_logits(params, adapter, _padded(seq))
+        seq.append(int(np.argmax(logits[len(seq) - 1])))
     return seq[len(prompt) :]
 
 
-def trainer_logprobs(params, prompt, completion, lora=None):
-    """The trainer's log-probs of `completion` given `prompt`: log_softmax of the full forward."""
-    logp = _ref_logprobs(params, list(prompt) + list(completion), lora)
-    pos = np.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
-    return logp[pos, np.asarray(completion)]
+def trainer_logprobs(params, prompt, completion, adapter=None):
+    """log p(completion_i | prompt, completion_<i) from `jaxpost.losses.logprobs.token_logprobs`."""
+    logp = np.asarray(_trainer_logp(params, adapter, _padded(list(prompt) + list(completion))))
+    return logp[np.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)]
 
 
 def _prompts(rng, count, lo=1, hi=30):
@@ -108,15 +102,20 @@ def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompil
     """Temperature-1 sampling with unmerged LoRA; then a LoRA weight swap with no recompile."""
     rng = np.random.default_rng()
     prompts = _prompts(rng, 4)
-    lora = LoRA(_lora_tree(jax.random.key(int(rng.integers(2**31)))), scale=2.0)
+    adapter = _lora(params, jax.random.key(int(rng.integers(2**31))))
     sp = rollout.SamplingParams(max_new_tokens=10, temperature=1.0, seed=int(rng.integers(1000)))
     engine = rollout.Engine(
-        CFG, {"base": params, "lora": lora}, slots=4, max_len=64, max_prefill_length=32, page_size=4
+        CFG,
+        {"base": params, "lora": adapter},
+        slots=4,
+        max_len=64,
+        max_prefill_length=32,
+        page_size=4,
     )
-    outs = rollout.generate(CFG, {"base": params, "lora": lora}, prompts, sp, engine=engine)
+    outs = rollout.generate(CFG, {"base": params, "lora": adapter}, prompts, sp, engine=engine)
     for prompt, out in zip(prompts, outs):
         np.testing.assert_allclose(
-            out.logprobs, trainer_logprobs(params, prompt, out.tokens, lora), atol=1e-5, rtol=0
+            out.logprobs, trainer_logprobs(params, prompt, out.tokens, adapter), atol=1e-5, rtol=0
         )
         # The LoRA matters: the base model gives these tokens different log-probs.
         assert (
@@ -124,20 +123,22 @@ def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompil
             > 1e-3
         )
     compiled = dict(engine.compilations)
-    lora2 = LoRA(_lora_tree(jax.random.key(int(rng.integers(2**31)))), scale=2.0)
+    adapter2 = _lora(params, jax.random.key(int(rng.integers(2**31))))
     greedy = rollout.SamplingParams(max_new_tokens=10, temperature=0.0)
-    outs2 = rollout.generate(CFG, params, prompts, greedy, lora=lora2, engine=engine)
+    outs2 = rollout.generate(CFG, params, prompts, greedy, lora=adapter2, engine=engine)
     for prompt, out in zip(prompts, outs2):
-        assert out.tokens == full_forward_greedy(params, prompt, 10, lora2)
+        assert out.tokens == full_forward_greedy(params, prompt, 10, adapter2)
         np.testing.assert_allclose(
-            out.logprobs, trainer_logprobs(params, prompt, out.tokens, lora2), atol=1e-5, rtol=0
+            out.logprobs, trainer_logprobs(params, prompt, out.tokens, adapter2), atol=1e-5, rtol=0
         )
     # Greedy is a new sampler variant (one compile); the weight swap itself adds none.
     assert engine.compilations["prefill"] == compiled["prefill"]
     assert engine.compilations["generate"] == compiled["generate"] + 1
-    outs3 = rollout.generate(CFG, params, prompts, greedy, lora=lora, engine=engine)
+    outs3 = rollout.generate(CFG, params, prompts, greedy, lora=adapter, engine=engine)
     assert engine.compilations["generate"] == compiled["generate"] + 1
-    assert [o.tokens for o in outs3] == [full_forward_greedy(params, p, 10, lora) for p in prompts]
+    assert [o.tokens for o in outs3] == [
+        full_forward_greedy(params, p, 10, adapter) for p in prompts
+    ]
 
 
 def test_tensor_parallel_decode_gives_the_same_tokens(params):
