@@ -7,7 +7,7 @@ soft-cap, a sliding window given as a Python int or a traced int32 scalar, and a
 Online softmax over key blocks in VMEM scratch; blocks that the causal / window mask kills
 entirely are skipped (and, under causal masking, not fetched). The backward recomputes the
 probabilities from the saved log-sum-exp in two kernels: dq accumulated over key blocks, and
-dk, dv accumulated over query blocks (per query head, then summed over each KV head's group).
+dk, dv accumulated over the query blocks of every query head in a KV head's group.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxpost.kernels import dispatch as _dispatch
 
-# Pallas kernel ------------------------------------------------------------------------------------
 # Layout inside the kernels: q, o, do [B, H, T, D]; k, v [B, KVH, T, D]; lse, delta [B, H, T, 1];
 # q_seg [B, T, 1], kv_seg [B, 1, T]; the sliding window is a scalar-prefetch (SMEM) int32 [1].
-# Grid (B, H, query blocks, key blocks) for the forward and dq passes, (B, H, key blocks, query
-# blocks) for dk/dv: the innermost axis is the reduction, its accumulators live in VMEM scratch.
+# Grid (B, H, query blocks, key blocks) for the forward and dq passes, (B, KVH, key blocks,
+# group x query blocks) for dk/dv: the innermost axis is the reduction, its accumulators live in
+# VMEM scratch.
 
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so exp(mask - mask) cannot be NaN
 _NT = (((1,), (1,)), ((), ()))  # a [m, d] . b [n, d] -> [m, n]
@@ -352,7 +352,7 @@ def pallas(
     """The Pallas flash attention (forward and a Pallas backward via custom_vjp).
 
     Same signature and result as `reference`, plus block sizes. T is padded to a multiple of
-    both blocks (padding keys get their own segment, so no real query sees them); sequences
+    both blocks (padding keys get a segment of their own, so no real query sees them); sequences
     shorter than a block use one block of the whole length.
     """
     b, t, h, d = q.shape
@@ -367,7 +367,8 @@ def pallas(
     tp = -(-t // math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     if tp != t:
-        seg = jnp.pad(seg, ((0, 0), (0, tp - t)), constant_values=-1)
+        # int32 min: a segment id no caller uses, so padding keys stay invisible to real rows.
+        seg = jnp.pad(seg, ((0, 0), (0, tp - t)), constant_values=jnp.iinfo(jnp.int32).min)
     win = 0 if sliding_window is None else sliding_window
     win = jnp.reshape(jnp.asarray(win, jnp.int32), (1,))
     cfg = _Cfg(
