@@ -23,6 +23,7 @@ them is quantized on its own, so `Linear` inside the layer scan sees one layer's
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -157,14 +158,30 @@ def quantize(w: jax.Array, batch_dims: int = 0) -> dict[str, jax.Array]:
         )
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise TypeError(f"quantize expects a floating-point array, got {w.dtype}")
+    return _quantize_batched(w, batch_dims)
+
+
+# Jitted so that eager callers (quantize_base outside jit) compile once per shape instead of
+# dispatching dozens of small ops; under an outer jit this is inlined.
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_batched(w: jax.Array, batch_dims: int) -> dict[str, jax.Array]:
     fn = _quantize_flat
     for _ in range(batch_dims):
         fn = jax.vmap(fn)
     return fn(w)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _dequantize_batched(q, inner: tuple[int, ...], batch: int, dtype) -> jax.Array:
+    fn = lambda t: _dequantize_flat(t, inner, dtype)
+    for _ in range(batch):
+        fn = jax.vmap(fn)
+    return fn(q)
+
+
 def dequantize(q: dict[str, jax.Array], shape, dtype=jnp.float32) -> jax.Array:
-    """The float array [*shape] that `q` encodes, in `dtype`. Jittable and differentiable-free.
+    """The float array [*shape] that `q` encodes, in `dtype`. Jittable; integer inputs, so no
+    gradient flows into the quantized weights.
 
     shape is the full shape: any axes that `q`'s leaves carry in front of the flat codes
     (e.g. a stacked layer axis) lead it, so a per-layer tree takes (in, out) and the stacked
@@ -197,10 +214,7 @@ def dequantize(q: dict[str, jax.Array], shape, dtype=jnp.float32) -> jax.Array:
                 f"NF4 leaf {name!r} has shape {tuple(q[name].shape)}; an array of shape "
                 f"{shape} needs {shape[:batch] + size}"
             )
-    fn = lambda t: _dequantize_flat(t, inner, dtype)
-    for _ in range(batch):
-        fn = jax.vmap(fn)
-    return fn(q)
+    return _dequantize_batched(q, inner, batch, jnp.dtype(dtype))
 
 
 def nbytes(tree) -> int:

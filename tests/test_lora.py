@@ -49,7 +49,7 @@ def _randomize(lp: lora.LoraParams, seed: int, std: float = 0.05) -> lora.LoraPa
 
 @pytest.fixture(scope="module")
 def params():
-    return models.init(CFG, jax.random.key(0))
+    return jax.jit(models.init, static_argnums=0)(CFG, jax.random.key(0))
 
 
 # Partition, init and merge -------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_init_equals_base_exactly(params, use_rslora):
 
 
 def test_default_targets_and_trainable_leaves(params):
-    lp = lora.init(CFG, params, rank=2)
+    lp = lora.init(CFG, params, rank=4, alpha=8)
     assert lp.modules == (
         ("attn", "k"),
         ("attn", "o"),
@@ -112,7 +112,7 @@ def test_init_on_abstract_params():
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_merge_equals_partitioned_forward(params, use_rslora):
-    lp = _randomize(lora.init(CFG, params, rank=4, alpha=16, use_rslora=use_rslora), 4)
+    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8, use_rslora=use_rslora), 4)
     tokens = _tokens(5)
     partitioned = forward(CFG, params, tokens, lora=lp)
     merged = jax.jit(lora.merge, static_argnums=0)(CFG, params, lp)
@@ -131,7 +131,7 @@ def test_merge_equals_partitioned_forward(params, use_rslora):
 
 
 def test_dropout_acts_only_with_an_rng(params):
-    lp = _randomize(lora.init(CFG, params, rank=4, dropout=0.5), 6, std=0.3)
+    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8, dropout=0.5), 6, std=0.3)
     tokens = _tokens(7)
     no_dropout = dataclasses.replace(lp, dropout=0.0)
     det = forward(CFG, params, tokens, lora=lp)
@@ -141,7 +141,7 @@ def test_dropout_acts_only_with_an_rng(params):
 
 
 def test_partition_and_sharding_names(params):
-    lp = lora.init(CFG, params, rank=4)
+    lp = lora.init(CFG, params, rank=4, alpha=8)
     base, again = lora.split(lora.combine(params, lp))
     assert base is params and again is lp
     axes = lora.logical_axes(lp)
@@ -175,7 +175,9 @@ def test_init_errors(params):
         lora.init(CFG, params, dropout=1.0)
     with pytest.raises(ValueError, match="alpha=0"):
         lora.init(CFG, params, alpha=0)
-    wrong = models.init(CFG.replace(intermediate_size=48), jax.random.key(0))
+    wrong = jax.eval_shape(
+        lambda: models.init(CFG.replace(intermediate_size=48), jax.random.key(0))
+    )
     with pytest.raises(ValueError, match=r"layers/mlp/down/kernel has shape \(2, 48, 32\)"):
         lora.init(CFG, wrong)
     with pytest.raises(ValueError, match="keys \\['base', 'lora'\\]"):

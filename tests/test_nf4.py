@@ -1,0 +1,241 @@
+"""NF4 with double-quantized scales: the code table against the paper's construction and
+bitsandbytes, the error against a bound derived from the codes, agreement with bitsandbytes'
+quantizer, storage per parameter, and a QLoRA SFT step (gradients for LoRA only)."""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from scipy.stats import norm
+
+from jaxpost import lora, models, nf4
+
+
+def _gaussian(seed: int, shape, std: float = 0.02) -> np.ndarray:
+    return (std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def _bnb_quantize(w: np.ndarray):
+    q, state = bnb.quantize_4bit(
+        torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True
+    )
+    return q, state
+
+
+# Code tables ---------------------------------------------------------------------------------
+
+
+def test_nf4_code_is_the_papers_construction():
+    # Dettmers et al. 2023, Eq. 4 as implemented by bitsandbytes' create_normal_map: 8 positive
+    # and 7 negative normal quantiles between offset and 1/2, an exact zero, scaled into [-1, 1].
+    offset = 0.9677083
+    positive = norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
+    negative = -norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+    values = np.sort(np.concatenate([positive, [0.0], negative]))
+    np.testing.assert_allclose(nf4.NF4_CODE, values / values.max(), atol=1e-6)
+    np.testing.assert_array_equal(nf4.NF4_CODE, bnb.get_4bit_type("nf4", device="cpu").numpy())
+
+
+def test_dynamic_code_matches_bitsandbytes():
+    # Identical up to float32 rounding of linspace (torch and numpy differ in the last ulp).
+    np.testing.assert_allclose(nf4.DYNAMIC_CODE, bnb.create_dynamic_map().numpy(), atol=1e-7)
+    assert len(np.unique(nf4.DYNAMIC_CODE)) == 256
+
+
+# Quantization error --------------------------------------------------------------------------
+
+
+def _half_gap(code: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Half the width of the code interval containing s: the worst rounding error there."""
+    j = np.clip(np.searchsorted(code, s, side="right") - 1, 0, len(code) - 2)
+    return (code[j + 1].astype(np.float64) - code[j]) / 2
+
+
+def test_error_within_the_nf4_bound_and_equal_to_bitsandbytes():
+    shape = (257, 193)  # not a multiple of 64 or of 64 * 256: exercises the padding
+    w = _gaussian(0, shape)
+    q = nf4.quantize(jnp.asarray(w))
+    deq = np.asarray(nf4.dequantize(q, shape), np.float64)
+    err = np.abs(deq - w)
+
+    # Independent float64 bound. Per 64-block with absmax M, rounding x/M to the nearest NF4
+    # code errs by at most half the local code gap, times M. The absmax is itself stored with
+    # error |M' - M| <= half the local gap of the 8-bit dynamic code times D, the absolute
+    # maximum of the mean-centred maxima in its 256-block. So |x' - x| <= h4(x/M) M + h8(t) D.
+    n = w.size
+    flat = np.pad(w.reshape(-1).astype(np.float64), (0, (-n) % 64)).reshape(-1, 64)
+    m = np.abs(flat).max(axis=1)
+    centred = m - m.mean()
+    d = np.pad(centred, (0, (-len(m)) % 256)).reshape(-1, 256)
+    big_d = np.repeat(np.abs(d).max(axis=1), 256)[: len(m)]
+    bound_m = _half_gap(nf4.DYNAMIC_CODE, centred / big_d) * big_d
+    bound = _half_gap(nf4.NF4_CODE, flat / m[:, None]) * m[:, None] + bound_m[:, None]
+    bound = bound.reshape(-1)[:n].reshape(shape)
+    assert np.all(err <= bound * (1 + 1e-5) + 1e-9)
+    assert np.max(err / bound) > 0.5  # the bound is tight, not vacuous
+    # The coarse form: half the largest NF4 gap (-1 to -0.696: 0.1519) times the absmax, plus
+    # the scale error.
+    largest_half_gap = np.max(np.diff(nf4.NF4_CODE.astype(np.float64))) / 2
+    assert largest_half_gap == pytest.approx(0.15190, abs=1e-5)
+    assert err.max() <= largest_half_gap * m.max() + bound_m.max() + 1e-9
+
+    # The RMS error of NF4 on Gaussian data is ~0.09 sigma; bitsandbytes gives the same figure.
+    rms = np.sqrt(np.mean(err**2)) / w.std()
+    assert 0.08 < rms < 0.10
+    q_bnb, state = _bnb_quantize(w)
+    deq_bnb = bnb.dequantize_4bit(q_bnb, state).numpy()
+    rms_bnb = np.sqrt(np.mean((deq_bnb - w) ** 2)) / w.std()
+    assert rms == pytest.approx(rms_bnb, rel=1e-3)
+
+    # Bit-level agreement: the packed NF4 codes are identical; the 8-bit absmax codes agree up
+    # to rounding of the mean (summation order) at a few midpoints.
+    packed = np.asarray(q["codes"])[: q_bnb.numel()]
+    np.testing.assert_array_equal(packed, q_bnb.numpy().reshape(-1))
+    n_blocks = state.absmax.numel()
+    same = np.asarray(q["absmax_codes"])[:n_blocks] == state.absmax.numpy()
+    assert same.mean() > 0.99
+    assert float(q["absmax_offset"]) == pytest.approx(float(state.offset), rel=1e-6)
+    agree = np.repeat(same, 64)[:n].reshape(shape)
+    np.testing.assert_allclose(deq[agree], deq_bnb[agree], rtol=1e-5, atol=1e-9)
+
+
+def test_leading_axes_are_quantized_per_slice():
+    w = _gaussian(1, (3, 40, 50))
+    stacked = nf4.quantize(jnp.asarray(w), batch_dims=1)
+    for i in range(3):
+        one = nf4.quantize(jnp.asarray(w[i]))
+        for key in one:
+            np.testing.assert_array_equal(stacked[key][i], one[key])
+    layer = lambda i: {k: v[i] for k, v in stacked.items()}
+    np.testing.assert_array_equal(
+        nf4.dequantize(stacked, (3, 40, 50)),
+        np.stack([nf4.dequantize(layer(i), (40, 50)) for i in range(3)]),
+    )
+    assert nf4.dequantize(stacked, (3, 40, 50), jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_quantize_and_dequantize_errors():
+    with pytest.raises(TypeError, match="floating-point array, got int32"):
+        nf4.quantize(jnp.zeros((4, 64), jnp.int32))
+    with pytest.raises(ValueError, match="batch_dims=2 for an array of shape"):
+        nf4.quantize(jnp.zeros((4, 64)), batch_dims=2)
+    q = nf4.quantize(jnp.asarray(_gaussian(2, (64, 64))))
+    with pytest.raises(ValueError, match=r"'codes' has shape \(2048,\); an array of shape"):
+        nf4.dequantize(q, (64, 128))
+    with pytest.raises(ValueError, match="not an NF4 tree"):
+        nf4.dequantize({"kernel": jnp.zeros((4, 4))}, (4, 4))
+    with pytest.raises(ValueError, match="leading 0 axes must match"):
+        nf4.dequantize(q, ())
+
+
+# The quantized base --------------------------------------------------------------------------
+
+
+def test_quantized_base_bytes_per_parameter():
+    cfg = models.ModelConfig(
+        vocab_size=128,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=64,
+    )
+    params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
+    qparams = jax.jit(nf4.quantize_base, static_argnums=0)(cfg, params)
+    n_params, n_bytes = 0, 0
+    for block, module in lora.HF_MODULES:
+        n_params += params["layers"][block][module]["kernel"].size
+        assert "kernel" not in qparams["layers"][block][module]
+        n_bytes += nf4.nbytes(qparams["layers"][block][module]["kernel_nf4"])
+    assert n_params >= 10_000_000
+    print(f"NF4 base: {n_params} parameters, {n_bytes} bytes, {n_bytes / n_params:.4f} B/param")
+    # 4 bits + 8 bits per 64 + 32 bits per 64 * 256 (+ one float32 mean per kernel and layer).
+    assert n_bytes / n_params == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-3)
+    assert n_bytes / n_params <= 0.6
+    # Embeddings, norms and the LM head stay as they were.
+    for path in (("embedder", "embedding"), ("lm_head", "kernel"), ("final_norm", "scale")):
+        np.testing.assert_array_equal(qparams[path[0]][path[1]], params[path[0]][path[1]])
+    np.testing.assert_array_equal(
+        qparams["layers"]["attn_norm"]["scale"], params["layers"]["attn_norm"]["scale"]
+    )
+
+
+TINY = models.ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    return jax.jit(models.init, static_argnums=0)(TINY, jax.random.key(1))
+
+
+def test_quantize_base_targets_and_errors(tiny_params):
+    params = tiny_params
+    q = nf4.quantize_base(TINY, params, targets=[r"layers/mlp/.*"])
+    assert "kernel_nf4" in q["layers"]["mlp"]["up"] and "kernel" in q["layers"]["attn"]["q"]
+    with pytest.raises(ValueError, match="NF4 target 'layers/mlp/w1/kernel' matches no layer"):
+        nf4.quantize_base(TINY, params, targets=["layers/mlp/w1/kernel"])
+    axes = nf4.quantized_logical_axes(models.logical_axes(TINY), q)
+    assert axes["layers"]["mlp"]["up"]["kernel_nf4"]["codes"] == ("layers", None)
+    assert axes["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "heads")
+
+
+def _cross_entropy(cfg, base, lp, tokens):
+    logits = models.forward(cfg, base, tokens[:, :-1], lora=lp)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def test_qlora_forward_and_sft_step(tiny_params):
+    params = tiny_params
+    qparams = nf4.quantize_base(TINY, params)
+    lp = lora.init(TINY, qparams, rank=8, alpha=16, key=jax.random.key(2))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 128, (4, 17)), jnp.int32)
+
+    # The jitted forward dequantizes inside the matmul's producer and equals the plain model
+    # built from the dequantized kernels.
+    plain = jax.tree.map(lambda x: x, params)
+    for block, module in lora.HF_MODULES:
+        shape = params["layers"][block][module]["kernel"].shape
+        plain["layers"][block][module] = {
+            "kernel": nf4.dequantize(qparams["layers"][block][module]["kernel_nf4"], shape)
+        }
+    forward = jax.jit(models.forward, static_argnums=0)
+    np.testing.assert_allclose(
+        forward(TINY, qparams, tokens, lora=lp), forward(TINY, plain, tokens), atol=1e-5
+    )
+
+    optimizer = optax.adamw(3e-3, weight_decay=0.01)
+    opt_state = optimizer.init(lp)
+
+    @jax.jit
+    def step(lp, opt_state, base, tokens):
+        loss, grads = jax.value_and_grad(_cross_entropy, argnums=2)(TINY, base, lp, tokens)
+        updates, opt_state = optimizer.update(grads, opt_state, lp)
+        return optax.apply_updates(lp, updates), opt_state, loss, grads
+
+    losses = []
+    for _ in range(6):
+        lp, opt_state, loss, grads = step(lp, opt_state, qparams, tokens)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
+    # Gradients and optimizer state exist for the LoRA factors only.
+    assert jax.tree.structure(grads) == jax.tree.structure(lp)
+    lora_size = sum(x.size for x in jax.tree.leaves(lp))
+    state_size = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+    assert state_size == 2 * lora_size  # Adam's two moments
+    for g in jax.tree.leaves(grads):
+        assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
