@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.flax
 import safetensors.numpy
 
 from jaxpost import nf4
@@ -420,7 +421,11 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
     dropout = float(config.get("lora_dropout") or 0.0)
     _validate_hparams(rank, alpha if alpha is not None else -1, dropout)
 
-    weights = safetensors.numpy.load_file(str(weights_path))
+    # Through the flax loader, which reads bfloat16 (numpy's cannot); factors are small.
+    weights = {
+        k: np.asarray(v, dtype=np.float32)
+        for k, v in safetensors.flax.load_file(str(weights_path)).items()
+    }
     found: dict[tuple[int, str, str], np.ndarray] = {}
     unexpected = []
     for name, array in weights.items():

@@ -13,6 +13,7 @@ import numpy as np
 import peft
 import pytest
 import safetensors.numpy
+import safetensors.torch
 import torch
 import transformers
 
@@ -287,6 +288,16 @@ def test_peft_adapter_loads_in_jaxpost(hf_pair, tmp_path, target_modules):
                 p.copy_(0.1 * torch.randn_like(p))
     model.eval()
     model.save_pretrained(tmp_path / "adapter")
+
+    # PEFT saves factors in the model's dtype; a bfloat16 adapter reads as its float32 values.
+    tensors = safetensors.torch.load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    bf16 = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    safetensors.torch.save_file(bf16, tmp_path / "adapter" / "adapter_model.safetensors")
+    lp_bf16 = lora.load_peft(cfg, tmp_path / "adapter")
+    a = lp_bf16.params["layers"]["attn"]["q"]["a"]
+    want = bf16["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].float().numpy()
+    np.testing.assert_array_equal(a[1], want.T)
+    safetensors.torch.save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
 
     lp = lora.load_peft(cfg, tmp_path / "adapter")
     assert lp.rank == 3 and lp.alpha == 5 and lp.dropout == pytest.approx(0.1)

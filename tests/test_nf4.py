@@ -232,6 +232,13 @@ def test_qlora_forward_and_sft_step(tiny_params):
         lp, opt_state, loss, grads = step(lp, opt_state, qparams, tokens)
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.05, losses
+    # Merging into the NF4 base gives plain kernels (dequantized + scale * A @ B) with the same
+    # logits as the partitioned QLoRA forward.
+    merged = lora.merge(TINY, qparams, lp)
+    assert "kernel_nf4" not in merged["layers"]["mlp"]["down"]
+    np.testing.assert_allclose(
+        forward(TINY, merged, tokens), forward(TINY, qparams, tokens, lora=lp), atol=1e-5
+    )
     # Gradients and optimizer state exist for the LoRA factors only.
     assert jax.tree.structure(grads) == jax.tree.structure(lp)
     lora_size = sum(x.size for x in jax.tree.leaves(lp))
