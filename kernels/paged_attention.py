@@ -11,11 +11,11 @@ sliding window w, (lengths-1) - j < w. A slot with length 0 (idle) returns zeros
 Returns [B, H, D] in q's dtype; softmax in float32.
 
 The Pallas kernel (`pallas`) walks each slot's page table with the table, the lengths and the
-window in SMEM (scalar prefetch): grid (slot, KV head, page), one page of keys/values per step
-fetched straight from the shared pool by the BlockSpec's index map, an online softmax over pages
-in VMEM scratch, all H/KVH query heads of a KV head served by one fetch (GQA). Pages past the
-slot's length or wholly outside the window are neither fetched (their index is clamped to a live
-page, which the pipeline does not copy twice) nor computed.
+window in SMEM (scalar prefetch): grid (slot, KV head, block of pages), the block's pages of
+keys/values fetched straight from the shared pool by BlockSpec index maps that read the table,
+an online softmax over pages in VMEM scratch, all H/KVH query heads of a KV head served by one
+fetch (GQA). Pages past the slot's length or wholly outside the window are not computed, and
+their index is clamped to a live page, which the pipeline does not copy again.
 """
 
 from __future__ import annotations
@@ -85,43 +85,47 @@ def _live_pages(length, window, page_size: int):
     return jnp.minimum(jax.lax.div(first_key, page_size), last), last
 
 
-def _kernel(
-    len_ref, table_ref, win_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc,
-    *, page_size, softcap, scale,
-):  # fmt: skip
-    b, j = pl.program_id(0), pl.program_id(2)
+def _kernel(len_ref, table_ref, win_ref, q_ref, *refs, page_size, pages_per_block, softcap, scale):
+    # refs: pages_per_block K page refs, as many V page refs, the output, three scratch refs.
+    k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block : 2 * pages_per_block]
+    o_ref, m_sc, l_sc, acc_sc = refs[2 * pages_per_block :]
+    b, step = pl.program_id(0), pl.program_id(2)
     length, w = len_ref[b], win_ref[0]
 
-    @pl.when(j == 0)
+    @pl.when(step == 0)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, _MASK, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     first, last = _live_pages(length, w, page_size)
+    for c in range(pages_per_block):
+        j = step * pages_per_block + c  # the page's index in the slot's table
 
-    @pl.when((j >= first) & (j <= last) & (length > 0))
-    def _step():
-        q = q_ref[...]
-        k = k_ref[...].astype(q.dtype)
-        v = v_ref[...].astype(q.dtype)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        s = s * scale
-        if softcap is not None:
-            s = jnp.tanh(s / softcap) * softcap
-        pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        mask = (pos < length) & ((w <= 0) | (length - 1 - pos < w))
-        s = jnp.where(mask, s, _MASK)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc_sc[...] = alpha * acc_sc[...] + pv
-        m_sc[...] = m_new
+        @pl.when((j >= first) & (j <= last) & (length > 0))
+        def _page(j=j, k_ref=k_refs[c], v_ref=v_refs[c]):
+            q = q_ref[...]
+            k = k_ref[...].astype(q.dtype)
+            v = v_ref[...].astype(q.dtype)
+            s = jax.lax.dot_general(
+                q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            s = s * scale
+            if softcap is not None:
+                s = jnp.tanh(s / softcap) * softcap
+            pos = j * page_size + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            mask = (pos < length) & ((w <= 0) | (length - 1 - pos < w))
+            s = jnp.where(mask, s, _MASK)
+            m_prev = m_sc[...]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            acc_sc[...] = alpha * acc_sc[...] + pv
+            m_sc[...] = m_new
 
-    @pl.when(j == pl.num_programs(2) - 1)
+    @pl.when(step == pl.num_programs(2) - 1)
     def _finish():
         denom = l_sc[...]
         safe = jnp.where(denom > 0, denom, 1.0)
@@ -138,9 +142,15 @@ def pallas(
     sliding_window=None,
     softcap: float | None = None,
     scale: float = 1.0,
+    pages_per_block: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """The Pallas paged decode attention; same signature and result as `reference`."""
+    """The Pallas paged decode attention; same signature and result as `reference`.
+
+    pages_per_block: pages fetched and processed per grid step (default: enough pages for 128
+    tokens, at most M). Small pages make one page per step overhead-bound; several BlockSpecs
+    over the same pool let the pipeline fetch a block of pages at once.
+    """
     b, h, d = q.shape
     kvh, _, page_size, _ = k_pages.shape
     m = page_table.shape[1]
@@ -158,23 +168,33 @@ def pallas(
     win = 0 if sliding_window is None else sliding_window
     win = jnp.reshape(jnp.asarray(win, jnp.int32), (1,))
 
-    def page_map(bi, hi, j, len_ref, table_ref, win_ref):
-        first, last = _live_pages(len_ref[bi], win_ref[0], page_size)
-        return hi, table_ref[bi * m + jnp.clip(j, first, last)], 0, 0
+    if pages_per_block is None:
+        pages_per_block = max(1, min(m, 128 // page_size))
+
+    def page_map(c):
+        def index(bi, hi, step, len_ref, table_ref, win_ref):
+            first, last = _live_pages(len_ref[bi], win_ref[0], page_size)
+            j = jnp.clip(step * pages_per_block + c, first, last)
+            return hi, table_ref[bi * m + j], 0, 0
+
+        return index
 
     q_spec = pl.BlockSpec((None, None, groups, d), lambda bi, hi, j, *_: (bi, hi, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, page_size, d), page_map)
+    kv_specs = [
+        pl.BlockSpec((None, None, page_size, d), page_map(c)) for c in range(pages_per_block)
+    ]
     out = pl.pallas_call(
         functools.partial(
             _kernel,
             page_size=page_size,
+            pages_per_block=pages_per_block,
             softcap=None if softcap is None else float(softcap),
             scale=float(scale),
         ),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
-            grid=(b, kvh, m),
-            in_specs=[q_spec, kv_spec, kv_spec],
+            grid=(b, kvh, pl.cdiv(m, pages_per_block)),
+            in_specs=[q_spec, *kv_specs, *kv_specs],
             out_specs=q_spec,
             scratch_shapes=[
                 pltpu.VMEM((groups, 1), jnp.float32),
@@ -192,8 +212,8 @@ def pallas(
         page_table.astype(jnp.int32).reshape(-1),  # 1-D: SMEM pads 2-D arrays heavily
         win,
         q.reshape(b, kvh, groups, d),
-        k_pages,
-        v_pages,
+        *[k_pages] * pages_per_block,
+        *[v_pages] * pages_per_block,
     )
     return out.reshape(b, h, d)
 

@@ -5,6 +5,8 @@ Tolerance: 2e-5 absolute for float32 (the kernel sums pages in a different order
 bfloat16 pages are compared with the reference at 2e-2 (bf16 resolution of outputs ~1).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,24 +54,25 @@ def _numpy_paged(q, k_pages, v_pages, lengths, page_table, window, softcap, scal
 
 
 @pytest.mark.parametrize(
-    "h,kvh,window,softcap,tpu",
+    "h,kvh,window,softcap,pages_per_block,tpu",
     [
-        (2, 2, None, None, False),
-        (4, 2, 5, 4.0, False),
-        (4, 1, "traced", None, False),
-        (4, 2, 11, 4.0, True),
+        (2, 2, None, None, 1, False),
+        (4, 2, 5, 4.0, 3, False),  # 3 pages per step over M = 4: a ragged last block
+        (4, 1, "traced", None, 2, False),
+        (4, 2, 11, 4.0, 2, True),
     ],
     ids=["mha", "gqa2_window_softcap", "mqa4_traced_window", "tpu_interpret_gqa2"],
 )
-def test_paged_matches_reference(h, kvh, window, softcap, tpu):
+def test_paged_matches_reference(h, kvh, window, softcap, pages_per_block, tpu):
     q, k_pages, v_pages, lengths, table = _inputs(h * 10 + kvh, h, kvh)
     window_value = 9 if window == "traced" else window
     kw = dict(softcap=softcap, scale=0.3)
+    kernel = functools.partial(paged_attention.pallas, pages_per_block=pages_per_block, **kw)
     if window == "traced":  # per-layer windows arrive as traced scalars under the layer scan
-        run = jax.jit(lambda *a: paged_attention.pallas(*a[:-1], sliding_window=a[-1], **kw))
+        run = jax.jit(lambda *a: kernel(*a[:-1], sliding_window=a[-1]))
         args = (q, k_pages, v_pages, lengths, table, jnp.int32(9))
     else:
-        run = jax.jit(lambda *a: paged_attention.pallas(*a, sliding_window=window, **kw))
+        run = jax.jit(lambda *a: kernel(*a, sliding_window=window))
         args = (q, k_pages, v_pages, lengths, table)
     if tpu:
         with dispatch.tpu_interpret_mode():
