@@ -91,6 +91,16 @@ def test_dispatch_and_chunked_agree():
         fused_logprobs.pallas(hidden, w.T, targets)
 
 
+def test_bfloat16_compute_matches_reference_in_the_same_precision():
+    """compute_dtype=bfloat16 rounds h and W before the float32-accumulated matmul, in both."""
+    hidden, w, targets, _ = _inputs(4, 24, 32, 150)
+    kw = dict(with_entropy=True, compute_dtype=jnp.bfloat16)
+    got = fused_logprobs.pallas(hidden, w, targets, block_n=8, block_v=64, **kw)
+    want = fused_logprobs.reference(hidden, w, targets, **kw)
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=1e-4, err_msg=name)
+
+
 def _temp_bytes(fn, n, d, v) -> int:
     """XLA's temporary allocation for value-and-grad of sum(logp) + sum(entropy); no run."""
 
