@@ -4,6 +4,10 @@ Parameters and activations are annotated with logical names (vocab, embed, mlp, 
 head_dim, batch, length, ...). `rules` map each name to mesh axes. A mesh axis that does not
 divide a dimension is dropped for that array (e.g. one KV head under tensor=2), so any model runs
 on any mesh; only the memory layout changes.
+
+Several processes (hosts, or local CPU processes with gloo collectives): `initialize_distributed`
+starts `jax.distributed` from arguments, a config or the environment; each process then feeds
+its own rows and `global_batch` assembles them into one global array over the mesh.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -143,3 +148,102 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, logical_to_sharding(x.shape, names, mesh, rules))
+
+
+# Multi-process ----------------------------------------------------------------------------------
+
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r}; expected an integer") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    config: Mapping | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    cpu_collectives: str = "gloo",
+    initialization_timeout: int = 300,
+) -> bool:
+    """Start `jax.distributed` when a multi-process run is configured; returns whether it did.
+
+    Each setting comes from the argument, else `config` (a mapping such as `config.mesh` with
+    coordinator_address / num_processes / process_id), else the environment
+    (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Nothing configured, or
+    num_processes == 1: a no-op (one process). On CPU, cross-process collectives need an
+    implementation: `cpu_collectives` ("gloo" or "mpi") is set before initialising.
+    Must run before any other JAX computation.
+    """
+    config = config or {}
+    address = (
+        coordinator_address or config.get("coordinator_address") or os.environ.get(ENV_COORDINATOR)
+    )
+    n = num_processes if num_processes is not None else config.get("num_processes")
+    n = n if n is not None else _env_int(ENV_NUM_PROCESSES)
+    pid = process_id if process_id is not None else config.get("process_id")
+    pid = pid if pid is not None else _env_int(ENV_PROCESS_ID)
+    if address is None and n is None and pid is None:
+        return False
+    if n is not None and n == 1:
+        return False
+    if address is None or n is None or pid is None:
+        raise ValueError(
+            f"multi-process run half configured: coordinator_address={address!r}, "
+            f"num_processes={n!r}, process_id={pid!r}; set all three (arguments, config.mesh or "
+            f"{ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID})"
+        )
+    if not 0 <= pid < n:
+        raise ValueError(f"process_id={pid} out of range for num_processes={n}")
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=n,
+        process_id=pid,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
+    return True
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Rows split over the mesh axes of the "batch" rule (all of them, no divisibility drop)."""
+    axes = tuple(a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1)
+    first = None if not axes else axes[0] if len(axes) == 1 else axes
+    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def global_batch(local: Mapping, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """Global jax.Arrays [B, ...] from each process's own rows [B_local, ...] (numpy).
+
+    Processes hold consecutive blocks of the batch in process order (each process's devices
+    own a contiguous range of the batch axes), so B = B_local x (number of distinct row blocks
+    across processes); with one process this is B_local and the rows are simply placed.
+    B_local must divide evenly over this process's share of the batch axes.
+    """
+    out = {}
+    for name, x in local.items():
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError(f"batch entry {name!r} is a scalar; expected a leading batch dim")
+        s = batch_sharding(mesh, x.ndim, rules)
+        try:
+            out[name] = jax.make_array_from_process_local_data(s, x)
+        except ValueError as e:
+            raise ValueError(
+                f"batch entry {name!r} with local shape {x.shape} does not split over mesh "
+                f"{dict(mesh.shape)} batch axes {s.spec[0]}: {e}"
+            ) from e
+    return out

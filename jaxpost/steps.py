@@ -202,16 +202,12 @@ def _batch_shardings(batch: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
     }
 
 
-def _to_global(batch: dict, shardings: dict) -> dict:
-    """Per-process numpy rows -> global jax.Arrays when there are several processes."""
+def _to_global(batch: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
+    """With several processes, each passes its own rows: assemble global jax.Arrays."""
     if jax.process_count() == 1:
         return batch
-    return {
-        k: v
-        if isinstance(v, jax.Array)
-        else jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-        for k, v in batch.items()
-    }
+    local = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
+    return {**batch, **sharding.global_batch(local, mesh, rules)}
 
 
 # Initialisation ----------------------------------------------------------------------------------
@@ -235,33 +231,41 @@ def init_train_state(
     device. The optimizer state is created the same way, for the trainable part only.
     """
     rng = jax.random.key(0) if rng is None else rng
-    init_key, rng = jax.random.split(rng)
+    # The key enters the jitted inits as a constant, so every process builds the same values
+    # straight into its own shards (a host array cannot be device_put onto another host).
+    key_data, impl = np.asarray(jax.random.key_data(rng)), jax.random.key_impl(rng)
+    keys = lambda: jax.random.split(jax.random.wrap_key_data(jnp.asarray(key_data), impl=impl))
     if callable(params):
-        abstract = jax.eval_shape(params, init_key)
+        params_fn = params
+        abstract = jax.eval_shape(lambda: params_fn(keys()[0]))
         shard = sharding.tree_shardings(abstract, param_logical_axes(cfg, abstract), mesh, rules)
-        params = jax.jit(params, out_shardings=shard)(init_key)
+        params = jax.jit(lambda: params_fn(keys()[0]), out_shardings=shard)()
     _check_trainable(params, trainable)
     abstract_params = jax.eval_shape(lambda: params)
     shard = sharding.tree_shardings(
         abstract_params, param_logical_axes(cfg, abstract_params), mesh, rules
     )
-    params = jax.tree.map(
-        lambda x, s: x if isinstance(x, jax.Array) and x.sharding == s else jax.device_put(x, s),
-        params,
-        shard,
-    )
+    params = jax.tree.map(_place, params, shard)
     train_part, _ = _split(params, trainable)
     train_shard, _ = _split(shard, trainable)
     abstract_opt = jax.eval_shape(optimizer.init, train_part)
     opt_shard = _opt_state_shardings(abstract_opt, train_part, train_shard, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shard)(train_part)
     rep = sharding.replicated(mesh)
-    return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), rep),
-        params=params,
-        opt_state=opt_state,
-        rng=jax.device_put(rng, rep),
-    )
+    step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), keys()[1]), out_shardings=(rep, rep))()
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def _place(x, s):
+    """x laid out as sharding s; no copy when it already is."""
+    if isinstance(x, jax.Array) and x.sharding == s:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, s)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda a: a, out_shardings=s)(x)
+    host = np.asarray(x)  # the same on every process (same checkpoint or seed)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
 
 
 # The steps ---------------------------------------------------------------------------------------
@@ -386,18 +390,18 @@ class _Jitted:
 
         out = (s_shard, rep) if self._train else rep
         donate = (0,) if self._train else ()
-        jitted = jax.jit(
+        return jax.jit(
             run, in_shardings=(s_shard, b_shard), out_shardings=out, donate_argnums=donate
         )
-        return jitted, b_shard
 
     def __call__(self, state: TrainState, batch: dict):
+        batch = _to_global(batch, self._mesh, self._rules)
         shapes = tuple((k, np.shape(v), str(np.result_type(v))) for k, v in sorted(batch.items()))
         key = (jax.tree.structure(state), shapes)
         if key not in self._cache:
             self._cache[key] = self._build(state, batch)
-        self.jitted, b_shard = self._cache[key]
-        return self.jitted(state, _to_global(batch, b_shard))
+        self.jitted = self._cache[key]
+        return self.jitted(state, batch)
 
 
 def make_train_step(

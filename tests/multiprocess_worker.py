@@ -1,0 +1,94 @@
+"""One process of the 2-process `jax.distributed` SFT run in tests/test_multiprocess.py.
+
+  python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES OUT_JSON
+
+Each process owns LOCAL_DEVICES CPU devices and feeds only its own rows of every global batch;
+cross-process collectives go through gloo. Process 0 writes the per-step losses to OUT_JSON.
+The same `run` with one process is the test's reference, so nothing here may import JAX at
+module level (the device count must be set first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+STEPS = 5
+BATCH, LENGTH, VOCAB = 8, 16, 96
+
+
+def batches(steps: int = STEPS) -> list[dict]:
+    """Fixed global batches: random tokens, prompt masks of varying length, some padding."""
+    rng = np.random.default_rng(1234)
+    out = []
+    for _ in range(steps):
+        tokens = rng.integers(1, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+        mask = np.ones((BATCH, LENGTH), np.float32)
+        for row, start in enumerate(rng.integers(0, LENGTH // 2, BATCH)):
+            mask[row, :start] = 0.0
+        mask[:, -1] = 0.0
+        out.append({"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "loss_mask": mask})
+    return out
+
+
+def run(mesh_shape: tuple[int, int, int], devices=None) -> list[float]:
+    """Full SFT, AdamW, STEPS steps on `mesh_shape` (data, fsdp, tensor); the losses."""
+    import jax
+
+    from jaxpost import models, sharding, steps
+    from jaxpost.losses import sft_loss
+
+    cfg = models.ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        model_type="qwen3",
+        qk_norm=True,
+    )
+    mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+    opt = steps.make_optimizer(name="adamw", learning_rate=3e-3, warmup_steps=2, total_steps=5)
+    state = steps.init_train_state(
+        cfg,
+        lambda key: {"base": models.init(cfg, key), "lora": None},
+        opt,
+        mesh,
+        trainable="full",
+        rng=jax.random.key(7),
+    )
+    train_step = steps.make_train_step(cfg, sft_loss, opt, mesh, trainable="full", grad_accum=2)
+    rows = BATCH // jax.process_count()
+    lo = jax.process_index() * rows
+    losses = []
+    for batch in batches():
+        local = {k: v[lo : lo + rows] for k, v in batch.items()}
+        state, metrics = train_step(state, local)
+        losses.append(float(jax.device_get(metrics["loss"])))
+    return losses
+
+
+def main(argv: list[str]) -> None:
+    pid, n, port, local_devices, out = argv
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(local_devices)}"
+    import jax
+
+    from jaxpost import sharding
+
+    sharding.initialize_distributed(f"127.0.0.1:{port}", int(n), int(pid))
+    assert jax.process_count() == int(n), jax.process_count()
+    losses = run((2, jax.device_count() // 2, 1))
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": losses, "devices": jax.device_count()}, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
