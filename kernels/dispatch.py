@@ -16,9 +16,9 @@ Under a multi-device mesh (`jaxpost.sharding.use_mesh`), `per_shard` runs a kern
 `jax.shard_map`: a Mosaic call is opaque to XLA's SPMD partitioner, which would otherwise gather
 every operand onto every device. Attention shards over batch and heads, log-probs over tokens.
 
-Tests that want the TPU interpreter's stricter simulation (memory spaces, DMA semantics, grid
-order randomisation) wrap the call in `tpu_interpret_mode()`; any `pallas_call` traced inside
-it runs in TPU interpret mode regardless of the `interpret` argument.
+Tests that want the TPU interpreter's stricter simulation (memory spaces, DMA semantics,
+uninitialised out-of-bounds reads) wrap the call in `tpu_interpret_mode()`; any `pallas_call`
+traced inside it runs in TPU interpret mode regardless of the `interpret` argument.
 """
 
 from __future__ import annotations
