@@ -71,7 +71,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.batch_size = 8  # global, in rows of max_length tokens
     c.train.grad_accum = 1
     c.train.log_every = 10
-    c.train.eval_every = 200
+    c.train.eval_every = 200  # 0: evaluate only at the end of each stage
     c.train.eval_batches = 4
 
     # Full fine-tuning from random init before the main recipe ("pretraining"); 0 steps = none.
@@ -92,7 +92,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.skip_malformed = False
     c.data.truncation = "error"
     c.data.num_train_examples = 20000  # rows generated for a built-in task's train split
-    c.data.num_eval_examples = 200  # held-out examples for task accuracy
+    c.data.num_eval_examples = 200  # a built-in task's held-out examples; 0: no evaluation
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
@@ -123,7 +123,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 CHOICES: dict[str, tuple] = {
-    "optimizer.name": ("adamw", "adam", "sgd"),
+    "optimizer.name": ("adamw", "adam", "adafactor", "lion", "sgd"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "data.format": ("messages", "prompt_completion", "text", "preference", "prompt_answer"),
     "model.dtype": ("float32", "bfloat16"),
@@ -135,7 +135,6 @@ POSITIVE = (
     "train.batch_size",
     "train.grad_accum",
     "train.log_every",
-    "train.eval_every",
     "train.eval_batches",
     "pretrain.batch_size",
     "data.max_length",
@@ -148,6 +147,7 @@ POSITIVE = (
     "lora.alpha",
 )
 NON_NEGATIVE = (
+    "train.eval_every",
     "pretrain.steps",
     "optimizer.warmup_steps",
     "optimizer.weight_decay",
@@ -327,6 +327,7 @@ def validate(
 # Built-in architectures for random-init runs (Qwen3-style: GQA, q/k norm, tied embeddings).
 ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2),
+    "mini": dict(hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2),
     "small": dict(
         hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4
     ),
@@ -340,7 +341,7 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def arch(size: str, vocab_size: int, **overrides) -> ml_collections.ConfigDict:
-    """A `model.arch` section for a built-in size ("tiny", "small", "100m", "1b")."""
+    """A `model.arch` section for a built-in size ("tiny", "mini", "small", "100m", "1b")."""
     if size not in ARCH_PRESETS:
         near = difflib.get_close_matches(size, sorted(ARCH_PRESETS), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""

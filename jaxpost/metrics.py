@@ -71,7 +71,9 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{split}/{name}", value, int(step))
             self._tb.flush()
         if self.stdout:
-            body = "  ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+            # Sums are for exact aggregation (JSONL); the console shows the means.
+            shown = {k: v for k, v in scalars.items() if not k.endswith("_sum")}
+            body = "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
             self.echo(f"[{split}] step {step}: {body}")
 
     def close(self) -> None:

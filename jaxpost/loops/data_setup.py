@@ -34,7 +34,7 @@ def _task_rows(name: str, seed: int, n: int, split: str) -> tuple[dict, ...]:
 def _source(cfg, split: str):
     if cfg.data.task is not None:
         n = cfg.data.num_train_examples if split == "train" else cfg.data.num_eval_examples
-        return list(_task_rows(cfg.data.task, cfg.seed, n, split))
+        return list(_task_rows(cfg.data.task, cfg.seed, n, split)) if n else None
     return cfg.data.train_path if split == "train" else cfg.data.eval_path
 
 
@@ -85,10 +85,8 @@ def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStre
 
 
 def eval_batches(cfg, task, tokenizer, batch_size: int):
-    """The first `train.eval_batches` batches of the held-out split, or None without one."""
+    """The first `train.eval_batches` batches of the held-out split (see `has_eval_data`)."""
     source = _source(cfg, "test")
-    if source is None:
-        return iter(())
     pipeline = Pipeline(
         source,
         tokenizer,

@@ -48,7 +48,7 @@ class CheckpointableIterator(Protocol):
 class LoopSettings:
     steps: int
     log_every: int = 10
-    eval_every: int = 0  # 0: no periodic evaluation
+    eval_every: int = 0  # 0: evaluate once, at the end
     checkpoint_every: int = 100
     progress_bar: bool = True
     name: str = "train"
@@ -163,6 +163,7 @@ def run_offline(
             progress.update(tokens, loss)
             if settings.eval_every and step % settings.eval_every == 0:
                 run_eval(step)
+                t_last = time.perf_counter()  # keep evaluation out of the throughput
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save(step, wait=step == settings.steps)
             if guard.should_stop():
@@ -170,7 +171,7 @@ def run_offline(
                 raise Preempted(guard.requested or "signal", step, checkpointer.directory)
     finally:
         progress.close()
-    if settings.eval_every and settings.steps % settings.eval_every:
+    if not settings.eval_every or settings.steps % settings.eval_every:
         run_eval(settings.steps)
     checkpointer.wait()
     return state

@@ -1,0 +1,264 @@
+"""From a validated config to a finished run: model, data, stages, evaluation, artifacts.
+
+`Run.create(cfg)` prepares the work directory, mesh, model and tokenizer; `run_recipe` runs the
+optional "pretrain" stage (full training from the initial weights) and then the recipe's stage
+(LoRA or full), each through the offline loop with its own checkpoint directory, so a restarted
+run resumes inside whichever stage it was in. With a built-in task the held-out accuracy is
+printed before and after the recipe's stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxpost import config as jconfig
+from jaxpost import lora as jlora
+from jaxpost import models, nf4, sharding
+from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.loops import Recipe, data_setup, evaluation, step_setup
+from jaxpost.loops.offline import LoopSettings, run_offline
+from jaxpost.metrics import MetricsWriter, plot_curves
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: ml_collections.ConfigDict
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    model_cfg: models.ModelConfig
+    params: dict
+    tokenizer: Any
+    task: Any  # jaxpost.data.tasks.Task or None
+    writer: MetricsWriter
+    guard: PreemptionGuard | None = None
+    summary: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: ml_collections.ConfigDict) -> Run:
+        workdir = Path(cfg.workdir).absolute()
+        writer = MetricsWriter(
+            workdir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard
+        )
+        writer.echo(f"work directory: {workdir}")
+        if jax.process_index() == 0:
+            (workdir / "config.json").write_text(jconfig.to_json(cfg))
+        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        task, tokenizer = data_setup.task_and_tokenizer(cfg)
+        model_cfg, params = load_model(cfg, mesh)
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise jconfig.ConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{model_cfg.vocab_size}; raise model.arch.vocab_size"
+            )
+        writer.echo(
+            f"model: {model_cfg.model_type} {model_cfg.num_params() / 1e6:.2f}M parameters; "
+            f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s)"
+        )
+        return cls(cfg, workdir, mesh, model_cfg, params, tokenizer, task, writer)
+
+    def log(self, message: str) -> None:
+        self.writer.echo(message)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def finish(self, seconds: float) -> None:
+        """Write the summary and the curves' plot, print where everything is."""
+        self.summary["seconds"] = round(seconds, 1)
+        if jax.process_index() == 0:
+            (self.workdir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            if self.cfg.metrics.plot and self.cfg.metrics.jsonl:
+                png = plot_curves(self.writer.jsonl_path, self.workdir / "training_curves.png")
+                self.log(f"training curves: {png}")
+        self.log(f"done in {seconds:.0f} s; artifacts in {self.workdir}")
+        self.close()
+
+
+def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[models.ModelConfig, dict]:
+    """A local HF checkpoint, or the built-in `model.arch` at random init, sharded over `mesh`."""
+    if cfg.model.hf_path is not None:
+        return models.load_hf(cfg.model.hf_path, dtype=cfg.model.dtype, mesh=mesh)
+    model_cfg = jconfig.model_config(cfg)
+    abstract = jax.eval_shape(functools.partial(models.init, model_cfg), jax.random.key(0))
+    shardings = sharding.tree_shardings(abstract, models.logical_axes(model_cfg), mesh)
+    init = jax.jit(functools.partial(models.init, model_cfg), out_shardings=shardings)
+    return model_cfg, init(jax.random.key(cfg.seed))
+
+
+def task_accuracy(run: Run, params: dict, lora=None) -> float | None:
+    """Held-out accuracy of greedy completions on the built-in task (None without a task)."""
+    if run.task is None or not data_setup.has_eval_data(run.cfg):
+        return None
+    prompts, answers = data_setup.eval_prompts(run.cfg, run.task, run.tokenizer)
+    return evaluation.task_accuracy(
+        run.model_cfg,
+        params,
+        prompts,
+        answers,
+        decode=lambda ids: run.tokenizer.decode(ids, skip_special_tokens=True),
+        score=run.task.score,
+        max_new_tokens=run.task.max_new_tokens,
+        lora=lora,
+        eos_id=run.tokenizer.eos_id,
+        pad_id=run.tokenizer.pad_id,
+    )
+
+
+def train_stage(
+    run: Run,
+    name: str,
+    recipe: Recipe,
+    base: dict,
+    lora_params,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    data_seed: int,
+):
+    """Train one stage through the offline loop; returns the final (base, lora) params.
+
+    lora_params None trains every base parameter; otherwise only the LoRA factors.
+    """
+    cfg = run.cfg
+    stage_dir = run.workdir / name
+    settings = LoopSettings(
+        steps=steps,
+        log_every=cfg.train.log_every,
+        eval_every=cfg.train.eval_every,
+        checkpoint_every=cfg.checkpoint.every,
+        progress_bar=cfg.metrics.progress_bar,
+        name=name,
+    )
+    built = step_setup.build(
+        cfg,
+        run.model_cfg,
+        run.mesh,
+        recipe,
+        base,
+        lora_params,
+        num_steps=steps,
+        learning_rate=learning_rate,
+    )
+    batches = data_setup.train_batches(cfg, run.task, run.tokenizer, batch_size, data_seed)
+
+    def on_eval(state, step):
+        accuracy = task_accuracy(run, *step_setup.params_of(state))
+        return {} if accuracy is None else {"accuracy": accuracy}
+
+    checkpointer = Checkpointer(
+        stage_dir / "checkpoints",
+        keep_last=cfg.checkpoint.keep_last,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save,
+    )
+    stage_config = cfg.to_dict()
+    stage_config["stage"] = name
+    try:
+        state = run_offline(
+            settings,
+            train_step=built.train_step,
+            state=built.state,
+            abstract_state=built.abstract_state,
+            batches=batches,
+            checkpointer=checkpointer,
+            writer=run.writer,
+            guard=run.guard or PreemptionGuard(),
+            eval_step=built.eval_step,
+            eval_batches=(
+                (lambda: data_setup.eval_batches(cfg, run.task, run.tokenizer, batch_size))
+                if data_setup.has_eval_data(cfg)
+                else None
+            ),
+            config_dict=json.loads(json.dumps(stage_config, default=list)),
+            on_eval=on_eval,
+        )
+    finally:
+        checkpointer.close()
+    stats = data_setup.stats(batches)
+    if stats:
+        run.summary.setdefault("data", {})[name] = stats
+    return step_setup.params_of(state)
+
+
+def run_recipe(run: Run, recipe: Recipe) -> None:
+    """Optional pretrain stage, then the recipe's stage; accuracy before/after; artifacts."""
+    cfg = run.cfg
+    base = run.params
+    if cfg.pretrain.steps:
+        base, _ = train_stage(
+            run,
+            "pretrain",
+            recipe,
+            base,
+            None,
+            steps=cfg.pretrain.steps,
+            learning_rate=cfg.pretrain.learning_rate,
+            batch_size=cfg.pretrain.batch_size,
+            data_seed=cfg.data.shuffle_seed + 1,
+        )
+    before = task_accuracy(run, base)
+    if before is not None:
+        run.log(f"held-out accuracy before {recipe.name}: {before:.1%}")
+        run.summary["accuracy_before"] = before
+
+    lora_params = None
+    if cfg.lora.quantize_base:
+        base = nf4.quantize_base(run.model_cfg, base, targets=cfg.lora.targets)
+    if cfg.lora.enabled:
+        lora_params = jlora.init(
+            run.model_cfg,
+            base,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            targets=cfg.lora.targets,
+            key=jax.random.key(cfg.seed + 1),
+            dropout=cfg.lora.dropout,
+        )
+    base, lora_params = train_stage(
+        run,
+        recipe.name,
+        recipe,
+        base,
+        lora_params,
+        steps=cfg.train.steps,
+        learning_rate=cfg.optimizer.learning_rate,
+        batch_size=cfg.train.batch_size,
+        data_seed=cfg.data.shuffle_seed,
+    )
+    after = task_accuracy(run, base, lora_params)
+    if after is not None:
+        run.log(f"held-out accuracy after {recipe.name}: {after:.1%}")
+        run.summary["accuracy_after"] = after
+    export(run, base, lora_params)
+
+
+def export(run: Run, base: dict, lora_params) -> None:
+    """The LoRA adapter (PEFT format) and / or merged HF weights into the work directory."""
+    cfg, out = run.cfg, run.workdir / "export"
+    if jax.process_index() != 0:
+        return
+    if lora_params is not None and cfg.export.peft_adapter:
+        jlora.save_peft(
+            run.model_cfg,
+            lora_params,
+            out / "peft_adapter",
+            base_model_name_or_path=cfg.model.hf_path,
+        )
+        run.log(f"LoRA adapter (PEFT format): {out / 'peft_adapter'}")
+        run.summary["peft_adapter"] = str(out / "peft_adapter")
+    if cfg.export.merged_hf:
+        if cfg.lora.quantize_base:
+            run.log("export.merged_hf skipped: the base is NF4-quantized (export the adapter)")
+            return
+        merged = jlora.merge(run.model_cfg, base, lora_params) if lora_params else base
+        models.save_hf(run.model_cfg, merged, out / "hf_model")
+        run.log(f"merged HF weights: {out / 'hf_model'}")
+        run.summary["hf_model"] = str(out / "hf_model")

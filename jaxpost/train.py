@@ -1,0 +1,76 @@
+"""The training entry point.
+
+  python -m jaxpost.train --config=configs/quickstart.py [--config.train.steps=100 ...]
+
+Validates the config before anything is compiled, builds the mesh (multi-process when
+`config.mesh.multi_process`), loads the model (a local HF directory or a built-in architecture at
+random init), runs the recipe named by `config.algorithm` (optionally after a full-training
+"pretrain" stage), logs metrics (stdout, JSONL, TensorBoard, progress bar), evaluates
+periodically, and writes checkpoints, the LoRA adapter (PEFT format), optionally merged HF
+weights and a PNG of the training curves to the work directory it prints. Re-running the same
+command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxpost import config as jconfig
+from jaxpost import loops, sharding
+from jaxpost.checkpoint import CheckpointError, PreemptionGuard
+from jaxpost.loops import runner
+from jaxpost.loops.offline import Preempted
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/NAME.py[:variant], e.g. configs/quickstart.py:test", lock_config=True
+)
+flags.mark_flags_as_required(["config"])
+
+# Exit codes of a run stopped by a signal after saving (the shell's 128 + signal number).
+_SIGNAL_EXIT = {"SIGTERM": 143, "SIGINT": 130}
+
+
+def _init_distributed(cfg) -> None:
+    """jax.distributed from config.mesh (or the JAX_COORDINATOR_ADDRESS... environment)."""
+    if cfg.mesh.multi_process:
+        sharding.initialize_distributed(config=cfg.mesh)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax / JAX info logs drown the metrics
+    cfg = _CONFIG.value
+    try:
+        _init_distributed(cfg)
+        jconfig.validate(cfg, num_devices=jax.device_count())
+    except jconfig.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    run = runner.Run.create(cfg)
+    recipe = loops.RECIPES[cfg.algorithm]
+    try:
+        with PreemptionGuard() as guard:
+            run.guard = guard
+            runner.run_recipe(run, recipe)
+    except Preempted as e:
+        run.log(str(e))
+        run.close()
+        return _SIGNAL_EXIT.get(e.signal_name, 1)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        run.close()
+        return 3
+    run.finish(time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
