@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxpost.models import safetensors_io
 from jaxpost.models.config import ModelConfig
@@ -155,7 +156,11 @@ class _Leaf:
         """(HF name, a thunk fetching that tensor to host in HF layout), one layer at a time."""
 
         def fetch(i: int | None) -> np.ndarray:
-            a = np.asarray(leaf if i is None else leaf[i])
+            x = leaf if i is None else leaf[i]
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                # Spread over several processes: a collective every process takes part in.
+                x = multihost_utils.process_allgather(x, tiled=True)
+            a = np.asarray(x)
             return np.ascontiguousarray(a.T if self.transposed else a)
 
         if not self.stacked:
@@ -246,7 +251,7 @@ def load_hf(
             )
 
     if mesh is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, abstract)
     else:
         shardings = tree_shardings(abstract, logical_axes(cfg), mesh, rules)
@@ -296,7 +301,8 @@ def save_hf(
     model.safetensors.index.json when the weights exceed max_shard_bytes. Tensors are fetched
     to host one at a time. The directory is built next to `path` and renamed into place, so a
     failed save never replaces a good checkpoint; files of an existing directory that a save
-    does not produce (e.g. the tokenizer) are carried over.
+    does not produce (e.g. the tokenizer) are carried over. Under several processes
+    (`jax.distributed`) every process must call it; process 0 writes to `path`.
     """
     path = Path(path).absolute()
     hf_config = config_to_hf(cfg)
@@ -318,6 +324,21 @@ def save_hf(
         shards[-1].append(t)
         size += nbytes
 
+    if jax.process_index() != 0:
+        # Only process 0 writes; the others join the gathers of sharded tensors, in order.
+        for _, thunk, _ in tensors:
+            thunk()
+        multihost_utils.sync_global_devices("jaxpost.models.save_hf")
+        return
+    try:
+        _write_checkpoint(path, shards, hf_config)
+    finally:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxpost.models.save_hf")
+
+
+def _write_checkpoint(path: Path, shards: list[list], hf_config: dict) -> None:
+    """Build the checkpoint in a temporary sibling directory, then rename it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
