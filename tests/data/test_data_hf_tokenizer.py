@@ -1,0 +1,99 @@
+"""The pipeline with a real HF tokenizer (jaxpost.tokenizer over a byte-level BPE trained here):
+token ids match transformers' chat template, and the loss mask covers exactly the replies."""
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from tokenizers import decoders, pre_tokenizers, processors, trainers
+
+from jaxpost import tokenizer
+from jaxpost.data import Pipeline
+from jaxpost.data.tasks import arithmetic
+
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|begin|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    rows = arithmetic.generate_split(0, 300)
+    tok.train_from_iterator([r["prompt"] + "\n" + r["completion"] for r in rows], trainer)
+    bos = tok.token_to_id("<|begin|>")
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin|> $A", pair="<|begin|> $A $B", special_tokens=[("<|begin|>", bos)]
+            ),
+        ]
+    )
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+    hf.chat_template = CHATML
+    path = tmp_path_factory.mktemp("bpe")
+    hf.save_pretrained(path)
+    return path
+
+
+def test_messages_with_hf_tokenizer(hf_dir):
+    tok = tokenizer.load(hf_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    rows = arithmetic.generate_split(int(np.random.default_rng().integers(1000)), 12, "test")
+    pipe = Pipeline(
+        rows,
+        tok,
+        format="messages",
+        max_length=128,
+        batch_size=3,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        process_index=0,
+        process_count=1,
+    )
+    examples = {}  # first-fit packing reorders examples, so they are matched by content
+    for b in pipe.iterator():
+        for r in range(b["tokens"].shape[0]):
+            for s in range(1, int(b["segment_ids"][r].max()) + 1):
+                sel = b["segment_ids"][r] == s
+                ex = {k: b[k][r][sel] for k in ("tokens", "targets", "loss_mask")}
+                examples[tuple(ex["tokens"].tolist())] = ex
+    assert len(examples) == 12
+    for row in rows:
+        text = hf.apply_chat_template(row["messages"], tokenize=False)
+        want = hf(text, add_special_tokens=False)["input_ids"]  # the template writes BOS
+        ex = examples[tuple(want)]
+        trained = ex["targets"][ex["loss_mask"] > 0]
+        assert tok.decode(trained) == row["completion"] + "<|im_end|>"
+
+
+def test_text_and_prompt_answer_with_hf_tokenizer(hf_dir):
+    tok = tokenizer.load(hf_dir)
+    rows = [{"text": "12+30\nanswer: 42", "prompt": "12+30", "answer": "42"}] * 4
+    common = dict(max_length=64, batch_size=2, packing=False, process_index=0, process_count=1)
+    b = next(Pipeline(rows, tok, format="text", **common).iterator())
+    n = int(b["segment_ids"][0].sum())
+    ids = b["tokens"][0][:n].tolist()
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 and ids[-1] == tok.eos_id
+    assert tok.decode(ids[1:-1]) == rows[0]["text"]
+    assert b["loss_mask"][0].sum() == n - 1
+    b = next(Pipeline(rows, tok, format="prompt_answer", **common).iterator())
+    n = int(b["prompt_lengths"][0])
+    prompt = tok.decode(b["prompt_tokens"][0][:n])
+    assert prompt == "<|begin|><|im_start|>user\n12+30<|im_end|>\n<|im_start|>assistant\n"
+    assert b["answer"].tolist() == ["42", "42"]
