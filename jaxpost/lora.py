@@ -18,26 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.flax
-import safetensors.numpy
 
 from jaxpost import nf4
 from jaxpost.models import transformer
 from jaxpost.models.config import ModelConfig
 
 DEFAULT_TARGETS = nf4.DEFAULT_TARGETS
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 
 # (block, module) -> the module's name inside HF's model.layers.{i}.
 HF_MODULES = {
@@ -49,10 +42,6 @@ HF_MODULES = {
     ("mlp", "up"): "mlp.up_proj",
     ("mlp", "down"): "mlp.down_proj",
 }
-_KEY = re.compile(
-    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-    r"\.lora_([AB])\.weight"
-)
 
 
 @functools.partial(
@@ -102,7 +91,7 @@ class LoraParams:
         )
 
 
-def _kernels(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+def adaptable_kernels(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Every layer kernel that can carry LoRA: path -> (shape [L, in, out], logical axes)."""
     abstract = jax.eval_shape(lambda: transformer.init(cfg, jax.random.key(0)))
     axes = transformer.logical_axes(cfg)
@@ -144,7 +133,8 @@ def _check_base(params: dict, path: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def _validate_hparams(rank, alpha, dropout) -> None:
+def validate_hparams(rank: int, alpha: float, dropout: float) -> None:
+    """Raise a ValueError naming the first LoRA hyper-parameter out of range."""
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"LoRA rank={rank!r}; expected a positive integer")
     if not alpha > 0:
@@ -153,7 +143,8 @@ def _validate_hparams(rank, alpha, dropout) -> None:
         raise ValueError(f"LoRA dropout={dropout!r}; expected 0 <= dropout < 1")
 
 
-def _axes_meta(paths, kernels) -> tuple[tuple[str, str, str], ...]:
+def axes_meta(paths, kernels: dict) -> tuple[tuple[str, str, str], ...]:
+    """LoraParams.kernel_axes for `paths`: (path, in axis, out axis) from adaptable_kernels."""
     return tuple((p, kernels[p][1][1], kernels[p][1][2]) for p in paths)
 
 
@@ -174,12 +165,12 @@ def init(
     b [L, r, out] = 0, so the adapted model equals the base exactly at init. Works under
     jax.eval_shape. key defaults to jax.random.key(0).
     """
-    _validate_hparams(rank, alpha, dropout)
+    validate_hparams(rank, alpha, dropout)
     targets = DEFAULT_TARGETS if targets is None else tuple(targets)
     if isinstance(targets, str) or not targets:
         raise ValueError(f"LoRA targets={targets!r}; expected a non-empty sequence of regexes")
     key = jax.random.key(0) if key is None else key
-    kernels = _kernels(cfg)
+    kernels = adaptable_kernels(cfg)
     paths = _select(targets, kernels)
     tree: dict = {"layers": {}}
     for path, k in zip(paths, jax.random.split(key, len(paths))):
@@ -199,7 +190,7 @@ def init(
         bool(use_rslora),
         float(dropout),
         tuple(paths),
-        _axes_meta(paths, kernels),
+        axes_meta(paths, kernels),
     )
 
 
@@ -291,7 +282,7 @@ def save_merged_hf(cfg: ModelConfig, params: dict, lora: LoraParams, path) -> No
     save_hf(cfg, merge(cfg, params, lora), path)
 
 
-# PEFT adapter directories --------------------------------------------------------------------
+# PEFT adapter directories (implemented in jaxpost.lora_peft) ---------------------------------
 
 
 def save_peft(
@@ -306,94 +297,9 @@ def save_peft(
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (float32) and
     ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig.
     """
-    _check_lora(cfg, lora)
-    tensors = {}
-    for block, module in lora.modules:
-        factors = lora.params["layers"][block][module]
-        a = np.asarray(factors["a"], dtype=np.float32)
-        b = np.asarray(factors["b"], dtype=np.float32)
-        for i in range(cfg.num_layers):
-            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[(block, module)]}"
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
-    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or lora.base_model_name_or_path,
-        "r": lora.rank,
-        "lora_alpha": alpha,
-        "use_rslora": lora.use_rslora,
-        "lora_dropout": lora.dropout,
-        "target_modules": sorted(HF_MODULES[m].split(".")[1] for m in lora.modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_dora": False,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "inference_mode": True,
-    }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    from jaxpost import lora_peft  # it imports this module
 
-
-def _check_lora(cfg: ModelConfig, lora: LoraParams) -> None:
-    kernels = _kernels(cfg)
-    for block, module in lora.modules:
-        path = f"layers/{block}/{module}/kernel"
-        if path not in kernels:
-            raise ValueError(f"LoRA factors at {path}, which the model has no kernel for")
-        n_layers, fan_in, fan_out = kernels[path][0]
-        factors = lora.params["layers"][block][module]
-        want = {"a": (n_layers, fan_in, lora.rank), "b": (n_layers, lora.rank, fan_out)}
-        for name, shape in want.items():
-            if tuple(factors[name].shape) != shape:
-                raise ValueError(
-                    f"LoRA {path} factor {name} has shape {tuple(factors[name].shape)}, "
-                    f"expected {shape} (rank {lora.rank})"
-                )
-
-
-# Options of a PEFT LoraConfig that change the math and are not implemented, with their no-op
-# values.
-_UNSUPPORTED = {
-    "use_dora": (False, None),
-    "fan_in_fan_out": (False, None),
-    "bias": ("none", None),
-    "rank_pattern": ({}, None),
-    "alpha_pattern": ({}, None),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "lora_bias": (False, None),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, {}),
-    "use_qalora": (False, None),
-    "exclude_modules": (None, [], ""),
-    "alora_invocation_tokens": (None, []),
-    "layer_replication": (None, []),
-}
-
-
-def _peft_targets(target_modules, n_layers: int) -> set[tuple[int, str]]:
-    """(layer, HF module name) pairs that PEFT's target_modules selects among ours."""
-    names = [(i, hf) for i in range(n_layers) for hf in HF_MODULES.values()]
-    full = lambda i, hf: f"model.layers.{i}.{hf}"
-    if target_modules == "all-linear":
-        return set(names)
-    if isinstance(target_modules, str):
-        return {(i, hf) for i, hf in names if re.fullmatch(target_modules, full(i, hf))}
-    targets = list(target_modules or [])
-    return {
-        (i, hf)
-        for i, hf in names
-        if any(full(i, hf) == t or full(i, hf).endswith("." + t) for t in targets)
-    }
+    lora_peft.save_peft(cfg, lora, path, base_model_name_or_path)
 
 
 def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> LoraParams:
@@ -402,97 +308,6 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
     Every targeted module must be adapted in every layer with the config's rank; DoRA,
     per-module rank/alpha patterns, LoRA biases, modules_to_save and the like are rejected.
     """
-    path = Path(path)
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (config_path, weights_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: {path} is not a PEFT adapter directory")
-    config = json.loads(config_path.read_text())
-    where = str(config_path)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'")
-    for option, neutral in _UNSUPPORTED.items():
-        value = config.get(option)
-        if option in config and value not in neutral:
-            raise ValueError(
-                f"{where}: {option}={value!r} is not supported; expected {neutral[0]!r}"
-            )
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    dropout = float(config.get("lora_dropout") or 0.0)
-    _validate_hparams(rank, alpha if alpha is not None else -1, dropout)
+    from jaxpost import lora_peft
 
-    # Through the flax loader, which reads bfloat16 (numpy's cannot); factors are small.
-    weights = {
-        k: np.asarray(v, dtype=np.float32)
-        for k, v in safetensors.flax.load_file(str(weights_path)).items()
-    }
-    found: dict[tuple[int, str, str], np.ndarray] = {}
-    unexpected = []
-    for name, array in weights.items():
-        m = _KEY.fullmatch(name)
-        if m is None or int(m.group(1)) >= cfg.num_layers:
-            unexpected.append(name)
-        else:
-            found[(int(m.group(1)), m.group(2), m.group(3))] = array
-    if unexpected:
-        raise ValueError(
-            f"{weights_path}: unexpected tensor {unexpected[0]!r}"
-            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
-            + f"; expected base_model.model.model.layers.{{0..{cfg.num_layers - 1}}}."
-            "{self_attn.[qkvo]_proj|mlp.(gate|up|down)_proj}.lora_[AB].weight"
-        )
-    selected = _peft_targets(config.get("target_modules"), cfg.num_layers)
-    in_weights = {(i, hf) for i, hf, _ in found}
-    modules = sorted({hf for _, hf in selected | in_weights})
-    for i in range(cfg.num_layers):
-        for hf in modules:
-            for ab in "AB":
-                if (i, hf, ab) not in found:
-                    name = f"base_model.model.model.layers.{i}.{hf}.lora_{ab}.weight"
-                    why = (
-                        "jaxpost adapts a module in every layer or in none"
-                        if (i, hf) not in selected
-                        else f"target_modules={config.get('target_modules')!r} selects it"
-                    )
-                    raise ValueError(f"{weights_path}: missing tensor {name!r} ({why})")
-    extra = sorted(in_weights - selected)
-    if extra:
-        raise ValueError(
-            f"{weights_path}: holds factors for model.layers.{extra[0][0]}.{extra[0][1]}, "
-            f"which target_modules={config.get('target_modules')!r} does not select"
-        )
-
-    kernels = _kernels(cfg)
-    ours = {hf: key for key, hf in HF_MODULES.items()}
-    tree: dict = {"layers": {}}
-    paths = []
-    for hf in modules:
-        block, module = ours[hf]
-        path_ = f"layers/{block}/{module}/kernel"
-        _, fan_in, fan_out = kernels[path_][0]
-        a, b = [], []
-        for i in range(cfg.num_layers):
-            for ab, want, out in (("A", (rank, fan_in), a), ("B", (fan_out, rank), b)):
-                t = found[(i, hf, ab)]
-                if t.shape != want:
-                    raise ValueError(
-                        f"{weights_path}: model.layers.{i}.{hf}.lora_{ab}.weight has shape "
-                        f"{t.shape}, expected {want} (r={rank} from {CONFIG_FILE}, "
-                        f"{cfg.model_type} dims from the model config)"
-                    )
-                out.append(t.T)
-        tree["layers"].setdefault(block, {})[module] = {
-            "a": jnp.asarray(np.stack(a), dtype),
-            "b": jnp.asarray(np.stack(b), dtype),
-        }
-        paths.append(path_)
-    return LoraParams(
-        tree,
-        int(rank),
-        float(alpha),
-        bool(config.get("use_rslora", False)),
-        dropout,
-        tuple(sorted(paths)),
-        _axes_meta(sorted(paths), kernels),
-        config.get("base_model_name_or_path"),
-    )
+    return lora_peft.load_peft(cfg, path, dtype)
