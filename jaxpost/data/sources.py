@@ -52,13 +52,18 @@ class JsonlSource:
                     lines.append(lineno)
                 pos += len(line)
         self._offsets, self._lengths, self._lines = offsets, lengths, lines
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = None
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def __getitem__(self, i: int) -> bytes:
+        if self._fd is None:  # opened lazily, so a pickled copy (a worker process) reopens it
+            self._fd = os.open(self.path, os.O_RDONLY)
         return os.pread(self._fd, self._lengths[i], self._offsets[i])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
 
     def where(self, i: int) -> str:
         return f"{self.name} row {self._lines[i]}"

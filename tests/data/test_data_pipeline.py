@@ -1,13 +1,14 @@
 """Pipeline: sources, bad inputs, shuffling, epochs, process shards, iterator state."""
 
 import json
+import pickle
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jaxpost.data import DataError, MalformedRow, Pipeline, PipelineConfig
+from jaxpost.data import DataError, MalformedRow, Pipeline, PipelineConfig, open_source
 from jaxpost.data.tasks import arithmetic
 
 TOK = arithmetic.tokenizer()
@@ -59,6 +60,9 @@ def test_sources_give_identical_batches(tmp_path):
     want = _take(Pipeline(rows, TOK, cfg).iterator(), 5)
     for src in ("d.jsonl", "d.parquet", "d.array_record"):
         _assert_same(_take(Pipeline(tmp_path / src, TOK, cfg).iterator(), 5), want)
+    # a source survives pickling (grain worker processes) and reopens its file
+    src = open_source(jsonl)
+    assert src[7] == pickle.loads(pickle.dumps(src))[7] and src.where(7) == "d.jsonl row 8"
     # several files are read as one dataset
     two = Pipeline([jsonl, tmp_path / "d.parquet"], TOK, cfg, shuffle=False)
     assert two.num_rows == 80
