@@ -181,6 +181,11 @@ class Pipeline:
         where, row = self._reader.read(int(i))
         try:
             return self._encoder(row, where)
+        except (DataError, MalformedRow):
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            # e.g. a role the chat template rejects: say which row, keep the tokenizer's reason
+            raise DataError(f"{where}: could not tokenize the row: {e}") from e
         except formats.Dropped as e:
             self.dropped[where] = e.reason
             if len(self.dropped) >= len(self._shard):

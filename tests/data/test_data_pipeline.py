@@ -199,3 +199,13 @@ def test_packing_efficiency_is_reported():
     assert report["examples_per_row"] >= 1.8
     with pytest.raises(ValueError, match="packing is not supported for the 'preference'"):
         PipelineConfig(format="preference", packing=True)
+
+
+def test_tokenizer_rejection_names_the_row():
+    rows = _rows(3)
+    rows[1] = {
+        "messages": [{"role": "tool", "content": "1"}, {"role": "assistant", "content": "2"}]
+    }
+    pipe = Pipeline(rows, TOK, max_length=96, batch_size=3, shuffle=False, **ONE_PROCESS)
+    with pytest.raises(DataError, match=r"<memory> row 2: could not tokenize the row: message 0"):
+        next(pipe.iterator())
