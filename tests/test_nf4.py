@@ -13,7 +13,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from jaxpost import lora, models, nf4
+from jaxpost import lora, models, nf4, sharding
+
+forward = jax.jit(models.forward, static_argnums=0)
 
 
 def _gaussian(seed: int, shape, std: float = 0.02) -> np.ndarray:
@@ -213,7 +215,6 @@ def test_qlora_forward_and_sft_step(tiny_params):
         plain["layers"][block][module] = {
             "kernel": nf4.dequantize(qparams["layers"][block][module]["kernel_nf4"], shape)
         }
-    forward = jax.jit(models.forward, static_argnums=0)
     np.testing.assert_allclose(
         forward(TINY, qparams, tokens, lora=lp), forward(TINY, plain, tokens), atol=1e-5
     )
@@ -246,3 +247,17 @@ def test_qlora_forward_and_sft_step(tiny_params):
     assert state_size == 2 * lora_size  # Adam's two moments
     for g in jax.tree.leaves(grads):
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
+
+
+def test_qlora_forward_sharded_over_a_mesh(tiny_params):
+    """The trainer's path: NF4 base and LoRA placed by their logical axes on 8 devices."""
+    qparams = nf4.quantize_base(TINY, tiny_params)
+    lp = jax.tree.map(lambda x: x + 0.01, lora.init(TINY, qparams, rank=4, alpha=8))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    axes = nf4.quantized_logical_axes(models.logical_axes(TINY), qparams)
+    placed = jax.device_put(qparams, sharding.tree_shardings(qparams, axes, mesh))
+    placed_lora = jax.device_put(lp, sharding.tree_shardings(lp, lora.logical_axes(lp), mesh))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 128, (4, 17)), jnp.int32)
+    with sharding.use_mesh(mesh):
+        sharded = forward(TINY, placed, tokens, lora=placed_lora)
+    np.testing.assert_allclose(sharded, forward(TINY, qparams, tokens, lora=lp), atol=1e-5)
