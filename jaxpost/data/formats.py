@@ -120,10 +120,11 @@ def encode_pair(
         ids, mask = tokenizer.encode_chat(
             prompt_msgs + _as_messages(completion, "assistant"), add_generation_prompt=False
         )
-        # Assistant turns inside a multi-turn prompt are context here, not trained.
-        n_prompt = len(encode_prompt(tokenizer, prompt_msgs))
-        mask = [0] * min(n_prompt, len(mask)) + list(mask[n_prompt:])
-        return list(ids), mask
+        if any(m["role"] == "assistant" for m in prompt_msgs):
+            # Assistant turns inside a multi-turn prompt are context here, not trained.
+            n_prompt = len(tokenizer.encode_chat(prompt_msgs, add_generation_prompt=False)[0])
+            mask = [0] * min(n_prompt, len(mask)) + list(mask[n_prompt:])
+        return list(ids), [int(m) for m in mask]
     p = _with_bos(tokenizer, tokenizer.encode(prompt))
     c = _with_eos(tokenizer, tokenizer.encode(completion))
     return p + c, [0] * len(p) + [1] * len(c)
