@@ -85,7 +85,6 @@ class SafetensorsFile:
                 f"{path}: truncated safetensors file: the header declares "
                 f"{self.data_start + end_of_data} bytes, the file has {size}"
             )
-        self._map = np.memmap(path, np.uint8, mode="r")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
@@ -93,10 +92,14 @@ class SafetensorsFile:
     def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
         """tensor[index] as an in-memory array in the file's dtype (only those bytes are read)."""
         dtype, shape, start = self.entries[name]
-        nbytes = math.prod(shape) * dtype.itemsize
-        offset = self.data_start + start
-        flat = self._map[offset : offset + nbytes].view(dtype)
-        return np.array(flat.reshape(shape)[index])
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype)[index]
+        # A map per read, dropped right after the copy, so pages already read do not stay
+        # resident (they would count against the process like a second copy of the weights).
+        mapped = np.memmap(self.path, dtype, mode="r", offset=self.data_start + start, shape=shape)
+        out = np.array(mapped[index])
+        del mapped  # the last reference: unmaps
+        return out
 
 
 def write(path: Path, tensors: list[tuple[str, Callable[[], np.ndarray], Any]]) -> None:
