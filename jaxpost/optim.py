@@ -114,8 +114,9 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(config: OptimizerConfig | None = None, **kwargs) -> Optimizer:
     """The optimizer named by `config.name` (or kwargs), with clipping, schedule and decay mask.
 
-    Names: adamw (adam is adamw with weight_decay 0 allowed), adafactor (optax's, factored
-    second moments, decay rate as weight_decay), lion, sgd (b1 = momentum).
+    Names: adamw (adam is the same with its weight_decay), adafactor (optax's factored second
+    moments; learning_rate is absolute, not relative to parameter scale), lion, sgd (b1 is the
+    momentum, 0 for none).
     """
     if config is None:
         known = {f.name for f in dataclasses.fields(OptimizerConfig)}
@@ -138,6 +139,9 @@ def make_optimizer(config: OptimizerConfig | None = None, **kwargs) -> Optimizer
             weight_decay_rate=wd or None,
             weight_decay_mask=decay_mask,
             eps=max(c.eps, 1e-30),
+            # learning_rate is the step size itself, as for the other optimizers (HF's
+            # scale_parameter=False), not a fraction of each parameter's RMS.
+            multiply_by_parameter_scale=False,
         )
     elif c.name == "lion":
         tx = optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=wd, mask=decay_mask)

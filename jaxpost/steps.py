@@ -347,7 +347,7 @@ def train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, train_part)
     new_train = optax.apply_updates(train_part, updates)
     metrics = _normalise(loss_sum, weight, aux)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["tokens"] = _token_count(batch)
     schedule = getattr(optimizer, "schedule", None)
     if schedule is not None:

@@ -1,0 +1,88 @@
+"""Mesh construction, logical-axis specs, multi-process initialisation and global batches."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxpost import sharding
+
+
+def test_make_mesh_and_errors():
+    mesh = sharding.make_mesh(2, -1, 2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="at most one may be -1"):
+        sharding.make_mesh(-1, -1, 1)
+    with pytest.raises(ValueError, match="has 16 devices"):
+        sharding.make_mesh(4, 2, 2)
+
+
+def test_logical_spec_drops_non_dividing_axes():
+    mesh = sharding.make_mesh(2, 2, 2)
+    assert sharding.logical_to_spec((8, 16), ("batch", "length"), mesh) == P(("data", "fsdp"), None)
+    # One KV head cannot split over tensor=2; 6 rows split over data only.
+    assert sharding.logical_to_spec((32, 1), ("embed", "kv_heads"), mesh) == P("fsdp", None)
+    assert sharding.logical_to_spec((6, 4), ("batch", None), mesh) == P("data", None)
+    with pytest.raises(KeyError, match="no sharding rule"):
+        sharding.logical_to_spec((4,), ("nonsense",), mesh)
+
+
+def test_global_batch_places_rows_on_the_batch_axes():
+    rng = np.random.default_rng()
+    mesh = sharding.make_mesh(2, 2, 2)
+    local = {
+        "tokens": rng.integers(0, 100, (8, 5)).astype(np.int32),
+        "loss_mask": rng.random((8, 5)).astype(np.float32),
+    }
+    out = sharding.global_batch(local, mesh)
+    for name, x in out.items():
+        np.testing.assert_array_equal(np.asarray(x), local[name])
+        assert x.sharding.spec == P(("data", "fsdp"), None)
+        for shard in x.addressable_shards:
+            np.testing.assert_array_equal(shard.data, local[name][shard.index])
+            assert shard.data.shape == (2, 5)
+    with pytest.raises(ValueError, match="'tokens' with local shape \\(6, 5\\)"):
+        sharding.global_batch({"tokens": local["tokens"][:6]}, mesh)
+
+
+@pytest.fixture
+def no_dist_env(monkeypatch):
+    for var in (sharding.ENV_COORDINATOR, sharding.ENV_NUM_PROCESSES, sharding.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda k, v: updates.append((k, v)))
+    return calls, updates
+
+
+def test_initialize_distributed_sources(no_dist_env, monkeypatch):
+    calls, updates = no_dist_env
+    assert sharding.initialize_distributed() is False  # nothing configured: one process
+    assert sharding.initialize_distributed(config={"num_processes": 1}) is False
+    assert calls == []
+
+    assert sharding.initialize_distributed(
+        config={"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    )
+    assert calls[-1]["coordinator_address"] == "10.0.0.1:1234"
+    assert (calls[-1]["num_processes"], calls[-1]["process_id"]) == (4, 3)
+    assert updates[-1] == ("jax_cpu_collectives_implementation", "gloo")
+
+    monkeypatch.setenv(sharding.ENV_COORDINATOR, "127.0.0.1:999")
+    monkeypatch.setenv(sharding.ENV_NUM_PROCESSES, "2")
+    monkeypatch.setenv(sharding.ENV_PROCESS_ID, "1")
+    assert sharding.initialize_distributed(process_id=0)  # arguments win over the environment
+    assert calls[-1]["coordinator_address"] == "127.0.0.1:999"
+    assert (calls[-1]["num_processes"], calls[-1]["process_id"]) == (2, 0)
+
+
+def test_initialize_distributed_errors(no_dist_env, monkeypatch):
+    with pytest.raises(ValueError, match="half configured"):
+        sharding.initialize_distributed(num_processes=2)
+    with pytest.raises(ValueError, match="out of range"):
+        sharding.initialize_distributed("127.0.0.1:1", 2, 2)
+    monkeypatch.setenv(sharding.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
+        sharding.initialize_distributed()
+    assert no_dist_env[0] == []

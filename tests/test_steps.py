@@ -1,0 +1,284 @@
+"""Train / eval steps: exact accumulation, mesh invariance, one compilation, trainable-only
+optimizer state, decay masks, schedules and optimizers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpost import lora, models, nf4, sharding, steps
+from jaxpost.losses import sft_loss, token_logprobs
+
+CFG = models.ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    model_type="qwen3",
+    qk_norm=True,
+)
+ONE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _packed_batch(rng, b=8, t=24):
+    """Rows packed with two segments, rows padded at the end, and loss masks whose counts differ
+    across the stride-4 micro-batches (row r keeps ~r + 2 target tokens)."""
+    tokens = rng.integers(1, CFG.vocab_size, (b, t)).astype(np.int32)
+    targets = np.roll(tokens, -1, 1)
+    seg = np.ones((b, t), np.int32)
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    mask = np.zeros((b, t), np.float32)
+    for r in range(b):
+        if r % 2 == 0:  # packed: two examples, positions restart, no target across the seam
+            cut = int(rng.integers(6, t - 6))
+            seg[r, cut:] = 2
+            pos[r, cut:] = np.arange(t - cut)
+            mask[r, : cut - 1] = 1.0
+            mask[r, cut : t - 1] = 1.0
+        else:  # padded: a shorter example, the rest is segment 0
+            end = int(rng.integers(8, t))
+            seg[r, end:] = 0
+            tokens[r, end:] = 0
+            mask[r, : end - 1] = 1.0
+        keep = rng.permutation(np.flatnonzero(mask[r]))[: r + 2]
+        mask[r] = 0.0
+        mask[r, keep] = 1.0
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": mask,
+        "segment_ids": seg,
+        "positions": pos,
+    }
+
+
+def _params(rng, trainable):
+    base = models.init(CFG, jax.random.key(int(rng.integers(1 << 30))))
+    if trainable == "full":
+        return {"base": base, "lora": None}
+    lp = lora.init(CFG, base, rank=4, alpha=8, key=jax.random.key(int(rng.integers(1 << 30))))
+    # Non-zero B so that A gets gradients too.
+    lp = jax.tree.map(lambda x: x + 0.05 * jnp.asarray(rng.normal(size=x.shape), x.dtype), lp)
+    return {"base": base, "lora": lp}
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_accumulation_equals_one_big_batch(trainable):
+    rng = np.random.default_rng()
+    params = _params(rng, trainable)
+    batch = _packed_batch(rng)
+    sgd = steps.make_optimizer(
+        name="sgd", learning_rate=1.0, b1=0.0, schedule="constant", max_grad_norm=None
+    )
+    results = {}
+    for k in (1, 4):
+        state = steps.init_train_state(CFG, _copy(params), sgd, ONE, trainable=trainable)
+        old = _copy(state.params)
+        step = steps.make_train_step(CFG, sft_loss, sgd, ONE, trainable=trainable, grad_accum=k)
+        state, metrics = step(state, batch)
+        delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, state.params, old)
+        results[k] = (jax.device_get(metrics), delta)
+    (m1, d1), (m4, d4) = results[1], results[4]
+    assert m1["tokens"] == m4["tokens"] == batch["loss_mask"].sum()
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-6)
+    flat1, flat4 = (np.concatenate([x.ravel() for x in jax.tree.leaves(d)]) for d in (d1, d4))
+    assert np.linalg.norm(flat1) > 0
+    assert np.linalg.norm(flat4 - flat1) / np.linalg.norm(flat1) <= 1e-6
+    if trainable == "lora":  # the base is frozen
+        assert all(np.all(x == 0) for x in jax.tree.leaves(d1["base"]))
+
+    # The micro-batches (rows j, j+4) hold different token counts, so averaging per-micro-batch
+    # means would be wrong by far more than the tolerance above.
+    counts = [batch["loss_mask"][j::4].sum() for j in range(4)]
+    assert len(set(counts)) > 1
+    logp = jax.jit(lambda p, b: token_logprobs(CFG, p, b)["logp"])(params, batch)
+    per_token = -np.asarray(logp) * batch["loss_mask"]
+    micro_means = [per_token[j::4].sum() / counts[j] for j in range(4)]
+    assert abs(np.mean(micro_means) - m1["loss"]) > 1e-3 * m1["loss"]
+
+
+def test_mesh_of_8_devices_matches_one_device():
+    """5 LoRA SFT steps (AdamW, 2 micro-batches) on data=2, fsdp=2, tensor=2 vs 1 device."""
+    rng = np.random.default_rng()
+    params = _params(rng, "lora")
+    batches = [_packed_batch(rng) for _ in range(5)]
+    opt = steps.make_optimizer(name="adamw", learning_rate=1e-2, warmup_steps=2, total_steps=5)
+    losses = {}
+    for name, mesh in (("one", ONE), ("eight", sharding.make_mesh(2, 2, 2))):
+        state = steps.init_train_state(CFG, _copy(params), opt, mesh, trainable="lora")
+        step = steps.make_train_step(CFG, sft_loss, opt, mesh, trainable="lora", grad_accum=2)
+        losses[name] = []
+        for batch in batches:
+            state, metrics = step(state, batch)
+            losses[name].append(float(metrics["loss"]))
+        if name == "eight":  # the state really is spread: Adam's moments follow their factors
+            mu = state.opt_state[1][0].mu.params["layers"]["attn"]["q"]
+            assert (
+                mu["a"].sharding.spec
+                == state.params["lora"].params["layers"]["attn"]["q"]["a"].sharding.spec
+            )
+            assert mu["b"].sharding.spec[2] == "tensor"
+    np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
+    assert losses["one"][-1] < losses["one"][0]
+
+
+def test_lora_step_compiles_once_keeps_base_and_optimizes_only_lora():
+    rng = np.random.default_rng()
+    params = _params(rng, "lora")
+    opt = steps.make_optimizer(name="adamw", learning_rate=1e-2, warmup_steps=3, total_steps=5)
+    state = steps.init_train_state(CFG, params, opt, ONE, trainable="lora")
+
+    # Optimizer state: only LoRA-shaped moments and scalar counts, nothing of the base.
+    lora_leaves = jax.tree.leaves(state.params["lora"])
+    opt_leaves = jax.tree.leaves(state.opt_state)
+    lora_shapes = sorted(x.shape for x in lora_leaves)
+    assert sorted(x.shape for x in opt_leaves if x.ndim) == sorted(lora_shapes * 2)
+    assert sum(x.size for x in opt_leaves) <= 2 * sum(x.size for x in lora_leaves) + 4
+
+    train_step = steps.make_train_step(CFG, sft_loss, opt, ONE, trainable="lora")
+    eval_step = steps.make_eval_step(CFG, sft_loss, ONE)
+    batches = [_packed_batch(rng) for _ in range(5)]
+    before = eval_step(state, batches[0])
+    base_ptr = state.params["base"]["layers"]["mlp"]["up"]["kernel"].unsafe_buffer_pointer()
+    base_before = _copy(state.params["base"])
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: (
+            compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
+    for i, batch in enumerate(batches):
+        if i == 1:
+            compiles.clear()
+        state, metrics = train_step(state, batch)
+        if i == 0:
+            np.testing.assert_allclose(metrics["loss"], before["loss"], rtol=1e-6)
+        assert float(metrics["tokens"]) == batch["loss_mask"].sum()
+        want = (i + 1) / 3 if i < 3 else 0.5 * (1 + math.cos(math.pi * (i - 3) / 2))
+        np.testing.assert_allclose(metrics["learning_rate"], 1e-2 * want, rtol=1e-6)
+    jax.block_until_ready(state)
+    assert compiles == [], f"recompiled during steps 2-5: {compiles}"
+    assert train_step.traces == 1
+    assert int(state.step) == 5
+
+    # The frozen base is returned untouched, in the same (donated, aliased) buffer.
+    kernel = state.params["base"]["layers"]["mlp"]["up"]["kernel"]
+    assert kernel.unsafe_buffer_pointer() == base_ptr
+    for a, b in zip(jax.tree.leaves(state.params["base"]), jax.tree.leaves(base_before)):
+        np.testing.assert_array_equal(a, b)
+    after = eval_step(state, batches[0])
+    assert float(after["loss"]) < float(before["loss"])
+    assert float(after["weight_sum"]) == batches[0]["loss_mask"].sum()
+
+
+def test_decay_mask():
+    params = jax.eval_shape(lambda: models.init(CFG, jax.random.key(0)))
+    mask = steps.decay_mask(params)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    for path, decays in flat.items():
+        expected = ("kernel" in path or "embedding" in path) and "norm" not in path
+        assert decays == expected, path
+    assert flat["['layers']['attn']['q']['kernel']"]
+    assert not flat["['layers']['attn_norm']['scale']"]  # [L, D] but a norm
+    assert not flat["['layers']['attn']['q_norm']['scale']"]
+    lp = lora.init(CFG, params, rank=2)
+    assert all(jax.tree.leaves(steps.decay_mask(lp)))
+    biased = models.ModelConfig(**{**CFG.__dict__, "qkv_bias": True})
+    pb = jax.eval_shape(lambda: models.init(biased, jax.random.key(0)))
+    assert not steps.decay_mask(pb)["layers"]["attn"]["q"]["bias"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules(kind):
+    peak, warm, total, ratio = 3e-4, 4, 20, 0.1
+    lr = steps.make_schedule(peak, kind, warm, total, min_lr_ratio=ratio)
+    end = peak * ratio
+    for s in range(0, 26):
+        if s < warm:
+            want = peak * (s + 1) / warm
+        else:
+            p = min(max((s - warm) / (total - warm), 0.0), 1.0)
+            want = {
+                "cosine": end + (peak - end) * 0.5 * (1 + math.cos(math.pi * p)),
+                "linear": peak + (end - peak) * p,
+                "constant": peak,
+            }[kind]
+        np.testing.assert_allclose(float(lr(s)), want, rtol=1e-6, err_msg=f"{kind} step {s}")
+    with pytest.raises(ValueError, match="schedule"):
+        steps.make_schedule(peak, "exponential")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "adafactor", "lion", "sgd"])
+def test_optimizers_minimise_a_quadratic(name):
+    rng = np.random.default_rng()
+    target = {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "b": jnp.zeros(5)}
+    opt = steps.make_optimizer(
+        name=name, learning_rate=0.05, schedule="constant", weight_decay=0.0, max_grad_norm=10.0
+    )
+    params = jax.tree.map(jnp.zeros_like, target)
+    state = opt.init(params)
+    loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)
+
+    @jax.jit
+    def update(params, state):
+        g = jax.grad(loss)(params)
+        u, state = opt.update(g, state, params)
+        return optax.apply_updates(params, u), state, u
+
+    params, state, first = update(params, state)
+    if name == "lion":  # first Lion update: -lr * sign(g)
+        g = jax.grad(loss)(jax.tree.map(jnp.zeros_like, target))
+        np.testing.assert_allclose(first["w"], -0.05 * np.sign(g["w"]), rtol=1e-6)
+    start = float(loss(jax.tree.map(jnp.zeros_like, target)))
+    for _ in range(60):
+        params, state, _ = update(params, state)
+    assert float(loss(params)) < 0.5 * start, name
+
+
+def test_weight_decay_skips_masked_leaves():
+    opt = steps.make_optimizer(
+        name="adamw", learning_rate=0.1, weight_decay=0.5, schedule="constant", max_grad_norm=None
+    )
+    params = {
+        "layers": {"mlp_norm": {"scale": jnp.ones((2, 4))}},
+        "w": {"kernel": jnp.ones((3, 3))},
+    }
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    np.testing.assert_allclose(updates["w"]["kernel"], -0.1 * 0.5 * np.ones((3, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(updates["layers"]["mlp_norm"]["scale"], 0.0)
+
+
+def test_bad_configurations():
+    rng = np.random.default_rng(0)
+    params = _params(rng, "lora")
+    opt = steps.make_optimizer(name="sgd", learning_rate=0.1)
+    with pytest.raises(ValueError, match="params\\['lora'\\] None"):
+        steps.init_train_state(CFG, params, opt, ONE, trainable="full")
+    with pytest.raises(ValueError, match="lora.init"):
+        steps.init_train_state(CFG, {**params, "lora": None}, opt, ONE, trainable="lora")
+    quantized = {"base": nf4.quantize_base(CFG, params["base"]), "lora": None}
+    with pytest.raises(ValueError, match="NF4"):
+        steps.init_train_state(CFG, quantized, opt, ONE, trainable="full")
+    with pytest.raises(ValueError, match="optimizer name"):
+        steps.make_optimizer(name="adagrad")
+    with pytest.raises(TypeError, match="unknown options"):
+        steps.make_optimizer(learning_rat=1e-3)
+    with pytest.raises(ValueError, match="grad_accum"):
+        steps.make_train_step(CFG, sft_loss, opt, ONE, grad_accum=0)
+    state = steps.init_train_state(CFG, params, opt, ONE, trainable="lora")
+    step = steps.make_train_step(CFG, sft_loss, opt, ONE, grad_accum=3)
+    with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
+        step(state, _packed_batch(rng))
