@@ -183,39 +183,52 @@ def pallas(
     kv_specs = [
         pl.BlockSpec((None, None, page_size, d), page_map(c)) for c in range(pages_per_block)
     ]
-    out = pl.pallas_call(
-        functools.partial(
-            _kernel,
-            page_size=page_size,
-            pages_per_block=pages_per_block,
-            softcap=None if softcap is None else float(softcap),
-            scale=float(scale),
-        ),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(b, kvh, pl.cdiv(m, pages_per_block)),
-            in_specs=[q_spec, *kv_specs, *kv_specs],
-            out_specs=q_spec,
-            scratch_shapes=[
-                pltpu.VMEM((groups, 1), jnp.float32),
-                pltpu.VMEM((groups, 1), jnp.float32),
-                pltpu.VMEM((groups, d), jnp.float32),
-            ],
-        ),
-        out_shape=jax.ShapeDtypeStruct((b, kvh, groups, d), q.dtype),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")
-        ),
-        interpret=_dispatch.interpret() if interpret is None else interpret,
-    )(
-        lengths.astype(jnp.int32),
-        page_table.astype(jnp.int32).reshape(-1),  # 1-D: SMEM pads 2-D arrays heavily
-        win,
-        q.reshape(b, kvh, groups, d),
-        *[k_pages] * pages_per_block,
-        *[v_pages] * pages_per_block,
+
+    def run(q, k_pages, v_pages, lengths, page_table, win):
+        kvh_local = k_pages.shape[0]  # per shard under a mesh that splits the KV heads
+        out = pl.pallas_call(
+            functools.partial(
+                _kernel,
+                page_size=page_size,
+                pages_per_block=pages_per_block,
+                softcap=None if softcap is None else float(softcap),
+                scale=float(scale),
+            ),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3,
+                grid=(b, kvh_local, pl.cdiv(m, pages_per_block)),
+                in_specs=[q_spec, *kv_specs, *kv_specs],
+                out_specs=q_spec,
+                scratch_shapes=[
+                    pltpu.VMEM((groups, 1), jnp.float32),
+                    pltpu.VMEM((groups, 1), jnp.float32),
+                    pltpu.VMEM((groups, d), jnp.float32),
+                ],
+            ),
+            out_shape=jax.ShapeDtypeStruct((b, kvh_local, groups, d), q.dtype),
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "arbitrary")
+            ),
+            interpret=_dispatch.interpret() if interpret is None else interpret,
+        )(
+            lengths.astype(jnp.int32),
+            page_table.astype(jnp.int32).reshape(-1),  # 1-D: SMEM pads 2-D arrays heavily
+            win,
+            q.reshape(b, kvh_local, groups, d),
+            *[k_pages] * pages_per_block,
+            *[v_pages] * pages_per_block,
+        )
+        return out.reshape(b, kvh_local * groups, d)
+
+    # The pool is shared by all slots: split only the (KV) heads, as the engine lays pages out.
+    heads = "kv_heads" if _dispatch.sharded_over("kv_heads", kvh) else None
+    pages = (heads, None, None, None)
+    return _dispatch.per_shard(
+        run,
+        (q, k_pages, v_pages, lengths, page_table, win),
+        ((None, heads, None), pages, pages, None, None, None),
+        out_rank=3,
     )
-    return out.reshape(b, h, d)
 
 
 def paged_attention(

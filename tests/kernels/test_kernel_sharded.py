@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import models
-from jaxpost.kernels import flash_attention, fused_logprobs
+from jaxpost.kernels import flash_attention, fused_logprobs, paged_attention
 from jaxpost.sharding import make_mesh, use_mesh
 
 
@@ -59,3 +59,23 @@ def test_sharded_kernels_match_single_device_fwd_and_bwd():
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for g, r, name in zip(got, want, ("dq", "dk", "dv", "d hidden", "d w")):
         np.testing.assert_allclose(g, r, atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+def test_paged_attention_under_mesh_splits_kv_heads():
+    """The engine shards the page pool over KV heads (tensor) and replicates slots."""
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (3, 4, 8))
+    k_pages = jax.random.normal(ks[1], (2, 10, 4, 8))
+    v_pages = jax.random.normal(ks[2], (2, 10, 4, 8))
+    lengths = jnp.array([5, 1, 12], jnp.int32)
+    table = jax.random.permutation(ks[3], 10)[:9].reshape(3, 3).astype(jnp.int32)
+
+    def attend(*args):
+        return paged_attention.pallas(*args, sliding_window=6, softcap=10.0, pages_per_block=2)
+
+    args = (q, k_pages, v_pages, lengths, table)
+    with use_mesh(make_mesh(data=2, fsdp=2, tensor=2)):
+        assert "shard_map" in str(jax.make_jaxpr(attend)(*args))
+        got = jax.jit(attend)(*args)
+    want = paged_attention.reference(*args, sliding_window=6, softcap=10.0)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
