@@ -231,6 +231,11 @@ class Engine:
     def _state_shardings(self):
         if self._mesh is None:
             return None
+        if self._jit_cache.get("state_shardings") is None:
+            self._jit_cache["state_shardings"] = self._build_state_shardings()
+        return self._jit_cache["state_shardings"]
+
+    def _build_state_shardings(self):
         rep = replicated(self._mesh)
         shape = (
             self.cfg.num_layers,
@@ -343,7 +348,6 @@ class Engine:
         self._table[slot] = self.allocator.table_row(slot)
         self._active[slot], self._len_bound[slot], self._limit[slot] = True, n, limit
         self._variant[slot] = sp.variant
-        key = jax.random.key_data(jax.random.fold_in(jax.random.key(sp.seed), sample_index))
         eos = np.full((MAX_EOS,), -1, np.int32)
         eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
         fn = self._compiled(
@@ -354,14 +358,15 @@ class Engine:
             (prefix.k, prefix.v, prefix.hidden, prefix.length),
             np.int32(slot),
             self._table[slot].copy(),
-            np.array([limit - n, sp.top_k], np.int32),
+            np.array([limit - n, sp.top_k, sp.seed, sample_index], np.int32),
             np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
-            key,
             eos,
         )
 
-    def _insert_fn(self, st: DecodeState, prefix, slot, row, ints, floats, key, eos):
+    def _insert_fn(self, st: DecodeState, prefix, slot, row, ints, floats, eos):
         k, v, hidden, length = prefix
+        # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
+        key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
         page_size = self.page_size
         pos = jnp.arange(k.shape[1])
         pages = jnp.where(pos < length, row[jnp.minimum(pos // page_size, row.shape[0] - 1)], 0)

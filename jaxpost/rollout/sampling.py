@@ -63,6 +63,8 @@ class SamplingParams:
             problems.append(f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
         if not 0 <= self.min_p < 1:
             problems.append(f"min_p={self.min_p} must be in [0, 1) (0 disables it)")
+        if not -(2**31) <= self.seed < 2**31:
+            problems.append(f"seed={self.seed} must fit in int32")
         if not self.n >= 1:
             problems.append(f"n={self.n} must be >= 1")
         if any(len(s) == 0 for s in self.stop):
