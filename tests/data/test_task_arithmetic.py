@@ -120,6 +120,10 @@ def test_write_jsonl(tmp_path):
     path = tmp_path / "test.jsonl"
     assert arithmetic.write_jsonl(rows, path) == 20
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+    from jaxpost.data.tasks.__main__ import main
+
+    main(["arithmetic", "--split=test", "--n=20", f"--out={tmp_path / 'cli.jsonl'}"])
+    assert (tmp_path / "cli.jsonl").read_text() == path.read_text()
 
 
 def test_bad_arguments():
