@@ -96,7 +96,7 @@ def test_custom_targets(params):
     lp = lora.init(CFG, params, rank=2, targets=[r"layers/attn/(q|v)/kernel", r".*/down/.*"])
     assert lp.modules == (("attn", "q"), ("attn", "v"), ("mlp", "down"))
     lp = _randomize(lp, 3)
-    merged = lora.merge(CFG, params, lp)
+    merged = jax.jit(lora.merge, static_argnums=0)(CFG, params, lp)
     for block, module in (("attn", "k"), ("mlp", "up")):
         np.testing.assert_array_equal(
             merged["layers"][block][module]["kernel"], params["layers"][block][module]["kernel"]
@@ -126,7 +126,7 @@ def test_merge_equals_partitioned_forward(params, use_rslora):
         "lir,lro->lio", np.asarray(f["a"], np.float64), np.asarray(f["b"], np.float64)
     )
     np.testing.assert_allclose(merged["layers"]["mlp"]["gate"]["kernel"], want, atol=1e-6)
-    unmerged = lora.unmerge(CFG, merged, lp)
+    unmerged = jax.jit(lora.unmerge, static_argnums=0)(CFG, merged, lp)
     for x, y in zip(jax.tree.leaves(unmerged), jax.tree.leaves(params)):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
