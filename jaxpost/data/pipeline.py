@@ -35,7 +35,10 @@ class PipelineConfig:
     """format: one of formats.FORMATS. batch_size: rows per batch on this process.
     num_epochs: None repeats forever. truncation: formats.TRUNCATION. chat_template: wrap
     string prompts / completions as user / assistant turns (False: raw text, base-model style).
-    num_packing_bins: rows the first-fit packer fills at once (default batch_size).
+    packing: pack sequence formats (messages, prompt_completion, text); prompt_answer batches
+    are always padded prompts, whatever this says. num_packing_bins: rows the first-fit packer
+    fills at once (default batch_size). drop_remainder: drop a final partial batch (finite
+    epochs), so every batch has the same shape and nothing recompiles.
     process_index / process_count: default jax.process_index() / jax.process_count()."""
 
     format: str = "messages"
@@ -64,10 +67,10 @@ class PipelineConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
-        if self.packing and self.format in ("preference", "prompt_answer"):
+        if self.packing and self.format == "preference":
             raise ValueError(
-                f"packing is not supported for the {self.format!r} format (its examples are "
-                "consumed per pair / per prompt); set packing=False"
+                "packing is not supported for the 'preference' format (the loss pairs the "
+                "chosen and rejected sides row by row); set packing=False"
             )
 
 

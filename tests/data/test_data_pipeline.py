@@ -199,6 +199,8 @@ def test_packing_efficiency_is_reported():
     assert report["examples_per_row"] >= 1.8
     with pytest.raises(ValueError, match="packing is not supported for the 'preference'"):
         PipelineConfig(format="preference", packing=True)
+    prompts = Pipeline(_rows(8), TOK, format="prompt_answer", packing=True, **ONE_PROCESS)
+    assert next(prompts.iterator())["prompt_tokens"].shape == (8, 256)  # padded, not packed
 
 
 def test_tokenizer_rejection_names_the_row():
