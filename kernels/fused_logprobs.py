@@ -292,6 +292,25 @@ def _fused_bwd(cfg: _Cfg, res, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+_VMEM_BUDGET = 48 << 20  # under v7x's 64 MiB VMEM with room for Mosaic's own scratch
+
+
+def _vmem_bytes(block_n: int, block_v: int, d: int, item: int) -> int:
+    """VMEM estimate: double-buffered h, W and output tiles, a few float32 [bn, bv]
+    temporaries, the float32 accumulator of the backward kernels, and slack."""
+    tiles = 2 * 2 * (block_n * d + d * block_v) * item
+    return tiles + 8 * block_n * block_v * 4 + 4 * max(block_n, block_v) * d + (2 << 20)
+
+
+def _default_blocks(d: int, item: int) -> tuple[int, int]:
+    block_n, block_v = 256, 512
+    while _vmem_bytes(block_n, block_v, d, item) > _VMEM_BUDGET and block_v > 128:
+        block_v //= 2
+    while _vmem_bytes(block_n, block_v, d, item) > _VMEM_BUDGET and block_n > 128:
+        block_n //= 2
+    return block_n, block_v
+
+
 def pallas(
     hidden: jax.Array,
     w: jax.Array,
@@ -301,11 +320,15 @@ def pallas(
     with_entropy: bool = False,
     with_logit_mean: bool = False,
     compute_dtype=None,
-    block_n: int = 256,
-    block_v: int = 512,
+    block_n: int | None = None,
+    block_v: int | None = None,
     interpret: bool | None = None,
 ) -> dict[str, jax.Array]:
     """The Pallas fused log-probs; same signature and outputs as `reference`, plus blocks.
+
+    Default blocks: 256 tokens x 512 vocabulary entries, halved (vocab first, down to 128) until
+    the VMEM estimate fits 48 MiB, which large hidden sizes need (D = 4096 keeps 256 x 512 in
+    bf16, D = 8192 gets 256 x 256). Explicit blocks are used as given.
 
     N is padded to a multiple of block_n (padding rows are dropped); V needs no padding: the
     last vocab block's columns past V are masked inside the kernel, so W is never copied.
@@ -318,12 +341,13 @@ def pallas(
             "expected hidden [N, D], w [D, V], targets [N]"
         )
     compute_dtype = jnp.dtype(compute_dtype or hidden.dtype)
-    block_n = min(block_n, -(-n // 8) * 8)
-    block_v = vocab if vocab <= block_v else block_v
-    # VMEM: double-buffered h and W tiles, a few f32 [bn, bv] temporaries, the f32 accumulators.
     item = max(hidden.dtype.itemsize, w.dtype.itemsize)
-    vmem = 2 * 2 * (block_n * d + d * block_v) * item + 8 * block_n * block_v * 4
-    vmem += 4 * (block_n * d + d * block_v) + (2 << 20)
+    if block_n is None and block_v is None:
+        block_n, block_v = _default_blocks(d, item)
+    block_n = min(block_n or 256, -(-n // 8) * 8)
+    block_v = block_v or 512
+    block_v = vocab if vocab <= block_v else block_v
+    vmem = _vmem_bytes(block_n, block_v, d, item)
     cfg = _Cfg(
         vocab=vocab,
         block_n=block_n,
@@ -331,7 +355,7 @@ def pallas(
         softcap=None if softcap is None else float(softcap),
         compute_dtype=compute_dtype.name,
         interpret=_dispatch.interpret() if interpret is None else interpret,
-        vmem_limit=int(max(vmem, 32 << 20)),
+        vmem_limit=int(max(vmem, 32 << 20)),  # above the 16 MiB scoped default of v4 / v5e
     )
 
     def run(hidden, w, targets):
