@@ -3,7 +3,7 @@
 
 No TPU here: `pl.lower_as_mlir(..., platforms=["tpu"])` runs the Pallas -> Mosaic lowering on
 CPU (it rejects ops and block shapes Mosaic cannot express); libtpu's own layout passes run only
-on a TPU host. Shapes are the realistic ones (bf16, head_dim 128, 128-blocks).
+on a TPU host. Shapes are the realistic ones (bf16, head_dim 128, default blocks).
 """
 
 import jax
@@ -31,8 +31,9 @@ def test_flash_attention_fwd_bwd_lowers_to_mosaic():
         out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(out)
 
-    q, kv = S((2, 256, 8, 128), BF16), S((2, 256, 2, 128), BF16)
-    n = _mosaic_calls(fwd_bwd, q, kv, kv, S((2, 256), jnp.int32), S((), jnp.int32))
+    # T = 1100: three 512-blocks after padding, so the causal index clamping is lowered too.
+    q, kv = S((2, 1100, 8, 128), BF16), S((2, 1100, 2, 128), BF16)
+    n = _mosaic_calls(fwd_bwd, q, kv, kv, S((2, 1100), jnp.int32), S((), jnp.int32))
     assert n >= 3  # forward, dq, dk/dv
 
 
