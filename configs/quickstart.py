@@ -5,7 +5,7 @@ LoRA-SFT it, printing held-out accuracy before and after LoRA SFT. No downloads;
   python -m jaxpost.train --config=configs/quickstart.py
 
 Variants (after a colon): `:test` runs a few steps of each stage (the test suite's smoke run);
-`:size=tiny|small` picks the model. Any key can be overridden, e.g.
+`:size=tiny|mini|small` picks the model (mini: 0.8M parameters). Any key can be overridden, e.g.
   python -m jaxpost.train --config=configs/quickstart.py --config.train.steps=100
 """
 
@@ -15,7 +15,7 @@ from jaxpost import config as jconfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = jconfig.parse_arg(arg, test=False, size="small")
+    arg = jconfig.parse_arg(arg, test=False, size="mini")
     c = jconfig.defaults()
     c.algorithm = "sft"
     c.workdir = "/tmp/jaxpost/quickstart"
@@ -45,10 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 300
     c.train.batch_size = 32
     c.train.log_every = 25
-    c.train.eval_every = 100
+    c.train.eval_every = 150
     c.train.eval_batches = 2
 
-    c.checkpoint.every = 100
+    c.checkpoint.every = 150
     c.checkpoint.keep_last = 2
     c.export.peft_adapter = True
     c.export.merged_hf = False

@@ -64,7 +64,8 @@ def describe(tree) -> dict[str, list]:
 
 def _mismatches(saved: dict[str, list], target: dict[str, list], limit: int = 8) -> list[str]:
     lines = []
-    for path in sorted(set(saved) | set(target)):
+    # Parameters first: they name the model / LoRA difference; optimizer leaves follow.
+    for path in sorted(set(saved) | set(target), key=lambda p: (not p.startswith("params/"), p)):
         if path not in target:
             lines.append(f"{path}: in the checkpoint, not in this run")
         elif path not in saved:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 from typing import Any
@@ -82,6 +83,8 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.task = _fieldref(None, str)  # a built-in task from jaxpost.data.tasks
+    # Keyword arguments of the task's generate_split (e.g. max_digits for arithmetic).
+    c.data.task_options = ml_collections.ConfigDict()
     c.data.train_path = _fieldref(None, str)
     c.data.eval_path = _fieldref(None, str)
     c.data.format = "messages"
@@ -180,7 +183,7 @@ def _type_name(t: type) -> str:
 def _check_keys(cfg, schema, problems: list[str]) -> None:
     flat, flat_schema = _flatten(cfg), _flatten(schema)
     for path, ref in flat.items():
-        if path.startswith("model.arch."):
+        if path.startswith(("model.arch.", "data.task_options.")):
             continue
         if path not in flat_schema:
             parent = path.rpartition(".")[0]
@@ -233,6 +236,29 @@ def _check_arch(cfg, problems: list[str]) -> None:
         model_config(cfg)
     except (TypeError, ValueError) as e:
         problems.append(f"model.arch: {e}")
+
+
+def _check_task_options(cfg, problems: list[str]) -> None:
+    options = cfg.data.task_options.to_dict()
+    if not options:
+        return
+    if cfg.data.task is None:
+        problems.append(f"data.task_options {sorted(options)} are set but data.task is None")
+        return
+    from jaxpost.data import tasks
+
+    if cfg.data.task not in tasks.TASKS:
+        problems.append(f"data.task={cfg.data.task!r}; built-in tasks are {sorted(tasks.TASKS)}")
+        return
+    params = inspect.signature(tasks.get(cfg.data.task).generate_split).parameters
+    accepted = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY)
+    for key in sorted(set(options) - set(accepted)):
+        near = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)
+        hint = f"; did you mean 'data.task_options.{near[0]}'?" if near else ""
+        problems.append(
+            f"unknown config key 'data.task_options.{key}' (task {cfg.data.task!r} accepts "
+            f"{accepted}){hint}"
+        )
 
 
 def _check_values(cfg, problems: list[str], num_devices: int | None) -> None:
@@ -311,6 +337,7 @@ def validate(
     _check_keys(cfg, defaults(), problems)
     if not problems:
         _check_arch(cfg, problems)
+        _check_task_options(cfg, problems)
         _check_values(cfg, problems, num_devices)
         if cfg.algorithm not in loops.RECIPES:
             near = difflib.get_close_matches(cfg.algorithm, sorted(loops.RECIPES), n=1)

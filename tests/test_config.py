@@ -134,3 +134,13 @@ def test_parse_arg_variants_and_typo():
     assert arg.cpu is True and arg.size == "small" and arg.steps == 7
     with pytest.raises(jconfig.ConfigError, match="did you mean 'size'"):
         jconfig.parse_arg("szie=small", cpu=False, size="tiny")
+
+
+def test_task_options_checked_against_the_task():
+    cfg = _cfg()
+    cfg.data.task_options.max_digits = 2
+    jconfig.validate(cfg)
+    cfg.data.task_options.max_digit = 2
+    msg = _problems(cfg)
+    assert "'data.task_options.max_digit'" in msg
+    assert "did you mean 'data.task_options.max_digits'" in msg

@@ -145,7 +145,7 @@ def _config(workdir: Path, **overrides):
     cfg.workdir = str(workdir)
     cfg.pretrain.steps, cfg.train.eval_every, cfg.data.num_eval_examples = 0, 0, 0
     cfg.metrics.tensorboard = cfg.metrics.plot = False
-    cfg.train.steps, cfg.checkpoint.every = 12, 4
+    cfg.train.steps, cfg.checkpoint.every, cfg.checkpoint.keep_every = 12, 4, 4
     for key, value in overrides.items():
         section, name = key.split("__")
         cfg[section][name] = value
@@ -168,7 +168,12 @@ def _run_in_process(cfg):
 def test_restore_on_a_different_mesh_and_bad_checkpoints(tmp_path):
     from jaxpost.checkpoint import CheckpointError
 
-    args = [*SHORT, "--config.train.steps=12", "--config.checkpoint.every=4"]
+    args = [
+        *SHORT,
+        "--config.train.steps=12",
+        "--config.checkpoint.every=4",
+        "--config.checkpoint.keep_every=4",
+    ]
     work = tmp_path / "mesh"
     _run(work, *args, devices=1)
     one_device = _losses(work)

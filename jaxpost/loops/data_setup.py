@@ -8,6 +8,7 @@ Batches are this process's share of the global batch (`batch_size // process_cou
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import jax
@@ -27,14 +28,15 @@ def task_and_tokenizer(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _task_rows(name: str, seed: int, n: int, split: str) -> tuple[dict, ...]:
-    return tuple(tasks.get(name).generate_split(seed, n, split))
+def _task_rows(name: str, seed: int, n: int, split: str, options: str) -> tuple[dict, ...]:
+    return tuple(tasks.get(name).generate_split(seed, n, split, **json.loads(options)))
 
 
 def _source(cfg, split: str):
     if cfg.data.task is not None:
         n = cfg.data.num_train_examples if split == "train" else cfg.data.num_eval_examples
-        return list(_task_rows(cfg.data.task, cfg.seed, n, split)) if n else None
+        options = json.dumps(cfg.data.task_options.to_dict(), sort_keys=True)
+        return list(_task_rows(cfg.data.task, cfg.seed, n, split, options)) if n else None
     return cfg.data.train_path if split == "train" else cfg.data.eval_path
 
 
