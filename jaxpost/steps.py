@@ -229,6 +229,8 @@ def init_train_state(
     copied), or a function key -> params for a fresh model, which is shaped with jax.eval_shape
     and then run under jit with out_shardings, so no full copy ever exists on the host or on one
     device. The optimizer state is created the same way, for the trainable part only.
+    The state takes ownership of the arrays: the train step donates it, so arrays passed in are
+    invalid after the first step (read the trained ones from the returned state's params).
     """
     rng = jax.random.key(0) if rng is None else rng
     # The key enters the jitted inits as a constant, so every process builds the same values

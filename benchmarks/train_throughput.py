@@ -1,0 +1,298 @@
+"""Train throughput: jaxpost full and LoRA SFT steps against a plain PyTorch loop, in one run.
+
+  python benchmarks/train_throughput.py [--models 5M,50M] [--modes full,lora] [--steps 4]
+                                        [--out benchmarks/results/train_throughput.json]
+
+For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's shapes), sequence
+256, batch 8, AdamW:
+  jaxpost  `steps.make_train_step` + `losses.sft_loss` (fused chunked log-probs), one device;
+           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen
+  torch    the `transformers` Qwen3ForCausalLM of the same shape, torch CPU with 2 threads,
+           torch.optim.AdamW, loss from model(labels=...); LoRA through PEFT (same targets)
+Every workload runs in its own subprocess (clean peak RSS, fresh thread pools). Each timed step
+is bracketed by float32 matmul FLOP/s probes of the same framework (this machine's speed drifts
+by up to 2x, so the figure is taken in the same window as the step).
+
+MFU = FLOPs per step / step time / measured matmul FLOP/s, with FLOPs per token
+  full SFT:  6 N + 12 L d T       (N: parameters in matmuls, the input embedding excluded; with
+                                   tied embeddings the matrix counts once, as the LM head)
+  LoRA SFT:  4 N + 12 L d T + 6 N_lora   (no weight gradients for the frozen base)
+Peak memory is the worker process's peak RSS (the runtime's own ~0.3-0.5 GB included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SEQ, BATCH, RANK, ALPHA = 256, 8, 8, 16.0
+LR = 1e-4
+MODEL_SHAPES = {
+    # Qwen3-style: q/k norm, GQA, tied embeddings (as in rollout_throughput.py).
+    "5M": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+    ),  # fmt: skip
+    "50M": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+    ),  # fmt: skip
+}
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def matmul_params(shape: dict) -> dict[str, int]:
+    """Parameters that enter matmuls (N), total parameters and LoRA factor parameters."""
+    d, f, h, kv, hd = (shape[k] for k in ("hidden_size", "intermediate_size", "num_heads",
+                                           "num_kv_heads", "head_dim"))  # fmt: skip
+    v, layers = shape["vocab_size"], shape["num_layers"]
+    dims = {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}  # fmt: skip
+    per_layer = sum(i * o for i, o in dims.values())
+    norms = layers * (2 * d + 2 * hd) + d
+    n = layers * per_layer + d * v  # the tied matrix counted once, as the LM head
+    lora = layers * sum(RANK * (i + o) for i, o in dims.values())
+    return {"N": n, "total": n + norms, "lora": lora}
+
+
+def flops_per_token(shape: dict, mode: str) -> float:
+    p = matmul_params(shape)
+    attn = 12 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"] * SEQ
+    if mode == "full":
+        return 6 * p["N"] + attn
+    return 4 * p["N"] + attn + 6 * p["lora"]
+
+
+def _batch(rng, vocab):
+    import numpy as np
+
+    tokens = rng.integers(0, vocab, (BATCH, SEQ)).astype(np.int32)
+    return tokens
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# Workers -----------------------------------------------------------------------------------------
+
+
+def jax_worker(model: str, mode: str, steps_: int) -> dict:
+    import jax
+    import numpy as np
+    from common import matmul_flops
+
+    from jaxpost import lora, models, sharding, steps
+    from jaxpost.losses import sft_loss
+
+    cfg = models.ModelConfig(
+        **MODEL_SHAPES[model], qk_norm=True, tie_embeddings=True, model_type="qwen3",
+        rope_theta=1e6,
+    )  # fmt: skip
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = steps.make_optimizer(name="adamw", learning_rate=LR, schedule="constant")
+    base = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
+    lp = None
+    if mode == "lora":
+        targets = [rf"layers/(attn|mlp)/{t}/kernel" for t in TARGETS]
+        lp = lora.init(cfg, base, rank=RANK, alpha=ALPHA, targets=targets, key=jax.random.key(1))
+    trainable = "lora" if mode == "lora" else "full"
+    state = steps.init_train_state(cfg, {"base": base, "lora": lp}, opt, mesh, trainable=trainable)
+    del base, lp
+    train_step = steps.make_train_step(cfg, sft_loss, opt, mesh, trainable=trainable)
+    rng = np.random.default_rng(0)
+
+    def batch():
+        tokens = _batch(rng, cfg.vocab_size)
+        mask = np.ones((BATCH, SEQ), np.float32)
+        mask[:, -1] = 0.0
+        return {"tokens": tokens, "targets": np.roll(tokens, -1, 1), "loss_mask": mask}
+
+    t0 = time.perf_counter()
+    state, m = train_step(state, batch())
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    state, m = train_step(state, batch())
+    jax.block_until_ready(m)
+    records = []
+    for _ in range(steps_):
+        b = batch()
+        f0 = matmul_flops(1024, repeats=4)
+        t0 = time.perf_counter()
+        state, m = train_step(state, b)
+        loss = float(m["loss"])
+        dt = time.perf_counter() - t0
+        f1 = matmul_flops(1024, repeats=4)
+        records.append({"seconds": dt, "matmul_flops": (f0 + f1) / 2, "loss": loss})
+    return {"records": records, "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _torch_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def torch_worker(model: str, mode: str, steps_: int) -> dict:
+    import numpy as np
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    s = MODEL_SHAPES[model]
+    config = Qwen3Config(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+        head_dim=s["head_dim"], tie_word_embeddings=True, rope_theta=1e6,
+        max_position_embeddings=4096, attn_implementation="sdpa",
+    )  # fmt: skip
+    net = Qwen3ForCausalLM(config)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = [f"{t}_proj" for t in TARGETS]
+        net = get_peft_model(net, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=names))
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
+    rng = np.random.default_rng(0)
+
+    def step():
+        ids = torch.from_numpy(_batch(rng, s["vocab_size"]).astype(np.int64))
+        loss = net(input_ids=ids, labels=ids).loss  # HF shifts labels inside
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    t0 = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - t0
+    step()
+    records = []
+    for _ in range(steps_):
+        f0 = _torch_matmul_flops()
+        t0 = time.perf_counter()
+        loss = step()
+        dt = time.perf_counter() - t0
+        f1 = _torch_matmul_flops()
+        records.append({"seconds": dt, "matmul_flops": (f0 + f1) / 2, "loss": loss})
+    return {"records": records, "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+# Driver ------------------------------------------------------------------------------------------
+
+
+def run_worker(framework: str, model: str, mode: str, steps_: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, model, mode]
+    cmd += ["--steps", str(steps_)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{framework} {model} {mode} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(framework: str, model: str, mode: str, result: dict) -> dict:
+    shape = MODEL_SHAPES[model]
+    tokens = BATCH * SEQ
+    flops = flops_per_token(shape, mode) * tokens
+    recs = result["records"]
+    secs = statistics.median(r["seconds"] for r in recs)
+    mfu = statistics.median(flops / r["seconds"] / r["matmul_flops"] for r in recs)
+    return {
+        "model": model,
+        "params_M": matmul_params(shape)["total"] / 1e6,
+        "mode": mode,
+        "framework": framework,
+        "step_s": secs,
+        "tokens_per_s": tokens / secs,
+        "matmul_GFLOPs": statistics.median(r["matmul_flops"] for r in recs) / 1e9,
+        "MFU_%": 100 * mfu,
+        "peak_rss_MB": result["peak_rss_mb"],
+        "first_step_s": result["compile_s"],
+        "loss": recs[-1]["loss"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="5M,50M")
+    ap.add_argument("--modes", default="full,lora")
+    ap.add_argument("--frameworks", default="jax,torch")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "train_throughput.json"))  # fmt: skip
+    ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "MODEL", "MODE"))
+    args = ap.parse_args()
+    if args.worker:
+        framework, model, mode = args.worker
+        fn = jax_worker if framework == "jax" else torch_worker
+        print(json.dumps(fn(model, mode, args.steps)))
+        return
+
+    load = os.getloadavg()
+    rows = []
+    for model in args.models.split(","):
+        for mode in args.modes.split(","):
+            for framework in args.frameworks.split(","):
+                result = run_worker(framework, model, mode, args.steps)
+                row = summarise(framework, model, mode, result)
+                rows.append(row)
+                print(
+                    f"{model} {mode} {framework}: {row['tokens_per_s']:.0f} tok/s, "
+                    f"MFU {row['MFU_%']:.1f}%, peak {row['peak_rss_MB']:.0f} MB",
+                    flush=True,
+                )
+    by = {(r["model"], r["mode"], r["framework"]): r for r in rows}
+    for r in rows:
+        torch_row = by.get((r["model"], r["mode"], "torch"))
+        full_row = by.get((r["model"], "full", r["framework"]))
+        if r["framework"] == "jax" and torch_row:
+            r["x_torch"] = r["tokens_per_s"] / torch_row["tokens_per_s"]
+        if r["mode"] == "lora" and full_row:
+            r["x_full"] = r["tokens_per_s"] / full_row["tokens_per_s"]
+    from common import format_table
+
+    columns = ["model", "params_M", "mode", "framework", "step_s", "tokens_per_s", "x_torch",
+               "x_full", "matmul_GFLOPs", "MFU_%", "peak_rss_MB", "first_step_s"]  # fmt: skip
+    print()
+    print(format_table(rows, columns))
+    print(f"\nload average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"(1/5/15 min, {os.cpu_count()} CPUs); at end: {os.getloadavg()[0]:.2f}")  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        meta = {"seq": SEQ, "batch": BATCH, "lora_rank": RANK, "lora_alpha": ALPHA, "lr": LR,
+                "load_avg_start": load, "load_avg_end": os.getloadavg()}  # fmt: skip
+        json.dump({"rows": rows, "settings": meta, "args": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
