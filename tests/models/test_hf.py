@@ -18,6 +18,9 @@ import transformers
 from jaxpost import models, sharding
 from jaxpost.models import safetensors_io
 
+# One compilation per config (op-by-op eager dispatch is far slower on CPU).
+jit_forward = jax.jit(models.forward, static_argnums=0)
+
 # Tiny model fixtures -------------------------------------------------------------------------
 
 
@@ -154,7 +157,7 @@ def test_gemma3_multimodal_checkpoint_loads_its_language_model(layout, tmp_path)
     cfg, params = models.load_hf(tmp_path / "mm")
     assert cfg.model_type == "gemma3_text" and cfg.layer_types == ("local", "local", "global")
     ids = _ids(7, (2, 24))
-    ours = np.asarray(models.forward(cfg, params, jnp.asarray(ids, jnp.int32)))
+    ours = np.asarray(jit_forward(cfg, params, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, _hf_logits(model, ids), atol=1e-4, rtol=0)
 
     models.save_hf(cfg, params, tmp_path / "text")

@@ -17,6 +17,9 @@ import numpy as np
 
 from jaxpost import models
 
+# One compilation per config (op-by-op eager dispatch is far slower on CPU).
+jit_forward = jax.jit(models.forward, static_argnums=0)
+
 WORKER = Path(__file__).with_name("hf_multiprocess_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +59,7 @@ def test_two_process_load_and_save(tmp_path):
 
     cfg, params = models.load_hf(checkpoint)
     ids = jnp.asarray(hf_multiprocess_worker.token_ids())
-    want = np.asarray(models.forward(cfg, params, ids))
+    want = np.asarray(jit_forward(cfg, params, ids))
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, atol=1e-5, rtol=0)
     cfg2, saved = models.load_hf(tmp_path / "saved")
     assert cfg2 == cfg

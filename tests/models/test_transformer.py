@@ -11,6 +11,9 @@ import pytest
 
 from jaxpost import models
 
+# One compilation per config (op-by-op eager dispatch is far slower on CPU).
+jit_forward = jax.jit(models.forward, static_argnums=0)
+
 BASE = dict(
     vocab_size=96,
     hidden_size=32,
@@ -101,8 +104,8 @@ def test_scan_equals_loop(name):
     cfg = CONFIGS[name]
     params = _params(cfg, seed=2)
     tokens = _tokens(3, (2, 12))
-    scanned = models.forward(cfg, params, tokens)
-    looped = models.forward(cfg.replace(scan_layers=False), params, tokens)
+    scanned = jit_forward(cfg, params, tokens)
+    looped = jit_forward(cfg.replace(scan_layers=False), params, tokens)
     np.testing.assert_allclose(np.asarray(looped), np.asarray(scanned), atol=1e-4, rtol=0)
 
 
@@ -127,9 +130,9 @@ def test_bfloat16_close_to_float32():
     cfg = CONFIGS["gemma"]
     params = _params(cfg, seed=4)
     tokens = _tokens(5, (2, 12))
-    ref = np.asarray(models.forward(cfg, params, tokens))
+    ref = np.asarray(jit_forward(cfg, params, tokens))
     bf = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
-    out = models.forward(bf, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokens)
+    out = jit_forward(bf, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokens)
     assert out.dtype == jnp.float32  # logits stay float32
     # bf16 has 8 mantissa bits; through 3 layers the error stays a few percent of the range.
     err = np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()
