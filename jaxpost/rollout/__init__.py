@@ -6,9 +6,10 @@ API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_a
 """
 
 from jaxpost.rollout.driver import Completion, Driver, Request, generate
-from jaxpost.rollout.engine import DecodeState, Engine, Prefix, StepResult, prefill_bucket
+from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.paged_cache import PageAllocator, PagedKVCache, PagesExhausted
 from jaxpost.rollout.sampling import SamplingParams
+from jaxpost.rollout.state import DecodeState, Prefix, StepResult, prefill_bucket
 
 __all__ = [
     "Completion",

@@ -22,8 +22,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxpost.models.config import ModelConfig
-from jaxpost.rollout.engine import Engine, StepResult, prefill_bucket
+from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.sampling import SamplingParams
+from jaxpost.rollout.state import StepResult, prefill_bucket
 
 
 @dataclasses.dataclass
@@ -207,6 +208,12 @@ def _to_numpy(result) -> dict[str, np.ndarray]:
     }
 
 
+# Engines built by `generate`, most recently used last. Each holds its compiled functions and
+# the params of its last call (replaced, not accumulated, by the next call).
+_ENGINES: collections.OrderedDict = collections.OrderedDict()
+_MAX_CACHED_ENGINES = 4
+
+
 def generate(
     cfg: ModelConfig,
     params,
@@ -225,7 +232,8 @@ def generate(
 
     sampling_params: one for all prompts or one per prompt. params may be plain or
     {"base", "lora"}; `lora` (a tree or an object with .params/.scale) overrides. Pass a
-    prebuilt `engine` to reuse its compilations across calls (its params are swapped in).
+    prebuilt `engine` to control its sizes; otherwise an engine cached from an earlier call
+    with the same sizes is reused (its params swapped in), so repeated calls do not recompile.
     Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
     Each result has .tokens, .logprobs (raw model log-probs) and .finish_reason.
     """
@@ -239,21 +247,28 @@ def generate(
     if len(sps) != len(prompts):
         raise ValueError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
     if engine is None:
+        # Power-of-two sizes, so repeated calls (an RL loop) hit a cached, compiled engine.
         longest = max((len(p) for p in prompts), default=1)
         max_new = max((s.max_new_tokens for s in sps), default=1)
         max_prefill = prefill_bucket(max(longest, 1), 1 << 30)
-        engine = Engine(
-            cfg,
-            params,
-            lora=lora,
-            slots=slots,
-            max_len=max_prefill + max_new,
-            max_prefill_length=max_prefill,
-            page_size=page_size,
-            steps_per_call=steps_per_call,
-            mesh=mesh,
-        )
-    else:
-        engine.update_params(params, lora=lora)
+        max_len = max_prefill + prefill_bucket(max_new, 1 << 30, min_bucket=1)
+        key = (repr(cfg), slots, max_len, max_prefill, page_size, steps_per_call, mesh)
+        engine = _ENGINES.pop(key, None)
+        if engine is None:
+            engine = Engine(
+                cfg,
+                params,
+                lora=lora,
+                slots=slots,
+                max_len=max_len,
+                max_prefill_length=max_prefill,
+                page_size=page_size,
+                steps_per_call=steps_per_call,
+                mesh=mesh,
+            )
+        _ENGINES[key] = engine
+        while len(_ENGINES) > _MAX_CACHED_ENGINES:
+            del _ENGINES[next(iter(_ENGINES))]  # least recently used
+    engine.update_params(params, lora=lora)
     outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
     return [c for per_prompt in outs for c in per_prompt]

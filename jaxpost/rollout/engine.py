@@ -34,6 +34,14 @@ from jaxpost.models.kv_cache import DenseKVCache
 from jaxpost.rollout import sampling
 from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
 from jaxpost.rollout.sampling import SamplingParams
+from jaxpost.rollout.state import (
+    MAX_EOS,
+    DecodeState,
+    LoRAView,
+    Prefix,
+    StepResult,
+    split_params,
+)
 from jaxpost.sharding import (
     DEFAULT_RULES,
     logical_to_sharding,
@@ -41,86 +49,6 @@ from jaxpost.sharding import (
     tree_shardings,
     use_mesh,
 )
-
-MAX_EOS = 8  # eos ids per slot held on device
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """Everything a generate step transforms; one row per slot. B = max_concurrent_decodes."""
-
-    cache: PagedKVCache
-    hidden: jax.Array  # [B, D] final-normed hidden of the last cached token
-    generated: jax.Array  # [B] int32 tokens emitted so far
-    done: jax.Array  # [B] bool: idle or finished on device (eos / max_new_tokens)
-    max_new: jax.Array  # [B] int32
-    key_data: jax.Array  # [B, 2] uint32 raw PRNG key of the slot's sample
-    temperature: jax.Array  # [B] float32
-    top_k: jax.Array  # [B] int32
-    top_p: jax.Array  # [B] float32
-    min_p: jax.Array  # [B] float32
-    eos: jax.Array  # [B, MAX_EOS] int32, -1 padded
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Prefix:
-    """A prefilled prompt: k/v [L, T, KVH, D], hidden [D], length () int32 on device."""
-
-    k: jax.Array
-    v: jax.Array
-    hidden: jax.Array
-    length: jax.Array
-    true_length: int = dataclasses.field(metadata=dict(static=True))
-
-
-@dataclasses.dataclass
-class StepResult:
-    """Output of one `generate` call, K = steps_per_call, as one int32 array [B, 3K + 2].
-
-    Columns: tokens [0, K), valid [K, 2K), generated count [2K] (JetStream's ResultTokens
-    layout), log-probs bit-cast to int32 [2K+1, 3K+1), done [3K+1]. One array, one host copy.
-    """
-
-    data: jax.Array | np.ndarray
-    steps: int
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        d = np.asarray(self.data)
-        k = self.steps
-        return {
-            "tokens": d[:, :k],
-            "valid": d[:, k : 2 * k].astype(bool),
-            "lengths": d[:, 2 * k],
-            "logprobs": d[:, 2 * k + 1 : 3 * k + 1].view(np.float32),
-            "done": d[:, 3 * k + 1].astype(bool),
-        }
-
-
-class _LoRA:
-    """The (tree, scale) pair handed to models.apply inside jit; the scale is static."""
-
-    def __init__(self, params, scale: float):
-        self.params, self.scale = params, scale
-
-
-def split_params(params, lora=None) -> tuple[Any, Any, float]:
-    """(base, lora tree or None, lora scale) from params or {"base", "lora"} plus `lora`."""
-    if isinstance(params, dict) and "base" in params:
-        if lora is None:
-            lora = params.get("lora")
-        params = params["base"]
-    if lora is None:
-        return params, None, 1.0
-    if isinstance(lora, dict):
-        return params, lora, 1.0
-    return params, lora.params, float(lora.scale)
-
-
-def prefill_bucket(length: int, max_prefill_length: int, min_bucket: int = 16) -> int:
-    """Smallest power of two >= length (and >= min_bucket), capped at max_prefill_length."""
-    return min(max(min_bucket, 1 << max(0, length - 1).bit_length()), max_prefill_length)
 
 
 class Engine:
@@ -310,7 +238,7 @@ class Engine:
 
     def _prefill_fn(self, scale, base, lora_tree, tokens, true_length):
         cache = DenseKVCache.create(self.cfg, 1, tokens.shape[0])
-        lora = None if lora_tree is None else _LoRA(lora_tree, scale)
+        lora = None if lora_tree is None else LoRAView(lora_tree, scale)
         hidden, cache = models.apply(
             self.cfg, base, tokens[None], cache=cache, lora=lora, return_hidden=True
         )
@@ -428,7 +356,7 @@ class Engine:
         return state, StepResult(data, k)
 
     def _generate_fn(self, variant, scale, base, lora_tree, st: DecodeState, table, active):
-        lora = None if lora_tree is None else _LoRA(lora_tree, scale)
+        lora = None if lora_tree is None else LoRAView(lora_tree, scale)
         cfg = self.cfg
         cache = dataclasses.replace(
             st.cache, page_table=table, lengths=jnp.where(active, st.cache.lengths, 0)

@@ -22,8 +22,9 @@ import jax
 import numpy as np
 from jetstream.engine import engine_api, tokenizer_api, tokenizer_pb2
 
-from jaxpost.rollout.engine import Engine, Prefix
+from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.sampling import SamplingParams
+from jaxpost.rollout.state import Prefix
 
 # The prefill lengths JetStream's `token_utils.pad_tokens` pads to; max_prefill_length must be
 # one of them (pad_tokens looks it up with list.index).

@@ -7,6 +7,7 @@ import pytest
 
 from jaxpost import lora, models, rollout
 from jaxpost.losses.logprobs import token_logprobs
+from jaxpost.rollout import driver
 from jaxpost.sharding import make_mesh
 
 CFG = models.ModelConfig(
@@ -149,6 +150,12 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
     sharded = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4, mesh=mesh)
     single = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4)
     assert [o.tokens for o in sharded] == [o.tokens for o in single]
+    # A second call with the same sizes reuses the cached engine: nothing recompiles.
+    engine = next(reversed(driver._ENGINES.values()))
+    before = dict(engine.compilations)
+    again = rollout.generate(CFG, params, prompts[::-1], sp, slots=4, page_size=4)
+    assert [o.tokens for o in again] == [o.tokens for o in single][::-1]
+    assert engine.compilations == before
     engine = rollout.Engine(CFG, params, slots=4, max_len=64, max_prefill_length=32, mesh=mesh)
     state = engine.init_decode_state()
     # The pages really are split over the tensor axis (one KV head per device).
