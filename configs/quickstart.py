@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.num_eval_examples = 256
 
     # Stage 1: full training from random init ("pretraining") on the task.
-    c.pretrain.steps = 400
+    c.pretrain.steps = 200
     c.pretrain.learning_rate = 3e-3
     c.pretrain.batch_size = 32
 
@@ -45,10 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 300
     c.train.batch_size = 32
     c.train.log_every = 25
-    c.train.eval_every = 150
+    c.train.eval_every = 100
     c.train.eval_batches = 2
 
-    c.checkpoint.every = 150
+    c.checkpoint.every = 100
     c.checkpoint.keep_last = 2
     c.export.peft_adapter = True
     c.export.merged_hf = False

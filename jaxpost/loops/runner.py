@@ -77,6 +77,11 @@ class Run:
             if self.cfg.metrics.plot and self.cfg.metrics.jsonl:
                 png = plot_curves(self.writer.jsonl_path, self.workdir / "training_curves.png")
                 self.log(f"training curves: {png}")
+        if "accuracy_before" in self.summary:
+            self.log(
+                f"held-out accuracy: {self.summary['accuracy_before']:.1%} before "
+                f"{self.cfg.algorithm} -> {self.summary['accuracy_after']:.1%} after"
+            )
         self.log(f"done in {seconds:.0f} s; artifacts in {self.workdir}")
         self.close()
 
