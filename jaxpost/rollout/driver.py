@@ -3,7 +3,9 @@
 The loop: admit queued samples into free slots (prefill once per prompt, insert each of its n
 samples), dispatch one `generate` call, then read the previous call's tokens while the device
 works on the next one (one call in flight), retire finished samples (their pages return to the
-pool) and refill. A sample waits in the queue while no slot is free or the page pool cannot
+pool) and refill. A sample whose dispatched steps already cover its max_new_tokens is retired
+at dispatch time, without waiting for its tokens, so its slot is refilled one call earlier.
+A sample waits in the queue while no slot is free or the page pool cannot
 reserve its prompt + max_new_tokens; nothing is dropped.
 
 Works with any engine exposing the JetStream Engine API (`jaxpost.rollout.engine.Engine`, or
@@ -108,6 +110,8 @@ class Driver:
         owner: list[tuple[int, int] | None] = [None] * eng.max_concurrent_decodes
         state = eng.init_decode_state()
         in_flight: tuple | None = None  # (result, owners at dispatch)
+        steps = getattr(eng, "steps_per_call", None)  # None: unknown (a foreign engine)
+        dispatched_steps = [0] * eng.max_concurrent_decodes
         bar = tqdm(total=total, disable=not (progress if progress is not None else total >= 64))
         finished = 0
         while finished < total:
@@ -128,6 +132,7 @@ class Driver:
                 if prefixes[i][1] == 0:
                     del prefixes[i]
                 owner[slot] = (i, j)
+                dispatched_steps[slot] = 0
             if queue and in_flight is None and all(o is None for o in owner):
                 i, j = queue[0]
                 raise RuntimeError(
@@ -139,11 +144,30 @@ class Driver:
             if any(o is not None for o in owner):
                 state, result = eng.generate(self.params, state)
                 dispatched = (result, list(owner))
+                if steps is not None:
+                    self._free_surely_done(steps, dispatched_steps, requests, owner, free)
             if in_flight is not None:
                 finished += self._consume(in_flight, requests, outs, owner, free, bar)
             in_flight = dispatched
         bar.close()
         return outs
+
+    def _free_surely_done(self, steps, dispatched_steps, requests, owner, free) -> None:
+        """Free, before their tokens are read, slots whose dispatched steps cover max_new_tokens.
+
+        Such a slot is finished on the device once the calls already queued have run, so it
+        can take the next request now instead of one call later; its tokens are still read
+        from those calls (they record the owners at dispatch).
+        """
+        for slot, who in enumerate(owner):
+            if who is None:
+                continue
+            dispatched_steps[slot] += steps
+            if dispatched_steps[slot] >= requests[who[0]].sampling.max_new_tokens:
+                owner[slot] = None
+                free.append(slot)
+                if self.is_jaxpost:
+                    self.engine.release(slot)
 
     def _prefill(self, prompt: list[int]):
         eng = self.engine
@@ -162,8 +186,8 @@ class Driver:
         now = time.perf_counter()
         finished = 0
         for slot, who in enumerate(owners):
-            if who is None or owner[slot] != who:
-                continue  # idle, or retired after this call was dispatched
+            if who is None or outs[who[0]][who[1]].finish_reason is not None:
+                continue  # idle, or finished (its slot may already serve another request)
             i, j = who
             c, sp = outs[i][j], requests[i].sampling
             reason = None
@@ -186,10 +210,11 @@ class Driver:
                 reason = "length"  # the slot reached max_len before max_new_tokens
             if reason:
                 c.finish_reason, c.finished = reason, now
-                owner[slot] = None
-                free.append(slot)
-                if self.is_jaxpost:
-                    self.engine.release(slot)
+                if owner[slot] == who:  # not freed ahead by _free_surely_done
+                    owner[slot] = None
+                    free.append(slot)
+                    if self.is_jaxpost:
+                        self.engine.release(slot)
                 finished += 1
                 bar.update(1)
         return finished
