@@ -219,6 +219,7 @@ def prefix_match(a, b):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="5M,50M")
+    ap.add_argument("--workloads", default="uniform b1,uniform b16,mixed b16")
     ap.add_argument("--steps-per-call", type=int, default=8)
     ap.add_argument("--naive-steps", type=int, default=8)
     ap.add_argument("--out", default="rollout_throughput.json")
@@ -238,6 +239,8 @@ def main(argv=None):
         hf_model = load_hf_model(cfg, params)
         print(f"model {name}: {cfg.num_params() / 1e6:.1f}M parameters")
         for wname, (batch, prompts, news) in workloads(rng, cfg.vocab_size).items():
+            if wname not in args.workloads.split(","):
+                continue
             useful = int(sum(news))
             row = {"model": name, "workload": wname, "requests": len(prompts)}
             t, ours = run_jaxpost(cfg, params, batch, prompts, news, args.steps_per_call)
