@@ -4,6 +4,8 @@ bfloat16 stays close to float32, and eval_shape counts match `ModelConfig.num_pa
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,10 +59,11 @@ CONFIGS = {
 }
 
 
-def _params(cfg, seed=0):
+@functools.cache  # eager init of the Gemma-like config costs seconds; reuse it across tests
+def _params(cfg):
     # Scaled up from init's 0.02 so that logits and attention patterns are far from uniform.
-    p = models.init(cfg, jax.random.key(seed))
-    k = jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(p)))
+    p = models.init(cfg, jax.random.key(0))
+    k = jax.random.split(jax.random.key(1), len(jax.tree.leaves(p)))
     leaves = [
         x * 4.0 + 0.1 * jax.random.normal(kk, x.shape, x.dtype)
         for x, kk in zip(jax.tree.leaves(p), k)
@@ -102,7 +105,7 @@ def _loss(cfg, params, tokens):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_scan_equals_loop(name):
     cfg = CONFIGS[name]
-    params = _params(cfg, seed=2)
+    params = _params(cfg)
     tokens = _tokens(3, (2, 12))
     scanned = jit_forward(cfg, params, tokens)
     looped = jit_forward(cfg.replace(scan_layers=False), params, tokens)
@@ -111,7 +114,7 @@ def test_scan_equals_loop(name):
 
 def test_remat_keeps_loss_and_gradients():
     cfg = CONFIGS["gemma"]
-    params = _params(cfg, seed=2)
+    params = _params(cfg)
     tokens = _tokens(3, (2, 12))
 
     def run(remat):
@@ -128,7 +131,7 @@ def test_remat_keeps_loss_and_gradients():
 
 def test_bfloat16_close_to_float32():
     cfg = CONFIGS["gemma"]
-    params = _params(cfg, seed=4)
+    params = _params(cfg)
     tokens = _tokens(5, (2, 12))
     ref = np.asarray(jit_forward(cfg, params, tokens))
     bf = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
