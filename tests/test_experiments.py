@@ -1,0 +1,135 @@
+"""experiments/run_sweep.py: definitions, overrides, and a real 2-point LoRA rank sweep run through
+`python -m jaxpost.train` on the quickstart's `:test` settings (tables, plot, shared pretraining,
+resume by skipping finished points)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("run_sweep", REPO / "experiments" / "run_sweep.py")
+run_sweep = importlib.util.module_from_spec(_spec)
+sys.modules["run_sweep"] = run_sweep  # dataclasses look their module up while being built
+_spec.loader.exec_module(run_sweep)
+
+RANK_SWEEP = REPO / "experiments" / "lora_rank_sweep.py"
+# The smallest runs that still go through every stage: 2 pretraining + 2 LoRA steps, 8 eval
+# prompts, no periodic evaluation, a small generated train split.
+FAST = [
+    "pretrain.steps=2",
+    "train.steps=2",
+    "train.eval_every=0",
+    "checkpoint.every=2",
+    "data.num_train_examples=256",
+    "data.num_eval_examples=8",
+    "metrics.plot=False",
+]
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "sweep_def.py"
+    path.write_text(body)
+    return path
+
+
+def test_rank_sweep_definition():
+    sweep = run_sweep.load_definition(RANK_SWEEP)
+    assert sweep.base == "configs/quickstart.py"
+    assert [o["lora.rank"] for _, o in sweep.points] == [1, 2, 4, 8, 16]
+    assert sweep.share_pretrain
+    assert set(sweep.columns.values()) >= {"lora.rank", "trainable_params", "accuracy_after"}
+
+
+def test_definition_errors(tmp_path):
+    path = _write(tmp_path, "BASE = 'configs/quickstart.py'\nPOINTS = [('a', {}), ('a', {})]\n")
+    with pytest.raises(run_sweep.SweepError, match=r"\['a'\] appear more than once"):
+        run_sweep.load_definition(path)
+    path = _write(
+        tmp_path,
+        "BASE = 'configs/quickstart.py'\nSHARE_PRETRAIN = True\n"
+        "POINTS = [('a', {'lora.rank': 2}), ('b', {'pretrain.steps': 3})]\n",
+    )
+    with pytest.raises(run_sweep.SweepError, match=r"point 'b' overrides \['pretrain.steps'\]"):
+        run_sweep.load_definition(path)
+    with pytest.raises(run_sweep.SweepError, match="does not define POINTS"):
+        run_sweep.load_definition(_write(tmp_path, "BASE = 'configs/quickstart.py'\n"))
+
+
+def test_command_line_values():
+    cmd = run_sweep.train_command(
+        "configs/quickstart.py:test",
+        {"lora.rank": 4, "lora.alpha": 8.0, "export.merged_hf": True, "lora.targets": ("q",)},
+        Path("/tmp/w"),
+    )
+    assert cmd[1:] == [
+        "-m",
+        "jaxpost.train",
+        "--config=configs/quickstart.py:test",
+        "--config.lora.rank=4",
+        "--config.lora.alpha=8.0",
+        "--config.export.merged_hf=True",
+        "--config.lora.targets=('q',)",
+        "--config.workdir=/tmp/w",
+    ]
+    with pytest.raises(run_sweep.SweepError, match=r"override lora.rank=\{1\}"):
+        run_sweep.format_value("lora.rank", {1})
+    with pytest.raises(run_sweep.SweepError, match="expected key=value"):
+        run_sweep.parse_set(["train.steps"])
+
+
+def _lora_params(rank: int, layers=2, h=64, inter=192, heads=4, kv_heads=2, head_dim=16) -> int:
+    """(in + out) * r per adapted linear: q, k, v, o, gate, up, down."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h)
+    return layers * rank * per_layer
+
+
+def test_two_point_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [str(RANK_SWEEP), "--out", str(out), "--base", "configs/quickstart.py:test"]
+    argv += ["--only", "rank1,rank2"] + [a for s in FAST for a in ("--set", s)]
+    assert run_sweep.main(argv) == 0
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["point"] for r in rows] == ["rank1", "rank2"]
+    for r, rank in zip(rows, (1, 2)):
+        assert int(r["lora.rank"]) == rank
+        assert int(r["trainable_params"]) == _lora_params(rank)
+        for key in ("accuracy_before", "accuracy_after"):
+            assert 0.0 <= float(r[key]) <= 1.0
+        for key in ("sft/loss", "sft_eval/loss"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0
+    # The pretraining is shared: identical base model, so identical accuracy before LoRA.
+    assert rows[0]["accuracy_before"] == rows[1]["accuracy_before"]
+    log2 = (out / "runs" / "rank2" / "train.log").read_text()
+    assert "[pretrain] resumed from step 2" in log2
+    assert "[pretrain] step" not in log2  # rank2 did not train the base again
+
+    table = (out / "results.md").read_text().strip().splitlines()
+    assert table[0].startswith("| rank r | trainable params |")
+    assert len(table) == 4  # header, rule, two points
+    for line, rank in zip(table[2:], (1, 2)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == str(rank) and cells[1] == f"{_lora_params(rank):,}"
+        assert all(c and float(c.replace(",", "")) >= 0 for c in cells)
+    assert (out / "results.png").stat().st_size > 1000
+
+    # Resume: finished points are skipped, not retrained.
+    capsys.readouterr()
+    assert run_sweep.main(argv) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2
+    # The same output directory with other settings is refused rather than mixed.
+    changed = argv[:-1] + ["data.num_eval_examples=4"]
+    assert run_sweep.main(changed) == 2
+    assert "with other settings" in capsys.readouterr().err
+    assert json.loads((out / "runs" / "rank1" / "sweep_point.json").read_text())["base"] == (
+        "configs/quickstart.py:test"
+    )
