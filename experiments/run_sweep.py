@@ -184,10 +184,10 @@ def run_point(sweep: Sweep, name: str, overrides: dict, runs: Path, log) -> bool
         return False
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec, indent=2))
-    if sweep.share_pretrain:
-        seed_pretrain(runs, workdir, spec, log)
     command = train_command(sweep.base, overrides, workdir)
     log(f"{name}: {' '.join(command[1:])}")
+    if sweep.share_pretrain:
+        seed_pretrain(runs, workdir, spec, log)
     with open(workdir / "train.log", "a") as out:
         code = subprocess.call(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if code != 0 or not (workdir / "summary.json").exists():

@@ -91,7 +91,10 @@ def _lora_params(rank: int, layers=2, h=64, inter=192, heads=4, kv_heads=2, head
     return layers * rank * per_layer
 
 
-def test_two_point_sweep(tmp_path, capsys):
+def test_two_point_sweep(tmp_path, capsys, monkeypatch):
+    # The training subprocesses get one CPU device, not the suite's 8 simulated ones: these
+    # runs check the sweep machinery, and a 1-device step compiles and runs several times faster.
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     out = tmp_path / "sweep"
     argv = [str(RANK_SWEEP), "--out", str(out), "--base", "configs/quickstart.py:test"]
     argv += ["--only", "rank1,rank2"] + [a for s in FAST for a in ("--set", s)]
