@@ -136,3 +136,39 @@ def test_two_point_sweep(tmp_path, capsys, monkeypatch):
     assert json.loads((out / "runs" / "rank1" / "sweep_point.json").read_text())["base"] == (
         "configs/quickstart.py:test"
     )
+
+
+def test_collect_takes_the_last_record_of_each_step(tmp_path):
+    """A resumed run appends to metrics.jsonl: the record written last for a step stands, and
+    the latest step of each split is the final value."""
+    import jax
+
+    from jaxpost import config as jconfig
+    from jaxpost import lora, models
+
+    spec = importlib.util.spec_from_file_location("quickstart_cfg", REPO / "configs/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("test")
+    (tmp_path / "config.json").write_text(jconfig.to_json(cfg))
+    (tmp_path / "summary.json").write_text(json.dumps({"accuracy_after": 0.25, "data": {}}))
+    records = [
+        {"step": 1, "split": "sft", "loss": 3.0, "loss_sum": 30.0},
+        {"step": 2, "split": "sft", "loss": 2.0},
+        {"step": 2, "split": "sft_eval", "loss": 2.5},
+        {"step": 2, "split": "sft", "loss": 1.5},  # the resumed run redid step 2
+        {"step": 1, "split": "pretrain", "loss": 4.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    model_cfg = jconfig.model_config(cfg)
+    base = jax.jit(models.init, static_argnums=0)(model_cfg, jax.random.key(0))
+    adapter = lora.init(model_cfg, base, rank=3, alpha=6.0, key=jax.random.key(1))
+    lora.save_peft(model_cfg, adapter, tmp_path / "export" / "peft_adapter")
+
+    row = run_sweep.collect(tmp_path)
+    assert row["accuracy_after"] == 0.25 and "data" not in row
+    assert (row["sft/loss"], row["sft_eval/loss"], row["pretrain/loss"]) == (1.5, 2.5, 4.0)
+    assert "sft/loss_sum" not in row
+    assert row["trainable_params"] == _lora_params(3)
+    assert row["total_params"] == model_cfg.num_params()
+    assert row["trainable_percent"] == pytest.approx(100 * _lora_params(3) / row["total_params"])
