@@ -4,6 +4,9 @@ LoRA-SFT it, printing held-out accuracy before and after LoRA SFT. No downloads;
 
   python -m jaxpost.train --config=configs/quickstart.py
 
+Measured on the shared 2-core CPU (load average ~11 from other jobs): held-out accuracy 2.7%
+after 200 pretraining steps -> 44.9% after 300 LoRA SFT steps; 914 s wall, 367 s of CPU time.
+
 Variants (after a colon): `:test` runs a few steps of each stage (the test suite's smoke run);
 `:size=tiny|mini|small` picks the model (mini: 0.8M parameters). Any key can be overridden, e.g.
   python -m jaxpost.train --config=configs/quickstart.py --config.train.steps=100
