@@ -216,7 +216,11 @@ class Engine:
     ) -> Prefix:
         """Run the prompt padded_tokens[:true_length] (padded_tokens: [T]) through the model."""
         if existing_prefix is not None:
-            raise NotImplementedError("prefill after an existing prefix is not supported")
+            # Prefix caching is not implemented: a continuation must be prefilled whole.
+            raise ValueError(
+                "existing_prefix is not supported by this engine (no prefix caching); prefill "
+                "the full prompt instead"
+            )
         padded = np.asarray(padded_tokens)
         if padded.ndim != 1:
             raise ValueError(f"padded_tokens must be 1-D [T], got shape {padded.shape}")

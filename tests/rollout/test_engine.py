@@ -181,6 +181,14 @@ def test_bad_inputs_raise_clear_errors(params):
         rollout.generate(CFG, params, [[1, 999]], engine=engine)
     with pytest.raises(ValueError, match="exceeds max_prefill_length=16"):
         engine.prefill(params=engine.params, padded_tokens=np.zeros(32, np.int32), true_length=3)
+    prefix = engine.prefill(params=engine.params, padded_tokens=np.ones(8, np.int32), true_length=3)
+    with pytest.raises(ValueError, match="existing_prefix is not supported"):
+        engine.prefill(
+            params=engine.params,
+            existing_prefix=prefix,
+            padded_tokens=np.ones(8, np.int32),
+            true_length=3,
+        )
 
 
 def test_greedy_tokens_are_the_same_with_the_paged_kernel_forced_on(params):
