@@ -82,7 +82,11 @@ class Linear(nn.Module):
             from jaxpost import nf4  # the quantized path is optional; keep the import local
 
             kernel = nf4.dequantize(self.get_variable("params", "kernel_nf4"), shape, self.dtype)
-        x = x.astype(self.dtype)
+        # Matmuls run on [tokens, in] 2-D views: with [B, T, in] operands XLA:CPU computes the
+        # weight gradient (a contraction over B and T) through a strided transpose of the
+        # activations' gradient, which cost ~30% of the backward pass (50M model).
+        lead = x.shape[:-1]
+        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a").astype(self.dtype)
@@ -100,7 +104,7 @@ class Linear(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return y.astype(self.dtype).reshape(*lead, self.features)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

@@ -124,6 +124,19 @@ def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     return x
 
 
+def _unstack(tree, n: int) -> list:
+    """The n per-layer trees of a tree stacked on axis 0 (None -> n Nones).
+
+    One split per leaf rather than n index slices: the gradient of a split is one concatenate,
+    while n slices transpose to n zero-padded full-size arrays summed together (O(n^2) traffic).
+    """
+    if tree is None:
+        return [None] * n
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [[p.squeeze(0) for p in jax.lax.split(leaf, [1] * n, axis=0)] for leaf in leaves]
+    return [jax.tree.unflatten(treedef, [part[i] for part in parts]) for i in range(n)]
+
+
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
@@ -198,14 +211,16 @@ def apply(
             ),
         )
     else:
-        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+        layer_params, layer_lora_list, layer_cache = (
+            _unstack(tree, cfg.num_layers) for tree in (params["layers"], layer_lora, cache_layers)
+        )
         outs = []
         for i in range(cfg.num_layers):
             x, new_cl = layer_fn(
                 x,
-                take(params["layers"], i),
-                take(layer_lora, i),
-                take(cache_layers, i),
+                layer_params[i],
+                layer_lora_list[i],
+                layer_cache[i],
                 jnp.asarray(inv_freqs[i]),
                 cfg.layer_windows[i],
                 None if layer_keys is None else layer_keys[i],
