@@ -32,6 +32,30 @@ def _check_batch(batch: dict) -> tuple[int, int]:
     return tokens.shape
 
 
+def final_hidden(
+    cfg: ModelConfig, params: dict, batch: dict, rng: jax.Array | None = None
+) -> jax.Array:
+    """The final normed hidden states [B, T, D] of batch["tokens"] (the LM head's input).
+
+    params: {"base": model params, "lora": LoraParams | plain LoRA tree | None}; rng: key for
+    LoRA dropout (ignored when the adapter has no dropout).
+    """
+    _check_batch(batch)
+    base, lora = params["base"], params.get("lora")
+    dropout_rng = rng if rng is not None and _dropout_rate(lora) > 0 else None
+    hidden, _ = models.apply(
+        cfg,
+        base,
+        batch["tokens"],
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        lora=lora,
+        return_hidden=True,
+        dropout_rng=dropout_rng,
+    )
+    return hidden
+
+
 def token_logprobs(
     cfg: ModelConfig,
     params: dict,
@@ -55,21 +79,10 @@ def token_logprobs(
     the loss mask are computed too: callers weight them by the mask.
     """
     b, t = _check_batch(batch)
-    base, lora = params["base"], params.get("lora")
-    dropout_rng = rng if rng is not None and _dropout_rate(lora) > 0 else None
-    hidden, _ = models.apply(
-        cfg,
-        base,
-        batch["tokens"],
-        positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"),
-        lora=lora,
-        return_hidden=True,
-        dropout_rng=dropout_rng,
-    )
+    hidden = final_hidden(cfg, params, batch, rng)
     out = _fused.fused_logprobs(
         hidden.reshape(b * t, cfg.hidden_size),
-        models.lm_head_kernel(cfg, base),
+        models.lm_head_kernel(cfg, params["base"]),
         batch["targets"].reshape(b * t).astype("int32"),
         softcap=cfg.final_logit_softcap,
         with_entropy=with_entropy,

@@ -17,7 +17,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxpost.losses.logprobs import token_logprobs
+from jaxpost import models
+from jaxpost.kernels import dispatch as _dispatch
+from jaxpost.losses.linear_cross_entropy import linear_cross_entropy
+from jaxpost.losses.logprobs import final_hidden, token_logprobs
 from jaxpost.models.config import ModelConfig
 
 
@@ -44,6 +47,8 @@ def sft_loss(
         raise ValueError(f"z_loss={z_loss}; expected a coefficient >= 0")
     if "loss_mask" not in batch:
         raise KeyError(f"batch has no 'loss_mask'; keys are {sorted(batch)}")
+    if not _dispatch.use_kernel(impl, "fused_logprobs", tpu_profitable=cfg.vocab_size >= 8192):
+        return _sft_loss_fused_grad(cfg, params, batch, rng, z_loss, label_smoothing)
     out = token_logprobs(
         cfg,
         params,
@@ -66,6 +71,28 @@ def sft_loss(
         per_token = per_token + z_loss * z
         aux["z_loss"] = jnp.sum(z * mask)
     return jnp.sum(per_token * mask), jnp.sum(mask), aux
+
+
+def _sft_loss_fused_grad(cfg, params, batch, rng, z_loss, label_smoothing):
+    """The XLA path: the same loss through `linear_cross_entropy`, which forms the LM head's
+    gradient while each chunk's logits are live instead of recomputing them in the backward."""
+    hidden = final_hidden(cfg, params, batch, rng)
+    b, t, d = hidden.shape
+    mask = batch["loss_mask"].astype(jnp.float32).reshape(b * t)
+    loss, stats = linear_cross_entropy(
+        hidden.reshape(b * t, d),
+        models.lm_head_kernel(cfg, params["base"]),
+        batch["targets"].reshape(b * t),
+        nll_weight=(1.0 - label_smoothing) * mask,
+        uniform_weight=label_smoothing * mask if label_smoothing > 0 else None,
+        z_weight=z_loss * mask if z_loss > 0 else None,
+        softcap=cfg.final_logit_softcap,
+        compute_dtype=cfg.dtype,
+    )
+    aux = {"nll": jnp.sum(stats["nll"] * mask)}
+    if z_loss > 0:
+        aux["z_loss"] = jnp.sum(stats["lse"] ** 2 * mask)
+    return loss, jnp.sum(mask), aux
 
 
 def make_sft_loss(z_loss: float = 0.0, label_smoothing: float = 0.0) -> Callable:
