@@ -103,9 +103,12 @@ def jax_worker(model: str, mode: str, steps_: int) -> dict:
     from jaxpost import lora, models, sharding, steps
     from jaxpost.losses import sft_loss
 
+    # The layer loop unrolled (scan_layers=False): with 4-8 layers compile time is no issue, and
+    # XLA:CPU's scan stacks every saved activation through dynamic-update-slices (~8% of the
+    # 50M step, measured with benchmarks/profile_train_step.py).
     cfg = models.ModelConfig(
         **MODEL_SHAPES[model], qk_norm=True, tie_embeddings=True, model_type="qwen3",
-        rope_theta=1e6,
+        rope_theta=1e6, scan_layers=False,
     )  # fmt: skip
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     opt = steps.make_optimizer(name="adamw", learning_rate=LR, schedule="constant")
