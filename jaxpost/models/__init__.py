@@ -12,6 +12,7 @@ from jaxpost.models.transformer import (
     lm_head_kernel,
     logical_axes,
     logits_from_hidden,
+    unstack_layers,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "logical_axes",
     "logits_from_hidden",
     "save_hf",
+    "unstack_layers",
 ]

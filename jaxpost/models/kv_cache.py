@@ -1,8 +1,14 @@
 """The dense KV cache: an explicit pytree the caller threads through prefill and decode.
 
-A cache type names its per-layer arrays in `LAYER_FIELDS` (each stacked with a leading layer
-axis) and implements `update_and_attend`, called by every attention layer with that layer's
-slice. The rollout engine's paged cache follows the same contract.
+A cache type names its per-layer arrays in `LAYER_FIELDS` and implements `update_and_attend`,
+called by every attention layer. Each field holds the layers in one of two layouts:
+  stacked    one array with a leading [L] axis: a layer scan carries it and every layer writes
+             its new tokens in place at [layer, ...] (`layer` is the scan's index);
+  per layer  a tuple of L arrays: the unrolled layer loop hands each layer its own buffer
+             (`layer` is None), so nothing is sliced out of a stack. XLA:CPU copies every slice
+             of a stacked array (weights or cache) before a matmul reads it, which doubled the
+             memory traffic of a decode step; the rollout engine uses this layout.
+The rollout engine's paged cache follows the same contract.
 """
 
 from __future__ import annotations
@@ -16,45 +22,82 @@ from jaxpost.kernels.flash_attention import attend, window_mask
 from jaxpost.models.config import ModelConfig
 
 
+def layer_array(arrays, layer) -> jax.Array:
+    """The array of one layer: `arrays` itself (per-layer layout, layer None) or arrays[layer]."""
+    return arrays if layer is None else arrays[layer]
+
+
+def write_layer(arrays, layer, index: tuple, values) -> jax.Array:
+    """arrays[(layer,) + index] = values, in place under donation / a scan carry."""
+    values = values.astype(arrays.dtype)
+    if layer is None:
+        return arrays.at[index].set(values, mode="drop")
+    return arrays.at[(layer, *index)].set(values, mode="drop")
+
+
+def make_layers(shape: tuple, dtype, num_layers: int, per_layer: bool):
+    """Zeros for one cache field: a tuple of L arrays of `shape`, or one [L, *shape] array."""
+    if per_layer:
+        return tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return jnp.zeros((num_layers, *shape), dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DenseKVCache:
-    """k, v: [L, B, S, KVH, D]. Slot s of a row holds the key/value of position s."""
+    """k, v: [L, B, S, KVH, D] (or L arrays [B, S, KVH, D]). Slot s of a row holds position s."""
 
-    k: jax.Array | None
-    v: jax.Array | None
+    k: jax.Array | tuple | None
+    v: jax.Array | tuple | None
 
     LAYER_FIELDS = ("k", "v")
 
     @classmethod
-    def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DenseKVCache:
+    def create(
+        cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool | None = None
+    ) -> DenseKVCache:
+        """per_layer: the layout (module docstring); default: per layer iff not cfg.scan_layers."""
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=make_layers(shape, dtype, cfg.num_layers, per_layer),
+            v=make_layers(shape, dtype, cfg.num_layers, per_layer),
+        )
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]  # [B, S, KVH, D] in both layouts
 
-    def update_and_attend(self, layer: dict, q, k, v, positions, *, sliding_window, softcap, scale):
+    def stacked(self) -> DenseKVCache:
+        """The same cache in the stacked layout ([L, ...] arrays)."""
+        if not isinstance(self.k, tuple):
+            return self
+        return DenseKVCache(k=jnp.stack(self.k), v=jnp.stack(self.v))
+
+    def update_and_attend(
+        self, layers: dict, layer, q, k, v, positions, *, sliding_window, softcap, scale
+    ):
         """Write k/v [B, T, KVH, D] at `positions` [B, T], then attend over the row's cache.
 
-        Queries see cached positions <= their own (and inside the window), so stale slots past
-        the current length are never read. Returns ([B, T, H, D], new layer arrays).
+        layers: this cache's fields in either layout, `layer` as in `layer_array`. Queries see
+        cached positions <= their own (and inside the window), so stale slots past the current
+        length are never read. Returns ([B, T, H, D], the updated fields, same layout).
         """
         rows = jnp.arange(q.shape[0])[:, None]
-        new_k = layer["k"].at[rows, positions].set(k.astype(layer["k"].dtype), mode="drop")
-        new_v = layer["v"].at[rows, positions].set(v.astype(layer["v"].dtype), mode="drop")
-        slots = jnp.arange(new_k.shape[1], dtype=jnp.int32)
+        new_k = write_layer(layers["k"], layer, (rows, positions), k)
+        new_v = write_layer(layers["v"], layer, (rows, positions), v)
+        k_all, v_all = layer_array(new_k, layer), layer_array(new_v, layer)
+        slots = jnp.arange(k_all.shape[1], dtype=jnp.int32)
         mask = window_mask(positions[:, :, None], slots[None, None, :], True, sliding_window)
         out = attend(
-            q, new_k.astype(q.dtype), new_v.astype(q.dtype), mask, softcap=softcap, scale=scale
+            q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, softcap=softcap, scale=scale
         )
         return out, {"k": new_k, "v": new_v}
 
 
 def split_cache(cache):
-    """(per-layer arrays stacked on axis 0, the cache with those fields set to None)."""
+    """(the layer fields {name: stacked array or tuple}, the cache with those fields None)."""
     layers = {f: getattr(cache, f) for f in cache.LAYER_FIELDS}
     meta = dataclasses.replace(cache, **{f: None for f in cache.LAYER_FIELDS})
     return layers, meta

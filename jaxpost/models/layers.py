@@ -157,7 +157,15 @@ class Attention(_Common):
 
     @nn.compact
     def __call__(
-        self, x, positions, segment_ids, inv_freq, window, cache_meta=None, cache_layer=None
+        self,
+        x,
+        positions,
+        segment_ids,
+        inv_freq,
+        window,
+        cache_meta=None,
+        cache_layer=None,
+        layer=None,
     ):
         cfg = self.cfg
         b, t, _ = x.shape
@@ -183,7 +191,9 @@ class Attention(_Common):
         if cache_layer is None:
             out = attention(q, k, v, segment_ids, causal=True, impl=cfg.attention_impl, **kwargs)
         else:
-            out, new_layer = cache_meta.update_and_attend(cache_layer, q, k, v, positions, **kwargs)
+            out, new_layer = cache_meta.update_and_attend(
+                cache_layer, layer, q, k, v, positions, **kwargs
+            )
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.linear(cfg.hidden_size, ("heads", "embed"), "o", cfg.o_bias)(out), new_layer
 
@@ -208,8 +218,17 @@ class Block(_Common):
 
     @nn.compact
     def __call__(
-        self, x, positions, segment_ids, inv_freq, window, cache_meta=None, cache_layer=None
+        self,
+        x,
+        positions,
+        segment_ids,
+        inv_freq,
+        window,
+        cache_meta=None,
+        cache_layer=None,
+        layer=None,
     ):
+        """cache_layer: the cache's fields, stacked (with `layer` the index) or this layer's."""
         cfg = self.cfg
         sub = dict(
             cfg=cfg,
@@ -225,6 +244,7 @@ class Block(_Common):
             window,
             cache_meta,
             cache_layer,
+            layer,
         )
         if cfg.post_attn_norm:
             h = self.norm("post_attn_norm")(h)

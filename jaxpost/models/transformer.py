@@ -124,14 +124,36 @@ def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     return x
 
 
+def _is_per_layer(tree) -> bool:
+    """Whether layer params / cache fields are a sequence of per-layer items, not stacked."""
+    if tree is None:
+        return False
+    if isinstance(tree, dict):
+        return any(_is_per_layer(v) for v in tree.values())
+    return isinstance(tree, (tuple, list))
+
+
+def unstack_layers(tree, num_layers: int):
+    """A tree whose "layers" entry is stacked [L, ...] -> the same with a tuple of L layer trees.
+
+    For inference on XLA:CPU: the unrolled layer loop then reads each layer's weights in place
+    instead of copying a slice out of the stack before every matmul (see `kv_cache`).
+    """
+    if tree is None or _is_per_layer(tree["layers"]):
+        return tree
+    return {**tree, "layers": tuple(_unstack(tree["layers"], num_layers))}
+
+
 def _unstack(tree, n: int) -> list:
-    """The n per-layer trees of a tree stacked on axis 0 (None -> n Nones).
+    """The n per-layer trees of a tree stacked on axis 0 (None -> n Nones; a tuple as is).
 
     One split per leaf rather than n index slices: the gradient of a split is one concatenate,
     while n slices transpose to n zero-padded full-size arrays summed together (O(n^2) traffic).
     """
     if tree is None:
         return [None] * n
+    if isinstance(tree, (tuple, list)):
+        return list(tree)
     leaves, treedef = jax.tree.flatten(tree)
     parts = [[p.squeeze(0) for p in jax.lax.split(leaf, [1] * n, axis=0)] for leaf in leaves]
     return [jax.tree.unflatten(treedef, [part[i] for part in parts]) for i in range(n)]
@@ -178,60 +200,70 @@ def apply(
     layer_lora = lora_tree["layers"] if lora_tree is not None else None
     layer_keys = jax.random.split(dropout_rng, cfg.num_layers) if dropout_rng is not None else None
 
-    def layer_fn(x, p, lp, cl, inv, window, key):
+    def layer_fn(x, p, lp, cl, layer, inv, window, key):
         variables = {"params": p}
         if lp is not None:
             variables["lora"] = lp
         rngs = {"dropout": key} if key is not None else None
-        x, new_cl = block.apply(
-            variables, x, positions, segment_ids, inv, window, cache_meta, cl, rngs=rngs
+        x, cl = block.apply(
+            variables, x, positions, segment_ids, inv, window, cache_meta, cl, layer, rngs=rngs
         )
-        return constrain(x, ("batch", "length", "act_embed")), new_cl
+        return constrain(x, ("batch", "length", "act_embed")), cl
 
     layer_fn = _remat(layer_fn, cfg.remat)
-    new_layers = []
-    if cfg.scan_layers:
+    per_layer = _is_per_layer(params["layers"]) or _is_per_layer(cache_layers)
+    if cfg.scan_layers and not per_layer:
         uniform = cfg.uniform_window
         windows = None if uniform is not None else jnp.asarray(cfg.layer_windows, jnp.int32)
 
-        def body(x, xs):
-            p, lp, cl, inv, window, key = xs
-            return layer_fn(x, p, lp, cl, inv, uniform if window is None else window, key)
+        # The cache rides in the carry: each layer writes its new tokens in place at [layer].
+        def body(carry, xs):
+            x, cl = carry
+            p, lp, inv, window, key, layer = xs
+            return layer_fn(
+                x, p, lp, cl, layer, inv, uniform if window is None else window, key
+            ), None
 
-        x, new_layers = jax.lax.scan(
+        (x, cache_layers), _ = jax.lax.scan(
             body,
-            x,
+            (x, cache_layers),
             (
                 params["layers"],
                 layer_lora,
-                cache_layers,
                 jnp.asarray(inv_freqs),
                 windows,
                 layer_keys,
+                jnp.arange(cfg.num_layers, dtype=jnp.int32),
             ),
         )
     else:
-        layer_params, layer_lora_list, layer_cache = (
-            _unstack(tree, cfg.num_layers) for tree in (params["layers"], layer_lora, cache_layers)
+        layer_params, layer_lora_list = (
+            _unstack(tree, cfg.num_layers) for tree in (params["layers"], layer_lora)
         )
-        outs = []
+        # A stacked cache is written at [i] (static); a per-layer one is a buffer per layer.
+        cache_per_layer = _is_per_layer(cache_layers)
         for i in range(cfg.num_layers):
-            x, new_cl = layer_fn(
+            cl = cache_layers
+            if cache_per_layer:
+                cl = {f: a[i] for f, a in cache_layers.items()}
+            x, cl = layer_fn(
                 x,
                 layer_params[i],
                 layer_lora_list[i],
-                layer_cache[i],
+                cl,
+                None if cache_per_layer else i,
                 jnp.asarray(inv_freqs[i]),
                 cfg.layer_windows[i],
                 None if layer_keys is None else layer_keys[i],
             )
-            outs.append(new_cl)
-        if cache is not None:
-            new_layers = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            if cache_per_layer:
+                cache_layers = {f: (*a[:i], cl[f], *a[i + 1 :]) for f, a in cache_layers.items()}
+            elif cl is not None:
+                cache_layers = cl
 
     final_norm = RMSNorm(cfg.rms_norm_eps, cfg.norm_offset)
     x = final_norm.apply({"params": params["final_norm"]}, x)
-    new_cache = join_cache(cache_meta, new_layers) if cache is not None else None
+    new_cache = join_cache(cache_meta, cache_layers) if cache is not None else None
     if return_hidden:
         return x, new_cache
     return logits_from_hidden(cfg, params, x), new_cache

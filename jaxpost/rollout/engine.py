@@ -135,6 +135,11 @@ class Engine:
             base = jax.device_put(base, shardings)
             if tree is not None:
                 tree = jax.device_put(tree, replicated(self._mesh))
+        if not self.cfg.scan_layers:
+            # One buffer per layer: the unrolled decode reads weights in place (models.kv_cache).
+            unstack = jax.jit(models.unstack_layers, static_argnums=1)
+            base = unstack(base, self.cfg.num_layers)
+            tree = unstack(tree, self.cfg.num_layers)
         return {"base": base, "lora": tree, "lora_scale": scale}
 
     def update_params(self, params, lora=None) -> dict:
@@ -174,6 +179,9 @@ class Engine:
         )
         names = ("layers", "kv_heads", None, None, "head_dim")
         pages = logical_to_sharding(shape, names, self._mesh, self.rules)
+        if not self.cfg.scan_layers:  # per-layer pools
+            pages = logical_to_sharding(shape[1:], names[1:], self._mesh, self.rules)
+            pages = (pages,) * self.cfg.num_layers
         state = jax.eval_shape(self._empty_state)
         out = jax.tree.map(lambda _: rep, state)
         out.cache = dataclasses.replace(out.cache, k_pages=pages, v_pages=pages)
@@ -246,6 +254,7 @@ class Engine:
         hidden, cache = models.apply(
             self.cfg, base, tokens[None], cache=cache, lora=lora, return_hidden=True
         )
+        cache = cache.stacked()  # the prefix travels as [L, T, KVH, D]
         return cache.k[:, 0], cache.v[:, 0], hidden[0, true_length - 1]
 
     def can_admit(self, total_tokens: int) -> bool:
@@ -304,8 +313,18 @@ class Engine:
         pages = jnp.where(pos < length, row[jnp.minimum(pos // page_size, row.shape[0] - 1)], 0)
         off = pos % page_size
         c = st.cache
-        kp = c.k_pages.at[:, :, pages, off].set(jnp.moveaxis(k, 2, 1).astype(c.k_pages.dtype))
-        vp = c.v_pages.at[:, :, pages, off].set(jnp.moveaxis(v, 2, 1).astype(c.v_pages.dtype))
+        if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
+            kp = tuple(
+                a.at[:, pages, off].set(jnp.moveaxis(k[i], 1, 0).astype(a.dtype))
+                for i, a in enumerate(c.k_pages)
+            )
+            vp = tuple(
+                a.at[:, pages, off].set(jnp.moveaxis(v[i], 1, 0).astype(a.dtype))
+                for i, a in enumerate(c.v_pages)
+            )
+        else:
+            kp = c.k_pages.at[:, :, pages, off].set(jnp.moveaxis(k, 2, 1).astype(c.k_pages.dtype))
+            vp = c.v_pages.at[:, :, pages, off].set(jnp.moveaxis(v, 2, 1).astype(c.v_pages.dtype))
         cache = dataclasses.replace(
             c,
             k_pages=kp,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxpost.kernels.paged_attention import paged_attention
 from jaxpost.models.attention import attention
 from jaxpost.models.config import ModelConfig
+from jaxpost.models.kv_cache import layer_array, make_layers
 
 SCRATCH_PAGE = 0
 
@@ -48,12 +49,15 @@ class PagedKVCache:
         slots: int,
         max_pages_per_slot: int,
         dtype=None,
+        per_layer: bool | None = None,
     ) -> PagedKVCache:
+        """per_layer: the layout of `jaxpost.models.kv_cache` (default: iff not scan_layers)."""
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
+        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         return cls(
-            k_pages=jnp.zeros(shape, dtype),
-            v_pages=jnp.zeros(shape, dtype),
+            k_pages=make_layers(shape, dtype, cfg.num_layers, per_layer),
+            v_pages=make_layers(shape, dtype, cfg.num_layers, per_layer),
             page_table=jnp.zeros((slots, max_pages_per_slot), jnp.int32),
             lengths=jnp.zeros((slots,), jnp.int32),
             impl=cfg.attention_impl,
@@ -61,18 +65,21 @@ class PagedKVCache:
 
     @property
     def page_size(self) -> int:
-        return self.k_pages.shape[-2]
+        return self.k_pages[0].shape[-2]
 
-    def update_and_attend(self, layer: dict, q, k, v, positions, *, sliding_window, softcap, scale):
+    def update_and_attend(
+        self, layers: dict, layer, q, k, v, positions, *, sliding_window, softcap, scale
+    ):
         """Write k/v [B, T, KVH, D] at `positions` [B, T] through the page table, then attend.
 
+        layers / layer: the page pools in either layout of `jaxpost.models.kv_cache`.
         T == 1 is decode: attention over the slot's pages (`paged_attention`). T > 1 is the
         prefill of a fresh prompt at positions 0..T-1: it attends within the given tokens, as in
         training, and only stores k/v. Slots with length 0 write to the scratch page.
         Returns ([B, T, H, D], new layer arrays).
         """
-        kp, vp = layer["k_pages"], layer["v_pages"]
-        page_size = kp.shape[-2]
+        kp, vp = layers["k_pages"], layers["v_pages"]
+        page_size = kp.shape[-2]  # [(L,) KVH, P, S, D]
         b, t = positions.shape
         rows = jnp.arange(b)[:, None]
         page_idx = jnp.clip(positions // page_size, 0, self.page_table.shape[1] - 1)
@@ -80,16 +87,15 @@ class PagedKVCache:
             (self.lengths > 0)[:, None], self.page_table[rows, page_idx], SCRATCH_PAGE
         )
         offsets = positions % page_size
-        # [KVH, B, T, D] written at [KVH, page, offset, D]
-        k_t = jnp.moveaxis(k, 2, 0).astype(kp.dtype)
-        v_t = jnp.moveaxis(v, 2, 0).astype(vp.dtype)
-        kp = kp.at[:, pages, offsets].set(k_t)
-        vp = vp.at[:, pages, offsets].set(v_t)
+        kp, vp = (
+            _write_pages(kp, layer, pages, offsets, k),
+            _write_pages(vp, layer, pages, offsets, v),
+        )
         if t == 1:
             out = paged_attention(
                 q[:, 0],
-                kp,
-                vp,
+                layer_array(kp, layer),
+                layer_array(vp, layer),
                 self.lengths,
                 self.page_table,
                 sliding_window=sliding_window,
@@ -110,6 +116,17 @@ class PagedKVCache:
                 impl=self.impl,
             )
         return out, {"k_pages": kp, "v_pages": vp}
+
+
+def _write_pages(pool, layer, pages, offsets, values):
+    """pool[(layer,) :, pages, offsets] = values [B, T, KVH, D] (pool [(L,) KVH, P, S, D])."""
+    values = values.astype(pool.dtype)
+    if layer is None:
+        # Adjacent advanced indices keep their place: the target is [KVH, B, T, D].
+        return pool.at[:, pages, offsets].set(jnp.moveaxis(values, 2, 0))
+    # `layer` and (pages, offsets) are separated by a slice: NumPy rules put the broadcast
+    # index dims first, so the target is [B, T, KVH, D].
+    return pool.at[layer, :, pages, offsets].set(values)
 
 
 class PagesExhausted(RuntimeError):

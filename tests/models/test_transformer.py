@@ -4,6 +4,7 @@ bfloat16 stays close to float32, and eval_shape counts match `ModelConfig.num_pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -75,16 +76,29 @@ def _tokens(seed, shape):
     return jax.random.randint(jax.random.key(seed), shape, 0, BASE["vocab_size"], jnp.int32)
 
 
+# Layer loop x cache layout x params layout: (scan_layers, per-layer cache, unstacked params).
+LAYOUTS = {
+    "scan, stacked cache (carried, written in place)": (True, False, False),
+    "loop, per-layer cache and params": (False, True, True),
+    "loop, stacked cache, stacked params": (False, False, False),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cached_decoding_equals_full_forward(name):
+def test_cached_decoding_equals_full_forward(name, layout):
     """Prefill 5 tokens, a chunk of 4 more, then 1 token at a time: the logits of the full pass."""
-    cfg = CONFIGS[name]
-    params = _params(cfg)
+    scan, per_layer_cache, unstacked = LAYOUTS[layout]
+    cfg = dataclasses.replace(CONFIGS[name], scan_layers=scan)
+    params = _params(CONFIGS[name])
     b, t = 2, 14
     tokens = _tokens(1, (b, t))
     full = np.asarray(jax.jit(lambda p, x: models.forward(cfg, p, x))(params, tokens))
+    if unstacked:
+        params = models.unstack_layers(params, cfg.num_layers)
     step = jax.jit(lambda p, x, pos, c: models.apply(cfg, p, x, positions=pos, cache=c))
-    cache = models.DenseKVCache.create(cfg, b, 16)
+    cache = models.DenseKVCache.create(cfg, b, 16, per_layer=per_layer_cache)
+    assert isinstance(cache.k, tuple) == per_layer_cache
     got = []
     bounds = [0, 5, 9] + list(range(10, t + 1))
     for lo, hi in zip(bounds[:-1], bounds[1:]):

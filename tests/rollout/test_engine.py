@@ -1,6 +1,8 @@
 """Engine: greedy decode and log-probs against the full-forward model, LoRA, weight swaps,
 tensor-parallel decode, input validation."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -86,11 +88,18 @@ def _prompts(rng, count, lo=1, hi=30):
     return [list(rng.integers(0, CFG.vocab_size, rng.integers(lo, hi))) for _ in range(count)]
 
 
-def test_greedy_equals_full_forward_and_logprobs_equal_trainer(params):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked-pools", "per-layer-pools"])
+def test_greedy_equals_full_forward_and_logprobs_equal_trainer(params, scan_layers):
+    """Both cache layouts: pools stacked [L, ...] under the layer scan (written in place in the
+    carry), or one pool and one weight buffer per layer under the unrolled loop."""
     rng = np.random.default_rng()
     prompts = _prompts(rng, 5)
     sp = rollout.SamplingParams(max_new_tokens=12, temperature=0.0)
-    outs = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4, steps_per_call=3)
+    cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+    engine = rollout.Engine(cfg, params, slots=4, max_len=64, max_prefill_length=32, page_size=4,
+                            steps_per_call=3)  # fmt: skip
+    assert isinstance(engine.init_decode_state().cache.k_pages, tuple) == (not scan_layers)
+    outs = rollout.generate(cfg, params, prompts, sp, engine=engine)
     for prompt, out in zip(prompts, outs):
         assert out.tokens == full_forward_greedy(params, prompt, 12)
         assert out.finish_reason == "length"
@@ -140,6 +149,22 @@ def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompil
     assert [o.tokens for o in outs3] == [
         full_forward_greedy(params, p, 10, adapter) for p in prompts
     ]
+
+
+def test_lora_greedy_with_per_layer_pools_and_weights(params):
+    """Unrolled layers: base and LoRA unstacked to one buffer per layer, same greedy tokens."""
+    rng = np.random.default_rng()
+    adapter = _lora(params, jax.random.key(int(rng.integers(2**31))))
+    cfg = dataclasses.replace(CFG, scan_layers=False)
+    prompts = _prompts(rng, 3)
+    sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
+    engine = rollout.Engine(cfg, {"base": params, "lora": adapter}, slots=2, max_len=64,
+                            max_prefill_length=32, page_size=4)  # fmt: skip
+    assert isinstance(engine.params["base"]["layers"], tuple)
+    assert isinstance(engine.params["lora"]["layers"], tuple)
+    outs = rollout.generate(cfg, {"base": params, "lora": adapter}, prompts, sp, engine=engine)
+    for prompt, out in zip(prompts, outs):
+        assert out.tokens == full_forward_greedy(params, prompt, 8, adapter)
 
 
 def test_tensor_parallel_decode_gives_the_same_tokens(params):
