@@ -43,19 +43,31 @@ def attend(
     *,
     softcap: float | None,
     scale: float,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
-    """Masked GQA attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, T, S] -> [B, T, H, D]."""
+    """Masked GQA attention. q [B, T, H, D], k/v [B, S, KVH, D], mask [B, T, S] -> [B, T, H, D].
+
+    kv_heads_first: k/v are [B, KVH, S, D] (the KV cache's layout): (B, KVH) are then already
+    the leading batch dims of both matmuls, so XLA does not transpose the whole cache per layer.
+    """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1] if kv_heads_first else k.shape[2]
+    kv = "bksd" if kv_heads_first else "bskd"
     qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    if kv_heads_first:  # a plain batched matmul over (B, KVH), then the small output moves
+        out = jnp.einsum(
+            "bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
+        out = jnp.moveaxis(out, 3, 1)
+    else:
+        out = jnp.einsum(
+            "bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

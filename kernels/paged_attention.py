@@ -42,16 +42,19 @@ def reference(
     softcap: float | None = None,
     scale: float = 1.0,
 ) -> jax.Array:
-    """Gathers each slot's pages into a contiguous [B, M*S] sequence, then masked attention."""
+    """Gathers each slot's pages into a contiguous [KVH, B, M*S, D] sequence, then attends.
+
+    KV heads stay the leading axis (as in the pool), so the gathered keys/values are used as
+    they are: (KVH, B) are the batch dims of both matmuls and nothing of size M*S is transposed.
+    """
     b, h, d = q.shape
     kvh, _, page_size, _ = k_pages.shape
     m = page_table.shape[1]
-    # [KVH, B, M, S, D] -> [B, M*S, KVH, D]
-    k = jnp.moveaxis(k_pages[:, page_table], 0, 3).reshape(b, m * page_size, kvh, d)
-    v = jnp.moveaxis(v_pages[:, page_table], 0, 3).reshape(b, m * page_size, kvh, d)
-    qg = q.reshape(b, kvh, h // kvh, d)
+    k = k_pages[:, page_table].reshape(kvh, b, m * page_size, d)
+    v = v_pages[:, page_table].reshape(kvh, b, m * page_size, d)
+    qg = jnp.moveaxis(q.reshape(b, kvh, h // kvh, d), 1, 0)  # [KVH, B, G, D], small
     scores = (
-        jnp.einsum("bkgd,bskd->bkgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        jnp.einsum("kbgd,kbsd->kbgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
         * scale
     )
     if softcap is not None:
@@ -59,16 +62,16 @@ def reference(
     j = jnp.arange(m * page_size, dtype=jnp.int32)[None, :]
     q_pos = (lengths - 1)[:, None]
     mask = window_mask(q_pos, j, True, sliding_window) & (j < lengths[:, None])
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(
-        "bkgs,bskd->bkgd",
+        "kbgs,kbsd->kbgd",
         probs.astype(q.dtype),
         v.astype(q.dtype),
         preferred_element_type=jnp.float32,
     )
-    out = jnp.where((lengths > 0)[:, None, None, None], out, 0.0)
-    return out.reshape(b, h, d).astype(q.dtype)
+    out = jnp.where((lengths > 0)[None, :, None, None], out, 0.0)
+    return jnp.moveaxis(out, 0, 1).reshape(b, h, d).astype(q.dtype)
 
 
 # Pallas kernel ------------------------------------------------------------------------------------

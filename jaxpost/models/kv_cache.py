@@ -45,7 +45,9 @@ def make_layers(shape: tuple, dtype, num_layers: int, per_layer: bool):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DenseKVCache:
-    """k, v: [L, B, S, KVH, D] (or L arrays [B, S, KVH, D]). Slot s of a row holds position s."""
+    """k, v: [L, B, KVH, S, D] (or L arrays [B, KVH, S, D]). Slot s of a row holds position s.
+
+    Heads before positions, so attention reads the cache without transposing it."""
 
     k: jax.Array | tuple | None
     v: jax.Array | tuple | None
@@ -59,7 +61,7 @@ class DenseKVCache:
         """per_layer: the layout (module docstring); default: per layer iff not cfg.scan_layers."""
         dtype = jnp.dtype(dtype or cfg.dtype)
         per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
             k=make_layers(shape, dtype, cfg.num_layers, per_layer),
             v=make_layers(shape, dtype, cfg.num_layers, per_layer),
@@ -67,7 +69,7 @@ class DenseKVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]  # [B, S, KVH, D] in both layouts
+        return self.k[0].shape[-2]  # [B, KVH, S, D] in both layouts
 
     def stacked(self) -> DenseKVCache:
         """The same cache in the stacked layout ([L, ...] arrays)."""
@@ -85,13 +87,22 @@ class DenseKVCache:
         length are never read. Returns ([B, T, H, D], the updated fields, same layout).
         """
         rows = jnp.arange(q.shape[0])[:, None]
-        new_k = write_layer(layers["k"], layer, (rows, positions), k)
-        new_v = write_layer(layers["v"], layer, (rows, positions), v)
+        # rows and positions are separated by the head slice: NumPy's rules put their broadcast
+        # [B, T] dims first, so the written values are k/v as they are, [B, T, KVH, D].
+        index = (rows, slice(None), positions)
+        new_k = write_layer(layers["k"], layer, index, k)
+        new_v = write_layer(layers["v"], layer, index, v)
         k_all, v_all = layer_array(new_k, layer), layer_array(new_v, layer)
-        slots = jnp.arange(k_all.shape[1], dtype=jnp.int32)
+        slots = jnp.arange(k_all.shape[2], dtype=jnp.int32)
         mask = window_mask(positions[:, :, None], slots[None, None, :], True, sliding_window)
         out = attend(
-            q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, softcap=softcap, scale=scale
+            q,
+            k_all.astype(q.dtype),
+            v_all.astype(q.dtype),
+            mask,
+            softcap=softcap,
+            scale=scale,
+            kv_heads_first=True,
         )
         return out, {"k": new_k, "v": new_v}
 

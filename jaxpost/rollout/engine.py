@@ -254,8 +254,9 @@ class Engine:
         hidden, cache = models.apply(
             self.cfg, base, tokens[None], cache=cache, lora=lora, return_hidden=True
         )
-        cache = cache.stacked()  # the prefix travels as [L, T, KVH, D]
-        return cache.k[:, 0], cache.v[:, 0], hidden[0, true_length - 1]
+        cache = cache.stacked()  # [L, 1, KVH, T, D]; the prefix travels as [L, T, KVH, D]
+        k, v = (jnp.swapaxes(a[:, 0], 1, 2) for a in (cache.k, cache.v))
+        return k, v, hidden[0, true_length - 1]
 
     def can_admit(self, total_tokens: int) -> bool:
         """Whether a sequence of up to total_tokens tokens fits the unreserved pages."""
