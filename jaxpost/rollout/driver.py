@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -115,6 +116,8 @@ class Driver:
         bar = tqdm(total=total, disable=not (progress if progress is not None else total >= 64))
         finished = 0
         while finished < total:
+            if free and queue:
+                self._prefill_upcoming(queue, len(free), prompts, requests, prefixes)
             while free and queue:
                 i, j = queue[0]
                 sp = requests[i].sampling
@@ -168,6 +171,30 @@ class Driver:
                 free.append(slot)
                 if self.is_jaxpost:
                     self.engine.release(slot)
+
+    def _prefill_upcoming(self, queue, count, prompts, requests, prefixes) -> None:
+        """Prefill the prompts of the next `count` queued samples that have no prefix yet:
+        one batched call per length bucket on a jaxpost engine, one call each otherwise."""
+        todo: list[int] = []
+        for i, _ in itertools.islice(queue, count):
+            if i not in prefixes and i not in todo:
+                todo.append(i)
+        if not todo:
+            return
+        if not self.is_jaxpost:
+            for i in todo:
+                prefixes[i] = [self._prefill(prompts[i]), requests[i].sampling.n]
+            return
+        eng = self.engine
+        groups: dict[int, list[int]] = collections.defaultdict(list)
+        for i in todo:
+            groups[prefill_bucket(len(prompts[i]), eng.max_prefill_length)].append(i)
+        for members in groups.values():
+            for lo in range(0, len(members), eng.slots):
+                batch = members[lo : lo + eng.slots]
+                made = eng.prefill_many(params=self.params, prompts=[prompts[i] for i in batch])
+                for i, prefix in zip(batch, made):
+                    prefixes[i] = [prefix, requests[i].sampling.n]
 
     def _prefill(self, prompt: list[int]):
         eng = self.engine

@@ -40,6 +40,7 @@ from jaxpost.rollout.state import (
     LoRAView,
     Prefix,
     StepResult,
+    prefill_bucket,
     split_params,
 )
 from jaxpost.sharding import (
@@ -243,20 +244,50 @@ class Engine:
             )
         scale = params["lora_scale"]
         fn = self._compiled(f"prefill:{scale}", functools.partial(self._prefill_fn, scale))
-        k, v, hidden = fn(
-            params["base"], params["lora"], jnp.asarray(padded, jnp.int32), jnp.int32(true_length)
-        )
-        return Prefix(k, v, hidden, jnp.int32(true_length), int(true_length))
+        lengths = np.array([true_length], np.int32)
+        k, v, hidden = fn(params["base"], params["lora"], padded[None].astype(np.int32), lengths)
+        return Prefix(k[0], v[0], hidden[0], jnp.int32(true_length), int(true_length))
 
-    def _prefill_fn(self, scale, base, lora_tree, tokens, true_length):
-        cache = DenseKVCache.create(self.cfg, 1, tokens.shape[0])
+    def prefill_many(self, *, params: dict, prompts: list[list[int]]) -> list[Prefix]:
+        """Prefill several prompts in one call (a jaxpost extension of the JetStream API).
+
+        The prompts are padded to one length bucket and the batch to a power of two (at most
+        `slots`), so compilations stay bounded by (length buckets) x (batch buckets).
+        """
+        if not prompts:
+            return []
+        if len(prompts) > self.slots:
+            raise ValueError(f"{len(prompts)} prompts in one prefill; at most slots={self.slots}")
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) < 1 or longest > self.max_prefill_length:
+            raise ValueError(
+                f"prompt lengths must be in [1, max_prefill_length={self.max_prefill_length}], "
+                f"got {sorted({len(p) for p in prompts})}"
+            )
+        rows = min(1 << (len(prompts) - 1).bit_length(), self.slots)
+        tokens = np.zeros((rows, prefill_bucket(longest, self.max_prefill_length)), np.int32)
+        lengths = np.ones((rows,), np.int32)
+        for r, p in enumerate(prompts):
+            tokens[r, : len(p)] = p
+            lengths[r] = len(p)
+        scale = params["lora_scale"]
+        fn = self._compiled(f"prefill:{scale}", functools.partial(self._prefill_fn, scale))
+        k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
+        return [
+            Prefix(k[r], v[r], hidden[r], jnp.int32(len(p)), len(p)) for r, p in enumerate(prompts)
+        ]
+
+    def _prefill_fn(self, scale, base, lora_tree, tokens, true_lengths):
+        """tokens [N, T], true_lengths [N] -> k, v [N, L, T, KVH, D], last hidden [N, D]."""
+        n, t = tokens.shape
+        cache = DenseKVCache.create(self.cfg, n, t)
         lora = None if lora_tree is None else LoRAView(lora_tree, scale)
         hidden, cache = models.apply(
-            self.cfg, base, tokens[None], cache=cache, lora=lora, return_hidden=True
+            self.cfg, base, tokens, cache=cache, lora=lora, return_hidden=True
         )
-        cache = cache.stacked()  # [L, 1, KVH, T, D]; the prefix travels as [L, T, KVH, D]
-        k, v = (jnp.swapaxes(a[:, 0], 1, 2) for a in (cache.k, cache.v))
-        return k, v, hidden[0, true_length - 1]
+        cache = cache.stacked()  # [L, N, KVH, T, D]; a prefix travels as [L, T, KVH, D]
+        k, v = (jnp.transpose(a, (1, 0, 3, 2, 4)) for a in (cache.k, cache.v))
+        return k, v, hidden[jnp.arange(n), true_lengths - 1]
 
     def can_admit(self, total_tokens: int) -> bool:
         """Whether a sequence of up to total_tokens tokens fits the unreserved pages."""

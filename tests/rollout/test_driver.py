@@ -49,16 +49,23 @@ def test_64_mixed_requests_through_8_slots_equal_each_alone(engine):
     outs = run(engine, prompts, sps)
     assert [len(o.tokens) for o in outs] == [s.max_new_tokens for s in sps]
     assert all(o.finish_reason == "length" and o.finished >= o.first_token for o in outs)
-    # Prompt lengths 1..47 fall in the buckets 16, 32, 64: one prefill and one insert compile
-    # each; one generate compile for the greedy sampler; nothing recompiles later.
-    assert engine.compilations == {"init": 1, "prefill": 3, "insert": 3, "generate": 1}
+    # Prompt lengths 1..47 fall in the buckets 16, 32, 64 and the driver prefills 1, 2, 4 or 8
+    # queued prompts per call: at most 3 x 4 prefill compiles; one insert compile per bucket;
+    # one generate compile for the greedy sampler.
+    counts = dict(engine.compilations)
+    assert 3 <= counts.pop("prefill") <= 12
+    assert counts == {"init": 1, "insert": 3, "generate": 1}
     # Pages all came back.
     assert engine.allocator.num_free == engine.num_pages - 1
     for i in rng.choice(64, size=16, replace=False):
         alone = run(engine, [prompts[i]], [sps[i]])[0]
         assert alone.tokens == outs[i].tokens
         np.testing.assert_allclose(alone.logprobs, outs[i].logprobs, atol=1e-6)
-    assert engine.compilations == {"init": 1, "prefill": 3, "insert": 3, "generate": 1}
+    # Nothing else recompiled: the shapes are bounded, whatever the traffic.
+    assert engine.compilations["prefill"] <= 12
+    assert {k: engine.compilations[k] for k in ("init", "insert", "generate")} == {
+        "init": 1, "insert": 3, "generate": 1,
+    }  # fmt: skip
 
 
 def test_finish_reasons_eos_stop_and_length(engine):
@@ -90,17 +97,17 @@ def test_n_samples_share_one_prefill_and_seeds_reproduce(engine):
     prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 11)]
     sp = rollout.SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, n=4, seed=3)
     calls = []
-    original = engine.prefill
+    original = engine.prefill_many
 
     def counting_prefill(**kwargs):
-        calls.append(kwargs["true_length"])
+        calls.extend(len(p) for p in kwargs["prompts"])
         return original(**kwargs)
 
-    engine.prefill = counting_prefill
+    engine.prefill_many = counting_prefill
     try:
         first = run(engine, prompts, [sp, sp])
     finally:
-        del engine.prefill
+        del engine.prefill_many
     assert sorted(calls) == [5, 11]  # one prefill per prompt for its 4 samples
     assert len(first) == 8
     # The 4 samples of a prompt differ from one another (distinct seeds per sample).

@@ -178,9 +178,12 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
     # A second call with the same sizes reuses the cached engine: nothing recompiles.
     engine = next(reversed(driver._ENGINES.values()))
     before = dict(engine.compilations)
-    again = rollout.generate(CFG, params, prompts[::-1], sp, slots=4, page_size=4)
-    assert [o.tokens for o in again] == [o.tokens for o in single][::-1]
+    again = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4)
+    assert [o.tokens for o in again] == [o.tokens for o in single]
     assert engine.compilations == before
+    # Another order batches the prefills differently; the completions do not change.
+    swapped = rollout.generate(CFG, params, prompts[::-1], sp, slots=4, page_size=4)
+    assert [o.tokens for o in swapped] == [o.tokens for o in single][::-1]
     engine = rollout.Engine(CFG, params, slots=4, max_len=64, max_prefill_length=32, mesh=mesh)
     state = engine.init_decode_state()
     # The pages really are split over the tensor axis (one KV head per device).
@@ -229,3 +232,24 @@ def test_greedy_tokens_are_the_same_with_the_paged_kernel_forced_on(params):
     for r, g in zip(ref, got):
         assert g.tokens == r.tokens
         np.testing.assert_allclose(g.logprobs, r.logprobs, atol=1e-5, rtol=0)
+
+
+def test_prefill_many_equals_one_prompt_at_a_time(params):
+    """Batched prefill (the driver's path) gives each prompt the prefix of a lone prefill."""
+    rng = np.random.default_rng()
+    engine = rollout.Engine(CFG, params, slots=4, max_len=64, max_prefill_length=32, page_size=4)
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 17, 9)]
+    many = engine.prefill_many(params=engine.params, prompts=prompts)
+    for prompt, got in zip(prompts, many):
+        padded = np.zeros(32, np.int32)
+        padded[: len(prompt)] = prompt
+        alone = engine.prefill(params=engine.params, padded_tokens=padded, true_length=len(prompt))
+        n = len(prompt)
+        assert got.true_length == n
+        np.testing.assert_allclose(got.hidden, alone.hidden, atol=1e-5)
+        np.testing.assert_allclose(got.k[:, :n], alone.k[:, :n], atol=1e-5)
+        np.testing.assert_allclose(got.v[:, :n], alone.v[:, :n], atol=1e-5)
+    with pytest.raises(ValueError, match="5 prompts in one prefill; at most slots=4"):
+        engine.prefill_many(params=engine.params, prompts=[[1]] * 5)
+    with pytest.raises(ValueError, match=r"prompt lengths must be in \[1, max_prefill_length=32\]"):
+        engine.prefill_many(params=engine.params, prompts=[[1], []])
