@@ -30,14 +30,12 @@ import numpy as np
 
 from jaxpost import models
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.kv_cache import DenseKVCache
-from jaxpost.rollout import sampling
+from jaxpost.rollout import device_steps, sampling
 from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import (
     MAX_EOS,
     DecodeState,
-    LoRAView,
     Prefix,
     StepResult,
     prefill_bucket,
@@ -242,8 +240,7 @@ class Engine:
                 f"prompt of {padded.shape[0]} tokens exceeds max_prefill_length="
                 f"{self.max_prefill_length}"
             )
-        scale = params["lora_scale"]
-        fn = self._compiled(f"prefill:{scale}", functools.partial(self._prefill_fn, scale))
+        fn = self._prefill_compiled(params["lora_scale"])
         lengths = np.array([true_length], np.int32)
         k, v, hidden = fn(params["base"], params["lora"], padded[None].astype(np.int32), lengths)
         return Prefix(k[0], v[0], hidden[0], jnp.int32(true_length), int(true_length))
@@ -270,24 +267,15 @@ class Engine:
         for r, p in enumerate(prompts):
             tokens[r, : len(p)] = p
             lengths[r] = len(p)
-        scale = params["lora_scale"]
-        fn = self._compiled(f"prefill:{scale}", functools.partial(self._prefill_fn, scale))
+        fn = self._prefill_compiled(params["lora_scale"])
         k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
         return [
             Prefix(k[r], v[r], hidden[r], jnp.int32(len(p)), len(p)) for r, p in enumerate(prompts)
         ]
 
-    def _prefill_fn(self, scale, base, lora_tree, tokens, true_lengths):
-        """tokens [N, T], true_lengths [N] -> k, v [N, L, T, KVH, D], last hidden [N, D]."""
-        n, t = tokens.shape
-        cache = DenseKVCache.create(self.cfg, n, t)
-        lora = None if lora_tree is None else LoRAView(lora_tree, scale)
-        hidden, cache = models.apply(
-            self.cfg, base, tokens, cache=cache, lora=lora, return_hidden=True
-        )
-        cache = cache.stacked()  # [L, N, KVH, T, D]; a prefix travels as [L, T, KVH, D]
-        k, v = (jnp.transpose(a, (1, 0, 3, 2, 4)) for a in (cache.k, cache.v))
-        return k, v, hidden[jnp.arange(n), true_lengths - 1]
+    def _prefill_compiled(self, scale: float):
+        step = functools.partial(device_steps.prefill_step, self.cfg, scale)
+        return self._compiled(f"prefill:{scale}", step)
 
     def can_admit(self, total_tokens: int) -> bool:
         """Whether a sequence of up to total_tokens tokens fits the unreserved pages."""
@@ -324,7 +312,10 @@ class Engine:
         eos = np.full((MAX_EOS,), -1, np.int32)
         eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
         fn = self._compiled(
-            "insert", self._insert_fn, donate_argnums=(0,), out_shardings=self._state_shardings()
+            "insert",
+            functools.partial(device_steps.insert_step, self.page_size),
+            donate_argnums=(0,),
+            out_shardings=self._state_shardings(),
         )
         return fn(
             decode_state,
@@ -334,48 +325,6 @@ class Engine:
             np.array([limit - n, sp.top_k, sp.seed, sample_index], np.int32),
             np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
             eos,
-        )
-
-    def _insert_fn(self, st: DecodeState, prefix, slot, row, ints, floats, eos):
-        k, v, hidden, length = prefix
-        # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
-        key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
-        page_size = self.page_size
-        pos = jnp.arange(k.shape[1])
-        pages = jnp.where(pos < length, row[jnp.minimum(pos // page_size, row.shape[0] - 1)], 0)
-        off = pos % page_size
-        c = st.cache
-        if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
-            kp = tuple(
-                a.at[:, pages, off].set(jnp.moveaxis(k[i], 1, 0).astype(a.dtype))
-                for i, a in enumerate(c.k_pages)
-            )
-            vp = tuple(
-                a.at[:, pages, off].set(jnp.moveaxis(v[i], 1, 0).astype(a.dtype))
-                for i, a in enumerate(c.v_pages)
-            )
-        else:
-            kp = c.k_pages.at[:, :, pages, off].set(jnp.moveaxis(k, 2, 1).astype(c.k_pages.dtype))
-            vp = c.v_pages.at[:, :, pages, off].set(jnp.moveaxis(v, 2, 1).astype(c.v_pages.dtype))
-        cache = dataclasses.replace(
-            c,
-            k_pages=kp,
-            v_pages=vp,
-            page_table=c.page_table.at[slot].set(row),
-            lengths=c.lengths.at[slot].set(length),
-        )
-        return DecodeState(
-            cache=cache,
-            hidden=st.hidden.at[slot].set(hidden.astype(st.hidden.dtype)),
-            generated=st.generated.at[slot].set(0),
-            done=st.done.at[slot].set(False),
-            max_new=st.max_new.at[slot].set(ints[0]),
-            key_data=st.key_data.at[slot].set(key),
-            temperature=st.temperature.at[slot].set(floats[0]),
-            top_k=st.top_k.at[slot].set(ints[1]),
-            top_p=st.top_p.at[slot].set(floats[1]),
-            min_p=st.min_p.at[slot].set(floats[2]),
-            eos=st.eos.at[slot].set(eos),
         )
 
     def release(self, slot: int) -> None:
@@ -401,7 +350,9 @@ class Engine:
         shardings = self._state_shardings()
         fn = self._compiled(
             f"generate:{variant}:{scale}",
-            functools.partial(self._generate_fn, variant, scale),
+            functools.partial(
+                device_steps.decode_steps, self.cfg, self.steps_per_call, variant, scale
+            ),
             donate_argnums=(2,),
             out_shardings=None if shardings is None else (shardings, replicated(self._mesh)),
         )
@@ -409,57 +360,6 @@ class Engine:
             params["base"], params["lora"], decode_state, self._table.copy(), self._active.copy()
         )
         return state, StepResult(data, k)
-
-    def _generate_fn(self, variant, scale, base, lora_tree, st: DecodeState, table, active):
-        lora = None if lora_tree is None else LoRAView(lora_tree, scale)
-        cfg = self.cfg
-        cache = dataclasses.replace(
-            st.cache, page_table=table, lengths=jnp.where(active, st.cache.lengths, 0)
-        )
-        st = dataclasses.replace(st, cache=cache, done=st.done | ~active)
-
-        def step(st: DecodeState, _):
-            logits = models.logits_from_hidden(cfg, base, st.hidden)
-            keys = jax.vmap(lambda kd, g: jax.random.fold_in(jax.random.wrap_key_data(kd), g))(
-                st.key_data, st.generated
-            )
-            tok, logp = sampling.sample(
-                logits, keys, st.temperature, st.top_k, st.top_p, st.min_p, variant
-            )
-            emit = ~st.done
-            generated = st.generated + emit.astype(jnp.int32)
-            hit_eos = jnp.any(tok[:, None] == st.eos, axis=-1)
-            done = st.done | (emit & (hit_eos | (generated >= st.max_new)))
-            # Finished slots get length 0: their writes go to the scratch page.
-            lengths = jnp.where(done, 0, st.cache.lengths + 1)
-            cache = dataclasses.replace(st.cache, lengths=lengths)
-            hidden, cache = models.apply(
-                cfg,
-                base,
-                tok[:, None],
-                positions=(lengths - 1)[:, None],
-                cache=cache,
-                lora=lora,
-                return_hidden=True,
-            )
-            hidden = jnp.where(done[:, None], st.hidden, hidden[:, 0])
-            new = dataclasses.replace(
-                st, cache=cache, hidden=hidden, generated=generated, done=done
-            )
-            return new, (tok, emit, logp)
-
-        st, (toks, valid, logps) = jax.lax.scan(step, st, None, length=self.steps_per_call)
-        data = jnp.concatenate(
-            [
-                toks.T,
-                valid.T.astype(jnp.int32),
-                st.generated[:, None],
-                jax.lax.bitcast_convert_type(logps.T, jnp.int32),
-                st.done[:, None].astype(jnp.int32),
-            ],
-            axis=1,
-        )
-        return st, data
 
 
 def _maybe_mesh(mesh, rules):

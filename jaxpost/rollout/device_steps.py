@@ -1,0 +1,136 @@
+"""The engine's device-side functions, each jitted by `jaxpost.rollout.engine.Engine`.
+
+prefill_step   prompts [N, T] -> each prompt's k/v and last hidden state (the prefix)
+insert_step    a prefix -> its slot in the decode state (pages, table row, sampling state)
+decode_steps   `steps` sample-then-feed steps for every slot, in one scan
+The host-side bookkeeping (page allocator, reservations, tables) stays in the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxpost import models
+from jaxpost.models.config import ModelConfig
+from jaxpost.models.kv_cache import DenseKVCache
+from jaxpost.rollout import sampling
+from jaxpost.rollout.state import DecodeState, LoRAView
+
+
+def prefill_step(cfg: ModelConfig, scale: float, base, lora_tree, tokens, true_lengths):
+    """tokens [N, T], true_lengths [N] -> k, v [N, L, T, KVH, D], last hidden [N, D]."""
+    n, t = tokens.shape
+    cache = DenseKVCache.create(cfg, n, t)
+    lora = None if lora_tree is None else LoRAView(lora_tree, scale)
+    hidden, cache = models.apply(cfg, base, tokens, cache=cache, lora=lora, return_hidden=True)
+    cache = cache.stacked()  # [L, N, KVH, T, D]; a prefix travels as [L, T, KVH, D]
+    k, v = (jnp.transpose(a, (1, 0, 3, 2, 4)) for a in (cache.k, cache.v))
+    return k, v, hidden[jnp.arange(n), true_lengths - 1]
+
+
+def insert_step(page_size: int, st: DecodeState, prefix, slot, row, ints, floats, eos):
+    """Write a prefix into `slot`: its k/v into the slot's pages (in place under donation),
+    its page-table row, length, last hidden state and sampling parameters."""
+    k, v, hidden, length = prefix
+    # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
+    pos = jnp.arange(k.shape[1])
+    pages = jnp.where(pos < length, row[jnp.minimum(pos // page_size, row.shape[0] - 1)], 0)
+    off = pos % page_size
+    c = st.cache
+    if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
+        kp = tuple(
+            a.at[:, pages, off].set(jnp.moveaxis(k[i], 1, 0).astype(a.dtype))
+            for i, a in enumerate(c.k_pages)
+        )
+        vp = tuple(
+            a.at[:, pages, off].set(jnp.moveaxis(v[i], 1, 0).astype(a.dtype))
+            for i, a in enumerate(c.v_pages)
+        )
+    else:
+        kp = c.k_pages.at[:, :, pages, off].set(jnp.moveaxis(k, 2, 1).astype(c.k_pages.dtype))
+        vp = c.v_pages.at[:, :, pages, off].set(jnp.moveaxis(v, 2, 1).astype(c.v_pages.dtype))
+    cache = dataclasses.replace(
+        c,
+        k_pages=kp,
+        v_pages=vp,
+        page_table=c.page_table.at[slot].set(row),
+        lengths=c.lengths.at[slot].set(length),
+    )
+    return DecodeState(
+        cache=cache,
+        hidden=st.hidden.at[slot].set(hidden.astype(st.hidden.dtype)),
+        generated=st.generated.at[slot].set(0),
+        done=st.done.at[slot].set(False),
+        max_new=st.max_new.at[slot].set(ints[0]),
+        key_data=st.key_data.at[slot].set(key),
+        temperature=st.temperature.at[slot].set(floats[0]),
+        top_k=st.top_k.at[slot].set(ints[1]),
+        top_p=st.top_p.at[slot].set(floats[1]),
+        min_p=st.min_p.at[slot].set(floats[2]),
+        eos=st.eos.at[slot].set(eos),
+    )
+
+
+def decode_steps(
+    cfg: ModelConfig,
+    steps: int,
+    variant,
+    scale: float,
+    base,
+    lora_tree,
+    st: DecodeState,
+    table,
+    active,
+):
+    """`steps` decode steps for every slot (sample, report, feed back); returns the new state and
+    the [B, 3 * steps + 2] int32 result block that `StepResult` reads."""
+    lora = None if lora_tree is None else LoRAView(lora_tree, scale)
+    cache = dataclasses.replace(
+        st.cache, page_table=table, lengths=jnp.where(active, st.cache.lengths, 0)
+    )
+    st = dataclasses.replace(st, cache=cache, done=st.done | ~active)
+
+    def step(st: DecodeState, _):
+        logits = models.logits_from_hidden(cfg, base, st.hidden)
+        keys = jax.vmap(lambda kd, g: jax.random.fold_in(jax.random.wrap_key_data(kd), g))(
+            st.key_data, st.generated
+        )
+        tok, logp = sampling.sample(
+            logits, keys, st.temperature, st.top_k, st.top_p, st.min_p, variant
+        )
+        emit = ~st.done
+        generated = st.generated + emit.astype(jnp.int32)
+        hit_eos = jnp.any(tok[:, None] == st.eos, axis=-1)
+        done = st.done | (emit & (hit_eos | (generated >= st.max_new)))
+        # Finished slots get length 0: their writes go to the scratch page.
+        lengths = jnp.where(done, 0, st.cache.lengths + 1)
+        cache = dataclasses.replace(st.cache, lengths=lengths)
+        hidden, cache = models.apply(
+            cfg,
+            base,
+            tok[:, None],
+            positions=(lengths - 1)[:, None],
+            cache=cache,
+            lora=lora,
+            return_hidden=True,
+        )
+        hidden = jnp.where(done[:, None], st.hidden, hidden[:, 0])
+        new = dataclasses.replace(st, cache=cache, hidden=hidden, generated=generated, done=done)
+        return new, (tok, emit, logp)
+
+    st, (toks, valid, logps) = jax.lax.scan(step, st, None, length=steps)
+    data = jnp.concatenate(
+        [
+            toks.T,
+            valid.T.astype(jnp.int32),
+            st.generated[:, None],
+            jax.lax.bitcast_convert_type(logps.T, jnp.int32),
+            st.done[:, None].astype(jnp.int32),
+        ],
+        axis=1,
+    )
+    return st, data
