@@ -34,13 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.batch_size = 16
     c.export.peft_adapter = True
     if arg.cpu:
-        c.model.hf_path = None
+        jconfig.builtin_task(c, arg.size)
         c.model.dtype = "float32"
-        c.model.arch = jconfig.arch(arg.size, vocab_size=32)
-        c.data.train_path = None
-        c.data.task = "arithmetic"
-        c.data.max_length = 96
         c.optimizer.learning_rate = 2e-3
-        c.optimizer.warmup_steps = 10
-        c.train.steps = 200
     return c

@@ -35,12 +35,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.export.peft_adapter = True
     c.export.merged_hf = False
     if arg.cpu:
-        c.model.hf_path = None
-        c.model.arch = jconfig.arch(arg.size, vocab_size=32)
-        c.data.train_path = None
-        c.data.task = "arithmetic"
-        c.data.max_length = 96
+        jconfig.builtin_task(c, arg.size)
         c.optimizer.learning_rate = 2e-3
-        c.optimizer.warmup_steps = 10
-        c.train.steps = 200
     return c
