@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--mode", default="full", choices=("full", "lora"))
     ap.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--ops", default="", help="also list the slowest single ops of this part")
     args = ap.parse_args()
 
     cfg = models.ModelConfig(
@@ -77,6 +78,7 @@ def main() -> None:
 
     hlo = step.jitted.lower(state, batch).compile().as_text()
     op_names = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo))
+    shapes = dict(re.findall(r"%([\w.\-]+) = (\S+)", hlo))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             state, m = step(state, batch)
@@ -88,6 +90,7 @@ def main() -> None:
         with open(path, "rb") as f:
             space.ParseFromString(f.read())
     seconds = collections.Counter()
+    per_op = collections.Counter()
     for plane in space.planes:
         names = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
@@ -98,10 +101,19 @@ def main() -> None:
                 if name.startswith(("ThunkExecutor", "Slinky")):
                     continue
                 kind = "matmul" if name.startswith(("ynn_fusion", "dot")) else "other"
-                seconds[(_part(op_names.get(name, "")), kind)] += event.duration_ps / 1e12
+                part = _part(op_names.get(name, ""))
+                seconds[(part, kind)] += event.duration_ps / 1e12
+                if args.ops and args.ops == part:
+                    op = re.sub(r"\.\d+$", "", name)  # one row per kind of op, all layers
+                    key = (op, op_names.get(name, ""), shapes.get(name, ""))
+                    per_op[key] += event.duration_ps / 1e12
     print(f"op time summed over threads: {sum(seconds.values()):.3f} s")
     for (part, kind), s in seconds.most_common(args.top):
         print(f"{s:8.3f} s  {kind:6s}  {part}")
+    if per_op:
+        print(f"slowest ops of {args.ops}, summed over layers:")
+        for (name, op, shape), s in per_op.most_common(args.top):
+            print(f"{s:8.3f} s  {name:22s} {shape[:32]:32s} {op[-60:]}")
 
 
 if __name__ == "__main__":

@@ -172,3 +172,46 @@ def test_model_forward_pallas_equals_xla(overrides):
         )(params, tokens, seg)
 
     np.testing.assert_allclose(logits("pallas"), logits("xla"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "t, window, packed, softcap, causal",
+    [
+        (256, None, False, None, True),  # 4 query blocks of 64
+        (200, 70, True, 4.0, True),  # a ragged last block; a static window skips early keys
+        (200, "traced", True, None, True),  # a traced window cannot skip keys: mask only
+        (1100, 150, False, None, True),  # long: 8 blocks of 138
+        (130, None, True, 4.0, False),  # non-causal: one block
+    ],
+)
+def test_reference_query_blocks_match_dense_attention(t, window, packed, softcap, causal):
+    """The blocked reference against a float64 oracle (values) and dense masked attention over
+    the whole [T, T] score matrix (gradients): skipping key ranges changes nothing."""
+    q, k, v, do, seg = _inputs(t, 1, t, 4, 2, 8, packed)
+    win = 70 if window == "traced" else window
+    kw = dict(causal=causal, softcap=softcap, scale=8**-0.5)
+
+    def dense(q, k, v):
+        idx = jnp.arange(t)
+        mask = flash_attention.window_mask(idx[:, None], idx[None, :], causal, win)[None]
+        if seg is not None:
+            mask = mask & (seg[:, :, None] == seg[:, None, :])
+        mask = jnp.broadcast_to(mask, (1, t, t))
+        return flash_attention.attend(q, k, v, mask, softcap=softcap, scale=kw["scale"])
+
+    if window == "traced":  # as the layer scan passes per-layer windows
+        blocked = jax.jit(
+            lambda q, k, v, w: flash_attention.reference(q, k, v, seg, sliding_window=w, **kw)
+        )
+        out, vjp = jax.vjp(lambda *a: blocked(*a, jnp.int32(win)), q, k, v)
+    else:
+        blocked = functools.partial(flash_attention.reference, sliding_window=win, **kw)
+        out, vjp = jax.vjp(jax.jit(lambda q, k, v: blocked(q, k, v, seg)), q, k, v)
+    want, want_vjp = jax.vjp(dense, q, k, v)
+    oracle = _numpy_attention(q, k, v, seg, causal, win, softcap, kw["scale"])
+    np.testing.assert_allclose(out, oracle, atol=FWD_TOL, rtol=FWD_TOL)
+    np.testing.assert_allclose(out, want, atol=FWD_TOL, rtol=FWD_TOL)
+    for got, exp, what in zip(vjp(do), want_vjp(do), ("dq", "dk", "dv")):
+        np.testing.assert_allclose(got, exp, atol=GRAD_TOL, rtol=GRAD_TOL, err_msg=what)
+    if causal and t >= 256:
+        assert len(flash_attention._query_blocks(t, causal)) > 1
