@@ -32,9 +32,12 @@ def prefill_step(cfg: ModelConfig, scale: float, base, lora_tree, tokens, true_l
 
 
 def insert_step(page_size: int, st: DecodeState, prefix, slot, row, ints, floats, eos):
+    # row: the slot's page-table row
     """Write a prefix into `slot`: its k/v into the slot's pages (in place under donation),
-    its page-table row, length, last hidden state and sampling parameters."""
-    k, v, hidden, length = prefix
+    its page-table row, length, last hidden state and sampling parameters. The prefix is row
+    `row` of its prefill batch (see `state.Prefix`)."""
+    k_rows, v_rows, hidden_rows, length, row_index = prefix
+    k, v, hidden = (a[row_index] for a in (k_rows, v_rows, hidden_rows))
     # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
     pos = jnp.arange(k.shape[1])

@@ -243,7 +243,7 @@ class Engine:
         fn = self._prefill_compiled(params["lora_scale"])
         lengths = np.array([true_length], np.int32)
         k, v, hidden = fn(params["base"], params["lora"], padded[None].astype(np.int32), lengths)
-        return Prefix(k[0], v[0], hidden[0], jnp.int32(true_length), int(true_length))
+        return Prefix(k, v, hidden, np.int32(true_length), np.int32(0), int(true_length))
 
     def prefill_many(self, *, params: dict, prompts: list[list[int]]) -> list[Prefix]:
         """Prefill several prompts in one call (a jaxpost extension of the JetStream API).
@@ -270,7 +270,7 @@ class Engine:
         fn = self._prefill_compiled(params["lora_scale"])
         k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
         return [
-            Prefix(k[r], v[r], hidden[r], jnp.int32(len(p)), len(p)) for r, p in enumerate(prompts)
+            Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p)) for r, p in enumerate(prompts)
         ]
 
     def _prefill_compiled(self, scale: float):
@@ -319,7 +319,7 @@ class Engine:
         )
         return fn(
             decode_state,
-            (prefix.k, prefix.v, prefix.hidden, prefix.length),
+            (prefix.k, prefix.v, prefix.hidden, prefix.length, prefix.row),
             np.int32(slot),
             self._table[slot].copy(),
             np.array([limit - n, sp.top_k, sp.seed, sample_index], np.int32),

@@ -37,12 +37,18 @@ class DecodeState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Prefix:
-    """A prefilled prompt: k/v [L, T, KVH, D], hidden [D], length () int32 on device."""
+    """A prefilled prompt: row `row` of a prefill batch, k/v [N, L, T, KVH, D], hidden [N, D].
+
+    Prompts prefilled together share the batch's arrays; `insert` picks the row on device, so
+    handing out N prefixes costs no per-row slicing (an eager dispatch each) on the host.
+    length (the true length) and row are int32 scalars.
+    """
 
     k: jax.Array
     v: jax.Array
     hidden: jax.Array
     length: jax.Array
+    row: jax.Array
     true_length: int = dataclasses.field(metadata=dict(static=True))
 
 

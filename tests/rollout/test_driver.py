@@ -50,11 +50,12 @@ def test_64_mixed_requests_through_8_slots_equal_each_alone(engine):
     assert [len(o.tokens) for o in outs] == [s.max_new_tokens for s in sps]
     assert all(o.finish_reason == "length" and o.finished >= o.first_token for o in outs)
     # Prompt lengths 1..47 fall in the buckets 16, 32, 64 and the driver prefills 1, 2, 4 or 8
-    # queued prompts per call: at most 3 x 4 prefill compiles; one insert compile per bucket;
-    # one generate compile for the greedy sampler.
+    # queued prompts per call: at most 3 x 4 prefill compiles, and as many insert compiles (a
+    # prefix is a row of its prefill batch); one generate compile for the greedy sampler.
     counts = dict(engine.compilations)
     assert 3 <= counts.pop("prefill") <= 12
-    assert counts == {"init": 1, "insert": 3, "generate": 1}
+    assert 3 <= counts.pop("insert") <= 12
+    assert counts == {"init": 1, "generate": 1}
     # Pages all came back.
     assert engine.allocator.num_free == engine.num_pages - 1
     for i in rng.choice(64, size=16, replace=False):
@@ -62,10 +63,8 @@ def test_64_mixed_requests_through_8_slots_equal_each_alone(engine):
         assert alone.tokens == outs[i].tokens
         np.testing.assert_allclose(alone.logprobs, outs[i].logprobs, atol=1e-6)
     # Nothing else recompiled: the shapes are bounded, whatever the traffic.
-    assert engine.compilations["prefill"] <= 12
-    assert {k: engine.compilations[k] for k in ("init", "insert", "generate")} == {
-        "init": 1, "insert": 3, "generate": 1,
-    }  # fmt: skip
+    assert engine.compilations["prefill"] <= 12 and engine.compilations["insert"] <= 12
+    assert {k: engine.compilations[k] for k in ("init", "generate")} == {"init": 1, "generate": 1}
 
 
 def test_finish_reasons_eos_stop_and_length(engine):
@@ -89,7 +88,8 @@ def test_finish_reasons_eos_stop_and_length(engine):
     assert (outs[0].tokens, outs[0].finish_reason) == (toks[: first + 1], "eos")
     assert (outs[1].tokens, outs[1].finish_reason) == (toks[:first_stop], "stop")
     assert (outs[2].tokens, outs[2].finish_reason) == (toks[:4], "length")
-    assert outs[0].logprobs == free.logprobs[: first + 1]
+    # Batched and lone prefills may round differently (matmuls of another batch size).
+    np.testing.assert_allclose(outs[0].logprobs, free.logprobs[: first + 1], atol=1e-5, rtol=0)
 
 
 def test_n_samples_share_one_prefill_and_seeds_reproduce(engine):

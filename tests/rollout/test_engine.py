@@ -244,11 +244,11 @@ def test_prefill_many_equals_one_prompt_at_a_time(params):
         padded = np.zeros(32, np.int32)
         padded[: len(prompt)] = prompt
         alone = engine.prefill(params=engine.params, padded_tokens=padded, true_length=len(prompt))
-        n = len(prompt)
-        assert got.true_length == n
-        np.testing.assert_allclose(got.hidden, alone.hidden, atol=1e-5)
-        np.testing.assert_allclose(got.k[:, :n], alone.k[:, :n], atol=1e-5)
-        np.testing.assert_allclose(got.v[:, :n], alone.v[:, :n], atol=1e-5)
+        n, r = len(prompt), int(got.row)
+        assert got.true_length == n and int(got.length) == n and int(alone.row) == 0
+        np.testing.assert_allclose(got.hidden[r], alone.hidden[0], atol=1e-5)
+        np.testing.assert_allclose(got.k[r, :, :n], alone.k[0, :, :n], atol=1e-5)
+        np.testing.assert_allclose(got.v[r, :, :n], alone.v[0, :, :n], atol=1e-5)
     with pytest.raises(ValueError, match="5 prompts in one prefill; at most slots=4"):
         engine.prefill_many(params=engine.params, prompts=[[1]] * 5)
     with pytest.raises(ValueError, match=r"prompt lengths must be in \[1, max_prefill_length=32\]"):

@@ -114,12 +114,20 @@ def test_jetstream_orchestrator_serves_jaxpost_engine():
     max_tokens = [6, 4, 7]
 
     async def serve_all():
-        return await asyncio.gather(*(_decode(client, p, m) for p, m in zip(prompts, max_tokens)))
+        try:
+            return await asyncio.gather(
+                *(_decode(client, p, m) for p, m in zip(prompts, max_tokens))
+            )
+        finally:
+            # Stop while this event loop still runs: the detokenize thread closes each request's
+            # channel through the loop (call_soon_threadsafe) after the last token has been
+            # streamed; on a closed loop that raises, and JetThread then SIGKILLs the process.
+            await asyncio.to_thread(driver.stop)
 
     try:
         served = asyncio.run(asyncio.wait_for(serve_all(), timeout=120))
     finally:
-        driver.stop()
+        driver.stop()  # already stopped unless the event loop itself failed
     # The orchestrator prepends BOS; the jaxpost driver gets the same token sequence.
     ours = rollout.generate(
         CFG,

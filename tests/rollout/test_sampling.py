@@ -104,3 +104,30 @@ def test_sampling_params_validation_messages():
     with pytest.raises(ValueError, match="stop contains an empty token sequence"):
         SamplingParams(stop=[[]])
     assert SamplingParams(stop=[[1, 2]], eos_token_ids=[3]).stop == ((1, 2),)
+
+
+def test_argmax_and_draws_equal_jax_reference():
+    """sampling.argmax is jnp.argmax (first index on ties, -inf entries, one-token rows), and
+    the temperature draw is exactly jax.random.categorical's for the same key."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 300)).astype(np.float32)
+    x[1, [5, 17, 200]] = 9.0  # ties: the first index wins
+    x[2, :] = -np.inf
+    x[2, 40] = 0.0
+    x[3, :] = 1.0  # all equal
+    np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x)), np.argmax(x, -1))
+    assert sampling.argmax(jnp.ones((2, 1))).tolist() == [0, 0]
+
+    logits = jnp.asarray(x[4:])
+    keys = jax.random.split(jax.random.key(11), logits.shape[0])
+    temp = jnp.full((logits.shape[0],), 0.7, jnp.float32)
+    ones = jnp.ones_like(temp)
+    tok, logp = sampling.sample(
+        logits, keys, temp, jnp.zeros_like(temp, jnp.int32), ones, 0 * ones, sampling.TEMPERATURE
+    )
+    want = jax.vmap(jax.random.categorical)(keys, logits / 0.7)
+    np.testing.assert_array_equal(tok, want)
+    exact = np.asarray(x[4:], np.float64)
+    exact = exact - exact.max(-1, keepdims=True)
+    exact -= np.log(np.exp(exact).sum(-1, keepdims=True))
+    np.testing.assert_allclose(logp, exact[np.arange(len(tok)), np.asarray(tok)], atol=2e-6)
