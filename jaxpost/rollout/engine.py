@@ -270,7 +270,8 @@ class Engine:
         fn = self._prefill_compiled(params["lora_scale"])
         k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
         return [
-            Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p)) for r, p in enumerate(prompts)
+            Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p))
+            for r, p in enumerate(prompts)
         ]
 
     def _prefill_compiled(self, scale: float):
