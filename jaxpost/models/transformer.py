@@ -105,9 +105,15 @@ def lm_head_kernel(cfg: ModelConfig, params: Params) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
-def logits_from_hidden(cfg: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] (after the final norm) -> float32 logits [..., V], soft-capped if set."""
-    w = lm_head_kernel(cfg, params)
+def logits_from_hidden(
+    cfg: ModelConfig, params: Params, hidden: jax.Array, kernel: jax.Array | None = None
+) -> jax.Array:
+    """hidden [..., D] (after the final norm) -> float32 logits [..., V], soft-capped if set.
+
+    kernel: a [D, V] head to use instead of `lm_head_kernel(cfg, params)` (the rollout engine
+    passes a materialized transpose of a tied embedding; see `rollout.Engine`).
+    """
+    w = lm_head_kernel(cfg, params) if kernel is None else kernel
     logits = jnp.dot(
         hidden.astype(cfg.dtype), w.astype(cfg.dtype), preferred_element_type=jnp.float32
     )

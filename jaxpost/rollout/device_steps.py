@@ -85,12 +85,14 @@ def decode_steps(
     scale: float,
     base,
     lora_tree,
+    head,
     st: DecodeState,
     table,
     active,
 ):
     """`steps` decode steps for every slot (sample, report, feed back); returns the new state and
-    the [B, 3 * steps + 2] int32 result block that `StepResult` reads."""
+    the [B, 3 * steps + 2] int32 result block that `StepResult` reads. head: a [D, V] output
+    projection, or None for the model's own."""
     lora = None if lora_tree is None else LoRAView(lora_tree, scale)
     cache = dataclasses.replace(
         st.cache, page_table=table, lengths=jnp.where(active, st.cache.lengths, 0)
@@ -98,7 +100,7 @@ def decode_steps(
     st = dataclasses.replace(st, cache=cache, done=st.done | ~active)
 
     def step(st: DecodeState, _):
-        logits = models.logits_from_hidden(cfg, base, st.hidden)
+        logits = models.logits_from_hidden(cfg, base, st.hidden, kernel=head)
         keys = jax.vmap(lambda kd, g: jax.random.fold_in(jax.random.wrap_key_data(kd), g))(
             st.key_data, st.generated
         )

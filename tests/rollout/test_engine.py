@@ -253,3 +253,42 @@ def test_prefill_many_equals_one_prompt_at_a_time(params):
         engine.prefill_many(params=engine.params, prompts=[[1]] * 5)
     with pytest.raises(ValueError, match=r"prompt lengths must be in \[1, max_prefill_length=32\]"):
         engine.prefill_many(params=engine.params, prompts=[[1], []])
+
+
+@pytest.mark.parametrize("head_copy", [True, False], ids=["head-copy", "embedding-transpose"])
+def test_tied_embedding_head_copy_gives_the_model_tokens_and_logprobs(head_copy):
+    """Tied embeddings: the engine's materialized [D, V] head (the CPU default) or the model's
+    own transposed embedding, both against the full forward and the trainer's log-probs."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=True)
+    params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(3))
+    engine = rollout.Engine(cfg, params, slots=2, max_len=48, max_prefill_length=16, page_size=4,
+                            steps_per_call=4, head_copy=head_copy)  # fmt: skip
+    assert (engine.params["head"] is not None) == head_copy
+    prompts = _prompts(np.random.default_rng(1), 3, hi=16)
+    outs = rollout.generate(
+        cfg, params, prompts, rollout.SamplingParams(max_new_tokens=10, temperature=0.0),
+        engine=engine,
+    )  # fmt: skip
+    forward = jax.jit(lambda p, t: models.forward(cfg, p, t)[0])
+    logp = jax.jit(
+        lambda p, t: token_logprobs(
+            cfg, {"base": p, "lora": None}, {"tokens": t[:, :-1], "targets": t[:, 1:]}
+        )["logp"][0]
+    )
+    for prompt, out in zip(prompts, outs):
+        seq = list(prompt)
+        for _ in range(10):
+            seq.append(int(np.argmax(forward(params, _padded(seq))[len(seq) - 1])))
+        assert out.tokens == seq[len(prompt) :]
+        ref = np.asarray(logp(params, _padded(seq)))[len(prompt) - 1 : len(seq) - 1]
+        np.testing.assert_allclose(out.logprobs, ref, atol=1e-5, rtol=0)
+    if head_copy:  # tensor-parallel: the copy is split over the vocabulary like an lm_head
+        mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+        sharded = rollout.Engine(cfg, params, slots=2, max_len=48, max_prefill_length=16,
+                                 page_size=4, steps_per_call=4, mesh=mesh)  # fmt: skip
+        assert sharded.params["head"].sharding.spec[1] == "tensor"
+        again = rollout.generate(
+            cfg, params, prompts, rollout.SamplingParams(max_new_tokens=10, temperature=0.0),
+            engine=sharded,
+        )  # fmt: skip
+        assert [o.tokens for o in again] == [o.tokens for o in outs]
