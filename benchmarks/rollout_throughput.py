@@ -284,10 +284,12 @@ def main(argv=None):
                 systems["naive"] = (naive, batch * args.naive_steps)
             if hf_model is not None:
                 systems["hf"] = (run_hf(hf_model, batch, prompts, news), useful)
-            # The machine's speed drifts: alternate the systems and keep each one's best run.
+            # The machine's speed drifts: alternate the systems and keep each one's best run;
+            # a pause before each run lets the previous system's threads go idle.
             best, tokens = {}, {}
             for _ in range(args.repeats):
                 for sname, (timed, count) in systems.items():
+                    time.sleep(0.5)
                     t, tokens[sname] = timed()
                     best[sname] = max(best.get(sname, 0.0), count / t)
             for sname in systems:
