@@ -1,6 +1,7 @@
 """The engine's device-side functions, each jitted by `jaxpost.rollout.engine.Engine`.
 
 prefill_step   prompts [N, T] -> each prompt's k/v and last hidden state (the prefix)
+continue_step  a prefix + more tokens [1, T] -> the longer prefix (JetStream's existing_prefix)
 insert_step    a prefix -> its slot in the decode state (pages, table row, sampling state)
 decode_steps   `steps` sample-then-feed steps for every slot, in one scan
 The host-side bookkeeping (page allocator, reservations, tables) stays in the engine.
@@ -29,6 +30,33 @@ def prefill_step(cfg: ModelConfig, scale: float, base, lora_tree, tokens, true_l
     cache = cache.stacked()  # [L, N, KVH, T, D]; a prefix travels as [L, T, KVH, D]
     k, v = (jnp.transpose(a, (1, 0, 3, 2, 4)) for a in (cache.k, cache.v))
     return k, v, hidden[jnp.arange(n), true_lengths - 1]
+
+
+def continue_step(cfg: ModelConfig, scale: float, base, lora_tree, prefix, tokens, true_length):
+    """Extend row `prefix.row` of a prefix by tokens [1, T] (true_length [1] of them valid).
+
+    The prefix's k/v [N, L, Tp, KVH, D] become a dense cache of S >= Tp + T positions (a power
+    of two, so a growing conversation compiles once per doubling); the new tokens are written
+    at positions length .. length + T - 1 and attend to positions <= their own, so the prefix's
+    padding past `length` is overwritten or never read. Returns the longer prefix's k, v
+    [1, L, S, KVH, D] and the hidden state [1, D] of its last valid token.
+    """
+    k_rows, v_rows, hidden_rows, length, row_index = prefix
+    t, tp = tokens.shape[1], k_rows.shape[2]
+    s = 1 << (tp + t - 1).bit_length()
+
+    def to_cache(rows):  # [N, L, Tp, KVH, D] -> [L, 1, KVH, S, D], the stacked layout
+        a = jnp.transpose(rows[row_index], (0, 2, 1, 3)).astype(cfg.dtype)
+        return jnp.pad(a, ((0, 0), (0, 0), (0, s - tp), (0, 0)))[:, None]
+
+    cache = DenseKVCache(k=to_cache(k_rows), v=to_cache(v_rows))
+    lora = None if lora_tree is None else LoRAView(lora_tree, scale)
+    positions = (length + jnp.arange(t, dtype=jnp.int32))[None]
+    hidden, cache = models.apply(
+        cfg, base, tokens, positions=positions, cache=cache, lora=lora, return_hidden=True
+    )
+    k, v = (jnp.transpose(a, (1, 0, 3, 2, 4)) for a in (cache.k, cache.v))
+    return k, v, hidden[:, true_length[0] - 1]
 
 
 def insert_step(page_size: int, st: DecodeState, prefix, slot, row, ints, floats, eos):

@@ -238,13 +238,12 @@ class Engine:
         padded_tokens: jax.Array | np.ndarray,
         true_length: int,
     ) -> Prefix:
-        """Run the prompt padded_tokens[:true_length] (padded_tokens: [T]) through the model."""
-        if existing_prefix is not None:
-            # Prefix caching is not implemented: a continuation must be prefilled whole.
-            raise ValueError(
-                "existing_prefix is not supported by this engine (no prefix caching); prefill "
-                "the full prompt instead"
-            )
+        """Run the prompt padded_tokens[:true_length] (padded_tokens: [T]) through the model.
+
+        existing_prefix: a prefix to continue (e.g. the conversation so far): the tokens are
+        appended to it, attending to its cached keys/values, and the longer prefix is returned.
+        Prefix plus tokens must fit max_len.
+        """
         padded = np.asarray(padded_tokens)
         if padded.ndim != 1:
             raise ValueError(f"padded_tokens must be 1-D [T], got shape {padded.shape}")
@@ -257,10 +256,29 @@ class Engine:
                 f"prompt of {padded.shape[0]} tokens exceeds max_prefill_length="
                 f"{self.max_prefill_length}"
             )
-        fn = self._prefill_compiled(params["lora_scale"])
         lengths = np.array([true_length], np.int32)
-        k, v, hidden = fn(params["base"], params["lora"], padded[None].astype(np.int32), lengths)
+        tokens = padded[None].astype(np.int32)
+        if existing_prefix is not None:
+            return self._continue(params, existing_prefix, tokens, lengths)
+        fn = self._prefill_compiled(params["lora_scale"])
+        k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
         return Prefix(k, v, hidden, np.int32(true_length), np.int32(0), int(true_length))
+
+    def _continue(self, params: dict, prefix: Prefix, tokens: np.ndarray, lengths) -> Prefix:
+        total = prefix.true_length + int(lengths[0])
+        if total > self.max_len:
+            raise ValueError(
+                f"existing_prefix of {prefix.true_length} tokens + {int(lengths[0])} new tokens "
+                f"= {total} exceeds max_len={self.max_len}"
+            )
+        scale = params["lora_scale"]
+        fn = self._compiled(
+            f"prefill_continue:{scale}",
+            functools.partial(device_steps.continue_step, self.cfg, scale),
+        )
+        fields = (prefix.k, prefix.v, prefix.hidden, prefix.length, prefix.row)
+        k, v, hidden = fn(params["base"], params["lora"], fields, tokens, lengths)
+        return Prefix(k, v, hidden, np.int32(total), np.int32(0), total)
 
     def prefill_many(self, *, params: dict, prompts: list[list[int]]) -> list[Prefix]:
         """Prefill several prompts in one call (a jaxpost extension of the JetStream API).

@@ -209,13 +209,16 @@ def test_bad_inputs_raise_clear_errors(params):
         rollout.generate(CFG, params, [[1, 999]], engine=engine)
     with pytest.raises(ValueError, match="exceeds max_prefill_length=16"):
         engine.prefill(params=engine.params, padded_tokens=np.zeros(32, np.int32), true_length=3)
-    prefix = engine.prefill(params=engine.params, padded_tokens=np.ones(8, np.int32), true_length=3)
-    with pytest.raises(ValueError, match="existing_prefix is not supported"):
+    ones = np.ones(16, np.int32)
+    prefix = engine.prefill(params=engine.params, padded_tokens=ones, true_length=16)
+    for _ in range(3):  # a conversation of 64 tokens: max_len
+        prefix = engine.prefill(
+            params=engine.params, existing_prefix=prefix, padded_tokens=ones, true_length=16
+        )
+    assert prefix.true_length == 64
+    with pytest.raises(ValueError, match=r"64 tokens \+ 1 new tokens = 65 exceeds max_len=64"):
         engine.prefill(
-            params=engine.params,
-            existing_prefix=prefix,
-            padded_tokens=np.ones(8, np.int32),
-            true_length=3,
+            params=engine.params, existing_prefix=prefix, padded_tokens=ones, true_length=1
         )
 
 
@@ -292,3 +295,44 @@ def test_tied_embedding_head_copy_gives_the_model_tokens_and_logprobs(head_copy)
             engine=sharded,
         )  # fmt: skip
         assert [o.tokens for o in again] == [o.tokens for o in outs]
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
+def test_existing_prefix_continues_a_prompt(params, with_lora):
+    """JetStream's existing_prefix: prefill a, then b on top of a's prefix (a lone prefill, or
+    row 1 of a batched one); decoding from it equals the full forward on a + b, log-probs equal
+    the trainer's. a + b is longer than max_prefill_length: prompts can be prefilled in chunks."""
+    rng = np.random.default_rng()
+    adapter = _lora(params, jax.random.key(5)) if with_lora else None
+    engine = rollout.Engine(CFG, params, lora=adapter, slots=2, max_len=64,
+                            max_prefill_length=16, page_size=4, steps_per_call=3)  # fmt: skip
+    p = engine.params
+    a, b, other = (list(rng.integers(0, CFG.vocab_size, n)) for n in (11, 9, 5))
+    b_padded = np.zeros(16, np.int32)
+    b_padded[: len(b)] = b
+    a_padded = np.zeros(16, np.int32)
+    a_padded[: len(a)] = a
+    starts = [
+        engine.prefill(params=p, padded_tokens=a_padded, true_length=len(a)),
+        engine.prefill_many(params=p, prompts=[other, a])[1],
+    ]
+    want = full_forward_greedy(params, a + b, 9, adapter)
+    for start in starts:
+        prefix = engine.prefill(
+            params=p, existing_prefix=start, padded_tokens=b_padded, true_length=len(b)
+        )
+        assert prefix.true_length == len(a) + len(b)
+        state = engine.init_decode_state()
+        state = engine.insert(
+            prefix, state, 1, sampling=rollout.SamplingParams(max_new_tokens=9, temperature=0.0)
+        )
+        tokens, logprobs = [], []
+        for _ in range(3):
+            state, result = engine.generate(p, state)
+            r = result.to_numpy()
+            tokens += list(r["tokens"][1][r["valid"][1]])
+            logprobs += list(r["logprobs"][1][r["valid"][1]])
+        assert tokens == want
+        np.testing.assert_allclose(
+            logprobs, trainer_logprobs(params, a + b, tokens, adapter), atol=1e-5, rtol=0
+        )
