@@ -17,7 +17,10 @@ MFU = FLOPs per step / step time / measured matmul FLOP/s, with FLOPs per token
   full SFT:  6 N + 12 L d T       (N: parameters in matmuls, the input embedding excluded; with
                                    tied embeddings the matrix counts once, as the LM head)
   LoRA SFT:  4 N + 12 L d T + 6 N_lora   (no weight gradients for the frozen base)
-Peak memory is the worker process's peak RSS (the runtime's own ~0.3-0.5 GB included).
+Peak memory is the worker process's peak RSS (the runtime's and XLA compiler's own memory
+included), and for jaxpost also step_buffers_MB: the bytes of the step's buffers from XLA's
+buffer assignment (`memory_analysis()`: inputs + outputs - donated aliases + temporaries), i.e.
+params, optimizer state, batch, activations and gradients without the runtime around them.
 """
 
 from __future__ import annotations
@@ -145,7 +148,21 @@ def jax_worker(model: str, mode: str, steps_: int) -> dict:
         dt = time.perf_counter() - t0
         f1 = matmul_flops(1024, repeats=4)
         records.append({"seconds": dt, "matmul_flops": (f0 + f1) / 2, "loss": loss})
-    return {"records": records, "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+    # The step's own buffers, from XLA's buffer assignment (cached executable, no recompile):
+    # params + optimizer state + batch in, activations and gradients as temporaries.
+    mem = train_step.jitted.lower(state, batch()).compile().memory_analysis()
+    buffers = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    return {
+        "records": records,
+        "compile_s": compile_s,
+        "peak_rss_mb": _peak_rss_mb(),
+        "step_buffers_mb": buffers / 1e6,
+    }
 
 
 def _torch_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
@@ -240,6 +257,7 @@ def summarise(framework: str, model: str, mode: str, result: dict) -> dict:
         "matmul_GFLOPs": statistics.median(r["matmul_flops"] for r in recs) / 1e9,
         "MFU_%": 100 * mfu,
         "peak_rss_MB": result["peak_rss_mb"],
+        "step_buffers_MB": result.get("step_buffers_mb"),
         "first_step_s": result["compile_s"],
         "loss": recs[-1]["loss"],
     }
@@ -285,7 +303,8 @@ def main() -> None:
     from common import format_table
 
     columns = ["model", "params_M", "mode", "framework", "step_s", "tokens_per_s", "x_torch",
-               "x_full", "matmul_GFLOPs", "MFU_%", "peak_rss_MB", "first_step_s"]  # fmt: skip
+               "x_full", "matmul_GFLOPs", "MFU_%", "peak_rss_MB", "step_buffers_MB",
+               "first_step_s"]  # fmt: skip
     print()
     print(format_table(rows, columns))
     print(f"\nload average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
