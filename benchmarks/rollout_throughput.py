@@ -9,6 +9,8 @@ Generated tokens/s (greedy, 64-token prompts) for
   naive       re-runs the whole (padded) sequence every step, one jitted call per token; its
               step cost does not depend on the position, so it is timed over a few steps
   hf          `transformers` generate on the same weights (torch CPU, 2 threads)
+and, at batch 1, "jaxpost decode": the engine's generate calls alone (prefill excluded),
+the figure the bandwidth bound describes,
 each compiled beforehand and timed --repeats times in alternation (best run kept), on three
 workloads: batch 1 and batch 16 with 128 new tokens each (uniform), and 64 requests
 with output lengths drawn from 8 to 128 through 16 slots (mixed). Only requested tokens count.
@@ -110,6 +112,42 @@ def run_jaxpost(cfg, params, batch, prompts, news, steps_per_call):
         return time.perf_counter() - start, outs[0][0].tokens
 
     return timed
+
+
+def run_jaxpost_decode(cfg, params, prompt, steps_per_call):
+    """Batch-1 decode alone: the engine's generate calls for one request, prefill excluded.
+
+    This is the figure the bandwidth bound describes (a prefill is compute-bound); the
+    end-to-end `jaxpost` column includes the prefills and the driver's host work."""
+    engine = rollout.Engine(
+        cfg,
+        params,
+        slots=1,
+        max_len=PROMPT + NEW,
+        max_prefill_length=PROMPT,
+        page_size=16,
+        steps_per_call=steps_per_call,
+    )
+    p = engine.params
+    greedy = rollout.SamplingParams(max_new_tokens=NEW, temperature=0.0)
+    (prefix,) = engine.prefill_many(params=p, prompts=[prompt])
+    calls = NEW // steps_per_call
+    state = engine.init_decode_state()
+
+    def decode():
+        nonlocal state
+        state = engine.insert(prefix, state, 0, sampling=greedy)
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        results = []
+        for _ in range(calls):
+            state, result = engine.generate(p, state)
+            results.append(result)
+        tokens = [result.to_numpy()["tokens"][0] for result in results]
+        return time.perf_counter() - start, list(np.concatenate(tokens))
+
+    decode()  # compile
+    return decode
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -279,6 +317,10 @@ def main(argv=None):
                 ),
                 "while_loop": (run_while_loop(cfg, layer_params, batch, prompts, news), useful),
             }
+            if batch == 1:
+                decode = run_jaxpost_decode(cfg, params, prompts[0], args.steps_per_call)
+                steps = NEW // args.steps_per_call * args.steps_per_call
+                systems["jaxpost decode"] = (decode, steps)
             if wname.startswith("uniform") and "naive" not in skip:
                 naive = run_naive(cfg, layer_params, batch, prompts, args.naive_steps)
                 systems["naive"] = (naive, batch * args.naive_steps)
@@ -309,6 +351,9 @@ def main(argv=None):
                 bound = flops / flops_per_token(cfg, context)
                 row["limit"] = f"{bound:,.0f} tok/s (matmul)"
             row["of limit"] = f"{100 * row['jaxpost tok/s'] / bound:.0f}%"
+            if batch == 1:
+                row["decode of limit"] = f"{100 * row['jaxpost decode tok/s'] / bound:.0f}%"
+                assert tokens["jaxpost decode"] == ours, "decode-only run gave other tokens"
             rows.append(row)
             print(format_table([row], list(row)), flush=True)
         del hf_model
@@ -317,6 +362,7 @@ def main(argv=None):
         "workload",
         "requests",
         "jaxpost tok/s",
+        "jaxpost decode tok/s",
         "while_loop tok/s",
         "naive tok/s",
         "hf tok/s",
@@ -324,6 +370,7 @@ def main(argv=None):
         "x hf",
         "limit",
         "of limit",
+        "decode of limit",
         "match wl/hf",
     ]
     print()
