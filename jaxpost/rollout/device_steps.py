@@ -109,6 +109,7 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, row, ints, floats
 def decode_steps(
     cfg: ModelConfig,
     steps: int,
+    width: int,
     variant,
     scale: float,
     base,
@@ -120,10 +121,12 @@ def decode_steps(
 ):
     """`steps` decode steps for every slot (sample, report, feed back); returns the new state and
     the [B, 3 * steps + 2] int32 result block that `StepResult` reads. head: a [D, V] output
-    projection, or None for the model's own."""
+    projection, or None for the model's own. width: the table columns these steps attend over
+    (the host guarantees every live slot stays within width pages), so attention reads live
+    pages rather than max_len."""
     lora = None if lora_tree is None else LoRAView(lora_tree, scale)
     cache = dataclasses.replace(
-        st.cache, page_table=table, lengths=jnp.where(active, st.cache.lengths, 0)
+        st.cache, page_table=table[:, :width], lengths=jnp.where(active, st.cache.lengths, 0)
     )
     st = dataclasses.replace(st, cache=cache, done=st.done | ~active)
 
@@ -156,6 +159,7 @@ def decode_steps(
         return new, (tok, emit, logp)
 
     st, (toks, valid, logps) = jax.lax.scan(step, st, None, length=steps)
+    st = dataclasses.replace(st, cache=dataclasses.replace(st.cache, page_table=table))
     data = jnp.concatenate(
         [
             toks.T,

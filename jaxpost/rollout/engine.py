@@ -40,6 +40,7 @@ from jaxpost.rollout.state import (
     StepResult,
     prefill_bucket,
     split_params,
+    table_width_bucket,
 )
 from jaxpost.sharding import (
     DEFAULT_RULES,
@@ -381,15 +382,21 @@ class Engine:
             if self.allocator.grow(slot, bound):
                 self._table[slot] = self.allocator.table_row(slot)
             self._len_bound[slot] = bound
-        variant = sampling.widest_variant([self._variant[s] for s in np.flatnonzero(self._active)])
+        live = np.flatnonzero(self._active)
+        variant = sampling.widest_variant([self._variant[s] for s in live])
+        longest = int(self._len_bound[live].max()) if live.size else 1
+        width = table_width_bucket(
+            self.allocator.pages_for(max(longest, 1)), self.max_pages_per_slot
+        )
         scale = params["lora_scale"]
         shardings = self._state_shardings()
         fn = self._compiled(
-            f"generate:{variant}:{scale}",
+            f"generate:{variant}:{scale}:{width}",
             functools.partial(
                 device_steps.decode_steps,
                 self.cfg,
                 self.steps_per_call,
+                width,
                 variant,
                 scale,
             ),

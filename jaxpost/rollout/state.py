@@ -98,3 +98,15 @@ def split_params(params, lora=None) -> tuple[Any, Any, float]:
 def prefill_bucket(length: int, max_prefill_length: int, min_bucket: int = 16) -> int:
     """Smallest power of two >= length (and >= min_bucket), capped at max_prefill_length."""
     return min(max(min_bucket, 1 << max(0, length - 1).bit_length()), max_prefill_length)
+
+
+def table_width_bucket(pages: int, max_pages: int) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) >= pages,
+    capped at max_pages: the page-table columns a decode call attends over. At most
+    2 log2(max_pages) + 1 widths, each one compilation; attention work follows the live
+    length within 1.5x instead of always covering max_len."""
+    width = 1
+    while width < pages:
+        power_of_two = width & (width - 1) == 0
+        width = width + width // 2 if power_of_two and width >= 2 else 1 << width.bit_length()
+    return min(width, max_pages)

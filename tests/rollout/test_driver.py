@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxpost import models, rollout
+from jaxpost.rollout.state import table_width_bucket
 
 CFG = models.ModelConfig(
     vocab_size=128,
@@ -51,11 +52,15 @@ def test_64_mixed_requests_through_8_slots_equal_each_alone(engine):
     assert all(o.finish_reason == "length" and o.finished >= o.first_token for o in outs)
     # Prompt lengths 1..47 fall in the buckets 16, 32, 64 and the driver prefills 1, 2, 4 or 8
     # queued prompts per call: at most 3 x 4 prefill compiles, and as many insert compiles (a
-    # prefix is a row of its prefill batch); one generate compile for the greedy sampler.
+    # prefix is a row of its prefill batch); for the greedy sampler, one generate compile per
+    # page-table width (state.table_width_bucket: 1, 2, 3, 4, 6, 8, 12, 14 of 14 pages).
+    widths = {table_width_bucket(p, engine.max_pages_per_slot) for p in range(1, 15)}
+    assert len(widths) == 8 and engine.max_pages_per_slot == 14
     counts = dict(engine.compilations)
     assert 3 <= counts.pop("prefill") <= 12
     assert 3 <= counts.pop("insert") <= 12
-    assert counts == {"init": 1, "generate": 1}
+    assert counts.pop("init") == 1
+    assert 1 <= counts.pop("generate") <= len(widths) and not counts
     # Pages all came back.
     assert engine.allocator.num_free == engine.num_pages - 1
     for i in rng.choice(64, size=16, replace=False):
@@ -64,7 +69,7 @@ def test_64_mixed_requests_through_8_slots_equal_each_alone(engine):
         np.testing.assert_allclose(alone.logprobs, outs[i].logprobs, atol=1e-6)
     # Nothing else recompiled: the shapes are bounded, whatever the traffic.
     assert engine.compilations["prefill"] <= 12 and engine.compilations["insert"] <= 12
-    assert {k: engine.compilations[k] for k in ("init", "generate")} == {"init": 1, "generate": 1}
+    assert engine.compilations["init"] == 1 and engine.compilations["generate"] <= len(widths)
 
 
 def test_finish_reasons_eos_stop_and_length(engine):

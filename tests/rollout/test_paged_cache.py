@@ -7,6 +7,7 @@ import pytest
 
 from jaxpost import models, rollout
 from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagesExhausted
+from jaxpost.rollout.state import table_width_bucket
 
 CFG = models.ModelConfig(
     vocab_size=96,
@@ -97,3 +98,12 @@ def test_request_that_can_never_fit_is_an_error(params):
         rollout.generate(
             CFG, params, [[1, 2, 3]], rollout.SamplingParams(max_new_tokens=20), engine=engine
         )
+
+
+def test_decode_table_width_covers_the_live_pages_in_few_buckets():
+    """A decode call attends over table_width_bucket(pages) columns: never fewer than the
+    longest live slot's pages, less than 1.5x them, and few distinct widths (compilations)."""
+    widths = [table_width_bucket(p, 100) for p in range(1, 101)]
+    assert all(p <= w and (p == 1 or w < 1.5 * p) for p, w in enumerate(widths, start=1))
+    assert sorted(set(widths)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
+    assert table_width_bucket(13, 12) == 12  # capped at the table
