@@ -87,16 +87,20 @@ def workloads(rng, vocab):
 # returns (seconds, first request's tokens); `main` alternates the systems' runs. ---------------
 
 
-def run_jaxpost(cfg, params, batch, prompts, news, steps_per_call):
-    engine = rollout.Engine(
+def make_engine(cfg, params, slots, steps_per_call):
+    return rollout.Engine(
         cfg,
         params,
-        slots=batch,
+        slots=slots,
         max_len=PROMPT + NEW,
         max_prefill_length=PROMPT,
         page_size=16,
         steps_per_call=steps_per_call,
     )
+
+
+def run_jaxpost(cfg, params, batch, prompts, news, steps_per_call):
+    engine = make_engine(cfg, params, batch, steps_per_call)
     reqs = [
         rollout.Request(p, rollout.SamplingParams(max_new_tokens=int(n), temperature=0.0))
         for p, n in zip(prompts, news)
@@ -118,16 +122,9 @@ def run_jaxpost_decode(cfg, params, prompt, steps_per_call):
     """Batch-1 decode alone: the engine's generate calls for one request, prefill excluded.
 
     This is the figure the bandwidth bound describes (a prefill is compute-bound); the
-    end-to-end `jaxpost` column includes the prefills and the driver's host work."""
-    engine = rollout.Engine(
-        cfg,
-        params,
-        slots=1,
-        max_len=PROMPT + NEW,
-        max_prefill_length=PROMPT,
-        page_size=16,
-        steps_per_call=steps_per_call,
-    )
+    end-to-end `jaxpost` column includes the prefills and the driver's host work.
+    Returns the timed function and the number of tokens it decodes."""
+    engine = make_engine(cfg, params, 1, steps_per_call)
     p = engine.params
     greedy = rollout.SamplingParams(max_new_tokens=NEW, temperature=0.0)
     (prefix,) = engine.prefill_many(params=p, prompts=[prompt])
@@ -147,7 +144,7 @@ def run_jaxpost_decode(cfg, params, prompt, steps_per_call):
         return time.perf_counter() - start, list(np.concatenate(tokens))
 
     decode()  # compile
-    return decode
+    return decode, calls * steps_per_call
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -318,9 +315,9 @@ def main(argv=None):
                 "while_loop": (run_while_loop(cfg, layer_params, batch, prompts, news), useful),
             }
             if batch == 1:
-                decode = run_jaxpost_decode(cfg, params, prompts[0], args.steps_per_call)
-                steps = NEW // args.steps_per_call * args.steps_per_call
-                systems["jaxpost decode"] = (decode, steps)
+                systems["jaxpost decode"] = run_jaxpost_decode(
+                    cfg, params, prompts[0], args.steps_per_call
+                )
             if wname.startswith("uniform") and "naive" not in skip:
                 naive = run_naive(cfg, layer_params, batch, prompts, args.naive_steps)
                 systems["naive"] = (naive, batch * args.naive_steps)

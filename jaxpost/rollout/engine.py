@@ -377,17 +377,16 @@ class Engine:
     def generate(self, params: dict, decode_state: DecodeState) -> tuple[DecodeState, StepResult]:
         """steps_per_call decode steps for every slot in one jitted call (no host sync)."""
         k = self.steps_per_call
-        for slot in np.flatnonzero(self._active):
+        live = np.flatnonzero(self._active)
+        for slot in live:
             bound = min(int(self._len_bound[slot]) + k, int(self._limit[slot]))
             if self.allocator.grow(slot, bound):
                 self._table[slot] = self.allocator.table_row(slot)
             self._len_bound[slot] = bound
-        live = np.flatnonzero(self._active)
         variant = sampling.widest_variant([self._variant[s] for s in live])
-        longest = int(self._len_bound[live].max()) if live.size else 1
-        width = table_width_bucket(
-            self.allocator.pages_for(max(longest, 1)), self.max_pages_per_slot
-        )
+        # Attend over the columns the longest live slot needs by the end of this call.
+        longest = int(self._len_bound[live].max(initial=1))
+        width = table_width_bucket(self.allocator.pages_for(longest), self.max_pages_per_slot)
         scale = params["lora_scale"]
         shardings = self._state_shardings()
         fn = self._compiled(

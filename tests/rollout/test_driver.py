@@ -54,8 +54,9 @@ def test_64_mixed_requests_through_8_slots_equal_each_alone(engine):
     # queued prompts per call: at most 3 x 4 prefill compiles, and as many insert compiles (a
     # prefix is a row of its prefill batch); for the greedy sampler, one generate compile per
     # page-table width (state.table_width_bucket: 1, 2, 3, 4, 6, 8, 12, 14 of 14 pages).
-    widths = {table_width_bucket(p, engine.max_pages_per_slot) for p in range(1, 15)}
-    assert len(widths) == 8 and engine.max_pages_per_slot == 14
+    pages = engine.max_pages_per_slot
+    widths = {table_width_bucket(p, pages) for p in range(1, pages + 1)}
+    assert len(widths) == 8 and pages == 14
     counts = dict(engine.compilations)
     assert 3 <= counts.pop("prefill") <= 12
     assert 3 <= counts.pop("insert") <= 12
