@@ -8,6 +8,13 @@ at dispatch time, without waiting for its tokens, so its slot is refilled one ca
 A sample waits in the queue while no slot is free or the page pool cannot
 reserve its prompt + max_new_tokens; nothing is dropped.
 
+Admission order: by default the requests with the largest max_new_tokens go first (stable, so
+equal budgets keep their order). All requests of a `run` are known up front, and starting the
+longest first is the classic longest-processing-time rule for a short makespan: the short ones
+fill the gaps at the end instead of a long one running alone in an otherwise idle batch.
+With one max_new_tokens for all (the usual RL rollout) it is the given order.
+`admission="fifo"` keeps the given order. Results are returned in request order either way.
+
 Works with any engine exposing the JetStream Engine API (`jaxpost.rollout.engine.Engine`, or
 JetStream's own `mock_engine.TestEngine`); the jaxpost-only extras (sampling parameters per slot,
 log-probs, page admission, releasing slots) are used when the engine has them.
@@ -82,7 +89,12 @@ def _stop_hit(tokens: list[int], stops) -> bool:
 class Driver:
     """Continuous batching over `engine` with `params` (as returned by engine.load_params)."""
 
-    def __init__(self, engine, params=None):
+    ADMISSION = ("longest_first", "fifo")
+
+    def __init__(self, engine, params=None, *, admission: str = "longest_first"):
+        if admission not in self.ADMISSION:
+            raise ValueError(f"admission must be one of {self.ADMISSION}, got {admission!r}")
+        self.admission = admission
         self.engine = engine
         self.params = params if params is not None else getattr(engine, "params", None)
         self.is_jaxpost = isinstance(engine, Engine)
@@ -102,9 +114,10 @@ class Driver:
             [Completion(i, j, prompts[i], queued=now) for j in range(r.sampling.n)]
             for i, r in enumerate(requests)
         ]
-        queue = collections.deque(
-            (i, j) for i, r in enumerate(requests) for j in range(r.sampling.n)
-        )
+        order = range(len(requests))
+        if self.admission == "longest_first":
+            order = sorted(order, key=lambda i: -requests[i].sampling.max_new_tokens)
+        queue = collections.deque((i, j) for i in order for j in range(requests[i].sampling.n))
         total = len(queue)
         prefixes: dict[int, tuple] = {}  # request -> (prefix, samples not yet inserted)
         free = list(range(eng.max_concurrent_decodes - 1, -1, -1))

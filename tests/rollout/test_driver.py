@@ -130,3 +130,31 @@ def test_n_samples_share_one_prefill_and_seeds_reproduce(engine):
     )
     other = run(engine, prompts, [rollout.SamplingParams(**{**sp.__dict__, "seed": 4})] * 2)
     assert [o.tokens for o in other] != [o.tokens for o in first]
+
+
+def test_longest_first_admission_orders_by_budget_and_returns_request_order(params):
+    # One slot, so admission order is completion order. Budgets 2, 6, 4, 6: longest first
+    # admits 1 and 3 (equal budgets keep their order), then 2, then 0; fifo keeps 0, 1, 2, 3.
+    one = rollout.Engine(
+        CFG, params, slots=1, max_len=32, max_prefill_length=16, page_size=8, steps_per_call=2
+    )
+    rng = np.random.default_rng(1)
+    reqs = [
+        rollout.Request(
+            list(rng.integers(0, CFG.vocab_size, 5)),
+            rollout.SamplingParams(max_new_tokens=n, temperature=0.0),
+        )
+        for n in (2, 6, 4, 6)
+    ]
+    by_policy = {}
+    for admission in ("longest_first", "fifo"):
+        outs = [o for (o,) in rollout.Driver(one, admission=admission).run(reqs)]
+        assert [len(o.tokens) for o in outs] == [2, 6, 4, 6]  # results in request order
+        by_policy[admission] = outs
+    finish_order = lambda outs: sorted(range(len(outs)), key=lambda i: outs[i].finished)
+    assert finish_order(by_policy["longest_first"]) == [1, 3, 2, 0]
+    assert finish_order(by_policy["fifo"]) == [0, 1, 2, 3]
+    for a, b in zip(by_policy["longest_first"], by_policy["fifo"]):
+        assert a.tokens == b.tokens
+    with pytest.raises(ValueError, match="admission must be one of"):
+        rollout.Driver(one, admission="shortest_first")
