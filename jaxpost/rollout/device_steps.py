@@ -2,7 +2,7 @@
 
 prefill_step   prompts [N, T] -> each prompt's k/v and last hidden state (the prefix)
 continue_step  a prefix + more tokens [1, T] -> the longer prefix (JetStream's existing_prefix)
-insert_step    a prefix -> its slot in the decode state (pages, table row, sampling state)
+insert_step    a prefix -> its slot in the decode state (pages, length, sampling state)
 decode_steps   `steps` sample-then-feed steps for every slot, in one scan
 The host-side bookkeeping (page allocator, reservations, tables) stays in the engine.
 """
@@ -59,17 +59,17 @@ def continue_step(cfg: ModelConfig, scale: float, base, lora_tree, prefix, token
     return k, v, hidden[:, true_length[0] - 1]
 
 
-def insert_step(page_size: int, st: DecodeState, prefix, slot, row, ints, floats, eos):
-    # row: the slot's page-table row
-    """Write a prefix into `slot`: its k/v into the slot's pages (in place under donation),
-    its page-table row, length, last hidden state and sampling parameters. The prefix is row
-    `row` of its prefill batch (see `state.Prefix`)."""
+def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, floats, eos):
+    """Write a prefix into `slot`: its k/v into the pages of `table_row` (the slot's row of the
+    host's page table; in place under donation), its length, last hidden state and sampling
+    parameters. The prefix is row `prefix.row` of its prefill batch (see `state.Prefix`)."""
     k_rows, v_rows, hidden_rows, length, row_index = prefix
     k, v, hidden = (a[row_index] for a in (k_rows, v_rows, hidden_rows))
     # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
     pos = jnp.arange(k.shape[1])
-    pages = jnp.where(pos < length, row[jnp.minimum(pos // page_size, row.shape[0] - 1)], 0)
+    page_of = table_row[jnp.minimum(pos // page_size, table_row.shape[0] - 1)]
+    pages = jnp.where(pos < length, page_of, 0)
     off = pos % page_size
     c = st.cache
     if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
@@ -88,7 +88,6 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, row, ints, floats
         c,
         k_pages=kp,
         v_pages=vp,
-        page_table=c.page_table.at[slot].set(row),
         lengths=c.lengths.at[slot].set(length),
     )
     return DecodeState(
@@ -159,7 +158,7 @@ def decode_steps(
         return new, (tok, emit, logp)
 
     st, (toks, valid, logps) = jax.lax.scan(step, st, None, length=steps)
-    st = dataclasses.replace(st, cache=dataclasses.replace(st.cache, page_table=table))
+    st = dataclasses.replace(st, cache=dataclasses.replace(st.cache, page_table=None))
     data = jnp.concatenate(
         [
             toks.T,

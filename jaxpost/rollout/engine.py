@@ -206,10 +206,10 @@ class Engine:
 
     def _empty_state(self) -> DecodeState:
         b, cfg = self.slots, self.cfg
+        pools = PagedKVCache.create(cfg, self.num_pages, self.page_size, b, self.max_pages_per_slot)
         return DecodeState(
-            cache=PagedKVCache.create(
-                cfg, self.num_pages, self.page_size, b, self.max_pages_per_slot
-            ),
+            # No page table: the host's (`self._table`) is the only one, passed to each call.
+            cache=dataclasses.replace(pools, page_table=None),
             hidden=jnp.zeros((b, cfg.hidden_size), jnp.dtype(cfg.dtype)),
             generated=jnp.zeros((b,), jnp.int32),
             done=jnp.ones((b,), bool),

@@ -34,7 +34,7 @@ class PagedKVCache:
 
     k_pages: jax.Array | None
     v_pages: jax.Array | None
-    page_table: jax.Array
+    page_table: jax.Array | None  # None while stored in a DecodeState (the host holds it)
     lengths: jax.Array
     impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
