@@ -20,24 +20,24 @@ The device never waits on the host: `generate` grows page lists from the host's 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import models
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import device_steps, sampling
-from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagedKVCache
+from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import (
     MAX_EOS,
     DecodeState,
     Prefix,
     StepResult,
+    decode_state_shardings,
+    empty_decode_state,
     prefill_bucket,
     split_params,
     table_width_bucket,
@@ -182,44 +182,15 @@ class Engine:
         if self._mesh is None:
             return None
         if self._jit_cache.get("state_shardings") is None:
-            self._jit_cache["state_shardings"] = self._build_state_shardings()
+            shape = jax.eval_shape(self._empty_state)
+            self._jit_cache["state_shardings"] = decode_state_shardings(
+                self._mesh, self.rules, shape
+            )
         return self._jit_cache["state_shardings"]
 
-    def _build_state_shardings(self):
-        rep = replicated(self._mesh)
-        shape = (
-            self.cfg.num_layers,
-            self.cfg.num_kv_heads,
-            self.num_pages,
-            self.page_size,
-            self.cfg.head_dim,
-        )
-        names = ("layers", "kv_heads", None, None, "head_dim")
-        pages = logical_to_sharding(shape, names, self._mesh, self.rules)
-        if not self.cfg.scan_layers:  # per-layer pools
-            pages = logical_to_sharding(shape[1:], names[1:], self._mesh, self.rules)
-            pages = (pages,) * self.cfg.num_layers
-        state = jax.eval_shape(self._empty_state)
-        out = jax.tree.map(lambda _: rep, state)
-        out.cache = dataclasses.replace(out.cache, k_pages=pages, v_pages=pages)
-        return out
-
     def _empty_state(self) -> DecodeState:
-        b, cfg = self.slots, self.cfg
-        pools = PagedKVCache.create(cfg, self.num_pages, self.page_size, b, self.max_pages_per_slot)
-        return DecodeState(
-            # No page table: the host's (`self._table`) is the only one, passed to each call.
-            cache=dataclasses.replace(pools, page_table=None),
-            hidden=jnp.zeros((b, cfg.hidden_size), jnp.dtype(cfg.dtype)),
-            generated=jnp.zeros((b,), jnp.int32),
-            done=jnp.ones((b,), bool),
-            max_new=jnp.zeros((b,), jnp.int32),
-            key_data=jnp.zeros((b, 2), jnp.uint32),
-            temperature=jnp.zeros((b,), jnp.float32),
-            top_k=jnp.zeros((b,), jnp.int32),
-            top_p=jnp.ones((b,), jnp.float32),
-            min_p=jnp.zeros((b,), jnp.float32),
-            eos=jnp.full((b, MAX_EOS), -1, jnp.int32),
+        return empty_decode_state(
+            self.cfg, self.slots, self.num_pages, self.page_size, self.max_pages_per_slot
         )
 
     def init_decode_state(self) -> DecodeState:

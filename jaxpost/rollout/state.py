@@ -9,9 +9,12 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.paged_cache import PagedKVCache
+from jaxpost.sharding import logical_to_sharding, replicated
 
 MAX_EOS = 8  # eos ids per slot held on device
 
@@ -32,6 +35,43 @@ class DecodeState:
     top_p: jax.Array  # [B] float32
     min_p: jax.Array  # [B] float32
     eos: jax.Array  # [B, MAX_EOS] int32, -1 padded
+
+
+def empty_decode_state(
+    cfg: ModelConfig, slots: int, num_pages: int, page_size: int, max_pages_per_slot: int
+) -> DecodeState:
+    """Every slot idle (done), zero page pools. Meant to run inside jit (out_shardings place it)."""
+    b = slots
+    pools = PagedKVCache.create(cfg, num_pages, page_size, b, max_pages_per_slot)
+    return DecodeState(
+        # No page table: the engine's host table is the only one, passed to each call.
+        cache=dataclasses.replace(pools, page_table=None),
+        hidden=jnp.zeros((b, cfg.hidden_size), jnp.dtype(cfg.dtype)),
+        generated=jnp.zeros((b,), jnp.int32),
+        done=jnp.ones((b,), bool),
+        max_new=jnp.zeros((b,), jnp.int32),
+        key_data=jnp.zeros((b, 2), jnp.uint32),
+        temperature=jnp.zeros((b,), jnp.float32),
+        top_k=jnp.zeros((b,), jnp.int32),
+        top_p=jnp.ones((b,), jnp.float32),
+        min_p=jnp.zeros((b,), jnp.float32),
+        eos=jnp.full((b, MAX_EOS), -1, jnp.int32),
+    )
+
+
+def decode_state_shardings(mesh: jax.sharding.Mesh, rules, state_shape: DecodeState) -> DecodeState:
+    """Shardings for a DecodeState shaped like `state_shape`: page pools split over KV heads
+    (the tensor axis, as the attention weights are), everything else replicated."""
+    pools = state_shape.cache.k_pages  # [L, KVH, P, S, D], or L arrays [KVH, P, S, D]
+    per_layer = isinstance(pools, tuple)
+    pool = pools[0] if per_layer else pools
+    names = ("layers", "kv_heads", None, None, "head_dim")[-pool.ndim :]
+    pages = logical_to_sharding(pool.shape, names, mesh, rules)
+    if per_layer:
+        pages = (pages,) * len(pools)
+    out = jax.tree.map(lambda _: replicated(mesh), state_shape)
+    out.cache = dataclasses.replace(out.cache, k_pages=pages, v_pages=pages)
+    return out
 
 
 @jax.tree_util.register_dataclass
