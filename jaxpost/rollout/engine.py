@@ -189,9 +189,7 @@ class Engine:
         return self._jit_cache["state_shardings"]
 
     def _empty_state(self) -> DecodeState:
-        return empty_decode_state(
-            self.cfg, self.slots, self.num_pages, self.page_size, self.max_pages_per_slot
-        )
+        return empty_decode_state(self.cfg, self.slots, self.num_pages, self.page_size)
 
     def init_decode_state(self) -> DecodeState:
         """A fresh state with every slot idle; resets the host bookkeeping too."""

@@ -47,18 +47,19 @@ class PagedKVCache:
         num_pages: int,
         page_size: int,
         slots: int,
-        max_pages_per_slot: int,
         dtype=None,
         per_layer: bool | None = None,
     ) -> PagedKVCache:
-        """per_layer: the layout of `jaxpost.models.kv_cache` (default: iff not scan_layers)."""
+        """Zero pools and lengths, no page table: the host's table is set per call (see
+        `rollout.Engine`). per_layer: the layout of `jaxpost.models.kv_cache` (default: iff
+        not scan_layers)."""
         dtype = jnp.dtype(dtype or cfg.dtype)
         per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
         shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         return cls(
             k_pages=make_layers(shape, dtype, cfg.num_layers, per_layer),
             v_pages=make_layers(shape, dtype, cfg.num_layers, per_layer),
-            page_table=jnp.zeros((slots, max_pages_per_slot), jnp.int32),
+            page_table=None,
             lengths=jnp.zeros((slots,), jnp.int32),
             impl=cfg.attention_impl,
         )

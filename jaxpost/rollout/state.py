@@ -37,15 +37,12 @@ class DecodeState:
     eos: jax.Array  # [B, MAX_EOS] int32, -1 padded
 
 
-def empty_decode_state(
-    cfg: ModelConfig, slots: int, num_pages: int, page_size: int, max_pages_per_slot: int
-) -> DecodeState:
-    """Every slot idle (done), zero page pools. Meant to run inside jit (out_shardings place it)."""
+def empty_decode_state(cfg: ModelConfig, slots: int, num_pages: int, page_size: int) -> DecodeState:
+    """Every slot idle (done), zero page pools. Meant to run inside jit (out_shardings place it).
+    The cache holds no page table: the engine's host table is the only one, passed to each call."""
     b = slots
-    pools = PagedKVCache.create(cfg, num_pages, page_size, b, max_pages_per_slot)
     return DecodeState(
-        # No page table: the engine's host table is the only one, passed to each call.
-        cache=dataclasses.replace(pools, page_table=None),
+        cache=PagedKVCache.create(cfg, num_pages, page_size, b),
         hidden=jnp.zeros((b, cfg.hidden_size), jnp.dtype(cfg.dtype)),
         generated=jnp.zeros((b,), jnp.int32),
         done=jnp.ones((b,), bool),

@@ -126,7 +126,8 @@ def test_param_gradients_match_dense_log_softmax_with_lora_and_packing():
     c = jnp.asarray(rng.normal(size=(2, 48)), jnp.float32)
 
     def fused(params):
-        return jnp.sum(c * token_logprobs(cfg, params, batch)["logp"])
+        logp = token_logprobs(cfg, params, batch)["logp"]
+        return jnp.sum(c * logp), logp
 
     def dense(params):
         logits = models.forward(
@@ -137,11 +138,11 @@ def test_param_gradients_match_dense_log_softmax_with_lora_and_packing():
         return jnp.sum(c * jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0])
 
     params = {"base": base, "lora": lora}
-    v1, g1 = jax.jit(jax.value_and_grad(fused))(params)
+    (v1, logp), g1 = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
     v2, g2 = jax.jit(jax.value_and_grad(dense))(params)
     # The value sums 96 signed terms of size ~|c| * |logp| ~ 3 that largely cancel, so its
     # float32 error scales with the terms, not with the (possibly tiny) sum.
-    terms = float(jnp.sum(jnp.abs(c * token_logprobs(cfg, params, batch)["logp"])))
+    terms = float(jnp.sum(jnp.abs(c * logp)))
     np.testing.assert_allclose(v1, v2, rtol=0, atol=1e-6 * terms)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)):
         scale = float(np.abs(np.asarray(b)).max()) + 1e-12
