@@ -43,10 +43,14 @@ def memory_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict[str, f
 
 
 def matmul_flops(n: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
-    """FLOP/s of a jitted n x n x n matmul (best of `repeats`), the machine's compute limit."""
+    """FLOP/s of a jitted n x n x n matmul (best of `repeats`), the machine's compute limit.
+
+    The result is float32 whatever the operands' dtype, as in the model's matmuls (XLA:CPU runs
+    a bfloat16 x bfloat16 -> bfloat16 dot several times slower than the same dot into float32).
+    """
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    mm = jax.jit(jnp.dot)
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     jax.block_until_ready(mm(a, b))
     best = min(timed(lambda: mm(a, b), 1) for _ in range(repeats))
     return 2 * n**3 / best

@@ -43,13 +43,14 @@ def main() -> None:
     ap.add_argument("--model", default="50M", choices=sorted(MODEL_SHAPES))
     ap.add_argument("--mode", default="full", choices=("full", "lora"))
     ap.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled)")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of the matmuls")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ops", default="", help="also list the slowest single ops of this part")
     args = ap.parse_args()
 
     cfg = models.ModelConfig(
         **MODEL_SHAPES[args.model], qk_norm=True, tie_embeddings=True, model_type="qwen3",
-        rope_theta=1e6, scan_layers=args.scan,
+        rope_theta=1e6, scan_layers=args.scan, dtype=args.dtype,
     )  # fmt: skip
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     opt = steps.make_optimizer(name="adamw", learning_rate=1e-4, schedule="constant")

@@ -1,6 +1,7 @@
 """Train throughput: jaxpost full and LoRA SFT steps against a plain PyTorch loop, in one run.
 
   python benchmarks/train_throughput.py [--models 5M,50M] [--modes full,lora] [--steps 4]
+                                        [--dtypes float32,bfloat16]
                                         [--out benchmarks/results/train_throughput.json]
 
 For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's shapes), sequence
@@ -9,11 +10,15 @@ For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's sha
            LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen
   torch    the `transformers` Qwen3ForCausalLM of the same shape, torch CPU with 2 threads,
            torch.optim.AdamW, loss from model(labels=...); LoRA through PEFT (same targets)
+Each workload runs in float32 and in bfloat16 mixed precision (float32 master weights, optimizer
+state, norms, softmax and loss; matmul operands in bfloat16 with float32 results): jaxpost with
+ModelConfig(dtype="bfloat16"), torch under torch.autocast("cpu", bfloat16).
 Every workload runs in its own subprocess (clean peak RSS, fresh thread pools). Each timed step
-is bracketed by float32 matmul FLOP/s probes of the same framework (this machine's speed drifts
+is bracketed by matmul FLOP/s probes of the same framework and dtype (this machine's speed drifts
 by up to 2x, so the figure is taken in the same window as the step).
 
-MFU = FLOPs per step / step time / measured matmul FLOP/s, with FLOPs per token
+MFU = FLOPs per step / step time / measured matmul FLOP/s of the row's dtype (the issue's targets
+are on the float32 rows), with FLOPs per token
   full SFT:  6 N + 12 L d T       (N: parameters in matmuls, the input embedding excluded; with
                                    tied embeddings the matrix counts once, as the LM head)
   LoRA SFT:  4 N + 12 L d T + 6 N_lora   (no weight gradients for the frozen base)
@@ -98,7 +103,7 @@ def _peak_rss_mb() -> float:
 # Workers -----------------------------------------------------------------------------------------
 
 
-def jax_worker(model: str, mode: str, steps_: int) -> dict:
+def jax_worker(model: str, mode: str, steps_: int, dtype: str = "float32") -> dict:
     import jax
     import numpy as np
     from common import matmul_flops
@@ -111,7 +116,7 @@ def jax_worker(model: str, mode: str, steps_: int) -> dict:
     # 50M step, measured with benchmarks/profile_train_step.py).
     cfg = models.ModelConfig(
         **MODEL_SHAPES[model], qk_norm=True, tie_embeddings=True, model_type="qwen3",
-        rope_theta=1e6, scan_layers=False,
+        rope_theta=1e6, scan_layers=False, dtype=dtype,
     )  # fmt: skip
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     opt = steps.make_optimizer(name="adamw", learning_rate=LR, schedule="constant")
@@ -141,12 +146,12 @@ def jax_worker(model: str, mode: str, steps_: int) -> dict:
     records = []
     for _ in range(steps_):
         b = batch()
-        f0 = matmul_flops(1024, repeats=4)
+        f0 = matmul_flops(1024, repeats=4, dtype=dtype)
         t0 = time.perf_counter()
         state, m = train_step(state, b)
         loss = float(m["loss"])
         dt = time.perf_counter() - t0
-        f1 = matmul_flops(1024, repeats=4)
+        f1 = matmul_flops(1024, repeats=4, dtype=dtype)
         records.append({"seconds": dt, "matmul_flops": (f0 + f1) / 2, "loss": loss})
     # The step's own buffers, from XLA's buffer assignment (cached executable, no recompile):
     # params + optimizer state + batch in, activations and gradients as temporaries.
@@ -165,10 +170,13 @@ def jax_worker(model: str, mode: str, steps_: int) -> dict:
     }
 
 
-def _torch_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
+def _torch_matmul_flops(n: int = 1024, repeats: int = 4, dtype: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = (
+        torch.randn(n, n, dtype=getattr(torch, dtype)),
+        torch.randn(n, n, dtype=getattr(torch, dtype)),
+    )
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -178,7 +186,9 @@ def _torch_matmul_flops(n: int = 1024, repeats: int = 4) -> float:
     return 2 * n**3 / best
 
 
-def torch_worker(model: str, mode: str, steps_: int) -> dict:
+def torch_worker(model: str, mode: str, steps_: int, dtype: str = "float32") -> dict:
+    import contextlib
+
     import numpy as np
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -203,9 +213,15 @@ def torch_worker(model: str, mode: str, steps_: int) -> dict:
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=LR)
     rng = np.random.default_rng(0)
 
+    def precision():
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=getattr(torch, dtype))
+
     def step():
         ids = torch.from_numpy(_batch(rng, s["vocab_size"]).astype(np.int64))
-        loss = net(input_ids=ids, labels=ids).loss  # HF shifts labels inside
+        with precision():
+            loss = net(input_ids=ids, labels=ids).loss  # HF shifts labels inside
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -217,11 +233,11 @@ def torch_worker(model: str, mode: str, steps_: int) -> dict:
     step()
     records = []
     for _ in range(steps_):
-        f0 = _torch_matmul_flops()
+        f0 = _torch_matmul_flops(dtype=dtype)
         t0 = time.perf_counter()
         loss = step()
         dt = time.perf_counter() - t0
-        f1 = _torch_matmul_flops()
+        f1 = _torch_matmul_flops(dtype=dtype)
         records.append({"seconds": dt, "matmul_flops": (f0 + f1) / 2, "loss": loss})
     return {"records": records, "compile_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
 
@@ -229,18 +245,18 @@ def torch_worker(model: str, mode: str, steps_: int) -> dict:
 # Driver ------------------------------------------------------------------------------------------
 
 
-def run_worker(framework: str, model: str, mode: str, steps_: int) -> dict:
+def run_worker(framework: str, model: str, mode: str, dtype: str, steps_: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, model, mode]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, model, mode, dtype]
     cmd += ["--steps", str(steps_)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"{framework} {model} {mode} failed:\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"{framework} {model} {mode} {dtype} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(framework: str, model: str, mode: str, result: dict) -> dict:
+def summarise(framework: str, model: str, mode: str, dtype: str, result: dict) -> dict:
     shape = MODEL_SHAPES[model]
     tokens = BATCH * SEQ
     flops = flops_per_token(shape, mode) * tokens
@@ -251,6 +267,7 @@ def summarise(framework: str, model: str, mode: str, result: dict) -> dict:
         "model": model,
         "params_M": matmul_params(shape)["total"] / 1e6,
         "mode": mode,
+        "dtype": dtype,
         "framework": framework,
         "step_s": secs,
         "tokens_per_s": tokens / secs,
@@ -268,42 +285,44 @@ def main() -> None:
     ap.add_argument("--models", default="5M,50M")
     ap.add_argument("--modes", default="full,lora")
     ap.add_argument("--frameworks", default="jax,torch")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "train_throughput.json"))  # fmt: skip
-    ap.add_argument("--worker", nargs=3, metavar=("FRAMEWORK", "MODEL", "MODE"))
+    ap.add_argument("--worker", nargs=4, metavar=("FRAMEWORK", "MODEL", "MODE", "DTYPE"))
     args = ap.parse_args()
     if args.worker:
-        framework, model, mode = args.worker
+        framework, model, mode, dtype = args.worker
         fn = jax_worker if framework == "jax" else torch_worker
-        print(json.dumps(fn(model, mode, args.steps)))
+        print(json.dumps(fn(model, mode, args.steps, dtype)))
         return
 
     load = os.getloadavg()
     rows = []
-    for model in args.models.split(","):
-        for mode in args.modes.split(","):
-            for framework in args.frameworks.split(","):
-                result = run_worker(framework, model, mode, args.steps)
-                row = summarise(framework, model, mode, result)
-                rows.append(row)
-                print(
-                    f"{model} {mode} {framework}: {row['tokens_per_s']:.0f} tok/s, "
-                    f"MFU {row['MFU_%']:.1f}%, peak {row['peak_rss_MB']:.0f} MB",
-                    flush=True,
-                )
-    by = {(r["model"], r["mode"], r["framework"]): r for r in rows}
+    for dtype in args.dtypes.split(","):
+        for model in args.models.split(","):
+            for mode in args.modes.split(","):
+                for framework in args.frameworks.split(","):
+                    result = run_worker(framework, model, mode, dtype, args.steps)
+                    row = summarise(framework, model, mode, dtype, result)
+                    rows.append(row)
+                    print(
+                        f"{model} {mode} {dtype} {framework}: {row['tokens_per_s']:.0f} tok/s, "
+                        f"MFU {row['MFU_%']:.1f}%, peak {row['peak_rss_MB']:.0f} MB",
+                        flush=True,
+                    )
+    by = {(r["model"], r["mode"], r["dtype"], r["framework"]): r for r in rows}
     for r in rows:
-        torch_row = by.get((r["model"], r["mode"], "torch"))
-        full_row = by.get((r["model"], "full", r["framework"]))
+        torch_row = by.get((r["model"], r["mode"], r["dtype"], "torch"))
+        full_row = by.get((r["model"], "full", r["dtype"], r["framework"]))
         if r["framework"] == "jax" and torch_row:
             r["x_torch"] = r["tokens_per_s"] / torch_row["tokens_per_s"]
         if r["mode"] == "lora" and full_row:
             r["x_full"] = r["tokens_per_s"] / full_row["tokens_per_s"]
     from common import format_table
 
-    columns = ["model", "params_M", "mode", "framework", "step_s", "tokens_per_s", "x_torch",
-               "x_full", "matmul_GFLOPs", "MFU_%", "peak_rss_MB", "step_buffers_MB",
+    columns = ["model", "params_M", "mode", "dtype", "framework", "step_s", "tokens_per_s",
+               "x_torch", "x_full", "matmul_GFLOPs", "MFU_%", "peak_rss_MB", "step_buffers_MB",
                "first_step_s"]  # fmt: skip
     print()
     print(format_table(rows, columns))

@@ -63,6 +63,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.hf_path = _fieldref(None, str)
     c.model.arch = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # parameter dtype when loading HF weights
+    # dtype of the matmuls' operands; None: the parameters' dtype. "bfloat16" over float32
+    # parameters is mixed precision: bfloat16 matmuls (and their gradients) with float32 results,
+    # float32 master weights, optimizer state, norms, softmax and loss.
+    c.model.compute_dtype = _fieldref(None, str)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = True  # False: full fine-tuning of every parameter
@@ -146,6 +150,7 @@ CHOICES: dict[str, tuple] = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "data.format": ("messages", "prompt_completion", "text", "preference", "prompt_answer"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": (None, "float32", "bfloat16"),
     "data.truncation": ("error", "truncate_left", "truncate_right", "drop"),
 }
 POSITIVE = (

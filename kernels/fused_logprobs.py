@@ -31,12 +31,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxpost.kernels import dispatch as _dispatch
+from jaxpost.models import matmul
 
 
 def _chunk_stats(h, w, t, softcap, with_entropy, with_logit_mean, compute_dtype):
-    logits = jnp.dot(
-        h.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
-    )
+    logits = matmul.dot(h, w, compute_dtype)
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     lse = jax.nn.logsumexp(logits, axis=-1)

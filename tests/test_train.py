@@ -265,3 +265,25 @@ def test_qlora_config_trains_through_the_cli(tmp_path):
     opt = [p for p in paths if p[0] == "opt_state" and len(p) > 4]
     assert opt and all(p[-1] in ("a", "b") for p in opt), opt[:3]
     assert (work / "export" / "peft_adapter" / "adapter_model.safetensors").exists()
+
+
+def test_bfloat16_mixed_precision_tracks_float32_through_the_cli(tmp_path):
+    """model.compute_dtype=bfloat16 over float32 parameters: the same run's losses stay within
+    bfloat16 rounding of the float32 run's, and the exported LoRA factors stay float32."""
+    args = [f"--config={QUICKSTART}:test", "--config.train.eval_every=0",
+            "--config.data.num_eval_examples=0", "--config.metrics.tensorboard=False",
+            "--config.metrics.plot=False"]  # fmt: skip
+    _run(tmp_path / "f32", *args)
+    _run(tmp_path / "bf16", *args, "--config.model.compute_dtype=bfloat16")
+    for split in ("pretrain", "sft"):
+        ref, mixed = _losses(tmp_path / "f32", split), _losses(tmp_path / "bf16", split)
+        assert sorted(mixed) == sorted(ref) == list(range(1, 7))
+        for step in ref:
+            assert abs(mixed[step] - ref[step]) <= 0.01 * ref[step], (split, step, mixed, ref)
+    assert _losses(tmp_path / "bf16", "pretrain")[6] < _losses(tmp_path / "bf16", "pretrain")[1]
+    from safetensors.numpy import load_file
+
+    adapter = load_file(tmp_path / "bf16" / "export" / "peft_adapter" / "adapter_model.safetensors")
+    assert adapter and all(v.dtype == np.float32 for v in adapter.values())
+    saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert saved["model"]["compute_dtype"] == "bfloat16"

@@ -87,14 +87,19 @@ class Run:
 
 
 def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[models.ModelConfig, dict]:
-    """A local HF checkpoint, or the built-in `model.arch` at random init, sharded over `mesh`."""
+    """A local HF checkpoint, or the built-in `model.arch` at random init, sharded over `mesh`,
+    with the matmuls in `model.compute_dtype` when it is set."""
     if cfg.model.hf_path is not None:
-        return models.load_hf(cfg.model.hf_path, dtype=cfg.model.dtype, mesh=mesh)
-    model_cfg = jconfig.model_config(cfg)
-    abstract = jax.eval_shape(functools.partial(models.init, model_cfg), jax.random.key(0))
-    shardings = sharding.tree_shardings(abstract, models.logical_axes(model_cfg), mesh)
-    init = jax.jit(functools.partial(models.init, model_cfg), out_shardings=shardings)
-    return model_cfg, init(jax.random.key(cfg.seed))
+        model_cfg, params = models.load_hf(cfg.model.hf_path, dtype=cfg.model.dtype, mesh=mesh)
+    else:
+        model_cfg = jconfig.model_config(cfg)
+        abstract = jax.eval_shape(functools.partial(models.init, model_cfg), jax.random.key(0))
+        shardings = sharding.tree_shardings(abstract, models.logical_axes(model_cfg), mesh)
+        init = jax.jit(functools.partial(models.init, model_cfg), out_shardings=shardings)
+        params = init(jax.random.key(cfg.seed))
+    if cfg.model.compute_dtype is not None:
+        model_cfg = model_cfg.replace(dtype=cfg.model.compute_dtype)
+    return model_cfg, params
 
 
 def task_accuracy(run: Run, params: dict, lora=None) -> float | None:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxpost.models import matmul
+
 
 def _logits(h, w, softcap, compute_dtype):
     x = jnp.dot(
@@ -98,10 +100,7 @@ def _loss_fwd(hidden, w, targets, coef, softcap, compute_dtype, chunk, uniform):
             preferred_element_type=jnp.float32,
         )  # fmt: skip
         if want_w:
-            dw = dw + jax.lax.dot_general(
-                hc.astype(compute_dtype), dx, (((0,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            )  # fmt: skip
+            dw = dw + matmul.weight_grad(hc.astype(compute_dtype), dx)
         return (total + loss, dw), (nll, lse, dh.astype(hidden.dtype))
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if want_w else None

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxpost.models import matmul
 from jaxpost.models.attention import attention
 from jaxpost.models.config import ModelConfig
 
@@ -87,15 +88,15 @@ class Linear(nn.Module):
         # activations' gradient, which cost ~30% of the backward pass (50M model).
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        y = matmul.dot(x, kernel, self.dtype)
         if self.has_variable("lora", "a"):
-            a = self.get_variable("lora", "a").astype(self.dtype)
-            b = self.get_variable("lora", "b").astype(self.dtype)
+            a = self.get_variable("lora", "a")
+            b = self.get_variable("lora", "b")
             xd = x
             if self.lora_dropout > 0 and not self.deterministic:
                 xd = nn.Dropout(self.lora_dropout, deterministic=False)(x)
-            low = jnp.dot(xd, a, preferred_element_type=jnp.float32).astype(self.dtype)
-            y = y + self.lora_scale * jnp.dot(low, b, preferred_element_type=jnp.float32)
+            low = matmul.dot(xd, a, self.dtype).astype(self.dtype)
+            y = y + self.lora_scale * matmul.dot(low, b, self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias",

@@ -1,0 +1,133 @@
+"""`jaxpost.models.matmul`: the mixed-precision dot's values and gradients against float64
+NumPy on the rounded operands, float32 left to JAX exactly, and the bfloat16 backward of a model
+free of float32 matmuls (the reason the custom VJP exists)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxpost import models
+from jaxpost.losses import sft_loss
+from jaxpost.models import matmul
+
+
+def _rand(key, shape):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def _bf16_as_f64(x):
+    return np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _assert_within(actual, expected, bound):
+    """|actual - expected| <= bound elementwise (bound: an array of per-element error bounds)."""
+    err = np.abs(np.asarray(actual, np.float64) - expected)
+    assert np.all(err <= bound), float((err / bound).max())
+
+
+def test_float32_is_jax_dot_with_jax_gradient():
+    x, w, g = _rand(0, (24, 16)), _rand(1, (16, 8)), _rand(2, (24, 8))
+
+    def ours(x, w):
+        return jnp.vdot(matmul.dot(x, w, jnp.float32), g)
+
+    def plain(x, w):
+        return jnp.vdot(jnp.dot(x, w, preferred_element_type=jnp.float32), g)
+
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_values_and_gradients_match_float64_on_rounded_operands(x_dtype):
+    m, k, n = 48, 32, 40
+    x = _rand(0, (m, k)).astype(x_dtype)
+    w = _rand(1, (k, n))  # float32 master weights
+    g = _rand(2, (m, n))
+    y, vjp = jax.vjp(lambda x, w: matmul.dot(x, w, jnp.bfloat16), x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == jnp.float32 and dx.dtype == x_dtype and dw.dtype == jnp.float32
+
+    xr, wr, gr = _bf16_as_f64(x), _bf16_as_f64(w), _bf16_as_f64(g)
+    # Products of bfloat16 numbers are exact in float32; only the float32 accumulation rounds.
+    tol = 1e-5
+    _assert_within(y, xr @ wr, tol * np.abs(xr) @ np.abs(wr))
+    dx_ref = gr @ wr.T
+    dx_tol = tol * np.abs(gr) @ np.abs(wr).T
+    if x_dtype == jnp.bfloat16:
+        dx_tol = dx_tol + np.abs(dx_ref) * 2.0**-8  # the cotangent is returned in x's dtype
+    _assert_within(dx, dx_ref, dx_tol)
+    # The weight gradient comes back in float32, without a bfloat16 round trip.
+    _assert_within(dw, xr.T @ gr, tol * np.abs(xr).T @ np.abs(gr))
+
+
+def test_weight_grad_contracts_rows_in_both_dtypes():
+    x, g = _rand(3, (64, 16)), _rand(4, (64, 24))
+    np.testing.assert_allclose(
+        np.asarray(matmul.weight_grad(x, g)),
+        np.asarray(x, np.float64).T @ np.asarray(g, np.float64),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    out = matmul.weight_grad(xb, gb)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(out), _bf16_as_f64(x).T @ _bf16_as_f64(g), rtol=1e-5, atol=1e-5
+    )
+
+
+def _dot_operands(hlo_text: str) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, element type) of both operands of every dot_general in a StableHLO module."""
+    tensor = r"tensor<((?:\d+x)*)(\w+)>"
+    sig = rf"stablehlo\.dot_general[^\n]*:\s*\({tensor}, {tensor}\)"
+    out = []
+    for dims_a, type_a, dims_b, type_b in re.findall(sig, hlo_text):
+        for dims, dtype in ((dims_a, type_a), (dims_b, type_b)):
+            out.append((tuple(int(d) for d in dims.split("x") if d), dtype))
+    return out
+
+
+def test_bfloat16_sft_gradient_has_no_float32_matmul_and_tracks_float32():
+    cfg = models.ModelConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, qk_norm=True, tie_embeddings=True, model_type="qwen3",
+        attention_impl="xla",
+    )  # fmt: skip
+    params = models.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    batch = {
+        "tokens": tokens,
+        "targets": jnp.roll(tokens, -1, 1),
+        "loss_mask": jnp.ones((2, 16), jnp.float32).at[:, -1].set(0.0),
+    }
+
+    def loss(c):
+        def f(p):
+            total, weight, _ = sft_loss(c, {"base": p, "lora": None}, batch)
+            return total / weight
+
+        return jax.grad(f)
+
+    bf = cfg.replace(dtype="bfloat16")
+    operands = _dot_operands(jax.jit(loss(bf)).lower(params).as_text())
+    # Linear layers and the LM head multiply [tokens, features] views (rank 2, or the weight
+    # gradient's [1, tokens, features]); every one of them must take bfloat16 operands. The
+    # attention products (rank 4-5) are left to JAX's gradient.
+    matrices = [(shape, dtype) for shape, dtype in operands if len(shape) <= 3]
+    assert len(matrices) >= 2 * 3 * 7, operands  # 7 linears: forward, d input, d weight
+    assert all(dtype == "bf16" for _, dtype in matrices), matrices
+
+    g32 = jax.jit(loss(cfg))(params)
+    g16 = jax.jit(loss(bf))(params)
+    for path, a, b in zip(
+        jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g32), jax.tree.leaves(g16)
+    ):
+        err = np.linalg.norm(np.asarray(b) - np.asarray(a)) / np.linalg.norm(np.asarray(a))
+        assert err < 3e-2, (jax.tree_util.keystr(path[0]), err)
