@@ -1,6 +1,7 @@
 """Rollout throughput: the jaxpost engine against three baselines, in one run.
 
-  python benchmarks/rollout_throughput.py [--models 5M,50M] [--out rollout_throughput.json]
+  python benchmarks/rollout_throughput.py [--models 5M,50M] [--dtype float32|bfloat16]
+                                          [--out rollout_throughput.json]
 
 Generated tokens/s (greedy, 64-token prompts) for
   jaxpost     continuous batching over the paged-cache engine (`rollout.Driver`; it admits
@@ -20,6 +21,9 @@ with output lengths drawn from 8 to 128 through 16 slots (mixed). Only requested
 The last columns compare with this machine's limits, measured in each workload's window (once
 per round of runs, best kept): at batch 1 the bytes one token must read (all weights + the KV
 cache) over the read bandwidth; at batch 16 the FLOPs per token over the matmul FLOP/s.
+--dtype bfloat16 stores the weights and the KV cache in bfloat16 and multiplies in bfloat16 (float32
+results) in every system, `transformers` included; the limits then count 2-byte weights and the
+bfloat16 matmul FLOP/s.
 """
 
 from __future__ import annotations
@@ -228,7 +232,8 @@ def load_hf_model(cfg, params):
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
         models.save_hf(cfg, params, d)
-        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        dtype = getattr(torch, jnp.dtype(cfg.param_dtype).name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
     return model.eval()
 
 
@@ -266,7 +271,8 @@ def bytes_per_token(cfg, context):
     """Batch 1: every weight is read once per token (tied embedding = the LM head, read
     whole), plus the KV cache of the context."""
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context
-    return 4 * (cfg.num_params() + kv)
+    weight_bytes = jnp.dtype(cfg.param_dtype).itemsize
+    return weight_bytes * cfg.num_params() + jnp.dtype(cfg.dtype).itemsize * kv
 
 
 def flops_per_token(cfg, context):
@@ -293,19 +299,20 @@ def main(argv=None):
     ap.add_argument("--steps-per-call", type=int, default=8)
     ap.add_argument("--naive-steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per system (best kept)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default="rollout_throughput.json")
     args = ap.parse_args(argv)
 
     bw = memory_bandwidth()
-    flops = matmul_flops()
+    flops = matmul_flops(dtype=args.dtype)
     print(
         f"machine: read bandwidth {bw['best'] / 1e9:.2f} GB/s (xla {bw['xla_sum'] / 1e9:.2f}, "
-        f"numpy {bw['numpy_sum'] / 1e9:.2f}); matmul {flops / 1e9:.1f} GFLOP/s (float32)"
+        f"numpy {bw['numpy_sum'] / 1e9:.2f}); matmul {flops / 1e9:.1f} GFLOP/s ({args.dtype})"
     )
     rows = []
     rng = np.random.default_rng(0)
     for name in args.models.split(","):
-        cfg = MODELS[name]
+        cfg = MODELS[name].replace(dtype=args.dtype, param_dtype=args.dtype)
         params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
         # The baselines get the layout the engine uses (it unstacks its own copy).
         layer_params = jax.jit(models.unstack_layers, static_argnums=1)(params, cfg.num_layers)
@@ -358,7 +365,7 @@ def main(argv=None):
                 if batch == 1:
                     row_bw = max(row_bw, memory_bandwidth()["best"])
                 else:
-                    row_flops = max(row_flops, matmul_flops())
+                    row_flops = max(row_flops, matmul_flops(dtype=args.dtype))
             for sname in systems:
                 row[f"{sname} tok/s"] = best[sname]
             if "while_loop sorted" in best:

@@ -29,6 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxpost.kernels import dispatch as _dispatch
 from jaxpost.kernels.flash_attention import window_mask
+from jaxpost.models import bits
 
 
 def reference(
@@ -50,8 +51,8 @@ def reference(
     b, h, d = q.shape
     kvh, _, page_size, _ = k_pages.shape
     m = page_table.shape[1]
-    k = k_pages[:, page_table].reshape(kvh, b, m * page_size, d)
-    v = v_pages[:, page_table].reshape(kvh, b, m * page_size, d)
+    k = bits.get(k_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
+    v = bits.get(v_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
     qg = jnp.moveaxis(q.reshape(b, kvh, h // kvh, d), 1, 0)  # [KVH, B, G, D], small
     scores = (
         jnp.einsum("kbgd,kbsd->kbgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.kernels.flash_attention import attend, window_mask
+from jaxpost.models import bits
 from jaxpost.models.config import ModelConfig
 
 
@@ -29,10 +30,9 @@ def layer_array(arrays, layer) -> jax.Array:
 
 def write_layer(arrays, layer, index: tuple, values) -> jax.Array:
     """arrays[(layer,) + index] = values, in place under donation / a scan carry."""
-    values = values.astype(arrays.dtype)
     if layer is None:
-        return arrays.at[index].set(values, mode="drop")
-    return arrays.at[(layer, *index)].set(values, mode="drop")
+        return bits.set(arrays, index, values, mode="drop")
+    return bits.set(arrays, (layer, *index), values, mode="drop")
 
 
 def make_layers(shape: tuple, dtype, num_layers: int, per_layer: bool):

@@ -15,6 +15,10 @@ measured on XLA:CPU (jax 0.10, a Xeon with AMX, [2048, 512] x [512, 2048]-class 
 
 The weight gradient is returned in the dtype `w` came in (the float32 master weights), without a
 round trip through the compute dtype.
+
+A single-row bfloat16 product (batch-1 decode) is computed as two rows: XLA:CPU sends a
+bfloat16 matrix-vector product to a slow path, 1.2 ms for a [1, 512] x [512, 2048] product
+against 0.10 ms with two rows (18.6 vs 1.3 ms for a [512, 32000] LM head).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def dot(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
         return jnp.dot(
             x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
         )
+    if x.shape[0] == 1:  # the slow matrix-vector path (module docstring): use two rows
+        return _low_precision_dot(jnp.broadcast_to(x, (2, x.shape[1])), w, compute_dtype)[:1]
     return _low_precision_dot(x, w, compute_dtype)
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost.models import bits, matmul
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.kv_cache import join_cache, split_cache
 from jaxpost.models.layers import Block, RMSNorm
@@ -114,16 +115,16 @@ def logits_from_hidden(
     passes a materialized transpose of a tied embedding; see `rollout.Engine`).
     """
     w = lm_head_kernel(cfg, params) if kernel is None else kernel
-    logits = jnp.dot(
-        hidden.astype(cfg.dtype), w.astype(cfg.dtype), preferred_element_type=jnp.float32
-    )
+    lead = hidden.shape[:-1]
+    logits = matmul.dot(hidden.reshape(-1, hidden.shape[-1]), w, cfg.dtype)
+    logits = logits.reshape(*lead, w.shape[-1])
     if cfg.final_logit_softcap is not None:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    x = jnp.take(params["embedder"]["embedding"], tokens, axis=0).astype(cfg.dtype)
+    x = bits.take(params["embedder"]["embedding"], tokens, axis=0).astype(cfg.dtype)
     if cfg.embed_scale:
         # Gemma rounds the normalizer to the compute dtype before multiplying.
         x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.kernels.paged_attention import paged_attention
+from jaxpost.models import bits
 from jaxpost.models.attention import attention
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.kv_cache import layer_array, make_layers
@@ -121,13 +122,12 @@ class PagedKVCache:
 
 def _write_pages(pool, layer, pages, offsets, values):
     """pool[(layer,) :, pages, offsets] = values [B, T, KVH, D] (pool [(L,) KVH, P, S, D])."""
-    values = values.astype(pool.dtype)
     if layer is None:
         # Adjacent advanced indices keep their place: the target is [KVH, B, T, D].
-        return pool.at[:, pages, offsets].set(jnp.moveaxis(values, 2, 0))
+        return bits.set(pool, (slice(None), pages, offsets), jnp.moveaxis(values, 2, 0))
     # `layer` and (pages, offsets) are separated by a slice: NumPy rules put the broadcast
     # index dims first, so the target is [B, T, KVH, D].
-    return pool.at[layer, :, pages, offsets].set(values)
+    return bits.set(pool, (layer, slice(None), pages, offsets), values)
 
 
 class PagesExhausted(RuntimeError):

@@ -44,9 +44,9 @@ def test_float32_is_jax_dot_with_jax_gradient():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
-def test_bfloat16_values_and_gradients_match_float64_on_rounded_operands(x_dtype):
-    m, k, n = 48, 32, 40
+@pytest.mark.parametrize("x_dtype, m", [(jnp.float32, 48), (jnp.bfloat16, 48), (jnp.bfloat16, 1)])
+def test_bfloat16_values_and_gradients_match_float64_on_rounded_operands(x_dtype, m):
+    k, n = 32, 40  # m = 1: the single-row product (batch-1 decode) is computed as two rows
     x = _rand(0, (m, k)).astype(x_dtype)
     w = _rand(1, (k, n))  # float32 master weights
     g = _rand(2, (m, n))

@@ -1,0 +1,55 @@
+"""`jaxpost.models.bits`: 16-bit float indexing on the bits equals plain indexing exactly, and
+the compiled bfloat16 cache write and embedding read hold no float32 copy of the whole array
+(what XLA:CPU made of the plain ops)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost.models import bits
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
+def test_get_take_set_equal_plain_indexing(dtype):
+    x = (jax.random.normal(jax.random.key(0), (3, 10, 4, 5)) * 100).astype(dtype)
+    pages = jnp.array([[7, 2], [0, 9]], jnp.int32)
+    offsets = jnp.array([[1, 3], [0, 2]], jnp.int32)
+    index = (slice(None), pages, offsets)
+    np.testing.assert_array_equal(bits.get(x, (slice(None), pages)), x[:, pages])
+    np.testing.assert_array_equal(bits.take(x, pages, axis=1), jnp.take(x, pages, axis=1))
+    values = jax.random.normal(jax.random.key(1), (3, 2, 2, 5), jnp.float32) * 100
+    out = bits.set(x, index, values)
+    assert out.dtype == x.dtype
+    np.testing.assert_array_equal(out, x.at[index].set(values.astype(dtype)))
+    # Out-of-range rows are dropped, as with .at[].set(mode="drop").
+    far = (jnp.array([0, 99]), slice(None))
+    rows = jnp.ones((2, 10, 4, 5), dtype)
+    np.testing.assert_array_equal(
+        bits.set(x, far, rows, mode="drop"), x.at[far].set(rows, mode="drop")
+    )
+
+
+def _f32_buffers(fn, *args) -> list[str]:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [line for line in text.splitlines() if "f32[4,64,16,32]" in line]
+
+
+def test_bfloat16_cache_write_and_embedding_read_stay_16_bit():
+    pool = jnp.zeros((4, 64, 16, 32), jnp.bfloat16)  # [KVH, pages, page size, head dim]
+    pages, offsets = jnp.arange(8, dtype=jnp.int32), jnp.zeros((8,), jnp.int32)
+    values = jnp.ones((4, 8, 32), jnp.float32)
+
+    def write(pool, pages, offsets, values):
+        return bits.set(pool, (slice(None), pages, offsets), values)
+
+    assert not _f32_buffers(write, pool, pages, offsets, values)
+
+    table = jnp.zeros((4 * 64 * 16, 32), jnp.bfloat16).reshape(4, 64, 16, 32)
+
+    def read_then_upcast(table, pages):
+        return bits.take(table, pages, axis=1).astype(jnp.float32) * 2.0
+
+    assert not _f32_buffers(read_then_upcast, table, pages)
