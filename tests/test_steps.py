@@ -108,16 +108,21 @@ def test_accumulation_equals_one_big_batch(trainable):
     assert abs(np.mean(micro_means) - m1["loss"]) > 1e-5 * m1["loss"]
 
 
-def test_mesh_of_8_devices_matches_one_device():
-    """5 LoRA SFT steps (AdamW, 2 micro-batches) on data=2, fsdp=2, tensor=2 vs 1 device."""
+# In bfloat16 the sharded sums (float32, in another order) can flip the rounding of a bfloat16
+# activation, which moves a loss by up to ~1e-4 relative (7.4e-5 was the largest of 14 draws).
+@pytest.mark.parametrize("compute_dtype, rtol", [("float32", 1e-5), ("bfloat16", 1e-3)])
+def test_mesh_of_8_devices_matches_one_device(compute_dtype, rtol):
+    """5 LoRA SFT steps (AdamW, 2 micro-batches) on data=2, fsdp=2, tensor=2 vs 1 device; in
+    bfloat16 mixed precision too (the custom-VJP matmuls under sharding)."""
     rng = np.random.default_rng()
     params = _params(rng, "lora")
     batches = [_packed_batch(rng) for _ in range(5)]
     opt = steps.make_optimizer(name="adamw", learning_rate=1e-2, warmup_steps=2, total_steps=5)
+    cfg = CFG.replace(dtype=compute_dtype)
     losses = {}
     for name, mesh in (("one", ONE), ("eight", sharding.make_mesh(2, 2, 2))):
-        state = steps.init_train_state(CFG, _copy(params), opt, mesh, trainable="lora")
-        step = steps.make_train_step(CFG, sft_loss, opt, mesh, trainable="lora", grad_accum=2)
+        state = steps.init_train_state(cfg, _copy(params), opt, mesh, trainable="lora")
+        step = steps.make_train_step(cfg, sft_loss, opt, mesh, trainable="lora", grad_accum=2)
         losses[name] = []
         for batch in batches:
             state, metrics = step(state, batch)
@@ -129,7 +134,7 @@ def test_mesh_of_8_devices_matches_one_device():
                 == state.params["lora"].params["layers"]["attn"]["q"]["a"].sharding.spec
             )
             assert mu["b"].sharding.spec[2] == "tensor"
-    np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
+    np.testing.assert_allclose(losses["eight"], losses["one"], rtol=rtol)
 
 
 def test_lora_step_compiles_once_keeps_base_and_optimizes_only_lora():
