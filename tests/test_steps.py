@@ -74,7 +74,10 @@ def _copy(tree):
 
 @pytest.mark.parametrize("trainable", ["full", "lora"])
 def test_accumulation_equals_one_big_batch(trainable):
-    rng = np.random.default_rng()
+    # A fixed draw: on a random one the naive mean checked at the end can land within the
+    # tolerance of the exact mean by chance (it did once in CI: 1.0e-6 relative). On this one
+    # the naive mean is off by 7.7e-4 (full) and 4.2e-4 (lora) relative.
+    rng = np.random.default_rng(1)
     params = _params(rng, trainable)
     batch = _packed_batch(rng)
     sgd = steps.make_optimizer(
@@ -105,7 +108,8 @@ def test_accumulation_equals_one_big_batch(trainable):
     logp = jax.jit(lambda p, b: token_logprobs(CFG, p, b)["logp"])(params, batch)
     per_token = -np.asarray(logp) * batch["loss_mask"]
     micro_means = [per_token[j::4].sum() / counts[j] for j in range(4)]
-    assert abs(np.mean(micro_means) - m1["loss"]) > 1e-5 * m1["loss"]
+    gap = abs(np.mean(micro_means) - m1["loss"]) / m1["loss"]
+    assert gap > 1e-5, gap
 
 
 # In bfloat16 the sharded sums (float32, in another order) can flip the rounding of a bfloat16
