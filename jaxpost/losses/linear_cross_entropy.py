@@ -29,9 +29,7 @@ from jaxpost.models import matmul
 
 
 def _logits(h, w, softcap, compute_dtype):
-    x = jnp.dot(
-        h.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
-    )
+    x = matmul.dot(h, w, compute_dtype)
     if softcap is not None:
         x = jnp.tanh(x / softcap) * softcap
     return x
