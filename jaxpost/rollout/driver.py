@@ -134,7 +134,9 @@ class Driver:
             while free and queue:
                 i, j = queue[0]
                 sp = requests[i].sampling
-                if self.is_jaxpost and not eng.can_admit(len(prompts[i]) + sp.max_new_tokens):
+                tokens = len(prompts[i]) + sp.max_new_tokens
+                prefix = prefixes[i][0] if i in prefixes else None  # its pages may be shared
+                if self.is_jaxpost and not eng.can_admit(tokens, prefix):
                     break  # pool exhausted: wait for a retirement
                 queue.popleft()
                 if i not in prefixes:

@@ -10,9 +10,16 @@ prompt's last hidden state comes from prefill, so n samples of one prompt share 
 still draw different first tokens.
 
 Host-side bookkeeping lives in the engine object: the page allocator, each slot's page list and
-page-table row, an upper bound of its cache length, and page reservations. A slot reserves the
-pages of prompt + max_new_tokens when inserted (so generation never runs out of pages midway)
-but pages are only allocated as tokens arrive, so memory in use follows the live tokens.
+page-table row, an upper bound of its cache length, and page reservations. A slot is admitted
+only if the free pages cover every live slot's remaining growth up to prompt + max_new_tokens
+(so generation never runs out of pages midway), but pages are only allocated as tokens arrive,
+so memory in use follows the live tokens.
+
+The samples of one prompt share its full pages: inserting a prefix that a live slot already
+holds maps the same pages (the allocator counts holders) and allocates only the partial last
+page and the completion's pages. Decoding writes at positions past the prompt, i.e. never into
+a full prompt page, so shared pages stay read-only; n samples of a P-token prompt hold
+floor(P / page_size) prompt pages once instead of n times.
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 """
@@ -20,7 +27,9 @@ The device never waits on the host: `generate` grows page lists from the host's 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import weakref
 from typing import Any
 
 import jax
@@ -61,6 +70,7 @@ class Engine:
     head_copy: keep a materialized [D, V] transpose of a tied embedding for the decode logits
     (default: on CPU). XLA:CPU multiplies by a [V, D] matrix's transpose 20-25% slower than by
     a [D, V] one (the LM head is the largest matmul of a decode step); costs V x D memory.
+    share_prompt_pages: slots inserted from the same prefix share its full pages (module doc).
     """
 
     def __init__(
@@ -79,6 +89,7 @@ class Engine:
         rules=DEFAULT_RULES,
         default_sampling: SamplingParams | None = None,
         head_copy: bool | None = None,
+        share_prompt_pages: bool = True,
     ):
         if max_prefill_length > max_len:
             raise ValueError(f"max_prefill_length={max_prefill_length} exceeds max_len={max_len}")
@@ -101,7 +112,9 @@ class Engine:
         self._active = np.zeros((slots,), bool)
         self._len_bound = np.zeros((slots,), np.int64)  # >= the slot's cache length
         self._limit = np.zeros((slots,), np.int64)  # prompt + max_new_tokens
-        self._reserved = np.zeros((slots,), np.int64)  # pages reserved (allocated or not)
+        self.share_prompt_pages = share_prompt_pages
+        # id(prefix) -> its full prompt pages, while a live slot holds them (see `insert`).
+        self._prompt_pages: dict[int, _PromptPages] = {}
         self._variant = [sampling.GREEDY] * slots
         self.compilations: dict[str, int] = {"prefill": 0, "insert": 0, "generate": 0}
         self._jit_cache: dict = {}
@@ -283,11 +296,30 @@ class Engine:
         step = functools.partial(device_steps.prefill_step, self.cfg, scale)
         return self._compiled(f"prefill:{scale}", step)
 
-    def can_admit(self, total_tokens: int) -> bool:
-        """Whether a sequence of up to total_tokens tokens fits the unreserved pages."""
+    def can_admit(self, total_tokens: int, prefix: Prefix | None = None) -> bool:
+        """Whether a sequence of up to total_tokens tokens fits the unreserved pages: the free
+        pages minus what the live slots may still grow into. With `prefix`, its pages that a
+        live slot already holds are shared, not needed again."""
         pages = self.allocator.pages_for(min(total_tokens, self.max_len))
-        unreserved = self.num_pages - 1 - int(self._reserved.sum())
-        return pages <= unreserved
+        return pages - len(self._shareable_pages(prefix)) <= self.unreserved_pages()
+
+    def unreserved_pages(self) -> int:
+        """Free pages not promised to a live slot's growth up to its prompt + max_new_tokens."""
+        pending = sum(
+            self.allocator.pages_for(int(self._limit[s])) - len(self.allocator.slot_pages[s])
+            for s in np.flatnonzero(self._active)
+        )
+        return self.allocator.num_free - pending
+
+    def _shareable_pages(self, prefix: Prefix | None) -> list[int]:
+        """The full pages of `prefix` that a live slot holds ([] if none or sharing is off)."""
+        if prefix is None or not self.share_prompt_pages:
+            return []
+        entry = self._prompt_pages.get(id(prefix))
+        # The weak reference tells a live prefix from a dead one whose id was reused.
+        if entry is None or entry.prefix() is not prefix:
+            return []
+        return entry.pages
 
     def insert(
         self,
@@ -305,14 +337,25 @@ class Engine:
         self.release(slot)
         n = prefix.true_length
         limit = min(n + sp.max_new_tokens, self.max_len)
-        if not self.can_admit(limit):
+        shared = self._shareable_pages(prefix)
+        if not self.can_admit(limit, prefix):
             raise RuntimeError(
-                f"page pool exhausted: slot {slot} needs {self.allocator.pages_for(limit)} pages, "
-                f"{self.num_pages - 1 - int(self._reserved.sum())} unreserved"
+                f"page pool exhausted: slot {slot} needs "
+                f"{self.allocator.pages_for(limit) - len(shared)} pages, "
+                f"{self.unreserved_pages()} unreserved"
             )
-        self._reserved[slot] = self.allocator.pages_for(limit)
+        self.allocator.share(slot, shared)
         self.allocator.grow(slot, n)
         self._table[slot] = self.allocator.table_row(slot)
+        full = n // self.page_size
+        if self.share_prompt_pages and full:
+            entry = self._prompt_pages.get(id(prefix))
+            if entry is None or entry.prefix() is not prefix:
+                pages = self.allocator.slot_pages[slot][:full]
+                entry = self._prompt_pages[id(prefix)] = _PromptPages(weakref.ref(prefix), pages)
+            entry.holders.add(slot)
+        # insert_step writes every prompt position, shared pages included: with the values they
+        # already hold (the same prefix), so sharing needs no other device-side change.
         self._active[slot], self._len_bound[slot], self._limit[slot] = True, n, limit
         self._variant[slot] = sp.variant
         eos = np.full((MAX_EOS,), -1, np.int32)
@@ -336,9 +379,13 @@ class Engine:
     def release(self, slot: int) -> None:
         """Retire the slot: its pages go back to the pool; the device stops decoding it."""
         self.allocator.release(slot)
+        for key, entry in list(self._prompt_pages.items()):
+            entry.holders.discard(slot)
+            if not entry.holders:  # its pages may be free now: never share them again
+                del self._prompt_pages[key]
         self._table[slot] = SCRATCH_PAGE
         self._active[slot] = False
-        self._len_bound[slot] = self._limit[slot] = self._reserved[slot] = 0
+        self._len_bound[slot] = self._limit[slot] = 0
         self._variant[slot] = sampling.GREEDY
 
     # Generate -----------------------------------------------------------------------------------
@@ -380,6 +427,15 @@ class Engine:
             self._active.copy(),
         )
         return state, StepResult(data, k)
+
+
+@dataclasses.dataclass
+class _PromptPages:
+    """The full prompt pages of one prefix, and the slots holding them."""
+
+    prefix: weakref.ref
+    pages: list[int]
+    holders: set[int] = dataclasses.field(default_factory=set)
 
 
 def _maybe_mesh(mesh, rules):

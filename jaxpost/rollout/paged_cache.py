@@ -7,8 +7,9 @@ Device layout, as documented in `jaxpost.kernels.paged_attention` with a leading
 Page 0 is a scratch page that is never handed out: idle slots (length 0) point at it, so their
 writes land somewhere harmless and no live slot's page is ever touched by them.
 
-The allocator is plain Python bookkeeping: a free list plus per-slot page lists, so memory in
-use is the pages covering live tokens, and pages return to the free list when a slot retires.
+The allocator is plain Python bookkeeping: a free list, per-slot page lists and a holder count
+per page, so memory in use is the pages covering live tokens (a page shared by the samples of
+one prompt counts once), and a page returns to the free list when its last holder retires.
 """
 
 from __future__ import annotations
@@ -135,7 +136,11 @@ class PagesExhausted(RuntimeError):
 
 
 class PageAllocator:
-    """Free list of page ids 1..num_pages-1 (0 is scratch) and the pages each slot holds."""
+    """Free list of page ids 1..num_pages-1 (0 is scratch) and the pages each slot holds.
+
+    A page may be held by several slots (`share`: the full prompt pages of the n samples of one
+    prompt); it returns to the free list when its last holder releases it.
+    """
 
     def __init__(self, num_pages: int, page_size: int, slots: int, max_pages_per_slot: int):
         if num_pages < 2:
@@ -145,6 +150,7 @@ class PageAllocator:
         self.max_pages_per_slot = max_pages_per_slot
         # Pop from the end: low page ids are handed out first, which keeps tests readable.
         self._free = list(range(num_pages - 1, 0, -1))
+        self._holders = [0] * num_pages  # slots holding each page
         self.slot_pages: list[list[int]] = [[] for _ in range(slots)]
 
     @property
@@ -153,7 +159,8 @@ class PageAllocator:
 
     @property
     def num_used(self) -> int:
-        return sum(len(p) for p in self.slot_pages)
+        """Distinct pages held by some slot (a shared page counts once)."""
+        return self.num_pages - 1 - len(self._free)
 
     def pages_for(self, tokens: int) -> int:
         return math.ceil(tokens / self.page_size)
@@ -176,15 +183,38 @@ class PageAllocator:
             return False
         if need > len(self._free):
             raise PagesExhausted(f"slot {slot} needs {need} more pages, {len(self._free)} are free")
-        have.extend(self._free.pop() for _ in range(need))
+        for _ in range(need):
+            page = self._free.pop()
+            self._holders[page] = 1
+            have.append(page)
         return True
 
+    def share(self, slot: int, pages: list[int]) -> None:
+        """Let an empty slot start with `pages`, which other slots hold (no copy, no new page)."""
+        if self.slot_pages[slot]:
+            raise ValueError(f"slot {slot} already holds pages; share into an empty slot")
+        if len(pages) > self.max_pages_per_slot:
+            raise PagesExhausted(
+                f"slot {slot} cannot share {len(pages)} pages; a slot holds at most "
+                f"{self.max_pages_per_slot}"
+            )
+        for page in pages:
+            if page == SCRATCH_PAGE or self._holders[page] == 0:
+                raise ValueError(f"page {page} is not held by any slot; only held pages are shared")
+            self._holders[page] += 1
+        self.slot_pages[slot] = list(pages)
+
     def release(self, slot: int) -> int:
-        """Return the slot's pages to the free list; returns how many."""
-        pages = self.slot_pages[slot]
-        self._free.extend(reversed(pages))
+        """Drop the slot's pages; those no other slot holds return to the free list. Returns
+        how many pages returned."""
+        returned = []
+        for page in self.slot_pages[slot]:
+            self._holders[page] -= 1
+            if self._holders[page] == 0:
+                returned.append(page)
+        self._free.extend(reversed(returned))
         self.slot_pages[slot] = []
-        return len(pages)
+        return len(returned)
 
     def table_row(self, slot: int) -> list[int]:
         """The slot's page-table row, padded with the scratch page to max_pages_per_slot."""

@@ -46,6 +46,23 @@ def test_allocator_grows_releases_and_reuses_pages():
         alloc.grow(0, 1)
 
 
+def test_allocator_shares_pages_until_the_last_holder_releases():
+    alloc = PageAllocator(num_pages=9, page_size=4, slots=3, max_pages_per_slot=4)
+    alloc.grow(0, 10)  # pages 1, 2 full, 3 partial
+    alloc.share(1, alloc.slot_pages[0][:2])
+    assert alloc.grow(1, 10) and alloc.slot_pages[1] == [1, 2, 4]  # a private partial page
+    assert alloc.num_used == 4 and alloc.num_free == 4  # a shared page counts once
+    assert alloc.release(0) == 1 and alloc.num_free == 5  # pages 1, 2 stay: slot 1 holds them
+    alloc.share(2, [1, 2])  # from the remaining holder
+    assert alloc.release(1) == 1 and alloc.num_used == 2
+    assert alloc.release(2) == 2 and alloc.num_free == 8
+    with pytest.raises(ValueError, match="page 1 is not held by any slot"):
+        alloc.share(0, [1])
+    alloc.grow(0, 4)
+    with pytest.raises(ValueError, match="slot 0 already holds pages"):
+        alloc.share(0, [1])
+
+
 class RecordingEngine(rollout.Engine):
     """Records, at every generate call, the live slots, pages in use and tokens in flight."""
 
@@ -107,3 +124,83 @@ def test_decode_table_width_covers_the_live_pages_in_few_buckets():
     assert all(p <= w and (p == 1 or w < 1.5 * p) for p, w in enumerate(widths, start=1))
     assert sorted(set(widths)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
     assert table_width_bucket(13, 12) == 12  # capped at the table
+
+
+def _recording_engine(params, share, num_pages=None, slots=6):
+    engine = RecordingEngine(
+        CFG,
+        params,
+        slots=slots,
+        max_len=32,
+        max_prefill_length=16,
+        page_size=4,
+        num_pages=num_pages,
+        steps_per_call=2,
+        share_prompt_pages=share,
+    )
+    engine.log = []
+    return engine
+
+
+def test_samples_of_one_prompt_share_its_full_pages(params):
+    """n samples of a 10-token prompt (page size 4) hold its 2 full pages once; the sampled
+    tokens and log-probs are those of the same engine without sharing."""
+    prompt = list(np.random.default_rng().integers(0, CFG.vocab_size, 10))
+    sp = rollout.SamplingParams(n=6, max_new_tokens=12, temperature=1.0, seed=7)
+    runs = {}
+    for share in (True, False):
+        engine = _recording_engine(params, share)
+        runs[share] = (rollout.generate(CFG, params, [prompt], sp, engine=engine), engine)
+    (shared, eng_s), (plain, eng_p) = runs[True], runs[False]
+    assert [o.tokens for o in shared] == [o.tokens for o in plain]
+    assert len({tuple(o.tokens) for o in shared}) > 1  # the samples differ: a real test
+    np.testing.assert_array_equal(
+        np.array([o.logprobs for o in shared]), np.array([o.logprobs for o in plain])
+    )
+    # First call: 6 slots of 10 + 2 tokens = 3 pages each. Shared: 2 pages once + 6 x 1.
+    assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
+    assert all(s < p for (_, s, _), (_, p, _) in zip(eng_s.log, eng_p.log))
+    assert eng_s.allocator.num_free == eng_s.num_pages - 1 and not eng_s._prompt_pages
+
+
+def test_shared_pages_outlive_the_slot_that_allocated_them(params):
+    """Release the first holder, insert another sample from the remaining one: the pages are
+    still the prompt's (same tokens as without sharing) and all return to the pool at the end."""
+    prompt = list(np.random.default_rng().integers(0, CFG.vocab_size, 9))
+    sp = rollout.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    tokens = {}
+    for share in (True, False):
+        engine = _recording_engine(params, share, slots=3)
+        p = engine.params
+        (prefix,) = engine.prefill_many(params=p, prompts=[prompt])
+        state = engine.init_decode_state()
+        state = engine.insert(prefix, state, 0, sampling=sp, sample_index=0)
+        state = engine.insert(prefix, state, 1, sampling=sp, sample_index=1)
+        state, _ = engine.generate(p, state)
+        engine.release(0)
+        state = engine.insert(prefix, state, 2, sampling=sp, sample_index=2)
+        if share:
+            assert engine.allocator.slot_pages[2][:2] == engine.allocator.slot_pages[1][:2]
+        out = []
+        for _ in range(4):
+            state, result = engine.generate(p, state)
+            out.append(result.to_numpy()["tokens"])
+        tokens[share] = np.concatenate(out, axis=1)[1:]  # slots 1 and 2
+        for slot in (1, 2):
+            engine.release(slot)
+        assert engine.allocator.num_free == engine.num_pages - 1
+    np.testing.assert_array_equal(tokens[True], tokens[False])
+
+
+def test_sharing_admits_more_samples_into_the_same_pool(params):
+    """Admission counts shared pages once: a 15-page pool takes 3 samples of a 12-token prompt
+    + 8 new tokens (5 pages each) without sharing and 6 with it (5 + 5 x 2 pages)."""
+    prompt = list(np.random.default_rng().integers(0, CFG.vocab_size, 12))
+    sp = rollout.SamplingParams(n=6, max_new_tokens=8, temperature=0.0)
+    live = {}
+    for share in (True, False):
+        engine = _recording_engine(params, share, num_pages=16)
+        outs = rollout.generate(CFG, params, [prompt], sp, engine=engine)
+        assert all(len(o.tokens) == 8 for o in outs)
+        live[share] = max(n for n, _, _ in engine.log)
+    assert live == {True: 6, False: 3}
