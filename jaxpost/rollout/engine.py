@@ -14,12 +14,8 @@ page-table row, an upper bound of its cache length, and page reservations. A slo
 only if the free pages cover every live slot's remaining growth up to prompt + max_new_tokens
 (so generation never runs out of pages midway), but pages are only allocated as tokens arrive,
 so memory in use follows the live tokens.
-
-The samples of one prompt share its full pages: inserting a prefix that a live slot already
-holds maps the same pages (the allocator counts holders) and allocates only the partial last
-page and the completion's pages. Decoding writes at positions past the prompt, i.e. never into
-a full prompt page, so shared pages stay read-only; n samples of a P-token prompt hold
-floor(P / page_size) prompt pages once instead of n times.
+The samples of one prompt share its full pages (`paged_cache.PromptPageIndex`): n samples of a
+P-token prompt hold floor(P / page_size) prompt pages once instead of n times.
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 """
@@ -27,9 +23,7 @@ The device never waits on the host: `generate` grows page lists from the host's 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import weakref
 from typing import Any
 
 import jax
@@ -38,7 +32,7 @@ import numpy as np
 from jaxpost import models
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import device_steps, sampling
-from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator
+from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PromptPageIndex
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import (
     MAX_EOS,
@@ -113,8 +107,7 @@ class Engine:
         self._len_bound = np.zeros((slots,), np.int64)  # >= the slot's cache length
         self._limit = np.zeros((slots,), np.int64)  # prompt + max_new_tokens
         self.share_prompt_pages = share_prompt_pages
-        # id(prefix) -> its full prompt pages, while a live slot holds them (see `insert`).
-        self._prompt_pages: dict[int, _PromptPages] = {}
+        self._prompt_pages = PromptPageIndex()
         self._variant = [sampling.GREEDY] * slots
         self.compilations: dict[str, int] = {"prefill": 0, "insert": 0, "generate": 0}
         self._jit_cache: dict = {}
@@ -315,11 +308,7 @@ class Engine:
         """The full pages of `prefix` that a live slot holds ([] if none or sharing is off)."""
         if prefix is None or not self.share_prompt_pages:
             return []
-        entry = self._prompt_pages.get(id(prefix))
-        # The weak reference tells a live prefix from a dead one whose id was reused.
-        if entry is None or entry.prefix() is not prefix:
-            return []
-        return entry.pages
+        return self._prompt_pages.pages(prefix)
 
     def insert(
         self,
@@ -347,15 +336,10 @@ class Engine:
         self.allocator.share(slot, shared)
         self.allocator.grow(slot, n)
         self._table[slot] = self.allocator.table_row(slot)
-        full = n // self.page_size
-        if self.share_prompt_pages and full:
-            entry = self._prompt_pages.get(id(prefix))
-            if entry is None or entry.prefix() is not prefix:
-                pages = self.allocator.slot_pages[slot][:full]
-                entry = self._prompt_pages[id(prefix)] = _PromptPages(weakref.ref(prefix), pages)
-            entry.holders.add(slot)
-        # insert_step writes every prompt position, shared pages included: with the values they
-        # already hold (the same prefix), so sharing needs no other device-side change.
+        if self.share_prompt_pages and n >= self.page_size:
+            self._prompt_pages.add(
+                prefix, slot, self.allocator.slot_pages[slot][: n // self.page_size]
+            )
         self._active[slot], self._len_bound[slot], self._limit[slot] = True, n, limit
         self._variant[slot] = sp.variant
         eos = np.full((MAX_EOS,), -1, np.int32)
@@ -379,10 +363,7 @@ class Engine:
     def release(self, slot: int) -> None:
         """Retire the slot: its pages go back to the pool; the device stops decoding it."""
         self.allocator.release(slot)
-        for key, entry in list(self._prompt_pages.items()):
-            entry.holders.discard(slot)
-            if not entry.holders:  # its pages may be free now: never share them again
-                del self._prompt_pages[key]
+        self._prompt_pages.discard(slot)
         self._table[slot] = SCRATCH_PAGE
         self._active[slot] = False
         self._len_bound[slot] = self._limit[slot] = 0
@@ -427,15 +408,6 @@ class Engine:
             self._active.copy(),
         )
         return state, StepResult(data, k)
-
-
-@dataclasses.dataclass
-class _PromptPages:
-    """The full prompt pages of one prefix, and the slots holding them."""
-
-    prefix: weakref.ref
-    pages: list[int]
-    holders: set[int] = dataclasses.field(default_factory=set)
 
 
 def _maybe_mesh(mesh, rules):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -220,3 +221,43 @@ class PageAllocator:
         """The slot's page-table row, padded with the scratch page to max_pages_per_slot."""
         pages = self.slot_pages[slot]
         return pages + [SCRATCH_PAGE] * (self.max_pages_per_slot - len(pages))
+
+
+class PromptPageIndex:
+    """The full prompt pages of each prefix that live slots hold, so the prefix's other samples
+    map the same pages (`PageAllocator.share`) instead of copying the prompt again.
+
+    Only full pages are shared: decoding writes at positions past the prompt, never into a full
+    prompt page, so shared pages stay read-only. The engine's insert still writes every prompt
+    position, shared pages included, with the values they already hold (the same prefix), so
+    sharing needs no device-side change. Prefixes are keyed by identity; a weak reference tells
+    a live prefix from a dead one whose id was reused.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, list[int], set[int]]] = {}
+
+    def __len__(self) -> int:
+        """Prefixes whose pages some live slot holds."""
+        return len(self._entries)
+
+    def pages(self, prefix) -> list[int]:
+        """The pages to share for `prefix` ([] if no live slot holds them)."""
+        entry = self._entries.get(id(prefix))
+        if entry is None or entry[0]() is not prefix:
+            return []
+        return entry[1]
+
+    def add(self, prefix, slot: int, pages: list[int]) -> None:
+        """Record that `slot` holds `pages`, the full prompt pages of `prefix`."""
+        entry = self._entries.get(id(prefix))
+        if entry is None or entry[0]() is not prefix:
+            entry = self._entries[id(prefix)] = (weakref.ref(prefix), list(pages), set())
+        entry[2].add(slot)
+
+    def discard(self, slot: int) -> None:
+        """The slot retired. A prefix no live slot holds is forgotten: its pages may be free."""
+        for key, (_, _, holders) in list(self._entries.items()):
+            holders.discard(slot)
+            if not holders:
+                del self._entries[key]

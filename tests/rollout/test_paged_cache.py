@@ -160,7 +160,7 @@ def test_samples_of_one_prompt_share_its_full_pages(params):
     # First call: 6 slots of 10 + 2 tokens = 3 pages each. Shared: 2 pages once + 6 x 1.
     assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
     assert all(s < p for (_, s, _), (_, p, _) in zip(eng_s.log, eng_p.log))
-    assert eng_s.allocator.num_free == eng_s.num_pages - 1 and not eng_s._prompt_pages
+    assert eng_s.allocator.num_free == eng_s.num_pages - 1 and len(eng_s._prompt_pages) == 0
 
 
 def test_shared_pages_outlive_the_slot_that_allocated_them(params):
