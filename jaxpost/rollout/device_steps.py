@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import models
+from jaxpost.models import bits
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.kv_cache import DenseKVCache
 from jaxpost.rollout import sampling
@@ -72,18 +73,15 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
     pages = jnp.where(pos < length, page_of, 0)
     off = pos % page_size
     c = st.cache
+    # bits.set, the cache writers' scatter: a 16-bit pool stays 16-bit (see models.bits).
     if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
-        kp = tuple(
-            a.at[:, pages, off].set(jnp.moveaxis(k[i], 1, 0).astype(a.dtype))
-            for i, a in enumerate(c.k_pages)
-        )
-        vp = tuple(
-            a.at[:, pages, off].set(jnp.moveaxis(v[i], 1, 0).astype(a.dtype))
-            for i, a in enumerate(c.v_pages)
-        )
+        index = (slice(None), pages, off)  # target [KVH, T, D]
+        kp = tuple(bits.set(a, index, jnp.moveaxis(k[i], 1, 0)) for i, a in enumerate(c.k_pages))
+        vp = tuple(bits.set(a, index, jnp.moveaxis(v[i], 1, 0)) for i, a in enumerate(c.v_pages))
     else:
-        kp = c.k_pages.at[:, :, pages, off].set(jnp.moveaxis(k, 2, 1).astype(c.k_pages.dtype))
-        vp = c.v_pages.at[:, :, pages, off].set(jnp.moveaxis(v, 2, 1).astype(c.v_pages.dtype))
+        index = (slice(None), slice(None), pages, off)  # target [L, KVH, T, D]
+        kp = bits.set(c.k_pages, index, jnp.moveaxis(k, 2, 1))
+        vp = bits.set(c.v_pages, index, jnp.moveaxis(v, 2, 1))
     cache = dataclasses.replace(
         c,
         k_pages=kp,

@@ -53,3 +53,32 @@ def test_bfloat16_cache_write_and_embedding_read_stay_16_bit():
         return bits.take(table, pages, axis=1).astype(jnp.float32) * 2.0
 
     assert not _f32_buffers(read_then_upcast, table, pages)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bfloat16_prompt_insert_stays_16_bit(scan_layers):
+    """The engine's insert writes a prompt into a bfloat16 page pool without a float32 copy of
+    the pool (it goes through bits.set, as the decode-time cache writes do)."""
+    from jaxpost import models
+    from jaxpost.rollout import device_steps
+    from jaxpost.rollout.state import empty_decode_state
+
+    cfg = models.ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=4, head_dim=32, dtype="bfloat16", scan_layers=scan_layers,
+    )  # fmt: skip
+    state = empty_decode_state(cfg, slots=2, num_pages=64, page_size=16)  # pools [4,64,16,32]
+    n, t = 1, 16
+    k = jnp.ones((n, cfg.num_layers, t, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+    prefix = (k, k, jnp.zeros((n, cfg.hidden_size)), jnp.int32(t), jnp.int32(0))
+    table_row = jnp.arange(1, 5, dtype=jnp.int32)
+
+    def insert(state, prefix, table_row):
+        ints = jnp.array([4, 0, 0, 0], jnp.int32)
+        floats = jnp.zeros((3,), jnp.float32)
+        eos = jnp.full((8,), -1, jnp.int32)
+        return device_steps.insert_step(16, state, prefix, 0, table_row, ints, floats, eos)
+
+    pool = "f32[2,4,64,16,32]" if scan_layers else "f32[4,64,16,32]"  # stacked: [L, ...]
+    text = jax.jit(insert).lower(state, prefix, table_row).compile().as_text()
+    assert not [line for line in text.splitlines() if pool in line]
