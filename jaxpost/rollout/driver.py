@@ -8,12 +8,19 @@ at dispatch time, without waiting for its tokens, so its slot is refilled one ca
 A sample waits in the queue while no slot is free or the page pool cannot
 reserve its prompt + max_new_tokens; nothing is dropped.
 
+Requests with the same prompt tokens share one prefill, as the n samples of one request do, and
+on a jaxpost engine the prompt's full KV pages (RL batches often repeat each prompt as G separate
+requests, as TRL's GRPO does). Their sampling parameters and seeds stay their own, so every
+result is the one the request gets alone.
+
 Admission order: by default the requests with the largest max_new_tokens go first (stable, so
-equal budgets keep their order). All requests of a `run` are known up front, and starting the
-longest first is the classic longest-processing-time rule for a short makespan: the short ones
-fill the gaps at the end instead of a long one running alone in an otherwise idle batch.
-With one max_new_tokens for all (the usual RL rollout) it is the given order.
-`admission="fifo"` keeps the given order. Results are returned in request order either way.
+equal budgets keep their order, except that repeats of a prompt follow its first occurrence).
+All requests of a `run` are known up front, and starting the longest first is the classic
+longest-processing-time rule for a short makespan: the short ones fill the gaps at the end
+instead of a long one running alone in an otherwise idle batch. With one max_new_tokens for
+all (the usual RL rollout) it is the given order, repeats gathered. `admission="fifo"` keeps
+the given order (a repeated prompt's prefix is then kept until its last repeat is admitted).
+Results are returned in request order either way.
 
 Works with any engine exposing the JetStream Engine API (`jaxpost.rollout.engine.Engine`, or
 JetStream's own `mock_engine.TestEngine`); the jaxpost-only extras (sampling parameters per slot,
@@ -26,6 +33,7 @@ import collections
 import dataclasses
 import itertools
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,6 +90,25 @@ def _validate(prompt: Sequence[int], index: int, max_prefill: int, vocab: int | 
     return prompt
 
 
+def _warn_identical_sampled_repeats(prompts, requests) -> None:
+    """Sampling is seeded per request, so a prompt repeated with the same sampling parameters
+    (the default seed included) gets the same completion each time: a GRPO group of identical
+    completions has zero advantages. Say so once, naming the requests and the two ways out."""
+    seen: dict = {}
+    for i, (prompt, r) in enumerate(zip(prompts, requests)):
+        if r.sampling.temperature == 0:
+            continue  # greedy repeats are the same by definition
+        j = seen.setdefault((tuple(prompt), r.sampling), i)
+        if j != i:
+            warnings.warn(
+                f"requests {j} and {i} have the same prompt and sampling parameters (seed "
+                f"{r.sampling.seed}), so they get the same completion; for different samples "
+                f"give them distinct seeds or send the prompt once with n > 1",
+                stacklevel=3,
+            )
+            return
+
+
 def _stop_hit(tokens: list[int], stops) -> bool:
     return any(len(tokens) >= len(s) and tuple(tokens[-len(s) :]) == s for s in stops)
 
@@ -114,12 +141,18 @@ class Driver:
             [Completion(i, j, prompts[i], queued=now) for j in range(r.sampling.n)]
             for i, r in enumerate(requests)
         ]
+        group: dict[tuple[int, ...], int] = {}  # prompt tokens -> its first request
+        first = [group.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
+        samples = collections.Counter()  # first request -> samples of all its repeats
+        for i, r in enumerate(requests):
+            samples[first[i]] += r.sampling.n
+        _warn_identical_sampled_repeats(prompts, requests)
         order = range(len(requests))
         if self.admission == "longest_first":
-            order = sorted(order, key=lambda i: -requests[i].sampling.max_new_tokens)
+            order = sorted(order, key=lambda i: (-requests[i].sampling.max_new_tokens, first[i]))
         queue = collections.deque((i, j) for i in order for j in range(requests[i].sampling.n))
         total = len(queue)
-        prefixes: dict[int, tuple] = {}  # request -> (prefix, samples not yet inserted)
+        prefixes: dict[int, list] = {}  # first request -> [prefix, samples not yet inserted]
         free = list(range(eng.max_concurrent_decodes - 1, -1, -1))
         owner: list[tuple[int, int] | None] = [None] * eng.max_concurrent_decodes
         state = eng.init_decode_state()
@@ -130,25 +163,25 @@ class Driver:
         finished = 0
         while finished < total:
             if free and queue:
-                self._prefill_upcoming(queue, len(free), prompts, requests, prefixes)
+                self._prefill_upcoming(queue, len(free), prompts, first, samples, prefixes)
             while free and queue:
                 i, j = queue[0]
-                sp = requests[i].sampling
+                g, sp = first[i], requests[i].sampling
                 tokens = len(prompts[i]) + sp.max_new_tokens
-                prefix = prefixes[i][0] if i in prefixes else None  # its pages may be shared
+                prefix = prefixes[g][0] if g in prefixes else None  # its pages may be shared
                 if self.is_jaxpost and not eng.can_admit(tokens, prefix):
                     break  # pool exhausted: wait for a retirement
                 queue.popleft()
-                if i not in prefixes:
-                    prefixes[i] = [self._prefill(prompts[i]), sp.n]
+                if g not in prefixes:
+                    prefixes[g] = [self._prefill(prompts[g]), samples[g]]
                 slot = free.pop()
                 if self.is_jaxpost:
-                    state = eng.insert(prefixes[i][0], state, slot, sampling=sp, sample_index=j)
+                    state = eng.insert(prefixes[g][0], state, slot, sampling=sp, sample_index=j)
                 else:
-                    state = eng.insert(prefixes[i][0], state, slot)
-                prefixes[i][1] -= 1
-                if prefixes[i][1] == 0:
-                    del prefixes[i]
+                    state = eng.insert(prefixes[g][0], state, slot)
+                prefixes[g][1] -= 1
+                if prefixes[g][1] == 0:
+                    del prefixes[g]
                 owner[slot] = (i, j)
                 dispatched_steps[slot] = 0
             if queue and in_flight is None and all(o is None for o in owner):
@@ -187,18 +220,19 @@ class Driver:
                 if self.is_jaxpost:
                     self.engine.release(slot)
 
-    def _prefill_upcoming(self, queue, count, prompts, requests, prefixes) -> None:
-        """Prefill the prompts of the next `count` queued samples that have no prefix yet:
-        one batched call per length bucket on a jaxpost engine, one call each otherwise."""
+    def _prefill_upcoming(self, queue, count, prompts, first, samples, prefixes) -> None:
+        """Prefill the distinct prompts of the next `count` queued samples that have no prefix
+        yet: one batched call per length bucket on a jaxpost engine, one call each otherwise.
+        A prefix is keyed by its prompt's first request and serves `samples` of them."""
         todo: list[int] = []
         for i, _ in itertools.islice(queue, count):
-            if i not in prefixes and i not in todo:
-                todo.append(i)
+            if first[i] not in prefixes and first[i] not in todo:
+                todo.append(first[i])
         if not todo:
             return
         if not self.is_jaxpost:
             for i in todo:
-                prefixes[i] = [self._prefill(prompts[i]), requests[i].sampling.n]
+                prefixes[i] = [self._prefill(prompts[i]), samples[i]]
             return
         eng = self.engine
         groups: dict[int, list[int]] = collections.defaultdict(list)
@@ -209,7 +243,7 @@ class Driver:
                 batch = members[lo : lo + eng.slots]
                 made = eng.prefill_many(params=self.params, prompts=[prompts[i] for i in batch])
                 for i, prefix in zip(batch, made):
-                    prefixes[i] = [prefix, requests[i].sampling.n]
+                    prefixes[i] = [prefix, samples[i]]
 
     def _prefill(self, prompt: list[int]):
         eng = self.engine

@@ -132,6 +132,41 @@ def test_n_samples_share_one_prefill_and_seeds_reproduce(engine):
     assert [o.tokens for o in other] != [o.tokens for o in first]
 
 
+def test_repeated_prompts_share_one_prefill_and_each_gets_its_own_result(engine):
+    """A prompt repeated as separate requests (as TRL's GRPO batches are) is prefilled once;
+    every request, with its own seed, budget and n, returns what it returns alone."""
+    rng = np.random.default_rng()
+    a, b = (list(rng.integers(0, CFG.vocab_size, n)) for n in (11, 6))
+    sp = lambda seed, **kw: rollout.SamplingParams(  # noqa: E731
+        **{"max_new_tokens": 10, "temperature": 1.0, "seed": seed, **kw}
+    )
+    prompts = [a, b, a, a, b, list(a)]
+    sps = [sp(1), sp(1), sp(2), sp(0, temperature=0.0), sp(5, n=2), sp(3, max_new_tokens=4)]
+    calls = []
+    original = engine.prefill_many
+
+    def counting_prefill(**kwargs):
+        calls.extend(len(p) for p in kwargs["prompts"])
+        return original(**kwargs)
+
+    engine.prefill_many = counting_prefill
+    try:
+        together = run(engine, prompts, sps)
+    finally:
+        del engine.prefill_many
+    assert sorted(calls) == [6, 11]  # one prefill per distinct prompt
+    alone = [o for p, s in zip(prompts, sps) for o in run(engine, [p], [s])]
+    assert [o.tokens for o in together] == [o.tokens for o in alone]
+    assert [len(o.tokens) for o in together] == [10, 10, 10, 10, 10, 10, 4]
+    assert len({tuple(o.tokens) for o in together[:4]}) > 1  # seeds differ: a real test
+    for t, s in zip(together, alone):
+        np.testing.assert_allclose(t.logprobs, s.logprobs, atol=1e-6)
+    # The same prompt with the same sampling parameters gets the same completion: warned.
+    with pytest.warns(UserWarning, match="requests 0 and 2 have the same prompt and sampling"):
+        twins = run(engine, [a, b, a], [sp(4), sp(4), sp(4)])
+    assert twins[0].tokens == twins[2].tokens
+
+
 def test_longest_first_admission_orders_by_budget_and_returns_request_order(params):
     # One slot, so admission order is completion order. Budgets 2, 6, 4, 6: longest first
     # admits 1 and 3 (equal budgets keep their order), then 2, then 0; fifo keeps 0, 1, 2, 3.

@@ -163,6 +163,23 @@ def test_samples_of_one_prompt_share_its_full_pages(params):
     assert eng_s.allocator.num_free == eng_s.num_pages - 1 and len(eng_s._prompt_pages) == 0
 
 
+def test_repeats_of_a_prompt_as_separate_requests_share_its_pages(params):
+    """6 requests of one 10-token prompt (n=1 each, own seeds) hold its 2 full pages once, as
+    6 samples of one request do, with the tokens of the engine without sharing."""
+    prompt = list(np.random.default_rng().integers(0, CFG.vocab_size, 10))
+    sps = [rollout.SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(6)]
+    runs = {}
+    for share in (True, False):
+        engine = _recording_engine(params, share)
+        outs = rollout.generate(CFG, params, [list(prompt) for _ in sps], sps, engine=engine)
+        runs[share] = (outs, engine)
+    (shared, eng_s), (plain, eng_p) = runs[True], runs[False]
+    assert [o.tokens for o in shared] == [o.tokens for o in plain]
+    assert len({tuple(o.tokens) for o in shared}) > 1
+    assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
+    assert eng_s.allocator.num_free == eng_s.num_pages - 1 and len(eng_s._prompt_pages) == 0
+
+
 def test_shared_pages_outlive_the_slot_that_allocated_them(params):
     """Release the first holder, insert another sample from the remaining one: the pages are
     still the prompt's (same tokens as without sharing) and all return to the pool at the end."""
