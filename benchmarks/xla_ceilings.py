@@ -1,0 +1,197 @@
+"""The ceilings XLA:CPU's own matmuls put on this machine's figures, next to what jaxpost reaches.
+
+  python benchmarks/xla_ceilings.py [--models 5M,50M] [--out benchmarks/results/xla_ceilings.json]
+
+The performance targets of the train and rollout benchmarks are fractions of two probes: a
+1024^3 float32 matmul (training MFU) and a streaming sum (batch-1 decode bandwidth). This script
+measures how much of each probe XLA:CPU's matmuls themselves reach at the shapes a model runs,
+with every other op removed, so a figure of `train_throughput.py` or `rollout_throughput.py`
+can be read against what any XLA program could do here. Float32, one device.
+
+decode  The model's weight matvecs alone, in the order one token reads them (per layer q, k, v,
+        o, gate, up, down, then the LM head [D, V]), each feeding the next, in a jitted scan of
+        128 tokens, compiled with the engine's decode options: no attention, norms, cache or
+        sampling. Reported as tokens/s and as the fraction of the bandwidth bound of
+        rollout_throughput.py (every weight + the KV cache of the mean context, 64 + 64 tokens,
+        per token, over the measured read bandwidth); beside it the engine's batch-1 decode
+        (`run_jaxpost_decode` of rollout_throughput.py) in the same window.
+train   A full SFT step's matmuls alone (sequence 256, batch 8): per linear layer the forward
+        X W and the backward dY W^T and X^T dY; per layer the attention's six batched matmuls
+        (QK^T, PV and their four backward products, causal blocks not skipped, as the MFU
+        formula counts them); the LM head's three. Each shape is timed alone (best of several)
+        and the times summed. The step's FLOPs (the MFU formula of train_throughput.py) over
+        that sum and the 1024^3 probe is the MFU a step would reach if every other op were
+        free; beside it the jaxpost step (`jax_worker` of train_throughput.py) in the same
+        window. Single matmuls one after another: XLA may overlap independent ones in a real
+        step, which is why the sum is an estimate, not a bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rollout_throughput as rt  # noqa: E402
+import train_throughput as tt  # noqa: E402
+from common import format_table, matmul_flops, memory_bandwidth  # noqa: E402
+
+from jaxpost import models  # noqa: E402
+
+TOKENS = 128
+
+
+def _best(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _layer_dims(shape: dict) -> list[tuple[str, int, int]]:
+    d, f = shape["hidden_size"], shape["intermediate_size"]
+    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    return [("q", d, q), ("k", d, kv), ("v", d, kv), ("o", q, d),
+            ("gate", d, f), ("up", d, f), ("down", f, d)]  # fmt: skip
+
+
+# Decode ------------------------------------------------------------------------------------------
+
+
+def decode_chain_seconds(cfg, repeats: int) -> float:
+    """Seconds for TOKENS tokens of the model's matvecs alone (see the module docstring)."""
+    shape = {k: getattr(cfg, k) for k in tt.MODEL_SHAPES["5M"]}
+    keys = iter(jax.random.split(jax.random.key(0), 8 * cfg.num_layers + 1))
+    layers = [
+        {name: jax.random.normal(next(keys), (i, o)) * 0.02 for name, i, o in _layer_dims(shape)}
+        for _ in range(cfg.num_layers)
+    ]
+    head = jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size)) * 0.02
+    d = cfg.hidden_size
+
+    def token(x, _):
+        for w in layers:
+            q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+            # The cheapest glue that makes o depend on q, k and v (attention is left out).
+            a = q + jnp.tile(k * v, q.shape[-1] // k.shape[-1])
+            x = x + a @ w["o"]
+            x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+        logits = x @ head
+        return x + 1e-3 * logits[:, :d], None
+
+    # Compiled with the engine's decode options (single-threaded Eigen on CPU).
+    options = {"xla_cpu_multi_thread_eigen": False}
+    run = jax.jit(
+        lambda x: jax.lax.scan(token, x, None, length=TOKENS)[0], compiler_options=options
+    )
+    return _best(run, jnp.ones((1, d), jnp.float32), repeats=repeats)
+
+
+def decode_rows(name: str, repeats: int) -> dict:
+    cfg = rt.MODELS[name]
+    params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
+    prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, rt.PROMPT))
+    engine_decode, tokens = rt.run_jaxpost_decode(cfg, params, prompt, steps_per_call=8)
+    chain, engine, bandwidth = float("inf"), float("inf"), 0.0
+    for _ in range(repeats):  # alternated, best kept: the host's speed drifts
+        bandwidth = max(bandwidth, memory_bandwidth()["best"])
+        chain = min(chain, decode_chain_seconds(cfg, repeats=1))
+        engine = min(engine, engine_decode()[0])
+    bound = bandwidth / rt.bytes_per_token(cfg, rt.PROMPT + rt.NEW // 2)
+    chain_tps, engine_tps = TOKENS / chain, tokens / engine
+    return {
+        "model": name,
+        "bound tok/s": bound,
+        "bandwidth GB/s": bandwidth / 1e9,
+        "matvecs alone tok/s": chain_tps,
+        "matvecs alone of bound": chain_tps / bound,
+        "engine decode tok/s": engine_tps,
+        "engine of bound": engine_tps / bound,
+        "engine of matvecs alone": engine_tps / chain_tps,
+    }
+
+
+# Train -------------------------------------------------------------------------------------------
+
+
+def train_matmul_seconds(shape: dict, repeats: int) -> dict[str, float]:
+    """Seconds of one full SFT step's matmuls, by part, each shape timed alone."""
+    t = tt.BATCH * tt.SEQ
+    rand = lambda *s: jax.random.normal(jax.random.key(sum(s)), s)  # noqa: E731
+    fwd = jax.jit(lambda x, w: x @ w)
+    grad_x = jax.jit(lambda g, w: g @ w.T)
+    grad_w = jax.jit(lambda x, g: x.T @ g)
+
+    def linear(i: int, o: int) -> float:
+        x, w, g = rand(t, i), rand(i, o), rand(t, o)
+        return sum(_best(f, a, b, repeats=repeats) for f, a, b in
+                   ((fwd, x, w), (grad_x, g, w), (grad_w, x, g)))  # fmt: skip
+
+    b, s, h, kvh, hd = (tt.BATCH, tt.SEQ, shape["num_heads"], shape["num_kv_heads"],
+                        shape["head_dim"])  # fmt: skip
+    q, k = rand(b, kvh, h // kvh * s, hd), rand(b, kvh, s, hd)
+    p = rand(b, kvh, h // kvh * s, s)
+    scores = jax.jit(lambda q, k: jnp.einsum("bkqd,bksd->bkqs", q, k))  # QK^T, and dP = dO V^T
+    mix = jax.jit(lambda p, v: jnp.einsum("bkqs,bksd->bkqd", p, v))  # PV, and dQ = dS K
+    back = jax.jit(lambda p, o: jnp.einsum("bkqs,bkqd->bksd", p, o))  # dV = P^T dO, dK = dS^T Q
+    attention = 2 * sum(
+        _best(f, a, c, repeats=repeats) for f, a, c in ((scores, q, k), (mix, p, k), (back, p, q))
+    )
+    layers = shape["num_layers"]
+    return {
+        "linear": layers * sum(linear(i, o) for _, i, o in _layer_dims(shape)),
+        "attention": layers * attention,
+        "lm_head": linear(shape["hidden_size"], shape["vocab_size"]),
+    }
+
+
+def train_rows(name: str, repeats: int) -> dict:
+    shape = tt.MODEL_SHAPES[name]
+    step = tt.jax_worker(name, "full", 2)["records"]
+    parts = train_matmul_seconds(shape, repeats)
+    peak = matmul_flops(1024, repeats=repeats)
+    flops = tt.flops_per_token(shape, "full") * tt.BATCH * tt.SEQ
+    matmuls = sum(parts.values())
+    best = min(step, key=lambda r: r["seconds"])
+    return {
+        "model": name,
+        "matmul GFLOP/s": peak / 1e9,
+        "matmuls alone s": matmuls,
+        **{f"{k} s": v for k, v in parts.items()},
+        "MFU if only matmuls %": 100 * flops / matmuls / peak,
+        "jaxpost step s": best["seconds"],
+        "jaxpost MFU %": 100 * flops / best["seconds"] / best["matmul_flops"],
+        "step minus matmuls s": best["seconds"] - matmuls,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="5M,50M")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    names = args.models.split(",")
+    decode = [decode_rows(n, args.repeats) for n in names]
+    train = [train_rows(n, args.repeats) for n in names]
+    print("Batch-1 decode, float32:")
+    print(format_table(decode, list(decode[0])))
+    print("\nFull SFT step (seq 256, batch 8), float32:")
+    print(format_table(train, list(train[0])))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"decode": decode, "train": train, "args": vars(args)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
