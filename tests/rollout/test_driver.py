@@ -1,5 +1,7 @@
 """Continuous batching: many mixed requests through few slots, finish reasons, n samples per
-prompt sharing one prefill, seeded reproducibility."""
+prompt and repeated prompts sharing one prefill, seeded reproducibility."""
+
+import contextlib
 
 import jax
 import numpy as np
@@ -33,6 +35,22 @@ def engine(params):
     return rollout.Engine(
         CFG, params, slots=8, max_len=112, max_prefill_length=64, page_size=8, steps_per_call=4
     )
+
+
+@contextlib.contextmanager
+def prefilled_lengths(engine):
+    """Records the length of every prompt the engine prefills inside the block."""
+    lengths, original = [], engine.prefill_many
+
+    def counting(**kwargs):
+        lengths.extend(len(p) for p in kwargs["prompts"])
+        return original(**kwargs)
+
+    engine.prefill_many = counting
+    try:
+        yield lengths
+    finally:
+        del engine.prefill_many
 
 
 def run(engine, prompts, sps):
@@ -102,18 +120,8 @@ def test_n_samples_share_one_prefill_and_seeds_reproduce(engine):
     rng = np.random.default_rng()
     prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 11)]
     sp = rollout.SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, n=4, seed=3)
-    calls = []
-    original = engine.prefill_many
-
-    def counting_prefill(**kwargs):
-        calls.extend(len(p) for p in kwargs["prompts"])
-        return original(**kwargs)
-
-    engine.prefill_many = counting_prefill
-    try:
+    with prefilled_lengths(engine) as calls:
         first = run(engine, prompts, [sp, sp])
-    finally:
-        del engine.prefill_many
     assert sorted(calls) == [5, 11]  # one prefill per prompt for its 4 samples
     assert len(first) == 8
     # The 4 samples of a prompt differ from one another (distinct seeds per sample).
@@ -142,18 +150,8 @@ def test_repeated_prompts_share_one_prefill_and_each_gets_its_own_result(engine)
     )
     prompts = [a, b, a, a, b, list(a)]
     sps = [sp(1), sp(1), sp(2), sp(0, temperature=0.0), sp(5, n=2), sp(3, max_new_tokens=4)]
-    calls = []
-    original = engine.prefill_many
-
-    def counting_prefill(**kwargs):
-        calls.extend(len(p) for p in kwargs["prompts"])
-        return original(**kwargs)
-
-    engine.prefill_many = counting_prefill
-    try:
+    with prefilled_lengths(engine) as calls:
         together = run(engine, prompts, sps)
-    finally:
-        del engine.prefill_many
     assert sorted(calls) == [6, 11]  # one prefill per distinct prompt
     alone = [o for p, s in zip(prompts, sps) for o in run(engine, [p], [s])]
     assert [o.tokens for o in together] == [o.tokens for o in alone]
