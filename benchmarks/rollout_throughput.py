@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import format_table, matmul_flops, memory_bandwidth  # noqa: E402
 
 from jaxpost import models, rollout  # noqa: E402
+from jaxpost.models import matmul  # noqa: E402
 from jaxpost.models.kv_cache import DenseKVCache  # noqa: E402
 
 PROMPT, NEW = 64, 128
@@ -154,7 +155,11 @@ def run_jaxpost_decode(cfg, params, prompt, steps_per_call):
     return decode, calls * steps_per_call
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+# Compiled with the engine's decode options (single-threaded Eigen on CPU), so the comparison
+# is of the two samplers, not of their compile flags.
+@functools.partial(
+    jax.jit, static_argnums=(0, 3), compiler_options=matmul.decode_compiler_options()
+)
 def _while_loop_sample(cfg, params, prompts, max_steps, max_new):
     """Fixed batch: prefill [B, P] into a dense cache, then decode until every row is done."""
     b, p = prompts.shape

@@ -67,13 +67,19 @@ MODEL_SHAPES = {
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def matmul_params(shape: dict) -> dict[str, int]:
-    """Parameters that enter matmuls (N), total parameters and LoRA factor parameters."""
+def linear_dims(shape: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one transformer layer."""
     d, f, h, kv, hd = (shape[k] for k in ("hidden_size", "intermediate_size", "num_heads",
                                            "num_kv_heads", "head_dim"))  # fmt: skip
-    v, layers = shape["vocab_size"], shape["num_layers"]
-    dims = {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
+    return {"q": (d, h * hd), "k": (d, kv * hd), "v": (d, kv * hd), "o": (h * hd, d),
             "gate": (d, f), "up": (d, f), "down": (f, d)}  # fmt: skip
+
+
+def matmul_params(shape: dict) -> dict[str, int]:
+    """Parameters that enter matmuls (N), total parameters and LoRA factor parameters."""
+    d, hd = shape["hidden_size"], shape["head_dim"]
+    v, layers = shape["vocab_size"], shape["num_layers"]
+    dims = linear_dims(shape)
     per_layer = sum(i * o for i, o in dims.values())
     norms = layers * (2 * d + 2 * hd) + d
     n = layers * per_layer + d * v  # the tied matrix counted once, as the LM head

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,43 +40,35 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rollout_throughput as rt  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from common import format_table, matmul_flops, memory_bandwidth  # noqa: E402
+from common import format_table, matmul_flops, memory_bandwidth, timed  # noqa: E402
 
 from jaxpost import models  # noqa: E402
+from jaxpost.models import matmul  # noqa: E402
 
 TOKENS = 128
 
 
 def _best(fn, *args, repeats: int) -> float:
+    """Best of `repeats` timed calls of fn(*args), after one call that compiles it."""
     jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _layer_dims(shape: dict) -> list[tuple[str, int, int]]:
-    d, f = shape["hidden_size"], shape["intermediate_size"]
-    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
-    return [("q", d, q), ("k", d, kv), ("v", d, kv), ("o", q, d),
-            ("gate", d, f), ("up", d, f), ("down", f, d)]  # fmt: skip
+    return min(timed(lambda: fn(*args), 1) for _ in range(repeats))
 
 
 # Decode ------------------------------------------------------------------------------------------
 
 
-def decode_chain_seconds(cfg, repeats: int) -> float:
+def decode_chain_seconds(shape: dict, repeats: int) -> float:
     """Seconds for TOKENS tokens of the model's matvecs alone (see the module docstring)."""
-    shape = {k: getattr(cfg, k) for k in tt.MODEL_SHAPES["5M"]}
-    keys = iter(jax.random.split(jax.random.key(0), 8 * cfg.num_layers + 1))
+    keys = iter(jax.random.split(jax.random.key(0), 8 * shape["num_layers"] + 1))
     layers = [
-        {name: jax.random.normal(next(keys), (i, o)) * 0.02 for name, i, o in _layer_dims(shape)}
-        for _ in range(cfg.num_layers)
+        {
+            name: jax.random.normal(next(keys), io) * 0.02
+            for name, io in tt.linear_dims(shape).items()
+        }
+        for _ in range(shape["num_layers"])
     ]
-    head = jax.random.normal(next(keys), (cfg.hidden_size, cfg.vocab_size)) * 0.02
-    d = cfg.hidden_size
+    d = shape["hidden_size"]
+    head = jax.random.normal(next(keys), (d, shape["vocab_size"])) * 0.02
 
     def token(x, _):
         for w in layers:
@@ -92,7 +83,7 @@ def decode_chain_seconds(cfg, repeats: int) -> float:
         return x + 1e-3 * jnp.max(logits, axis=-1, keepdims=True), None
 
     # Compiled with the engine's decode options (single-threaded Eigen on CPU).
-    options = {"xla_cpu_multi_thread_eigen": False}
+    options = matmul.decode_compiler_options()
     run = jax.jit(
         lambda x: jax.lax.scan(token, x, None, length=TOKENS)[0], compiler_options=options
     )
@@ -107,7 +98,7 @@ def decode_rows(name: str, repeats: int) -> dict:
     chain, engine, bandwidth = float("inf"), float("inf"), 0.0
     for _ in range(repeats):  # alternated, best kept: the host's speed drifts
         bandwidth = max(bandwidth, memory_bandwidth()["best"])
-        chain = min(chain, decode_chain_seconds(cfg, repeats=1))
+        chain = min(chain, decode_chain_seconds(tt.MODEL_SHAPES[name], repeats=1))
         engine = min(engine, engine_decode()[0])
     bound = bandwidth / rt.bytes_per_token(cfg, rt.PROMPT + rt.NEW // 2)
     chain_tps, engine_tps = TOKENS / chain, tokens / engine
@@ -151,7 +142,7 @@ def train_matmul_seconds(shape: dict, repeats: int) -> dict[str, float]:
     )
     layers = shape["num_layers"]
     return {
-        "linear": layers * sum(linear(i, o) for _, i, o in _layer_dims(shape)),
+        "linear": layers * sum(linear(i, o) for i, o in tt.linear_dims(shape).values()),
         "attention": layers * attention,
         "lm_head": linear(shape["hidden_size"], shape["vocab_size"]),
     }

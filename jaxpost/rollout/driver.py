@@ -90,15 +90,15 @@ def _validate(prompt: Sequence[int], index: int, max_prefill: int, vocab: int | 
     return prompt
 
 
-def _warn_identical_sampled_repeats(prompts, requests) -> None:
+def _warn_identical_sampled_repeats(first, requests) -> None:
     """Sampling is seeded per request, so a prompt repeated with the same sampling parameters
     (the default seed included) gets the same completion each time: a GRPO group of identical
     completions has zero advantages. Say so once, naming the requests and the two ways out."""
-    seen: dict = {}
-    for i, (prompt, r) in enumerate(zip(prompts, requests)):
+    seen: dict = {}  # (the prompt's first request, sampling) -> first request with both
+    for i, (group, r) in enumerate(zip(first, requests)):
         if r.sampling.temperature == 0:
             continue  # greedy repeats are the same by definition
-        j = seen.setdefault((tuple(prompt), r.sampling), i)
+        j = seen.setdefault((group, r.sampling), i)
         if j != i:
             warnings.warn(
                 f"requests {j} and {i} have the same prompt and sampling parameters (seed "
@@ -146,7 +146,7 @@ class Driver:
         samples = collections.Counter()  # first request -> samples of all its repeats
         for i, r in enumerate(requests):
             samples[first[i]] += r.sampling.n
-        _warn_identical_sampled_repeats(prompts, requests)
+        _warn_identical_sampled_repeats(first, requests)
         order = range(len(requests))
         if self.admission == "longest_first":
             order = sorted(order, key=lambda i: (-requests[i].sampling.max_new_tokens, first[i]))

@@ -10,7 +10,7 @@ prompt's last hidden state comes from prefill, so n samples of one prompt share 
 still draw different first tokens.
 
 Host-side bookkeeping lives in the engine object: the page allocator, each slot's page list and
-page-table row, an upper bound of its cache length, and page reservations. A slot is admitted
+page-table row, an upper bound of its cache length and its token limit. A slot is admitted
 only if the free pages cover every live slot's remaining growth up to prompt + max_new_tokens
 (so generation never runs out of pages midway), but pages are only allocated as tokens arrive,
 so memory in use follows the live tokens.
@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxpost import models
+from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import device_steps, sampling
 from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PromptPageIndex
@@ -97,6 +98,9 @@ class Engine:
         self.steps_per_call = steps_per_call
         self._mesh = mesh
         self.rules = rules
+        self._decode_options = matmul.decode_compiler_options(
+            None if mesh is None else mesh.devices.flat
+        )
         if head_copy is None:
             head_copy = jax.default_backend() == "cpu"
         self.head_copy = bool(head_copy and cfg.tie_embeddings)
@@ -293,8 +297,13 @@ class Engine:
         """Whether a sequence of up to total_tokens tokens fits the unreserved pages: the free
         pages minus what the live slots may still grow into. With `prefix`, its pages that a
         live slot already holds are shared, not needed again."""
-        pages = self.allocator.pages_for(min(total_tokens, self.max_len))
-        return pages - len(self._shareable_pages(prefix)) <= self.unreserved_pages()
+        return self._new_pages(total_tokens, self._shareable_pages(prefix)) <= (
+            self.unreserved_pages()
+        )
+
+    def _new_pages(self, total_tokens: int, shared: list[int]) -> int:
+        """Pages a sequence of up to total_tokens tokens needs beyond the `shared` ones."""
+        return self.allocator.pages_for(min(total_tokens, self.max_len)) - len(shared)
 
     def unreserved_pages(self) -> int:
         """Free pages not promised to a live slot's growth up to its prompt + max_new_tokens."""
@@ -327,11 +336,10 @@ class Engine:
         n = prefix.true_length
         limit = min(n + sp.max_new_tokens, self.max_len)
         shared = self._shareable_pages(prefix)
-        if not self.can_admit(limit, prefix):
+        need, unreserved = self._new_pages(limit, shared), self.unreserved_pages()
+        if need > unreserved:  # the rule of can_admit, with the lookups done once
             raise RuntimeError(
-                f"page pool exhausted: slot {slot} needs "
-                f"{self.allocator.pages_for(limit) - len(shared)} pages, "
-                f"{self.unreserved_pages()} unreserved"
+                f"page pool exhausted: slot {slot} needs {need} pages, {unreserved} unreserved"
             )
         self.allocator.share(slot, shared)
         self.allocator.grow(slot, n)
@@ -398,7 +406,7 @@ class Engine:
             ),
             donate_argnums=(3,),
             out_shardings=None if shardings is None else (shardings, replicated(self._mesh)),
-            compiler_options=self._decode_compiler_options(),
+            compiler_options=self._decode_options,
         )
         state, data = fn(
             params["base"],
@@ -409,16 +417,6 @@ class Engine:
             self._active.copy(),
         )
         return state, StepResult(data, k)
-
-    def _decode_compiler_options(self) -> dict | None:
-        # XLA:CPU only: the decode step is a chain of small matvecs, which Eigen splits over
-        # its threads at a synchronisation cost larger than the gain, while the runtime already
-        # runs independent ops (q, k, v; gate, up) side by side. Same-process A/B on the
-        # rollout benchmark's models: 50M 1.12x tokens/s at batch 1, 1.02x at batch 16; 5M 1.03x.
-        devices = jax.devices() if self._mesh is None else self._mesh.devices.flat
-        if all(d.platform == "cpu" for d in devices):
-            return {"xla_cpu_multi_thread_eigen": False}
-        return None
 
 
 def _maybe_mesh(mesh, rules):
