@@ -142,15 +142,22 @@ def _recording_engine(params, share, num_pages=None, slots=6):
     return engine
 
 
-def test_samples_of_one_prompt_share_its_full_pages(params):
-    """n samples of a 10-token prompt (page size 4) hold its 2 full pages once; the sampled
+@pytest.mark.parametrize("asked_as", ["n_samples", "repeated_requests"])
+def test_samples_of_one_prompt_share_its_full_pages(params, asked_as):
+    """6 samples of a 10-token prompt (page size 4), asked as one request with n=6 or as 6
+    requests of the same prompt with their own seeds, hold its 2 full pages once; the sampled
     tokens and log-probs are those of the same engine without sharing."""
     prompt = list(np.random.default_rng().integers(0, CFG.vocab_size, 10))
-    sp = rollout.SamplingParams(n=6, max_new_tokens=12, temperature=1.0, seed=7)
+    if asked_as == "n_samples":
+        prompts = [prompt]
+        sps = [rollout.SamplingParams(n=6, max_new_tokens=12, temperature=1.0, seed=7)]
+    else:  # separate lists: the driver matches prompts by content
+        prompts = [list(prompt) for _ in range(6)]
+        sps = [rollout.SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(6)]
     runs = {}
     for share in (True, False):
         engine = _recording_engine(params, share)
-        runs[share] = (rollout.generate(CFG, params, [prompt], sp, engine=engine), engine)
+        runs[share] = (rollout.generate(CFG, params, prompts, sps, engine=engine), engine)
     (shared, eng_s), (plain, eng_p) = runs[True], runs[False]
     assert [o.tokens for o in shared] == [o.tokens for o in plain]
     assert len({tuple(o.tokens) for o in shared}) > 1  # the samples differ: a real test
@@ -160,23 +167,6 @@ def test_samples_of_one_prompt_share_its_full_pages(params):
     # First call: 6 slots of 10 + 2 tokens = 3 pages each. Shared: 2 pages once + 6 x 1.
     assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
     assert all(s < p for (_, s, _), (_, p, _) in zip(eng_s.log, eng_p.log))
-    assert eng_s.allocator.num_free == eng_s.num_pages - 1 and len(eng_s._prompt_pages) == 0
-
-
-def test_repeats_of_a_prompt_as_separate_requests_share_its_pages(params):
-    """6 requests of one 10-token prompt (n=1 each, own seeds) hold its 2 full pages once, as
-    6 samples of one request do, with the tokens of the engine without sharing."""
-    prompt = list(np.random.default_rng().integers(0, CFG.vocab_size, 10))
-    sps = [rollout.SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(6)]
-    runs = {}
-    for share in (True, False):
-        engine = _recording_engine(params, share)
-        outs = rollout.generate(CFG, params, [list(prompt) for _ in sps], sps, engine=engine)
-        runs[share] = (outs, engine)
-    (shared, eng_s), (plain, eng_p) = runs[True], runs[False]
-    assert [o.tokens for o in shared] == [o.tokens for o in plain]
-    assert len({tuple(o.tokens) for o in shared}) > 1
-    assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
     assert eng_s.allocator.num_free == eng_s.num_pages - 1 and len(eng_s._prompt_pages) == 0
 
 
