@@ -14,7 +14,8 @@ Generated tokens/s (greedy, 64-token prompts) for
               step cost does not depend on the position, so it is timed over a few steps
   hf          `transformers` generate on the same weights (torch CPU, 2 threads)
 and, at batch 1, "jaxpost decode": the engine's generate calls alone (prefill excluded),
-the figure the bandwidth bound describes,
+the figure the bandwidth bound describes; with --compare-layout also "jaxpost [in, out]", the
+engine without its decode layout (`rollout.Engine(decode_layout=False)`), for the layout's gain,
 each compiled beforehand and timed --repeats times in alternation (best run kept), on three
 workloads: batch 1 and batch 16 with 128 new tokens each (uniform), and 64 requests
 with output lengths drawn from 8 to 128 through 16 slots (mixed). Only requested tokens count.
@@ -95,7 +96,7 @@ def workloads(rng, vocab):
 # returns (seconds, first request's tokens); `main` alternates the systems' runs. ---------------
 
 
-def make_engine(cfg, params, slots, steps_per_call):
+def make_engine(cfg, params, slots, steps_per_call, **engine_kwargs):
     return rollout.Engine(
         cfg,
         params,
@@ -104,11 +105,14 @@ def make_engine(cfg, params, slots, steps_per_call):
         max_prefill_length=PROMPT,
         page_size=16,
         steps_per_call=steps_per_call,
+        **engine_kwargs,
     )
 
 
-def run_jaxpost(cfg, params, batch, prompts, news, steps_per_call, admission="longest_first"):
-    engine = make_engine(cfg, params, batch, steps_per_call)
+def run_jaxpost(
+    cfg, params, batch, prompts, news, steps_per_call, admission="longest_first", **engine_kwargs
+):
+    engine = make_engine(cfg, params, batch, steps_per_call, **engine_kwargs)
     reqs = [
         rollout.Request(p, rollout.SamplingParams(max_new_tokens=int(n), temperature=0.0))
         for p, n in zip(prompts, news)
@@ -306,6 +310,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per system (best kept)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--out", default="rollout_throughput.json")
+    ap.add_argument(
+        "--compare-layout",
+        action="store_true",
+        help='also run the engine without the decode layout, as "jaxpost [in, out]"',
+    )
     args = ap.parse_args(argv)
 
     bw = memory_bandwidth()
@@ -319,8 +328,9 @@ def main(argv=None):
     for name in args.models.split(","):
         cfg = MODELS[name].replace(dtype=args.dtype, param_dtype=args.dtype)
         params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
-        # The baselines get the layout the engine uses (it unstacks its own copy).
-        layer_params = jax.jit(models.unstack_layers, static_argnums=1)(params, cfg.num_layers)
+        # The jax baselines run on the engine's own copy of the weights: one buffer per layer
+        # and, on CPU, every kernel transposed (the decode layout, `rollout.Engine`).
+        layer_params = make_engine(cfg, params, 1, 1).params["base"]
         skip = set(args.skip.split(","))
         hf_model = None if "hf" in skip else load_hf_model(cfg, params)
         print(f"model {name}: {cfg.num_params() / 1e6:.1f}M parameters")
@@ -347,6 +357,12 @@ def main(argv=None):
                     run_while_loop(cfg, layer_params, batch, prompts, news, by_length=True),
                     useful,
                 )
+            if args.compare_layout:
+                systems["jaxpost [in, out]"] = (
+                    run_jaxpost(cfg, params, batch, prompts, news, args.steps_per_call,
+                                decode_layout=False),
+                    useful,
+                )  # fmt: skip
             if batch == 1:
                 systems["jaxpost decode"] = run_jaxpost_decode(
                     cfg, params, prompts[0], args.steps_per_call
@@ -380,6 +396,8 @@ def main(argv=None):
             if "hf" in best:
                 row["x hf"] = row["jaxpost tok/s"] / row["hf tok/s"]
             row["x while_loop"] = row["jaxpost tok/s"] / row["while_loop tok/s"]
+            if "jaxpost [in, out]" in best:
+                row["layout gain"] = row["jaxpost tok/s"] / row["jaxpost [in, out] tok/s"]
             # Same greedy tokens? (random weights have small logit gaps, so float differences
             # between XLA and torch may flip a late argmax; report the matching prefix.)
             row["match wl/hf"] = f"{prefix_match(ours, wl)}/{prefix_match(ours, hf)} of {len(ours)}"
@@ -404,6 +422,7 @@ def main(argv=None):
         "jaxpost tok/s",
         "jaxpost decode tok/s",
         "jaxpost fifo tok/s",
+        "jaxpost [in, out] tok/s",
         "while_loop tok/s",
         "while_loop sorted tok/s",
         "naive tok/s",
@@ -412,6 +431,7 @@ def main(argv=None):
         "x hf",
         "fifo x wl",
         "x wl sorted",
+        "layout gain",
         "limit",
         "of limit",
         "decode of limit",

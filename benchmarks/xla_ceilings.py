@@ -9,12 +9,14 @@ with every other op removed, so a figure of `train_throughput.py` or `rollout_th
 can be read against what any XLA program could do here. Float32, one device.
 
 decode  The model's weight matvecs alone, in the order one token reads them (per layer q, k, v,
-        o, gate, up, down, then the LM head [D, V]), each feeding the next, in a jitted scan of
-        128 tokens, compiled with the engine's decode options: no attention, norms, cache or
-        sampling. Reported as tokens/s and as the fraction of the bandwidth bound of
-        rollout_throughput.py (every weight + the KV cache of the mean context, 64 + 64 tokens,
-        per token, over the measured read bandwidth); beside it the engine's batch-1 decode
-        (`run_jaxpost_decode` of rollout_throughput.py) in the same window.
+        o, gate, up, down, then the LM head), each feeding the next, in a jitted scan of 128
+        tokens, compiled with the engine's decode options: no attention, norms, cache or
+        sampling; with weights [in, out] (x @ w) and [out, in] (`matmul.dot_t`, the engine's
+        decode layout), the faster being the ceiling. Reported as tokens/s and as the
+        fraction of the bandwidth bound of rollout_throughput.py (every weight + the KV cache
+        of the mean context, 64 + 64 tokens, per token, over the measured read bandwidth);
+        beside it the engine's batch-1 decode (`run_jaxpost_decode` of rollout_throughput.py)
+        in the same window.
 train   A full SFT step's matmuls alone (sequence 256, batch 8): per linear layer the forward
         X W and the backward dY W^T and X^T dY; per layer the attention's six batched matmuls
         (QK^T, PV and their four backward products, causal blocks not skipped, as the MFU
@@ -57,29 +59,33 @@ def _best(fn, *args, repeats: int) -> float:
 # Decode ------------------------------------------------------------------------------------------
 
 
-def decode_chain_seconds(shape: dict, repeats: int) -> float:
-    """Seconds for TOKENS tokens of the model's matvecs alone (see the module docstring)."""
+def decode_chain_seconds(shape: dict, repeats: int, transposed: bool) -> float:
+    """Seconds for TOKENS tokens of the model's matvecs alone (see the module docstring).
+
+    transposed: weights [out, in] times `matmul.dot_t` (the engine's decode layout on CPU);
+    else [in, out] weights and x @ w."""
     keys = iter(jax.random.split(jax.random.key(0), 8 * shape["num_layers"] + 1))
     layers = [
         {
-            name: jax.random.normal(next(keys), io) * 0.02
+            name: jax.random.normal(next(keys), io[::-1] if transposed else io) * 0.02
             for name, io in tt.linear_dims(shape).items()
         }
         for _ in range(shape["num_layers"])
     ]
-    d = shape["hidden_size"]
-    head = jax.random.normal(next(keys), (d, shape["vocab_size"])) * 0.02
+    d, vocab = shape["hidden_size"], shape["vocab_size"]
+    head = jax.random.normal(next(keys), (vocab, d) if transposed else (d, vocab)) * 0.02
+    mm = (lambda x, w: matmul.dot_t(x, w, jnp.float32)) if transposed else jnp.matmul
 
     def token(x, _):
         for w in layers:
-            q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+            q, k, v = mm(x, w["q"]), mm(x, w["k"]), mm(x, w["v"])
             # The cheapest glue that makes o depend on q, k and v (attention is left out).
             a = q + jnp.tile(k * v, q.shape[-1] // k.shape[-1])
-            x = x + a @ w["o"]
-            x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+            x = x + mm(a, w["o"])
+            x = x + mm(jax.nn.silu(mm(x, w["gate"])) * mm(x, w["up"]), w["down"])
         # Every logit must be used, as greedy sampling does: from a slice of the logits XLA
         # would compute only the columns the slice keeps.
-        logits = x @ head
+        logits = mm(x, head)
         return x + 1e-3 * jnp.max(logits, axis=-1, keepdims=True), None
 
     # Compiled with the engine's decode options (single-threaded Eigen on CPU).
@@ -95,17 +101,22 @@ def decode_rows(name: str, repeats: int) -> dict:
     params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
     prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, rt.PROMPT))
     engine_decode, tokens = rt.run_jaxpost_decode(cfg, params, prompt, steps_per_call=8)
-    chain, engine, bandwidth = float("inf"), float("inf"), 0.0
+    chain, chain_t, engine, bandwidth = float("inf"), float("inf"), float("inf"), 0.0
+    shape = tt.MODEL_SHAPES[name]
     for _ in range(repeats):  # alternated, best kept: the host's speed drifts
         bandwidth = max(bandwidth, memory_bandwidth()["best"])
-        chain = min(chain, decode_chain_seconds(tt.MODEL_SHAPES[name], repeats=1))
+        chain = min(chain, decode_chain_seconds(shape, repeats=1, transposed=False))
+        chain_t = min(chain_t, decode_chain_seconds(shape, repeats=1, transposed=True))
         engine = min(engine, engine_decode()[0])
     bound = bandwidth / rt.bytes_per_token(cfg, rt.PROMPT + rt.NEW // 2)
-    chain_tps, engine_tps = TOKENS / chain, tokens / engine
+    # The ceiling: the faster of the two weight layouts.
+    chain_tps, engine_tps = TOKENS / min(chain, chain_t), tokens / engine
     return {
         "model": name,
         "bound tok/s": bound,
         "bandwidth GB/s": bandwidth / 1e9,
+        "matvecs [in, out] tok/s": TOKENS / chain,
+        "matvecs [out, in] tok/s": TOKENS / chain_t,
         "matvecs alone tok/s": chain_tps,
         "matvecs alone of bound": chain_tps / bound,
         "engine decode tok/s": engine_tps,

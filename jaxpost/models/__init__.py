@@ -12,6 +12,7 @@ from jaxpost.models.transformer import (
     lm_head_kernel,
     logical_axes,
     logits_from_hidden,
+    to_decode_layout,
     unstack_layers,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "logical_axes",
     "logits_from_hidden",
     "save_hf",
+    "to_decode_layout",
     "unstack_layers",
 ]

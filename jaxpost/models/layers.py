@@ -79,6 +79,8 @@ class Linear(nn.Module):
                 shape,
                 self.param_dtype,
             )
+        elif self.has_variable("params", "kernel_t"):
+            kernel = None
         else:
             from jaxpost import nf4  # the quantized path is optional; keep the import local
 
@@ -88,7 +90,10 @@ class Linear(nn.Module):
         # activations' gradient, which cost ~30% of the backward pass (50M model).
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = matmul.dot(x, kernel, self.dtype)
+        if kernel is None:
+            y = matmul.dot_t(x, self.get_variable("params", "kernel_t"), self.dtype)
+        else:
+            y = matmul.dot(x, kernel, self.dtype)
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a")
             b = self.get_variable("lora", "b")

@@ -71,6 +71,25 @@ def dot(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     return _low_precision_dot(x, w, compute_dtype)
 
 
+def dot_t(x: jax.Array, w_t: jax.Array, compute_dtype) -> jax.Array:
+    """x [M, K] . w_t [N, K] -> float32 [M, N]: `dot` for a kernel stored transposed, [out, in]
+    (the decode layout of `models.to_decode_layout`); for inference.
+
+    Computed as the [N, M] product w_t x^T, then transposed. For a decode step's few rows,
+    XLA:CPU runs that product faster than x w with w [K, N]: 8 chained [16, 512] x [512, 2048]
+    products 1.32 ms against 2.17 ms, [2048, 512] 1.42 against 2.31 ms (float32, 2 threads).
+    The optimization barrier keeps XLA from folding the transpose back into the dot, which
+    would give the x w_t^T product, no faster than x w.
+    """
+    compute_dtype = jnp.dtype(compute_dtype)
+    if x.shape[0] == 1 and compute_dtype != jnp.float32:  # see `dot`: use two rows
+        return dot_t(jnp.broadcast_to(x, (2, x.shape[1])), w_t, compute_dtype)[:1]
+    y = jax.lax.dot_general(
+        w_t.astype(compute_dtype), x.astype(compute_dtype), _NT, preferred_element_type=jnp.float32
+    )
+    return jax.lax.optimization_barrier(y).T
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _low_precision_dot(x, w, compute_dtype):
     return jnp.dot(

@@ -111,13 +111,18 @@ def logits_from_hidden(
 ) -> jax.Array:
     """hidden [..., D] (after the final norm) -> float32 logits [..., V], soft-capped if set.
 
-    kernel: a [D, V] head to use instead of `lm_head_kernel(cfg, params)` (the rollout engine
-    passes a materialized transpose of a tied embedding; see `rollout.Engine`).
+    kernel: a [D, V] head to use instead of the model's (the rollout engine may pass a
+    materialized transpose of a tied embedding; see `rollout.Engine`). Params in decode layout
+    (`to_decode_layout`) have a [V, D] head, multiplied by `matmul.dot_t`.
     """
-    w = lm_head_kernel(cfg, params) if kernel is None else kernel
     lead = hidden.shape[:-1]
-    logits = matmul.dot(hidden.reshape(-1, hidden.shape[-1]), w, cfg.dtype)
-    logits = logits.reshape(*lead, w.shape[-1])
+    x = hidden.reshape(-1, hidden.shape[-1])
+    head_t = params.get("lm_head", {}).get("kernel_t")
+    if kernel is None and head_t is not None:
+        logits = matmul.dot_t(x, head_t, cfg.dtype)
+    else:
+        logits = matmul.dot(x, lm_head_kernel(cfg, params) if kernel is None else kernel, cfg.dtype)
+    logits = logits.reshape(*lead, logits.shape[-1])
     if cfg.final_logit_softcap is not None:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits
@@ -138,6 +143,38 @@ def _is_per_layer(tree) -> bool:
     if isinstance(tree, dict):
         return any(_is_per_layer(v) for v in tree.values())
     return isinstance(tree, (tuple, list))
+
+
+def to_decode_layout(cfg: ModelConfig, params: Params) -> Params:
+    """Params for inference with every linear kernel [..., in, out] stored as "kernel_t" [...,
+    out, in], and a tied embedding also referenced as the head {"lm_head": {"kernel_t": [V, D]}}
+    (the same array, no copy). NF4 kernels and norms are left as they are.
+
+    `layers.Linear` and `logits_from_hidden` multiply a "kernel_t" with `matmul.dot_t`, whose
+    transposed product XLA:CPU runs faster for the few rows of a decode step (see `matmul`).
+    Each transpose keeps its input's sharding, transposed. Not a checkpoint format: save the
+    params it was made from.
+    """
+    out = _transpose_kernels(params)
+    if cfg.tie_embeddings:
+        out["lm_head"] = {"kernel_t": out["embedder"]["embedding"]}
+    return out
+
+
+_swap_last = jax.jit(lambda a: jnp.swapaxes(a, -1, -2))
+
+
+def _transpose_kernels(tree):
+    if isinstance(tree, dict):
+        return {
+            ("kernel_t" if k == "kernel" else k): (
+                _swap_last(v) if k == "kernel" else _transpose_kernels(v)
+            )
+            for k, v in tree.items()
+        }
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_transpose_kernels(t) for t in tree)
+    return tree
 
 
 def unstack_layers(tree, num_layers: int):

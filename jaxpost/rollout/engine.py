@@ -62,9 +62,14 @@ class Engine:
     num_pages: pool size including the scratch page (default: enough for every slot at
     max_len, i.e. no sharing pressure). page_size: tokens per page. steps_per_call: tokens each
     `generate` call produces per slot (one jitted loop, one host round trip).
-    head_copy: keep a materialized [D, V] transpose of a tied embedding for the decode logits
-    (default: on CPU). XLA:CPU multiplies by a [V, D] matrix's transpose 20-25% slower than by
-    a [D, V] one (the LM head is the largest matmul of a decode step); costs V x D memory.
+    decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`),
+    and multiply by the tied embedding as it is, [V, D], with `matmul.dot_t` (default: on CPU).
+    XLA:CPU runs that transposed product faster for a decode step's few rows (see `matmul`).
+    Costs no memory: the engine's copy of the weights is converted once per `load_params`.
+    head_copy: without the decode layout, keep a materialized [D, V] transpose of a tied
+    embedding for the decode logits (default: on CPU without the decode layout). XLA:CPU
+    multiplies by a [V, D] matrix's plain transpose 20-25% slower than by a [D, V] one (the LM
+    head is the largest matmul of a decode step); costs V x D memory.
     share_prompt_pages: slots inserted from the same prefix share its full pages (module doc).
     """
 
@@ -83,6 +88,7 @@ class Engine:
         mesh: jax.sharding.Mesh | None = None,
         rules=DEFAULT_RULES,
         default_sampling: SamplingParams | None = None,
+        decode_layout: bool | None = None,
         head_copy: bool | None = None,
         share_prompt_pages: bool = True,
     ):
@@ -101,8 +107,10 @@ class Engine:
         self._decode_options = matmul.decode_compiler_options(
             None if mesh is None else mesh.devices.flat
         )
+        on_cpu = jax.default_backend() == "cpu"
+        self.decode_layout = on_cpu if decode_layout is None else bool(decode_layout)
         if head_copy is None:
-            head_copy = jax.default_backend() == "cpu"
+            head_copy = on_cpu and not self.decode_layout
         self.head_copy = bool(head_copy and cfg.tie_embeddings)
         self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
         self.allocator = PageAllocator(self.num_pages, page_size, slots, self.max_pages_per_slot)
@@ -157,6 +165,8 @@ class Engine:
             unstack = jax.jit(models.unstack_layers, static_argnums=1)
             base = unstack(base, self.cfg.num_layers)
             tree = unstack(tree, self.cfg.num_layers)
+        if self.decode_layout:
+            base = models.to_decode_layout(self.cfg, base)
         head = None
         if self.head_copy:
             names = ("embed", "vocab")

@@ -67,6 +67,22 @@ def test_bfloat16_values_and_gradients_match_float64_on_rounded_operands(x_dtype
     _assert_within(dw, xr.T @ gr, tol * np.abs(xr).T @ np.abs(gr))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m", [1, 16])
+def test_dot_t_of_a_transposed_kernel_matches_float64(dtype, m):
+    """The decode layout's product: x [M, K] . w_t [N, K] -> [M, N] under jit (where XLA would
+    fold the transpose back if it could), against float64 on the operands in compute dtype."""
+    k, n = 32, 40
+    x, w_t = _rand(0, (m, k)), _rand(1, (n, k))
+    y = jax.jit(lambda x, w: matmul.dot_t(x, w, dtype))(x, w_t)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    if dtype == jnp.float32:
+        xr, wr = np.asarray(x, np.float64), np.asarray(w_t, np.float64)
+    else:
+        xr, wr = _bf16_as_f64(x), _bf16_as_f64(w_t)
+    _assert_within(y, xr @ wr.T, 1e-5 * np.abs(xr) @ np.abs(wr).T)
+
+
 def test_weight_grad_contracts_rows_in_both_dtypes():
     x, g = _rand(3, (64, 16)), _rand(4, (64, 24))
     np.testing.assert_allclose(

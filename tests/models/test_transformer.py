@@ -76,11 +76,15 @@ def _tokens(seed, shape):
     return jax.random.randint(jax.random.key(seed), shape, 0, BASE["vocab_size"], jnp.int32)
 
 
-# Layer loop x cache layout x params layout: (scan_layers, per-layer cache, unstacked params).
+# Layer loop x cache layout x params layout: (scan_layers, per-layer cache, params layout).
+# "unstacked": a tuple of per-layer trees; "decode": unstacked (loop) or stacked (scan) and
+# every kernel transposed (models.to_decode_layout), as the rollout engine holds them on CPU.
 LAYOUTS = {
-    "scan, stacked cache (carried, written in place)": (True, False, False),
-    "loop, per-layer cache and params": (False, True, True),
-    "loop, stacked cache, stacked params": (False, False, False),
+    "scan, stacked cache (carried, written in place)": (True, False, "stacked"),
+    "scan, stacked cache, decode-layout params": (True, False, "decode"),
+    "loop, per-layer cache and params": (False, True, "unstacked"),
+    "loop, per-layer cache, decode-layout params": (False, True, "decode"),
+    "loop, stacked cache, stacked params": (False, False, "stacked"),
 }
 
 
@@ -88,14 +92,18 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_cached_decoding_equals_full_forward(name, layout):
     """Prefill 5 tokens, a chunk of 4 more, then 1 token at a time: the logits of the full pass."""
-    scan, per_layer_cache, unstacked = LAYOUTS[layout]
+    scan, per_layer_cache, params_layout = LAYOUTS[layout]
     cfg = dataclasses.replace(CONFIGS[name], scan_layers=scan)
     params = _params(CONFIGS[name])
     b, t = 2, 14
     tokens = _tokens(1, (b, t))
     full = np.asarray(jax.jit(lambda p, x: models.forward(cfg, p, x))(params, tokens))
-    if unstacked:
+    if params_layout != "stacked" and not scan:
         params = models.unstack_layers(params, cfg.num_layers)
+    if params_layout == "decode":
+        params = models.to_decode_layout(cfg, params)
+        kernels = [k for k in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in str(k)]
+        assert kernels and all("kernel_t" in jax.tree_util.keystr(k) for k, _ in kernels)
     step = jax.jit(lambda p, x, pos, c: models.apply(cfg, p, x, positions=pos, cache=c))
     cache = models.DenseKVCache.create(cfg, b, 16, per_layer=per_layer_cache)
     assert isinstance(cache.k, tuple) == per_layer_cache

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpost import lora, models, rollout
+from jaxpost import lora, models, nf4, rollout
 from jaxpost.losses.logprobs import token_logprobs
 from jaxpost.rollout import driver
 from jaxpost.sharding import make_mesh
@@ -108,6 +108,27 @@ def test_greedy_equals_full_forward_and_logprobs_equal_trainer(params, scan_laye
         )
 
 
+def test_nf4_base_in_decode_layout_gives_the_model_tokens(params):
+    """QLoRA's base in the engine: the MLP kernels NF4 (left quantized by the decode layout),
+    the attention kernels and LM head transposed; greedy tokens equal the full forward's on the
+    same quantized params, and the log-probs the trainer's."""
+    quantized = jax.jit(lambda p: nf4.quantize_base(CFG, p, targets=[r"layers/mlp/.*/kernel"]))(
+        params
+    )
+    engine = rollout.Engine(CFG, quantized, slots=2, max_len=48, max_prefill_length=16,
+                            page_size=4, steps_per_call=4, decode_layout=True)  # fmt: skip
+    layers = engine.params["base"]["layers"]
+    layer = layers[0] if isinstance(layers, tuple) else layers
+    assert "kernel_nf4" in layer["mlp"]["up"] and "kernel_t" in layer["attn"]["q"]
+    prompts = _prompts(np.random.default_rng(2), 3, hi=16)
+    sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
+    for prompt, out in zip(prompts, rollout.generate(CFG, quantized, prompts, sp, engine=engine)):
+        assert out.tokens == full_forward_greedy(quantized, prompt, 8)
+        np.testing.assert_allclose(
+            out.logprobs, trainer_logprobs(quantized, prompt, out.tokens), atol=1e-5, rtol=0
+        )
+
+
 def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompile(params):
     """Temperature-1 sampling with unmerged LoRA; then a LoRA weight swap with no recompile."""
     rng = np.random.default_rng()
@@ -189,7 +210,10 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
     state = engine.init_decode_state()
     # The pages really are split over the tensor axis (one KV head per device).
     assert state.cache.k_pages.sharding.spec[1] == "tensor"
-    q = engine.params["base"]["layers"]["attn"]["q"]["kernel"]
+    # The decode layout keeps the weights' split, transposed: q [heads, embed], heads on tensor.
+    q = engine.params["base"]["layers"]["attn"]["q"]["kernel_t"]
+    assert q.shape == (CFG.num_layers, CFG.num_heads * CFG.head_dim, CFG.hidden_size)
+    assert q.sharding.spec[1] == "tensor"
     assert len({s.device for s in q.addressable_shards}) == 2
 
 
@@ -259,15 +283,29 @@ def test_prefill_many_equals_one_prompt_at_a_time(params):
         engine.prefill_many(params=engine.params, prompts=[[1], []])
 
 
-@pytest.mark.parametrize("head_copy", [True, False], ids=["head-copy", "embedding-transpose"])
-def test_tied_embedding_head_copy_gives_the_model_tokens_and_logprobs(head_copy):
-    """Tied embeddings: the engine's materialized [D, V] head (the CPU default) or the model's
-    own transposed embedding, both against the full forward and the trainer's log-probs."""
+HEADS = {  # name: (decode_layout, head_copy)
+    "decode-layout": (True, False),
+    "head-copy": (False, True),
+    "embedding-transpose": (False, False),
+}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_tied_embedding_heads_give_the_model_tokens_and_logprobs(head):
+    """Tied embeddings: the decode layout's [V, D] embedding times dot_t (the CPU default), a
+    materialized [D, V] head, or the model's own transposed embedding, each against the full
+    forward and the trainer's log-probs."""
+    decode_layout, head_copy = HEADS[head]
     cfg = dataclasses.replace(CFG, tie_embeddings=True)
     params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(3))
     engine = rollout.Engine(cfg, params, slots=2, max_len=48, max_prefill_length=16, page_size=4,
-                            steps_per_call=4, head_copy=head_copy)  # fmt: skip
+                            steps_per_call=4, decode_layout=decode_layout,
+                            head_copy=head_copy)  # fmt: skip
     assert (engine.params["head"] is not None) == head_copy
+    head_t = engine.params["base"].get("lm_head", {}).get("kernel_t")
+    assert (head_t is not None) == decode_layout
+    if decode_layout:  # the embedding itself, not a copy
+        assert head_t is engine.params["base"]["embedder"]["embedding"]
     prompts = _prompts(np.random.default_rng(1), 3, hi=16)
     outs = rollout.generate(
         cfg, params, prompts, rollout.SamplingParams(max_new_tokens=10, temperature=0.0),
@@ -286,11 +324,15 @@ def test_tied_embedding_head_copy_gives_the_model_tokens_and_logprobs(head_copy)
         assert out.tokens == seq[len(prompt) :]
         ref = np.asarray(logp(params, _padded(seq)))[len(prompt) - 1 : len(seq) - 1]
         np.testing.assert_allclose(out.logprobs, ref, atol=1e-5, rtol=0)
-    if head_copy:  # tensor-parallel: the copy is split over the vocabulary like an lm_head
+    if head != "embedding-transpose":  # tensor-parallel: the head split over the vocabulary
         mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
         sharded = rollout.Engine(cfg, params, slots=2, max_len=48, max_prefill_length=16,
-                                 page_size=4, steps_per_call=4, mesh=mesh)  # fmt: skip
-        assert sharded.params["head"].sharding.spec[1] == "tensor"
+                                 page_size=4, steps_per_call=4, mesh=mesh,
+                                 decode_layout=decode_layout, head_copy=head_copy)  # fmt: skip
+        if head_copy:
+            assert sharded.params["head"].sharding.spec[1] == "tensor"
+        else:
+            assert sharded.params["base"]["lm_head"]["kernel_t"].sharding.spec[0] == "tensor"
         again = rollout.generate(
             cfg, params, prompts, rollout.SamplingParams(max_new_tokens=10, temperature=0.0),
             engine=sharded,
