@@ -14,8 +14,9 @@ Generated tokens/s (greedy, 64-token prompts) for
               step cost does not depend on the position, so it is timed over a few steps
   hf          `transformers` generate on the same weights (torch CPU, 2 threads)
 and, at batch 1, "jaxpost decode": the engine's generate calls alone (prefill excluded),
-the figure the bandwidth bound describes; with --compare-layout also "jaxpost [in, out]", the
-engine without its decode layout (`rollout.Engine(decode_layout=False)`), for the layout's gain,
+the figure the bandwidth bound describes; with --compare-layout also the engine with the
+weight layout it does not default to ("jaxpost [in, out]" at batch 16, "jaxpost [out, in]" at
+batch 1; `rollout.Engine(decode_layout=...)`), for the layout's gain,
 each compiled beforehand and timed --repeats times in alternation (best run kept), on three
 workloads: batch 1 and batch 16 with 128 new tokens each (uniform), and 64 requests
 with output lengths drawn from 8 to 128 through 16 slots (mixed). Only requested tokens count.
@@ -49,6 +50,8 @@ from jaxpost.models import matmul  # noqa: E402
 from jaxpost.models.kv_cache import DenseKVCache  # noqa: E402
 
 PROMPT, NEW = 64, 128
+# --compare-layout's extra system, by the decode_layout it runs the engine with.
+LAYOUTS = {False: "jaxpost [in, out]", True: "jaxpost [out, in]"}
 MODELS = {
     # Qwen3-style: q/k norm, GQA, tied embeddings. Layers unrolled (scan_layers=False) with one
     # weight and cache buffer per layer, for every jaxpost system below (see models.kv_cache).
@@ -328,9 +331,6 @@ def main(argv=None):
     for name in args.models.split(","):
         cfg = MODELS[name].replace(dtype=args.dtype, param_dtype=args.dtype)
         params = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))
-        # The jax baselines run on the engine's own copy of the weights: one buffer per layer
-        # and, on CPU, every kernel transposed (the decode layout, `rollout.Engine`).
-        layer_params = make_engine(cfg, params, 1, 1).params["base"]
         skip = set(args.skip.split(","))
         hf_model = None if "hf" in skip else load_hf_model(cfg, params)
         print(f"model {name}: {cfg.num_params() / 1e6:.1f}M parameters")
@@ -338,6 +338,10 @@ def main(argv=None):
             if wname not in args.workloads.split(","):
                 continue
             useful = int(sum(news))
+            # The jax baselines run on the engine's own copy of the weights: one buffer per
+            # layer and, on CPU with batch > 1, every kernel transposed (`rollout.Engine`).
+            engine_weights = make_engine(cfg, params, batch, 1)
+            layer_params = engine_weights.params["base"]
             row = {"model": name, "workload": wname, "requests": len(prompts)}
             systems = {
                 "jaxpost": (
@@ -357,10 +361,11 @@ def main(argv=None):
                     run_while_loop(cfg, layer_params, batch, prompts, news, by_length=True),
                     useful,
                 )
-            if args.compare_layout:
-                systems["jaxpost [in, out]"] = (
+            if args.compare_layout:  # the engine with the layout it does not default to
+                other = not engine_weights.decode_layout
+                systems[LAYOUTS[other]] = (
                     run_jaxpost(cfg, params, batch, prompts, news, args.steps_per_call,
-                                decode_layout=False),
+                                decode_layout=other),
                     useful,
                 )  # fmt: skip
             if batch == 1:
@@ -396,8 +401,11 @@ def main(argv=None):
             if "hf" in best:
                 row["x hf"] = row["jaxpost tok/s"] / row["hf tok/s"]
             row["x while_loop"] = row["jaxpost tok/s"] / row["while_loop tok/s"]
-            if "jaxpost [in, out]" in best:
-                row["layout gain"] = row["jaxpost tok/s"] / row["jaxpost [in, out] tok/s"]
+            if args.compare_layout:  # tokens/s with the decode layout over without
+                other = LAYOUTS[not engine_weights.decode_layout]
+                with_layout = best["jaxpost"] if engine_weights.decode_layout else best[other]
+                without = best[other] if engine_weights.decode_layout else best["jaxpost"]
+                row["layout gain"] = with_layout / without
             # Same greedy tokens? (random weights have small logit gaps, so float differences
             # between XLA and torch may flip a late argmax; report the matching prefix.)
             row["match wl/hf"] = f"{prefix_match(ours, wl)}/{prefix_match(ours, hf)} of {len(ours)}"
@@ -423,6 +431,7 @@ def main(argv=None):
         "jaxpost decode tok/s",
         "jaxpost fifo tok/s",
         "jaxpost [in, out] tok/s",
+        "jaxpost [out, in] tok/s",
         "while_loop tok/s",
         "while_loop sorted tok/s",
         "naive tok/s",

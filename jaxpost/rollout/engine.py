@@ -18,6 +18,11 @@ The samples of one prompt share its full pages (`paged_cache.PromptPageIndex`): 
 P-token prompt hold floor(P / page_size) prompt pages once instead of n times.
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
+
+The engine decodes from its own copy of the weights (`load_params`): one buffer per layer and,
+on CPU, every linear kernel transposed to [out, in] (`models.to_decode_layout`), the layout
+whose few-row products XLA:CPU computes fastest (slots > 1); LoRA factors and NF4 kernels stay
+as given.
 """
 
 from __future__ import annotations
@@ -63,8 +68,9 @@ class Engine:
     max_len, i.e. no sharing pressure). page_size: tokens per page. steps_per_call: tokens each
     `generate` call produces per slot (one jitted loop, one host round trip).
     decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`),
-    and multiply by the tied embedding as it is, [V, D], with `matmul.dot_t` (default: on CPU).
-    XLA:CPU runs that transposed product faster for a decode step's few rows (see `matmul`).
+    and multiply by the tied embedding as it is, [V, D], with `matmul.dot_t` (default: on CPU
+    with slots > 1). XLA:CPU runs that transposed product faster for a few rows (batch 16: 50M
+    1.06-1.20x tokens/s) but not for one (batch 1: 0.84-1.03x in the rollout benchmark).
     Costs no memory: the engine's copy of the weights is converted once per `load_params`.
     head_copy: without the decode layout, keep a materialized [D, V] transpose of a tied
     embedding for the decode logits (default: on CPU without the decode layout). XLA:CPU
@@ -108,7 +114,9 @@ class Engine:
             None if mesh is None else mesh.devices.flat
         )
         on_cpu = jax.default_backend() == "cpu"
-        self.decode_layout = on_cpu if decode_layout is None else bool(decode_layout)
+        if decode_layout is None:
+            decode_layout = on_cpu and slots > 1
+        self.decode_layout = bool(decode_layout)
         if head_copy is None:
             head_copy = on_cpu and not self.decode_layout
         self.head_copy = bool(head_copy and cfg.tie_embeddings)
