@@ -15,8 +15,8 @@ Generated tokens/s (greedy, 64-token prompts) for
   hf          `transformers` generate on the same weights (torch CPU, 2 threads)
 and, at batch 1, "jaxpost decode": the engine's generate calls alone (prefill excluded),
 the figure the bandwidth bound describes; with --compare-layout also the engine with the
-weight layout it does not default to ("jaxpost [in, out]" at batch 16, "jaxpost [out, in]" at
-batch 1; `rollout.Engine(decode_layout=...)`), for the layout's gain,
+weight layout it does not default to ("jaxpost [in, out]" or "jaxpost [out, in]";
+`rollout.Engine(decode_layout=...)`), for the layout's gain,
 each compiled beforehand and timed --repeats times in alternation (best run kept), on three
 workloads: batch 1 and batch 16 with 128 new tokens each (uniform), and 64 requests
 with output lengths drawn from 8 to 128 through 16 slots (mixed). Only requested tokens count.
@@ -339,7 +339,7 @@ def main(argv=None):
                 continue
             useful = int(sum(news))
             # The jax baselines run on the engine's own copy of the weights: one buffer per
-            # layer and, on CPU with batch > 1, every kernel transposed (`rollout.Engine`).
+            # layer and, on CPU, the engine's choice of kernel layout (`rollout.Engine`).
             engine_weights = make_engine(cfg, params, batch, 1)
             layer_params = engine_weights.params["base"]
             row = {"model": name, "workload": wname, "requests": len(prompts)}

@@ -79,7 +79,8 @@ def dot_t(x: jax.Array, w_t: jax.Array, compute_dtype) -> jax.Array:
     XLA:CPU runs that product faster than x w with w [K, N]: 8 independent 16-row products
     with a [512, 2048] weight took 1.32 ms against 2.17 ms, [2048, 512] 1.42 against 2.31 ms
     (float32, default compile options); the rollout engine at batch 16 gains 1.06-1.20x
-    tokens/s on the 50M benchmark model, but a single row is no faster (see `rollout.Engine`).
+    tokens/s on the 50M benchmark model, but a float32 single row is no faster (see
+    `rollout.Engine`).
     The optimization barrier keeps XLA from folding the transpose back into the dot, which
     would give the x w_t^T product, no faster than x w.
     """

@@ -21,8 +21,8 @@ The device never waits on the host: `generate` grows page lists from the host's 
 
 The engine decodes from its own copy of the weights (`load_params`): one buffer per layer and,
 on CPU, every linear kernel transposed to [out, in] (`models.to_decode_layout`), the layout
-whose few-row products XLA:CPU computes fastest (slots > 1); LoRA factors and NF4 kernels stay
-as given.
+whose few-row products XLA:CPU computes fastest (except float32 at one slot); LoRA factors and
+NF4 kernels stay as given.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import models
@@ -68,9 +69,10 @@ class Engine:
     max_len, i.e. no sharing pressure). page_size: tokens per page. steps_per_call: tokens each
     `generate` call produces per slot (one jitted loop, one host round trip).
     decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`),
-    and multiply by the tied embedding as it is, [V, D], with `matmul.dot_t` (default: on CPU
-    with slots > 1). XLA:CPU runs that transposed product faster for a few rows (batch 16: 50M
-    1.06-1.20x tokens/s) but not for one (batch 1: 0.84-1.03x in the rollout benchmark).
+    and multiply by the tied embedding as it is, [V, D], with `matmul.dot_t` (default: on CPU,
+    unless a float32 model has one slot). XLA:CPU runs that transposed product faster for a few
+    rows (rollout benchmark, 50M, batch 16: float32 1.06-1.20x tokens/s, bfloat16 1.23x) and
+    for bfloat16 single rows (1.84x), but not for float32 single rows (0.84-1.03x).
     Costs no memory: the engine's copy of the weights is converted once per `load_params`.
     head_copy: without the decode layout, keep a materialized [D, V] transpose of a tied
     embedding for the decode logits (default: on CPU without the decode layout). XLA:CPU
@@ -115,7 +117,7 @@ class Engine:
         )
         on_cpu = jax.default_backend() == "cpu"
         if decode_layout is None:
-            decode_layout = on_cpu and slots > 1
+            decode_layout = on_cpu and (slots > 1 or jnp.dtype(cfg.dtype) != jnp.float32)
         self.decode_layout = bool(decode_layout)
         if head_copy is None:
             head_copy = on_cpu and not self.decode_layout
