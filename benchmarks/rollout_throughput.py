@@ -316,7 +316,7 @@ def main(argv=None):
     ap.add_argument(
         "--compare-layout",
         action="store_true",
-        help='also run the engine without the decode layout, as "jaxpost [in, out]"',
+        help="also run the engine with the weight layout it does not default to",
     )
     args = ap.parse_args(argv)
 
@@ -402,10 +402,9 @@ def main(argv=None):
                 row["x hf"] = row["jaxpost tok/s"] / row["hf tok/s"]
             row["x while_loop"] = row["jaxpost tok/s"] / row["while_loop tok/s"]
             if args.compare_layout:  # tokens/s with the decode layout over without
-                other = LAYOUTS[not engine_weights.decode_layout]
-                with_layout = best["jaxpost"] if engine_weights.decode_layout else best[other]
-                without = best[other] if engine_weights.decode_layout else best["jaxpost"]
-                row["layout gain"] = with_layout / without
+                default = engine_weights.decode_layout
+                name = {default: "jaxpost", not default: LAYOUTS[not default]}
+                row["layout gain"] = best[name[True]] / best[name[False]]
             # Same greedy tokens? (random weights have small logit gaps, so float differences
             # between XLA and torch may flip a late argmax; report the matching prefix.)
             row["match wl/hf"] = f"{prefix_match(ours, wl)}/{prefix_match(ours, hf)} of {len(ours)}"

@@ -112,10 +112,10 @@ class Engine:
         self.steps_per_call = steps_per_call
         self._mesh = mesh
         self.rules = rules
-        self._decode_options = matmul.decode_compiler_options(
-            None if mesh is None else mesh.devices.flat
-        )
-        on_cpu = jax.default_backend() == "cpu"
+        # One rule for "on CPU": the devices the engine decodes on (the mesh's, else default).
+        devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+        self._decode_options = matmul.decode_compiler_options(devices)
+        on_cpu = all(d.platform == "cpu" for d in devices)
         if decode_layout is None:
             decode_layout = on_cpu and (slots > 1 or jnp.dtype(cfg.dtype) != jnp.float32)
         self.decode_layout = bool(decode_layout)
