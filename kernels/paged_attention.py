@@ -42,17 +42,32 @@ def reference(
     sliding_window=None,
     softcap: float | None = None,
     scale: float = 1.0,
+    slot_regions: bool = False,
 ) -> jax.Array:
     """Gathers each slot's pages into a contiguous [KVH, B, M*S, D] sequence, then attends.
 
     KV heads stay the leading axis (as in the pool), so the gathered keys/values are used as
     they are: (KVH, B) are the batch dims of both matmuls and nothing of size M*S is transposed.
+    slot_regions: the pool is B regions of M = P / B pages and slot b's table row is region b
+    in order (page_table[b, j] == b * M + j, as `rollout.Engine` lays out its default pool).
+    The pool is then already that sequence: it is read in place, as a [KVH, B, M*S, D] view,
+    and the gather's copy of every live key and value (per layer and step) is skipped.
     """
     b, h, d = q.shape
-    kvh, _, page_size, _ = k_pages.shape
-    m = page_table.shape[1]
-    k = bits.get(k_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
-    v = bits.get(v_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
+    kvh, num_pages, page_size, _ = k_pages.shape
+    if slot_regions:
+        if num_pages % b or page_table.shape[1] != num_pages // b:
+            raise ValueError(
+                f"slot_regions: a pool of {num_pages} pages is not {b} slots x "
+                f"{page_table.shape[1]} table columns"
+            )
+        m = num_pages // b
+        k = k_pages.reshape(kvh, b, m * page_size, d)
+        v = v_pages.reshape(kvh, b, m * page_size, d)
+    else:
+        m = page_table.shape[1]
+        k = bits.get(k_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
+        v = bits.get(v_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
     qg = jnp.moveaxis(q.reshape(b, kvh, h // kvh, d), 1, 0)  # [KVH, B, G, D], small
     scores = (
         jnp.einsum("kbgd,kbsd->kbgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -246,13 +261,15 @@ def paged_attention(
     softcap: float | None = None,
     scale: float = 1.0,
     impl: str = "auto",
+    slot_regions: bool = False,
 ) -> jax.Array:
     """Dispatch between `pallas` and `reference` (see `dispatch`); shapes in the module docstring.
 
     "auto" takes the kernel on TPU: the reference gathers every slot's M*S keys into a dense
-    copy per layer and step, the kernel reads only the live pages in place.
+    copy per layer and step, the kernel reads only the live pages in place. slot_regions (see
+    `reference`) lets the reference read in place too; the kernel follows the table either way.
     """
     kwargs = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
     if _dispatch.use_kernel(impl, "paged_attention", tpu_profitable=True):
         return pallas(q, k_pages, v_pages, lengths, page_table, **kwargs)
-    return reference(q, k_pages, v_pages, lengths, page_table, **kwargs)
+    return reference(q, k_pages, v_pages, lengths, page_table, slot_regions=slot_regions, **kwargs)

@@ -7,7 +7,12 @@ API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_a
 
 from jaxpost.rollout.driver import Completion, Driver, Request, generate
 from jaxpost.rollout.engine import Engine
-from jaxpost.rollout.paged_cache import PageAllocator, PagedKVCache, PagesExhausted
+from jaxpost.rollout.paged_cache import (
+    PageAllocator,
+    PagedKVCache,
+    PagesExhausted,
+    SlotRegionAllocator,
+)
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import DecodeState, Prefix, StepResult, prefill_bucket
 
@@ -17,6 +22,7 @@ __all__ = [
     "Driver",
     "Engine",
     "PageAllocator",
+    "SlotRegionAllocator",
     "PagedKVCache",
     "PagesExhausted",
     "Prefix",

@@ -69,8 +69,10 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
     # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
     pos = jnp.arange(k.shape[1])
-    page_of = table_row[jnp.minimum(pos // page_size, table_row.shape[0] - 1)]
-    pages = jnp.where(pos < length, page_of, 0)
+    # Padding positions (>= length) go to their own place in the slot's table too: a page the
+    # slot alone holds (shared pages are full prompt pages), its region, or the scratch page.
+    # Decoding overwrites them before any read.
+    pages = table_row[jnp.minimum(pos // page_size, table_row.shape[0] - 1)]
     off = pos % page_size
     c = st.cache
     # bits.set, the cache writers' scatter: a 16-bit pool stays 16-bit (see models.bits).

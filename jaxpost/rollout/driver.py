@@ -189,7 +189,7 @@ class Driver:
                 raise RuntimeError(
                     f"request {i} (prompt {len(prompts[i])} + max_new_tokens "
                     f"{requests[i].sampling.max_new_tokens} tokens) can never fit the page pool "
-                    f"of {eng.num_pages - 1} pages x {eng.page_size} tokens"
+                    f"of {eng.allocator.capacity} pages x {eng.page_size} tokens"
                 )
             dispatched = None
             if any(o is not None for o in owner):

@@ -103,3 +103,26 @@ def test_paged_dispatch():
         paged_attention.paged_attention(*args, impl="triton")
     with pytest.raises(ValueError, match="page_table"):
         paged_attention.pallas(*args[:4], args[4][:2])
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_slot_regions_are_read_in_place_and_match_the_oracle(window):
+    """A pool of B regions of M pages, slot b's row its region in order (the engine's default
+    pool): the reference reads it as a [KVH, B, M*S, D] view (no gather in the jaxpr) and gives
+    the float64 oracle's answer; the kernel, following the same table, agrees."""
+    q, k_pages, v_pages, lengths, _ = _inputs(11, 4, 2)
+    b = len(LENGTHS)
+    k_pages, v_pages = k_pages[:, : b * MAX_PAGES], v_pages[:, : b * MAX_PAGES]
+    table = jnp.arange(b * MAX_PAGES, dtype=jnp.int32).reshape(b, MAX_PAGES)
+    kw = dict(sliding_window=window, softcap=4.0, scale=0.3)
+    in_place = functools.partial(paged_attention.reference, slot_regions=True, **kw)
+    assert "gather" not in str(jax.make_jaxpr(in_place)(q, k_pages, v_pages, lengths, table))
+    got = jax.jit(in_place)(q, k_pages, v_pages, lengths, table)
+    oracle = _numpy_paged(q, k_pages, v_pages, lengths, table, window, 4.0, 0.3)
+    np.testing.assert_allclose(got, oracle, atol=TOL, rtol=TOL)
+    kernel = paged_attention.paged_attention(
+        q, k_pages, v_pages, lengths, table, impl="pallas", slot_regions=True, **kw
+    )
+    np.testing.assert_allclose(kernel, oracle, atol=TOL, rtol=TOL)
+    with pytest.raises(ValueError, match="slot_regions: a pool of 20 pages is not 5 slots x 3"):
+        paged_attention.reference(q, k_pages, v_pages, lengths, table[:, :3], slot_regions=True)

@@ -88,18 +88,26 @@ def _prompts(rng, count, lo=1, hi=30):
     return [list(rng.integers(0, CFG.vocab_size, rng.integers(lo, hi))) for _ in range(count)]
 
 
+@pytest.mark.parametrize("pool", ["slot-regions", "free-list"])
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked-pools", "per-layer-pools"])
-def test_greedy_equals_full_forward_and_logprobs_equal_trainer(params, scan_layers):
+def test_greedy_equals_full_forward_and_logprobs_equal_trainer(params, scan_layers, pool):
     """Both cache layouts: pools stacked [L, ...] under the layer scan (written in place in the
-    carry), or one pool and one weight buffer per layer under the unrolled loop."""
+    carry), or one pool and one weight buffer per layer under the unrolled loop. Both pools:
+    the default slot regions, whose decode attention reads them in place once the table is half
+    used (and gathers before), and a free list smaller than slots x max_len (pages scattered)."""
     rng = np.random.default_rng()
-    prompts = _prompts(rng, 5)
+    prompts = _prompts(rng, 4, hi=9) + _prompts(rng, 1, lo=20)  # short ones first, one long
     sp = rollout.SamplingParams(max_new_tokens=12, temperature=0.0)
     cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+    num_pages = None if pool == "slot-regions" else 40
     engine = rollout.Engine(cfg, params, slots=4, max_len=64, max_prefill_length=32, page_size=4,
-                            steps_per_call=3)  # fmt: skip
+                            steps_per_call=3, num_pages=num_pages)  # fmt: skip
+    assert engine.slot_regions == (pool == "slot-regions")
     assert isinstance(engine.init_decode_state().cache.k_pages, tuple) == (not scan_layers)
     outs = rollout.generate(cfg, params, prompts, sp, engine=engine)
+    widths = {int(name.split(":")[-1]) for name in engine._jit_cache if name.startswith("gen")}
+    if engine.slot_regions:  # both reads ran: gathered (width < 8) and in place (all 16)
+        assert 16 in widths and min(widths) < 8 and not widths & {8, 12}
     for prompt, out in zip(prompts, outs):
         assert out.tokens == full_forward_greedy(params, prompt, 12)
         assert out.finish_reason == "length"

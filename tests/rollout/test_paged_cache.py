@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from jaxpost import models, rollout
-from jaxpost.rollout.paged_cache import SCRATCH_PAGE, PageAllocator, PagesExhausted
+from jaxpost.rollout.paged_cache import (
+    SCRATCH_PAGE,
+    PageAllocator,
+    PagesExhausted,
+    SlotRegionAllocator,
+)
 from jaxpost.rollout.state import table_width_bucket
 
 CFG = models.ModelConfig(
@@ -44,6 +49,22 @@ def test_allocator_grows_releases_and_reuses_pages():
     assert alloc.num_free == 0
     with pytest.raises(PagesExhausted, match="slot 0 needs 1 more pages, 0 are free"):
         alloc.grow(0, 1)
+
+
+def test_slot_regions_hand_each_slot_its_own_pages_in_order():
+    alloc = SlotRegionAllocator(page_size=4, slots=3, max_pages_per_slot=4)
+    assert alloc.num_pages == alloc.capacity == alloc.num_free == 12  # no scratch page
+    assert alloc.table_row(1) == [4, 5, 6, 7]  # the whole region, held or not
+    assert alloc.grow(1, 5) and alloc.slot_pages[1] == [4, 5]
+    assert not alloc.grow(1, 8) and alloc.grow(1, 9) and alloc.slot_pages[1] == [4, 5, 6]
+    assert alloc.grow(2, 1) and alloc.slot_pages[2] == [8]
+    assert alloc.num_used == 4 and alloc.num_free == 8
+    assert alloc.can_grow(0, 16) and not alloc.can_grow(0, 17)
+    with pytest.raises(PagesExhausted, match="slot 0 needs 5 pages for 17 tokens; a slot holds"):
+        alloc.grow(0, 17)
+    with pytest.raises(ValueError, match="slot regions share no pages"):
+        alloc.share(0, [4])
+    assert alloc.release(1) == 3 and alloc.num_used == 1 and alloc.table_row(1) == [4, 5, 6, 7]
 
 
 def test_allocator_shares_pages_until_the_last_holder_releases():
@@ -127,6 +148,8 @@ def test_decode_table_width_covers_the_live_pages_in_few_buckets():
 
 
 def _recording_engine(params, share, num_pages=None, slots=6):
+    """A free-list pool either way (default: every slot at max_len 32, plus the scratch page),
+    so the runs with and without sharing compute the same attention, to the bit."""
     engine = RecordingEngine(
         CFG,
         params,
@@ -134,7 +157,7 @@ def _recording_engine(params, share, num_pages=None, slots=6):
         max_len=32,
         max_prefill_length=16,
         page_size=4,
-        num_pages=num_pages,
+        num_pages=num_pages or slots * 8 + 1,
         steps_per_call=2,
         share_prompt_pages=share,
     )
@@ -167,7 +190,7 @@ def test_samples_of_one_prompt_share_its_full_pages(params, asked_as):
     # First call: 6 slots of 10 + 2 tokens = 3 pages each. Shared: 2 pages once + 6 x 1.
     assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
     assert all(s < p for (_, s, _), (_, p, _) in zip(eng_s.log, eng_p.log))
-    assert eng_s.allocator.num_free == eng_s.num_pages - 1 and len(eng_s._prompt_pages) == 0
+    assert eng_s.allocator.num_used == 0 and len(eng_s._prompt_pages) == 0
 
 
 def test_shared_pages_outlive_the_slot_that_allocated_them(params):
@@ -195,7 +218,7 @@ def test_shared_pages_outlive_the_slot_that_allocated_them(params):
         tokens[share] = np.concatenate(out, axis=1)[1:]  # slots 1 and 2
         for slot in (1, 2):
             engine.release(slot)
-        assert engine.allocator.num_free == engine.num_pages - 1
+        assert engine.allocator.num_used == 0
     np.testing.assert_array_equal(tokens[True], tokens[False])
 
 
