@@ -128,6 +128,9 @@ def decode_steps(
         st.cache, page_table=table[:, :width], lengths=jnp.where(active, st.cache.lengths, 0)
     )
     st = dataclasses.replace(st, cache=cache, done=st.done | ~active)
+    # A decode-layout head gives the logits as the transpose of a [V, B] product (`matmul.dot_t`):
+    # sampling reduces over V in that layout (`sampling.sample`'s vocab_first).
+    vocab_first = head is None and "kernel_t" in base.get("lm_head", {})
 
     def step(st: DecodeState, _):
         logits = models.logits_from_hidden(cfg, base, st.hidden, kernel=head)
@@ -135,7 +138,14 @@ def decode_steps(
             st.key_data, st.generated
         )
         tok, logp = sampling.sample(
-            logits, keys, st.temperature, st.top_k, st.top_p, st.min_p, variant
+            logits.T if vocab_first else logits,
+            keys,
+            st.temperature,
+            st.top_k,
+            st.top_p,
+            st.min_p,
+            variant,
+            vocab_first=vocab_first,
         )
         emit = ~st.done
         generated = st.generated + emit.astype(jnp.int32)

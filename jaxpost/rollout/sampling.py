@@ -112,16 +112,17 @@ def filter_logits(
     return jnp.full_like(scaled, -jnp.inf).at[order].set(filtered_sorted)
 
 
-def argmax(x: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (the first index of the maximum), int32.
+def argmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """jnp.argmax over `axis` (the first index of the maximum), int32.
 
     A max, then the smallest index holding it: two plain reductions, which XLA:CPU vectorises.
     jnp.argmax lowers to one variadic (value, index) reduction that it does not (3-4x slower
     over a vocabulary, the largest part of a greedy decode step's sampling).
     """
-    v = x.shape[-1]
-    top = jnp.max(x, axis=-1, keepdims=True)
-    idx = jnp.min(jnp.where(x == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    v = x.shape[axis]
+    top = jnp.max(x, axis=axis, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+    idx = jnp.min(jnp.where(x == top, index, v), axis=axis)
     return jnp.minimum(idx, v - 1)  # an all-NaN row has no maximum: report the last token
 
 
@@ -133,18 +134,28 @@ def sample(
     top_p: jax.Array,
     min_p: jax.Array,
     variant: str = FILTERED,
+    vocab_first: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row.
 
     logits [B, V] float32 (raw model logits); keys [B] typed PRNG keys; temperature, top_p,
     min_p [B] float32; top_k [B] int32. `variant` (static) skips work no row needs.
+    vocab_first: logits come as [V, B] instead. The greedy choice and the log-prob then reduce
+    over axis 0, which reads a [V, B] array contiguously: pass them so when they are the
+    product `matmul.dot_t` transposes (the decode layout's head), and XLA:CPU reduces over V
+    without reading [B, V] with a stride of B (rollout benchmark, float32 batch-16 greedy
+    decode: 50M 1.06x tokens/s, 5M 1.03x).
     Returns (tokens [B] int32, raw log-probs [B] float32 of those tokens, see module docstring).
     """
     logits = logits.astype(jnp.float32)
-    greedy_tokens = argmax(logits)
+    axis = 0 if vocab_first else -1
+    greedy_tokens = argmax(logits, axis)
     if variant == GREEDY:
         tokens = greedy_tokens
     else:
+        if vocab_first:
+            logits = logits.T  # the filters work on rows
+            axis = -1
         if variant == TEMPERATURE:
             scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
         else:
@@ -155,6 +166,7 @@ def sample(
         tokens = jnp.where(temperature > 0, drawn, greedy_tokens)
     # log_softmax(logits)[token] without the [B, V] log-softmax array, in jax.nn.log_softmax's
     # order of operations, so it rounds the same whatever the batch.
-    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
-    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
-    return tokens, jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - lse
+    shifted = logits - jnp.max(logits, axis=axis, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis))
+    picked = jnp.take_along_axis(shifted, jnp.expand_dims(tokens, axis), axis=axis)
+    return tokens, jnp.squeeze(picked, axis) - lse

@@ -94,6 +94,30 @@ def test_greedy_is_argmax_and_variants():
     assert sampling.widest_variant([]) == sampling.GREEDY
 
 
+@pytest.mark.parametrize("variant", [sampling.GREEDY, sampling.TEMPERATURE, sampling.FILTERED])
+def test_vocab_first_logits_give_the_same_tokens_and_logprobs(variant):
+    """Logits passed as [V, B] (the decode layout's head product) sample the same tokens with
+    the same log-probs as [B, V] (ties and a -inf entry included); log-probs against float64."""
+    rng = np.random.default_rng()
+    x = rng.normal(size=(5, 300)).astype(np.float32)
+    x[1, [7, 90]] = 6.0
+    x[2, 3] = -np.inf
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), 5)
+    temp = jnp.asarray([0.0, 0.7, 1.0, 0.0, 1.3], jnp.float32)
+    top_k = jnp.asarray([0, 5, 0, 0, 20], jnp.int32)
+    top_p, min_p = jnp.asarray([1, 0.9, 1, 1, 0.8], jnp.float32), jnp.full((5,), 0.01)
+    args = (keys, temp, top_k, top_p, min_p, variant)
+    tok, logp = sampling.sample(jnp.asarray(x), *args)
+    tok_t, logp_t = jax.jit(sampling.sample, static_argnums=(6, 7))(jnp.asarray(x.T), *args, True)
+    np.testing.assert_array_equal(tok_t, tok)
+    exact = np.asarray(x, np.float64)
+    top = exact.max(-1, keepdims=True)
+    exact = exact - top - np.log(np.exp(exact - top).sum(-1, keepdims=True))  # log-softmax
+    want = exact[np.arange(5), np.asarray(tok)]
+    np.testing.assert_allclose(logp_t, want, atol=1e-5)
+    np.testing.assert_allclose(logp_t, logp, atol=1e-6)
+
+
 def test_sampling_params_validation_messages():
     with pytest.raises(ValueError, match="top_k=-1 must be >= 0"):
         SamplingParams(top_k=-1)
@@ -116,6 +140,7 @@ def test_argmax_and_draws_equal_jax_reference():
     x[2, 40] = 0.0
     x[3, :] = 1.0  # all equal
     np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x)), np.argmax(x, -1))
+    np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x.T), axis=0), np.argmax(x, -1))
     assert sampling.argmax(jnp.ones((2, 1))).tolist() == [0, 0]
 
     logits = jnp.asarray(x[4:])
