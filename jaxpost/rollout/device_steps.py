@@ -68,22 +68,32 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
     k, v, hidden = (a[row_index] for a in (k_rows, v_rows, hidden_rows))
     # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
-    pos = jnp.arange(k.shape[1])
-    # Padding positions (>= length) go to their own place in the slot's table too: a page the
-    # slot alone holds (shared pages are full prompt pages), its region, or the scratch page.
-    # Decoding overwrites them before any read.
-    pages = table_row[jnp.minimum(pos // page_size, table_row.shape[0] - 1)]
-    off = pos % page_size
     c = st.cache
+    pos = jnp.arange(k.shape[1])
+    column = pos // page_size
+    # Padding positions (>= length) inside the table go to their own place in it: a page the
+    # slot alone holds (shared pages are full prompt pages), its region, or the scratch page;
+    # decoding overwrites them before any read. Positions past the table (a continued prefix is
+    # padded to a power of two, possibly past max_len) get an out-of-range page and are dropped.
+    out_of_range = c.k_pages[0].shape[-3]  # the pool's page count (either layout)
+    in_table = table_row[jnp.minimum(column, table_row.shape[0] - 1)]
+    pages = jnp.where(column < table_row.shape[0], in_table, out_of_range)
+    off = pos % page_size
     # bits.set, the cache writers' scatter: a 16-bit pool stays 16-bit (see models.bits).
     if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
         index = (slice(None), pages, off)  # target [KVH, T, D]
-        kp = tuple(bits.set(a, index, jnp.moveaxis(k[i], 1, 0)) for i, a in enumerate(c.k_pages))
-        vp = tuple(bits.set(a, index, jnp.moveaxis(v[i], 1, 0)) for i, a in enumerate(c.v_pages))
+        kp = tuple(
+            bits.set(a, index, jnp.moveaxis(k[i], 1, 0), mode="drop")
+            for i, a in enumerate(c.k_pages)
+        )
+        vp = tuple(
+            bits.set(a, index, jnp.moveaxis(v[i], 1, 0), mode="drop")
+            for i, a in enumerate(c.v_pages)
+        )
     else:
         index = (slice(None), slice(None), pages, off)  # target [L, KVH, T, D]
-        kp = bits.set(c.k_pages, index, jnp.moveaxis(k, 2, 1))
-        vp = bits.set(c.v_pages, index, jnp.moveaxis(v, 2, 1))
+        kp = bits.set(c.k_pages, index, jnp.moveaxis(k, 2, 1), mode="drop")
+        vp = bits.set(c.v_pages, index, jnp.moveaxis(v, 2, 1), mode="drop")
     cache = dataclasses.replace(
         c,
         k_pages=kp,

@@ -395,3 +395,34 @@ def test_existing_prefix_continues_a_prompt(params, with_lora):
         np.testing.assert_allclose(
             logprobs, trainer_logprobs(params, a + b, tokens, adapter), atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.parametrize("pool", ["slot-regions", "free-list"])
+def test_continued_prefix_padded_past_max_len_keeps_its_last_page(params, pool):
+    """A continued prefix is padded to a power of two (here 64 positions for 45 tokens), past
+    max_len = 48: inserting it must not write that padding over its real keys in the last page
+    (positions 44-45 share page 11 with the clipped padding positions 48-63)."""
+    rng = np.random.default_rng()
+    num_pages = None if pool == "slot-regions" else 2 * 12 + 1
+    engine = rollout.Engine(CFG, params, slots=2, max_len=48, max_prefill_length=32, page_size=4,
+                            steps_per_call=3, num_pages=num_pages)  # fmt: skip
+    p = engine.params
+    a, b = (list(rng.integers(0, CFG.vocab_size, n)) for n in (30, 15))
+    start = engine.prefill(params=p, padded_tokens=np.array(a + [0] * 2), true_length=30)
+    prefix = engine.prefill(
+        params=p, existing_prefix=start, padded_tokens=np.array(b + [0]), true_length=15
+    )
+    assert prefix.k.shape[2] == 64 and prefix.true_length == 45
+    state = engine.insert(
+        prefix,
+        engine.init_decode_state(),
+        1,
+        sampling=rollout.SamplingParams(max_new_tokens=3, temperature=0.0),
+    )
+    state, result = engine.generate(p, state)
+    r = result.to_numpy()
+    tokens = list(r["tokens"][1][r["valid"][1]])
+    assert tokens == full_forward_greedy(params, a + b, 3)
+    np.testing.assert_allclose(
+        r["logprobs"][1][r["valid"][1]], trainer_logprobs(params, a + b, tokens), atol=1e-5, rtol=0
+    )
