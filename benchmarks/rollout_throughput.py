@@ -403,8 +403,8 @@ def main(argv=None):
             row["x while_loop"] = row["jaxpost tok/s"] / row["while_loop tok/s"]
             if args.compare_layout:  # tokens/s with the decode layout over without
                 default = engine_weights.decode_layout
-                name = {default: "jaxpost", not default: LAYOUTS[not default]}
-                row["layout gain"] = best[name[True]] / best[name[False]]
+                system = {default: "jaxpost", not default: LAYOUTS[not default]}
+                row["layout gain"] = best[system[True]] / best[system[False]]
             # Same greedy tokens? (random weights have small logit gaps, so float differences
             # between XLA and torch may flip a late argmax; report the matching prefix.)
             row["match wl/hf"] = f"{prefix_match(ours, wl)}/{prefix_match(ours, hf)} of {len(ours)}"
