@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_NT = (((1,), (1,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))  # g [M, N] . w [K, N] -> [M, K]
 
 
 def decode_compiler_options(devices=None) -> dict | None:
@@ -44,10 +44,16 @@ def decode_compiler_options(devices=None) -> dict | None:
     benchmark's models: 50M 1.12x tokens/s at batch 1, 1.02x at batch 16; 5M 1.03x. A train
     step's matmuls are YNNPACK fusions, not Eigen: 0.996x there, so it is not used for training.
     """
-    devices = jax.devices() if devices is None else list(devices)
-    if all(d.platform == "cpu" for d in devices):
+    if on_cpu(devices):
         return {"xla_cpu_multi_thread_eigen": False}
-    return None  # g [M, N] . w [K, N] -> [M, K]
+    return None
+
+
+def on_cpu(devices=None) -> bool:
+    """Whether every one of `devices` (default: the default backend's) is a CPU: the one test
+    behind the CPU-only decode choices (this compile option, `rollout.Engine`'s layouts)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return all(d.platform == "cpu" for d in devices)
 
 
 def weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:

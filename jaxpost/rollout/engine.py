@@ -139,7 +139,7 @@ class Engine:
         # One rule for "on CPU": the devices the engine decodes on (the mesh's, else default).
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
         self._decode_options = matmul.decode_compiler_options(devices)
-        on_cpu = all(d.platform == "cpu" for d in devices)
+        on_cpu = matmul.on_cpu(devices)
         if decode_layout is None:
             decode_layout = on_cpu and (slots > 1 or jnp.dtype(cfg.dtype) != jnp.float32)
         self.decode_layout = bool(decode_layout)
@@ -148,6 +148,9 @@ class Engine:
         self.head_copy = bool(head_copy and cfg.tie_embeddings)
         self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
         self._table = np.array([self.allocator.table_row(s) for s in range(slots)], np.int32)
+        # Whether decode attention can read the pool in place once the table has all M columns.
+        m = self.max_pages_per_slot
+        self._reads_in_place = reads_in_place(self.slot_regions, slots, m, m, cfg.dtype)
         self._active = np.zeros((slots,), bool)
         self._len_bound = np.zeros((slots,), np.int64)  # >= the slot's cache length
         self._limit = np.zeros((slots,), np.int64)  # prompt + max_new_tokens
@@ -437,8 +440,7 @@ class Engine:
         longest = int(self._len_bound[live].max(initial=1))
         width = table_width_bucket(self.allocator.pages_for(longest), self.max_pages_per_slot)
         full = self.max_pages_per_slot
-        in_place = reads_in_place(self.slot_regions, self.slots, full, full, self.cfg.dtype)
-        if 2 * width >= full and in_place:
+        if 2 * width >= full and self._reads_in_place:
             # All M columns: attention reads the regions in place. Gathering w of M pages copies
             # and then reads them, about twice the traffic of reading in place (5M batch 16,
             # one layer: 8 of 12 pages gathered 0.26 ms, all 12 in place 0.23 ms).
