@@ -29,7 +29,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxpost.kernels import dispatch as _dispatch
 from jaxpost.kernels.flash_attention import window_mask
-from jaxpost.models import bits
 
 
 def reference(
@@ -66,8 +65,10 @@ def reference(
         v = v_pages.reshape(kvh, b, m * page_size, d)
     else:
         m = page_table.shape[1]
-        k = bits.get(k_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
-        v = bits.get(v_pages, (slice(None), page_table)).reshape(kvh, b, m * page_size, d)
+        # A plain gather: XLA:CPU fuses it with its operand (a 16-bit pool's view of its bits,
+        # see `rollout.paged_cache`) into one copy; `models.bits.get` would copy twice.
+        k = k_pages[:, page_table].reshape(kvh, b, m * page_size, d)
+        v = v_pages[:, page_table].reshape(kvh, b, m * page_size, d)
     # A query axis of size 1, as in `flash_attention.attend`'s decode: with it XLA:CPU computes
     # each score block as keys [S, D] x queries [D, G], the large operand first, 1.3-1.8x faster
     # than the [G, S] product it picks without it (rollout benchmark shapes, batch 1 and 16).

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import models
-from jaxpost.models import bits
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.kv_cache import DenseKVCache
-from jaxpost.rollout import sampling
+from jaxpost.rollout import paged_cache, sampling
 from jaxpost.rollout.state import DecodeState, LoRAView
 
 
@@ -79,21 +78,22 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
     in_table = table_row[jnp.minimum(column, table_row.shape[0] - 1)]
     pages = jnp.where(column < table_row.shape[0], in_table, out_of_range)
     off = pos % page_size
-    # bits.set, the cache writers' scatter: a 16-bit pool stays 16-bit (see models.bits).
+    # paged_cache.store, the decode writes' scatter: a 16-bit pool stays 16-bit (models.bits).
     if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
         index = (slice(None), pages, off)  # target [KVH, T, D]
-        kp = tuple(
-            bits.set(a, index, jnp.moveaxis(k[i], 1, 0), mode="drop")
-            for i, a in enumerate(c.k_pages)
-        )
-        vp = tuple(
-            bits.set(a, index, jnp.moveaxis(v[i], 1, 0), mode="drop")
-            for i, a in enumerate(c.v_pages)
+        kp, vp = (
+            tuple(
+                paged_cache.store(a, index, jnp.moveaxis(x[i], 1, 0), c.bits_dtype, mode="drop")
+                for i, a in enumerate(pools)
+            )
+            for x, pools in ((k, c.k_pages), (v, c.v_pages))
         )
     else:
         index = (slice(None), slice(None), pages, off)  # target [L, KVH, T, D]
-        kp = bits.set(c.k_pages, index, jnp.moveaxis(k, 2, 1), mode="drop")
-        vp = bits.set(c.v_pages, index, jnp.moveaxis(v, 2, 1), mode="drop")
+        kp, vp = (
+            paged_cache.store(pools, index, jnp.moveaxis(x, 2, 1), c.bits_dtype, mode="drop")
+            for x, pools in ((k, c.k_pages), (v, c.v_pages))
+        )
     cache = dataclasses.replace(
         c,
         k_pages=kp,

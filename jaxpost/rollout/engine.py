@@ -146,6 +146,8 @@ class Engine:
         if head_copy is None:
             head_copy = on_cpu and not self.decode_layout
         self.head_copy = bool(head_copy and cfg.tie_embeddings)
+        # A 16-bit pool is stored as bits on CPU (`paged_cache`); elsewhere scatters are native.
+        self._pool_as_bits = on_cpu
         self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
         self._table = np.array([self.allocator.table_row(s) for s in range(slots)], np.int32)
         # Whether decode attention can read the pool in place once the table has all M columns.
@@ -245,7 +247,12 @@ class Engine:
 
     def _empty_state(self) -> DecodeState:
         return empty_decode_state(
-            self.cfg, self.slots, self.num_pages, self.page_size, self.slot_regions
+            self.cfg,
+            self.slots,
+            self.num_pages,
+            self.page_size,
+            self.slot_regions,
+            as_bits=self._pool_as_bits,
         )
 
     def init_decode_state(self) -> DecodeState:

@@ -16,6 +16,9 @@ Two ways to hand out the pool's pages, each with its host-side allocator:
                 the pool in place as a dense [KVH, B, M*S, D] sequence instead of gathering each
                 slot's pages (`kernels.paged_attention.reference`), which on CPU saves a copy of
                 every live key and value per layer and step.
+On CPU a 16-bit float pool is stored as its uint16 bits (`bits_dtype`; see `models.bits`): XLA:CPU
+would otherwise copy every pool to uint16 and back around each step's write: a quarter of the
+step's op time at the 50M benchmark shapes (bfloat16, batch 16).
 Both allocators are plain Python bookkeeping: per-slot page lists (and, for the free list, a
 holder count per page), so memory in use is the pages covering live tokens (a page shared by
 the samples of one prompt counts once), and a page is free again when its last holder retires.
@@ -50,6 +53,8 @@ class PagedKVCache:
     lengths: jax.Array
     impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
     slot_regions: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # None: the pools hold their values. A 16-bit float dtype's name: they hold its bits (uint16).
+    bits_dtype: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     LAYER_FIELDS = ("k_pages", "v_pages")
 
@@ -63,27 +68,35 @@ class PagedKVCache:
         dtype=None,
         per_layer: bool | None = None,
         slot_regions: bool = False,
+        as_bits: bool = False,
     ) -> PagedKVCache:
         """Zero pools and lengths, no page table: the host's table is set per call (see
         `rollout.Engine`). per_layer: the layout of `jaxpost.models.kv_cache` (default: iff
-        not scan_layers). slot_regions: the pool is slots regions (module docstring)."""
+        not scan_layers). slot_regions: the pool is slots regions; as_bits: a 16-bit float
+        pool is stored as its bits (module docstring)."""
         if slot_regions and num_pages % slots:
             raise ValueError(f"slot_regions: {num_pages} pages do not split into {slots} slots")
         dtype = jnp.dtype(dtype or cfg.dtype)
         per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
         shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        stored = bits.storage_dtype(dtype) if as_bits else dtype
         return cls(
-            k_pages=make_layers(shape, dtype, cfg.num_layers, per_layer),
-            v_pages=make_layers(shape, dtype, cfg.num_layers, per_layer),
+            k_pages=make_layers(shape, stored, cfg.num_layers, per_layer),
+            v_pages=make_layers(shape, stored, cfg.num_layers, per_layer),
             page_table=None,
             lengths=jnp.zeros((slots,), jnp.int32),
             impl=cfg.attention_impl,
             slot_regions=slot_regions,
+            bits_dtype=dtype.name if stored != dtype else None,
         )
 
     @property
     def page_size(self) -> int:
         return self.k_pages[0].shape[-2]
+
+    def values(self, pool: jax.Array) -> jax.Array:
+        """A pool (or part of one) as the cache's values: `bits.from_bits` when stored as bits."""
+        return pool if self.bits_dtype is None else bits.from_bits(pool, self.bits_dtype)
 
     def update_and_attend(
         self, layers: dict, layer, q, k, v, positions, *, sliding_window, softcap, scale
@@ -108,14 +121,14 @@ class PagedKVCache:
             pages = jnp.where((self.lengths > 0)[:, None], pages, SCRATCH_PAGE)
         offsets = positions % page_size
         kp, vp = (
-            _write_pages(kp, layer, pages, offsets, k),
-            _write_pages(vp, layer, pages, offsets, v),
+            _write_pages(kp, layer, pages, offsets, k, self.bits_dtype),
+            _write_pages(vp, layer, pages, offsets, v, self.bits_dtype),
         )
         if t == 1:
             out = paged_attention(
                 q[:, 0],
-                layer_array(kp, layer),
-                layer_array(vp, layer),
+                self.values(layer_array(kp, layer)),
+                self.values(layer_array(vp, layer)),
                 self.lengths,
                 self.page_table,
                 sliding_window=sliding_window,
@@ -123,7 +136,11 @@ class PagedKVCache:
                 scale=scale,
                 impl=self.impl,
                 slot_regions=reads_in_place(
-                    self.slot_regions, b, self.page_table.shape[1], num_pages // b, kp.dtype
+                    self.slot_regions,
+                    b,
+                    self.page_table.shape[1],
+                    num_pages // b,
+                    self.bits_dtype or kp.dtype,
                 ),
             )[:, None]
         else:
@@ -145,22 +162,33 @@ def reads_in_place(slot_regions: bool, slots: int, columns: int, max_pages: int,
     """Whether decode attention reads the pool in place (`kernels.paged_attention.reference`'s
     slot_regions) rather than gathering the table's pages: a float32 pool in slot regions, a
     table of all M columns, and more than one slot. Measured on CPU (rollout benchmark models,
-    batch-16 decode): float32 gained 1.03-1.16x tokens/s; a bfloat16 pool lost (0.89-0.95x:
-    its keys are converted for the matmul, and the gather did that in its copy). At one slot
-    XLA:CPU copied every whole pool around the in-place read in each step (the write is then
-    a dynamic-update-slice), 7-10% slower than gathering."""
+    batch-16 decode): float32 gained 1.03-1.16x tokens/s; a bfloat16 pool did not (1.00-1.02x
+    stored as bits, 0.89-0.95x before): XLA:CPU copies the whole view for the matmul, as the
+    gather copies the live pages. At one slot XLA:CPU copied every whole pool around the
+    in-place read in each step (the write is then a dynamic-update-slice), 7-10% slower than
+    gathering."""
     float32 = jnp.dtype(dtype) == jnp.float32
     return slot_regions and float32 and slots > 1 and columns == max_pages
 
 
-def _write_pages(pool, layer, pages, offsets, values):
+def store(pool: jax.Array, index, values: jax.Array, bits_dtype: str | None, **kwargs):
+    """pool.at[index].set(values, **kwargs) for a pool of `PagedKVCache` (bits_dtype its field):
+    values cast to the pool's dtype, or stored as bits."""
+    if bits_dtype is None:
+        return bits.set(pool, index, values, **kwargs)
+    return pool.at[index].set(bits.to_bits(values, bits_dtype), **kwargs)
+
+
+def _write_pages(pool, layer, pages, offsets, values, bits_dtype):
     """pool[(layer,) :, pages, offsets] = values [B, T, KVH, D] (pool [(L,) KVH, P, S, D])."""
     if layer is None:
         # Adjacent advanced indices keep their place: the target is [KVH, B, T, D].
-        return bits.set(pool, (slice(None), pages, offsets), jnp.moveaxis(values, 2, 0))
-    # `layer` and (pages, offsets) are separated by a slice: NumPy rules put the broadcast
-    # index dims first, so the target is [B, T, KVH, D].
-    return bits.set(pool, (layer, slice(None), pages, offsets), values)
+        index, values = (slice(None), pages, offsets), jnp.moveaxis(values, 2, 0)
+    else:
+        # `layer` and (pages, offsets) are separated by a slice: NumPy rules put the broadcast
+        # index dims first, so the target is [B, T, KVH, D].
+        index = (layer, slice(None), pages, offsets)
+    return store(pool, index, values, bits_dtype)
 
 
 class PagesExhausted(RuntimeError):

@@ -38,14 +38,21 @@ class DecodeState:
 
 
 def empty_decode_state(
-    cfg: ModelConfig, slots: int, num_pages: int, page_size: int, slot_regions: bool = False
+    cfg: ModelConfig,
+    slots: int,
+    num_pages: int,
+    page_size: int,
+    slot_regions: bool = False,
+    as_bits: bool = False,
 ) -> DecodeState:
     """Every slot idle (done), zero page pools. Meant to run inside jit (out_shardings place it).
     The cache holds no page table: the engine's host table is the only one, passed to each call.
-    slot_regions: the pool's layout (`paged_cache`)."""
+    slot_regions: the pool's layout; as_bits: a 16-bit pool stored as bits (`paged_cache`)."""
     b = slots
     return DecodeState(
-        cache=PagedKVCache.create(cfg, num_pages, page_size, b, slot_regions=slot_regions),
+        cache=PagedKVCache.create(
+            cfg, num_pages, page_size, b, slot_regions=slot_regions, as_bits=as_bits
+        ),
         hidden=jnp.zeros((b, cfg.hidden_size), jnp.dtype(cfg.dtype)),
         generated=jnp.zeros((b,), jnp.int32),
         done=jnp.ones((b,), bool),

@@ -13,12 +13,11 @@ from jaxpost.models import bits
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
-def test_get_take_set_equal_plain_indexing(dtype):
+def test_take_set_and_bits_storage_equal_plain_indexing(dtype):
     x = (jax.random.normal(jax.random.key(0), (3, 10, 4, 5)) * 100).astype(dtype)
     pages = jnp.array([[7, 2], [0, 9]], jnp.int32)
     offsets = jnp.array([[1, 3], [0, 2]], jnp.int32)
     index = (slice(None), pages, offsets)
-    np.testing.assert_array_equal(bits.get(x, (slice(None), pages)), x[:, pages])
     np.testing.assert_array_equal(bits.take(x, pages, axis=1), jnp.take(x, pages, axis=1))
     values = jax.random.normal(jax.random.key(1), (3, 2, 2, 5), jnp.float32) * 100
     out = bits.set(x, index, values)
@@ -30,6 +29,11 @@ def test_get_take_set_equal_plain_indexing(dtype):
     np.testing.assert_array_equal(
         bits.set(x, far, rows, mode="drop"), x.at[far].set(rows, mode="drop")
     )
+    # Stored as bits: uint16 for a 16-bit float, and back exactly.
+    stored = bits.to_bits(values, dtype)
+    assert stored.dtype == bits.storage_dtype(dtype)
+    assert (stored.dtype == jnp.uint16) == (jnp.dtype(dtype).itemsize == 2)
+    np.testing.assert_array_equal(bits.from_bits(stored, dtype), values.astype(dtype))
 
 
 def _f32_buffers(fn, *args) -> list[str]:
@@ -82,3 +86,33 @@ def test_bfloat16_prompt_insert_stays_16_bit(scan_layers):
     pool = "f32[2,4,64,16,32]" if scan_layers else "f32[4,64,16,32]"  # stacked: [L, ...]
     text = jax.jit(insert).lower(state, prefix, table_row).compile().as_text()
     assert not [line for line in text.splitlines() if pool in line]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_take_has_the_gradient_of_jnp_take(dtype):
+    """A uint16 view has no gradient: `take` carries jnp.take's, or a 16-bit embedding table
+    (full fine-tuning with param_dtype bfloat16) would get none from its lookups."""
+    table = jax.random.normal(jax.random.key(2), (10, 4)).astype(dtype)
+    tokens = jnp.array([[1, 3], [3, 7]], jnp.int32)
+
+    def loss(take):
+        return lambda t: jnp.sum(take(t, tokens, axis=0).astype(jnp.float32) ** 2)
+
+    want = jax.grad(loss(jnp.take))(table)
+    np.testing.assert_array_equal(jax.grad(loss(bits.take))(table), want)
+    np.testing.assert_array_equal(jax.jit(jax.grad(loss(bits.take)))(table), want)
+    assert np.count_nonzero(np.asarray(want, np.float32)) == 3 * 4  # rows 1, 3 and 7
+
+
+def test_bfloat16_model_embedding_gets_its_lookup_gradient():
+    from jaxpost import models
+
+    cfg = models.ModelConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=2, head_dim=8, param_dtype="bfloat16", dtype="bfloat16",
+    )  # fmt: skip
+    params = models.init(cfg, jax.random.key(0))
+    tokens = jnp.array([[2, 5, 9]], jnp.int32)
+    grads = jax.grad(lambda p: jnp.sum(models.forward(cfg, p, tokens)[0, -1] ** 2))(params)
+    rows = np.abs(np.asarray(grads["embedder"]["embedding"], np.float32)).sum(axis=1)
+    assert np.flatnonzero(rows).tolist() == [2, 5, 9]  # exactly the looked-up rows
