@@ -170,7 +170,8 @@ def run_jaxpost_decode(cfg, params, prompt, steps_per_call):
 def _while_loop_sample(cfg, params, prompts, max_steps, max_new):
     """Fixed batch: prefill [B, P] into a dense cache, then decode until every row is done."""
     b, p = prompts.shape
-    cache = DenseKVCache.create(cfg, b, p + max_steps)
+    # A 16-bit cache stored as its bits on CPU, as the engine's pools are (`kv_cache.store`).
+    cache = DenseKVCache.create(cfg, b, p + max_steps, as_bits=matmul.on_cpu())
     logits, cache = models.apply(cfg, params, prompts, cache=cache)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     out = jnp.zeros((b, max_steps), jnp.int32).at[:, 0].set(first)

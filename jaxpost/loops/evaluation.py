@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost import models
+from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(cfg: ModelConfig, params, lora, prompts, lengths, max_new: int):
     b, p = prompts.shape
-    cache = models.DenseKVCache.create(cfg, b, p + max_new)
+    # A 16-bit cache is cheaper to write on CPU stored as its bits (`kv_cache.store`).
+    cache = models.DenseKVCache.create(cfg, b, p + max_new, as_bits=matmul.on_cpu())
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     logits, cache = models.apply(cfg, params, prompts, positions=positions, lora=lora, cache=cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]

@@ -28,11 +28,27 @@ def layer_array(arrays, layer) -> jax.Array:
     return arrays if layer is None else arrays[layer]
 
 
-def write_layer(arrays, layer, index: tuple, values) -> jax.Array:
-    """arrays[(layer,) + index] = values, in place under donation / a scan carry."""
-    if layer is None:
-        return bits.set(arrays, index, values, mode="drop")
-    return bits.set(arrays, (layer, *index), values, mode="drop")
+def write_layer(arrays, layer, index: tuple, values, bits_dtype: str | None = None) -> jax.Array:
+    """arrays[(layer,) + index] = values, in place under donation / a scan carry (`store`)."""
+    index = index if layer is None else (layer, *index)
+    return store(arrays, index, values, bits_dtype, mode="drop")
+
+
+def store(array: jax.Array, index, values: jax.Array, bits_dtype: str | None, **kwargs):
+    """array.at[index].set(values, **kwargs) for a cache field: values cast to the array's dtype,
+    or, when the cache stores a 16-bit float as its bits (its `bits_dtype`), as those bits.
+
+    XLA:CPU copies a 16-bit array to uint16 and back around each scatter into it (`bits.set`);
+    a cache written every decode step is cheaper stored as bits, on CPU (`as_bits`)."""
+    if bits_dtype is None:
+        return bits.set(array, index, values, **kwargs)
+    return array.at[index].set(bits.to_bits(values, bits_dtype), **kwargs)
+
+
+def stored_dtype(dtype, as_bits: bool) -> tuple[jnp.dtype, str | None]:
+    """(the arrays' dtype, the cache's bits_dtype) for values of `dtype`."""
+    stored = bits.storage_dtype(dtype) if as_bits else jnp.dtype(dtype)
+    return stored, (jnp.dtype(dtype).name if stored != jnp.dtype(dtype) else None)
 
 
 def make_layers(shape: tuple, dtype, num_layers: int, per_layer: bool):
@@ -51,21 +67,35 @@ class DenseKVCache:
 
     k: jax.Array | tuple | None
     v: jax.Array | tuple | None
+    # None: k and v hold their values. A 16-bit float dtype's name: they hold its bits (`store`).
+    bits_dtype: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     LAYER_FIELDS = ("k", "v")
 
     @classmethod
     def create(
-        cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, per_layer: bool | None = None
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        dtype=None,
+        per_layer: bool | None = None,
+        as_bits: bool = False,
     ) -> DenseKVCache:
-        """per_layer: the layout (module docstring); default: per layer iff not cfg.scan_layers."""
-        dtype = jnp.dtype(dtype or cfg.dtype)
+        """per_layer: the layout (module docstring); default: per layer iff not cfg.scan_layers.
+        as_bits: store a 16-bit float cache as its bits (`store`; for decode loops on CPU)."""
+        stored, bits_dtype = stored_dtype(dtype or cfg.dtype, as_bits)
         per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         return cls(
-            k=make_layers(shape, dtype, cfg.num_layers, per_layer),
-            v=make_layers(shape, dtype, cfg.num_layers, per_layer),
+            k=make_layers(shape, stored, cfg.num_layers, per_layer),
+            v=make_layers(shape, stored, cfg.num_layers, per_layer),
+            bits_dtype=bits_dtype,
         )
+
+    def values(self, array: jax.Array) -> jax.Array:
+        """A cache array (or part of one) as values: `bits.from_bits` when stored as bits."""
+        return array if self.bits_dtype is None else bits.from_bits(array, self.bits_dtype)
 
     @property
     def max_len(self) -> int:
@@ -75,7 +105,7 @@ class DenseKVCache:
         """The same cache in the stacked layout ([L, ...] arrays)."""
         if not isinstance(self.k, tuple):
             return self
-        return DenseKVCache(k=jnp.stack(self.k), v=jnp.stack(self.v))
+        return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
 
     def update_and_attend(
         self, layers: dict, layer, q, k, v, positions, *, sliding_window, softcap, scale
@@ -90,9 +120,9 @@ class DenseKVCache:
         # rows and positions are separated by the head slice: NumPy's rules put their broadcast
         # [B, T] dims first, so the written values are k/v as they are, [B, T, KVH, D].
         index = (rows, slice(None), positions)
-        new_k = write_layer(layers["k"], layer, index, k)
-        new_v = write_layer(layers["v"], layer, index, v)
-        k_all, v_all = layer_array(new_k, layer), layer_array(new_v, layer)
+        new_k = write_layer(layers["k"], layer, index, k, self.bits_dtype)
+        new_v = write_layer(layers["v"], layer, index, v, self.bits_dtype)
+        k_all, v_all = (self.values(layer_array(a, layer)) for a in (new_k, new_v))
         slots = jnp.arange(k_all.shape[2], dtype=jnp.int32)
         mask = window_mask(positions[:, :, None], slots[None, None, :], True, sliding_window)
         out = attend(

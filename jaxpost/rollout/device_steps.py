@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from jaxpost import models
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.kv_cache import DenseKVCache
-from jaxpost.rollout import paged_cache, sampling
+from jaxpost.models.kv_cache import DenseKVCache, store
+from jaxpost.rollout import sampling
 from jaxpost.rollout.state import DecodeState, LoRAView
 
 
@@ -78,12 +78,12 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
     in_table = table_row[jnp.minimum(column, table_row.shape[0] - 1)]
     pages = jnp.where(column < table_row.shape[0], in_table, out_of_range)
     off = pos % page_size
-    # paged_cache.store, the decode writes' scatter: a 16-bit pool stays 16-bit (models.bits).
+    # kv_cache.store, the decode writes' scatter: a 16-bit pool stays 16-bit (models.bits).
     if isinstance(c.k_pages, tuple):  # per-layer pools, each written in place
         index = (slice(None), pages, off)  # target [KVH, T, D]
         kp, vp = (
             tuple(
-                paged_cache.store(a, index, jnp.moveaxis(x[i], 1, 0), c.bits_dtype, mode="drop")
+                store(a, index, jnp.moveaxis(x[i], 1, 0), c.bits_dtype, mode="drop")
                 for i, a in enumerate(pools)
             )
             for x, pools in ((k, c.k_pages), (v, c.v_pages))
@@ -91,7 +91,7 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
     else:
         index = (slice(None), slice(None), pages, off)  # target [L, KVH, T, D]
         kp, vp = (
-            paged_cache.store(pools, index, jnp.moveaxis(x, 2, 1), c.bits_dtype, mode="drop")
+            store(pools, index, jnp.moveaxis(x, 2, 1), c.bits_dtype, mode="drop")
             for x, pools in ((k, c.k_pages), (v, c.v_pages))
         )
     cache = dataclasses.replace(

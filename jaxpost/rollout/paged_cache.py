@@ -37,7 +37,7 @@ from jaxpost.kernels.paged_attention import paged_attention
 from jaxpost.models import bits
 from jaxpost.models.attention import attention
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.kv_cache import layer_array, make_layers
+from jaxpost.models.kv_cache import layer_array, make_layers, store, stored_dtype
 
 SCRATCH_PAGE = 0
 
@@ -76,10 +76,9 @@ class PagedKVCache:
         pool is stored as its bits (module docstring)."""
         if slot_regions and num_pages % slots:
             raise ValueError(f"slot_regions: {num_pages} pages do not split into {slots} slots")
-        dtype = jnp.dtype(dtype or cfg.dtype)
+        stored, bits_dtype = stored_dtype(dtype or cfg.dtype, as_bits)
         per_layer = (not cfg.scan_layers) if per_layer is None else per_layer
         shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-        stored = bits.storage_dtype(dtype) if as_bits else dtype
         return cls(
             k_pages=make_layers(shape, stored, cfg.num_layers, per_layer),
             v_pages=make_layers(shape, stored, cfg.num_layers, per_layer),
@@ -87,7 +86,7 @@ class PagedKVCache:
             lengths=jnp.zeros((slots,), jnp.int32),
             impl=cfg.attention_impl,
             slot_regions=slot_regions,
-            bits_dtype=dtype.name if stored != dtype else None,
+            bits_dtype=bits_dtype,
         )
 
     @property
@@ -169,14 +168,6 @@ def reads_in_place(slot_regions: bool, slots: int, columns: int, max_pages: int,
     gathering."""
     float32 = jnp.dtype(dtype) == jnp.float32
     return slot_regions and float32 and slots > 1 and columns == max_pages
-
-
-def store(pool: jax.Array, index, values: jax.Array, bits_dtype: str | None, **kwargs):
-    """pool.at[index].set(values, **kwargs) for a pool of `PagedKVCache` (bits_dtype its field):
-    values cast to the pool's dtype, or stored as bits."""
-    if bits_dtype is None:
-        return bits.set(pool, index, values, **kwargs)
-    return pool.at[index].set(bits.to_bits(values, bits_dtype), **kwargs)
 
 
 def _write_pages(pool, layer, pages, offsets, values, bits_dtype):

@@ -4,6 +4,8 @@ the compiled bfloat16 cache write and embedding read hold no float32 copy of the
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +118,34 @@ def test_bfloat16_model_embedding_gets_its_lookup_gradient():
     grads = jax.grad(lambda p: jnp.sum(models.forward(cfg, p, tokens)[0, -1] ** 2))(params)
     rows = np.abs(np.asarray(grads["embedder"]["embedding"], np.float32)).sum(axis=1)
     assert np.flatnonzero(rows).tolist() == [2, 5, 9]  # exactly the looked-up rows
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_dense_cache_stored_as_bits_decodes_exactly_as_a_bfloat16_cache(scan_layers):
+    from jaxpost import models
+
+    cfg = models.ModelConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=8, dtype="bfloat16", scan_layers=scan_layers,
+    )  # fmt: skip
+    params = models.init(cfg, jax.random.key(1))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def decode(as_bits):
+        cache = models.DenseKVCache.create(cfg, 2, 8, as_bits=as_bits)
+        tokens = jnp.array([[3, 1, 4], [1, 5, 9]], jnp.int32)
+        logits, cache = models.apply(cfg, params, tokens, cache=cache)
+        out = [logits]
+        for pos in range(3, 6):
+            token = jnp.argmax(out[-1][:, -1:], axis=-1).astype(jnp.int32)
+            positions = jnp.full((2, 1), pos, jnp.int32)
+            logits, cache = models.apply(cfg, params, token, positions=positions, cache=cache)
+            out.append(logits)
+        return jnp.concatenate(out, axis=1), cache
+
+    (want, plain), (got, stored) = decode(False), decode(True)
+    assert stored.bits_dtype == "bfloat16" and plain.bits_dtype is None
+    assert jax.tree.leaves(stored)[0].dtype == jnp.uint16
+    np.testing.assert_array_equal(got, want)
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(jax.lax.bitcast_convert_type(a, jnp.bfloat16), b)
