@@ -148,6 +148,10 @@ def sample(
     Returns (tokens [B] int32, raw log-probs [B] float32 of those tokens, see module docstring).
     """
     logits = logits.astype(jnp.float32)
+    if vocab_first and logits.shape[1] == 1:
+        # One row: [V, 1] is [1, V] in memory, and XLA:CPU reduces a minor axis of V many
+        # times faster than a major one (a float32 log-sum-exp over 32000: 0.09 vs 1.0 ms).
+        logits, vocab_first = logits.reshape(1, -1), False
     axis = 0 if vocab_first else -1
     greedy_tokens = argmax(logits, axis)
     if variant == GREEDY:

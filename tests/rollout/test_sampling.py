@@ -94,10 +94,12 @@ def test_greedy_is_argmax_and_variants():
     assert sampling.widest_variant([]) == sampling.GREEDY
 
 
+@pytest.mark.parametrize("rows", [5, 2, 1])
 @pytest.mark.parametrize("variant", [sampling.GREEDY, sampling.TEMPERATURE, sampling.FILTERED])
-def test_vocab_first_logits_give_the_same_tokens_and_logprobs(variant):
+def test_vocab_first_logits_give_the_same_tokens_and_logprobs(variant, rows):
     """Logits passed as [V, B] (the decode layout's head product) sample the same tokens with
-    the same log-probs as [B, V] (ties and a -inf entry included); log-probs against float64."""
+    the same log-probs as [B, V] (ties and a -inf entry included); log-probs against float64.
+    One row takes the [B, V] path (a [V, 1] array is [1, V] in memory)."""
     rng = np.random.default_rng()
     x = rng.normal(size=(5, 300)).astype(np.float32)
     x[1, [7, 90]] = 6.0
@@ -106,14 +108,16 @@ def test_vocab_first_logits_give_the_same_tokens_and_logprobs(variant):
     temp = jnp.asarray([0.0, 0.7, 1.0, 0.0, 1.3], jnp.float32)
     top_k = jnp.asarray([0, 5, 0, 0, 20], jnp.int32)
     top_p, min_p = jnp.asarray([1, 0.9, 1, 1, 0.8], jnp.float32), jnp.full((5,), 0.01)
-    args = (keys, temp, top_k, top_p, min_p, variant)
+    pick = [1, 0, 2, 3, 4][:rows]  # with 1 row: the tied one; with 2: the tied and a greedy
+    x = x[pick]
+    args = tuple(a[np.asarray(pick)] for a in (keys, temp, top_k, top_p, min_p)) + (variant,)
     tok, logp = sampling.sample(jnp.asarray(x), *args)
     tok_t, logp_t = jax.jit(sampling.sample, static_argnums=(6, 7))(jnp.asarray(x.T), *args, True)
     np.testing.assert_array_equal(tok_t, tok)
     exact = np.asarray(x, np.float64)
     top = exact.max(-1, keepdims=True)
     exact = exact - top - np.log(np.exp(exact - top).sum(-1, keepdims=True))  # log-softmax
-    want = exact[np.arange(5), np.asarray(tok)]
+    want = exact[np.arange(rows), np.asarray(tok)]
     np.testing.assert_allclose(logp_t, want, atol=1e-5)
     np.testing.assert_allclose(logp_t, logp, atol=1e-6)
 
