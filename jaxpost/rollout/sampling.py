@@ -169,8 +169,11 @@ def sample(
         drawn = argmax(scaled + gumbel)
         tokens = jnp.where(temperature > 0, drawn, greedy_tokens)
     # log_softmax(logits)[token] without the [B, V] log-softmax array, in jax.nn.log_softmax's
-    # order of operations, so it rounds the same whatever the batch.
-    shifted = logits - jnp.max(logits, axis=axis, keepdims=True)
-    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis))
-    picked = jnp.take_along_axis(shifted, jnp.expand_dims(tokens, axis), axis=axis)
+    # order of operations, so it rounds the same whatever the batch. The token's shifted logit
+    # is taken from the logits, so XLA fuses the shift into the sum instead of storing a
+    # shifted [B, V] copy for the gather (greedy batch-16 sampling over 8192 / 32000 tokens:
+    # 0.36 -> 0.25 / 0.97 -> 0.72 ms per step).
+    top = jnp.max(logits, axis=axis, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=axis))
+    picked = jnp.take_along_axis(logits, jnp.expand_dims(tokens, axis), axis=axis) - top
     return tokens, jnp.squeeze(picked, axis) - lse
