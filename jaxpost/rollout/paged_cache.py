@@ -186,7 +186,31 @@ class PagesExhausted(RuntimeError):
     """Raised by `PageAllocator.grow` when the free list cannot cover a request."""
 
 
-class PageAllocator:
+class SlotPages:
+    """What both allocators share: the pages each slot holds, in table order, and the limit of
+    max_pages_per_slot. Subclasses decide which pages a slot gets (`grow`, `share`, `release`,
+    `table_row`) and how many are free (`capacity`, `num_free`, `num_used`)."""
+
+    def __init__(self, num_pages: int, page_size: int, slots: int, max_pages_per_slot: int):
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.max_pages_per_slot = max_pages_per_slot
+        self.slot_pages: list[list[int]] = [[] for _ in range(slots)]
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+    def _pages_within_limit(self, slot: int, tokens: int) -> int:
+        want = self.pages_for(tokens)
+        if want > self.max_pages_per_slot:
+            raise PagesExhausted(
+                f"slot {slot} needs {want} pages for {tokens} tokens; a slot holds at most "
+                f"{self.max_pages_per_slot} (raise max_len)"
+            )
+        return want
+
+
+class PageAllocator(SlotPages):
     """Free list of page ids 1..num_pages-1 (0 is scratch) and the pages each slot holds.
 
     A page may be held by several slots (`share`: the full prompt pages of the n samples of one
@@ -196,13 +220,10 @@ class PageAllocator:
     def __init__(self, num_pages: int, page_size: int, slots: int, max_pages_per_slot: int):
         if num_pages < 2:
             raise ValueError(f"num_pages={num_pages}: need at least 2 (page 0 is scratch)")
-        self.num_pages = num_pages
-        self.page_size = page_size
-        self.max_pages_per_slot = max_pages_per_slot
+        super().__init__(num_pages, page_size, slots, max_pages_per_slot)
         # Pop from the end: low page ids are handed out first, which keeps tests readable.
         self._free = list(range(num_pages - 1, 0, -1))
         self._holders = [0] * num_pages  # slots holding each page
-        self.slot_pages: list[list[int]] = [[] for _ in range(slots)]
 
     @property
     def num_free(self) -> int:
@@ -217,18 +238,6 @@ class PageAllocator:
     def num_used(self) -> int:
         """Distinct pages held by some slot (a shared page counts once)."""
         return self.capacity - len(self._free)
-
-    def pages_for(self, tokens: int) -> int:
-        return math.ceil(tokens / self.page_size)
-
-    def _pages_within_limit(self, slot: int, tokens: int) -> int:
-        want = self.pages_for(tokens)
-        if want > self.max_pages_per_slot:
-            raise PagesExhausted(
-                f"slot {slot} needs {want} pages for {tokens} tokens; a slot holds at most "
-                f"{self.max_pages_per_slot} (raise max_len)"
-            )
-        return want
 
     def can_grow(self, slot: int, tokens: int) -> bool:
         need = self.pages_for(tokens) - len(self.slot_pages[slot])
@@ -322,7 +331,7 @@ class PromptPageIndex:
                 del self._entries[key]
 
 
-class SlotRegionAllocator(PageAllocator):
+class SlotRegionAllocator(SlotPages):
     """Slot b's pages are region b of the pool, pages b*M .. b*M + M-1, taken in order (module
     docstring). The pool is exactly slots x M pages, no scratch page; pages are not shared.
 
@@ -331,10 +340,7 @@ class SlotRegionAllocator(PageAllocator):
     """
 
     def __init__(self, page_size: int, slots: int, max_pages_per_slot: int):
-        self.num_pages = slots * max_pages_per_slot
-        self.page_size = page_size
-        self.max_pages_per_slot = max_pages_per_slot
-        self.slot_pages = [[] for _ in range(slots)]
+        super().__init__(slots * max_pages_per_slot, page_size, slots, max_pages_per_slot)
 
     @property
     def capacity(self) -> int:
