@@ -11,24 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_engine  # a sibling test module (pytest puts this directory on the path)
 
 from jaxpost import models, rollout
 from jaxpost.models.kv_cache import DenseKVCache
 from jaxpost.rollout.paged_cache import PagedKVCache
+from jaxpost.sharding import make_mesh
 
-CFG = models.ModelConfig(
-    vocab_size=160,
-    hidden_size=48,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=12,
-    qk_norm=True,
-    model_type="qwen3",
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-    scan_layers=False,
+# test_engine's model in bfloat16, its layers unrolled (one pool per layer, as the benchmarks).
+CFG = dataclasses.replace(
+    test_engine.CFG, dtype="bfloat16", param_dtype="bfloat16", scan_layers=False
 )
 
 
@@ -109,6 +101,25 @@ def test_bfloat16_engine_matches_a_dense_bfloat16_decode(params, num_pages):
         assert out.tokens == tokens
         # bfloat16 keys and values in both; the attention's sums differ in order only.
         np.testing.assert_allclose(out.logprobs, logps, atol=2e-2, rtol=0)
+
+
+def test_tensor_parallel_bfloat16_pools_hold_bits_split_over_kv_heads(params):
+    mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+
+    def engine(mesh):
+        return rollout.Engine(CFG, params, slots=2, max_len=48, max_prefill_length=16,
+                              page_size=4, steps_per_call=4, mesh=mesh)  # fmt: skip
+
+    sharded = engine(mesh)
+    pool = sharded.init_decode_state().cache.k_pages[0]  # per layer: [KVH, P, S, D]
+    assert pool.dtype == jnp.uint16 and pool.sharding.spec[0] == "tensor"
+    assert len({s.device for s in pool.addressable_shards}) == 2
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (7, 2, 12)]
+    sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
+    split = rollout.generate(CFG, params, prompts, sp, engine=sharded)
+    alone = rollout.generate(CFG, params, prompts, sp, engine=engine(None))
+    assert [o.tokens for o in split] == [o.tokens for o in alone]
 
 
 def _materialised(hlo: str, shape: tuple) -> list[str]:
