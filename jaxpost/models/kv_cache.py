@@ -45,6 +45,11 @@ def store(array: jax.Array, index, values: jax.Array, bits_dtype: str | None, **
     return array.at[index].set(bits.to_bits(values, bits_dtype), **kwargs)
 
 
+def load(array: jax.Array, bits_dtype: str | None) -> jax.Array:
+    """A cache field (or part of one) as its values: the inverse of `store`'s bits."""
+    return array if bits_dtype is None else bits.from_bits(array, bits_dtype)
+
+
 def stored_dtype(dtype, as_bits: bool) -> tuple[jnp.dtype, str | None]:
     """(the arrays' dtype, the cache's bits_dtype) for values of `dtype`."""
     stored = bits.storage_dtype(dtype) if as_bits else jnp.dtype(dtype)
@@ -93,10 +98,6 @@ class DenseKVCache:
             bits_dtype=bits_dtype,
         )
 
-    def values(self, array: jax.Array) -> jax.Array:
-        """A cache array (or part of one) as values: `bits.from_bits` when stored as bits."""
-        return array if self.bits_dtype is None else bits.from_bits(array, self.bits_dtype)
-
     @property
     def max_len(self) -> int:
         return self.k[0].shape[-2]  # [B, KVH, S, D] in both layouts
@@ -122,7 +123,7 @@ class DenseKVCache:
         index = (rows, slice(None), positions)
         new_k = write_layer(layers["k"], layer, index, k, self.bits_dtype)
         new_v = write_layer(layers["v"], layer, index, v, self.bits_dtype)
-        k_all, v_all = (self.values(layer_array(a, layer)) for a in (new_k, new_v))
+        k_all, v_all = (load(layer_array(a, layer), self.bits_dtype) for a in (new_k, new_v))
         slots = jnp.arange(k_all.shape[2], dtype=jnp.int32)
         mask = window_mask(positions[:, :, None], slots[None, None, :], True, sliding_window)
         out = attend(

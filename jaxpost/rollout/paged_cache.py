@@ -16,7 +16,7 @@ Two ways to hand out the pool's pages, each with its host-side allocator:
                 the pool in place as a dense [KVH, B, M*S, D] sequence instead of gathering each
                 slot's pages (`kernels.paged_attention.reference`), which on CPU saves a copy of
                 every live key and value per layer and step.
-On CPU a 16-bit float pool is stored as its uint16 bits (`bits_dtype`; see `models.bits`): XLA:CPU
+On CPU a 16-bit float pool is stored as its uint16 bits (`bits_dtype`, `kv_cache.store`): XLA:CPU
 would otherwise copy every pool to uint16 and back around each step's write: a quarter of the
 step's op time at the 50M benchmark shapes (bfloat16, batch 16).
 Both allocators are plain Python bookkeeping: per-slot page lists (and, for the free list, a
@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.kernels.paged_attention import paged_attention
-from jaxpost.models import bits
 from jaxpost.models.attention import attention
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.kv_cache import layer_array, make_layers, store, stored_dtype
+from jaxpost.models.kv_cache import layer_array, load, make_layers, store, stored_dtype
 
 SCRATCH_PAGE = 0
 
@@ -93,10 +92,6 @@ class PagedKVCache:
     def page_size(self) -> int:
         return self.k_pages[0].shape[-2]
 
-    def values(self, pool: jax.Array) -> jax.Array:
-        """A pool (or part of one) as the cache's values: `bits.from_bits` when stored as bits."""
-        return pool if self.bits_dtype is None else bits.from_bits(pool, self.bits_dtype)
-
     def update_and_attend(
         self, layers: dict, layer, q, k, v, positions, *, sliding_window, softcap, scale
     ):
@@ -126,8 +121,8 @@ class PagedKVCache:
         if t == 1:
             out = paged_attention(
                 q[:, 0],
-                self.values(layer_array(kp, layer)),
-                self.values(layer_array(vp, layer)),
+                load(layer_array(kp, layer), self.bits_dtype),
+                load(layer_array(vp, layer), self.bits_dtype),
                 self.lengths,
                 self.page_table,
                 sliding_window=sliding_window,
