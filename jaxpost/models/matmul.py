@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 
 _NT = (((1,), (1,)), ((), ()))  # g [M, N] . w [K, N] -> [M, K]
+# `dot_t` computes more rows than this (a prefill's batch x prompt tokens) as x w_t^T directly.
+DOT_T_MAX_ROWS = 256
 
 
 def decode_compiler_options(devices=None) -> dict | None:
@@ -89,10 +91,19 @@ def dot_t(x: jax.Array, w_t: jax.Array, compute_dtype) -> jax.Array:
     `rollout.Engine`).
     The optimization barrier keeps XLA from folding the transpose back into the dot, which
     would give the x w_t^T product, no faster than x w.
+    More than DOT_T_MAX_ROWS rows (a prefill) are computed as x w_t^T: there the transpose
+    of the [N, M] product is a strided copy, fused into its consumer at a fraction of the
+    matmul's speed (8 [2048, 512] kernels times 1024 rows, each followed by a SiLU: float32
+    89 -> 63 ms, bfloat16 54 -> 20 ms; at 256 rows both ways are within 4%, at 128 the
+    transposed product is 1.15-1.2x faster). The 50M rollout benchmark model prefills 16 x 64
+    tokens in 231 instead of 320 ms (float32).
     """
     compute_dtype = jnp.dtype(compute_dtype)
     if x.shape[0] == 1 and compute_dtype != jnp.float32:  # see `dot`: use two rows
         return dot_t(jnp.broadcast_to(x, (2, x.shape[1])), w_t, compute_dtype)[:1]
+    if x.shape[0] > DOT_T_MAX_ROWS:
+        xc, wc = x.astype(compute_dtype), w_t.astype(compute_dtype)
+        return jax.lax.dot_general(xc, wc, _NT, preferred_element_type=jnp.float32)
     y = jax.lax.dot_general(
         w_t.astype(compute_dtype), x.astype(compute_dtype), _NT, preferred_element_type=jnp.float32
     )

@@ -68,10 +68,11 @@ def test_bfloat16_values_and_gradients_match_float64_on_rounded_operands(x_dtype
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 16, matmul.DOT_T_MAX_ROWS + 1])
 def test_dot_t_of_a_transposed_kernel_matches_float64(dtype, m):
     """The decode layout's product: x [M, K] . w_t [N, K] -> [M, N] under jit (where XLA would
-    fold the transpose back if it could), against float64 on the operands in compute dtype."""
+    fold the transpose back if it could), against float64 on the operands in compute dtype;
+    more than DOT_T_MAX_ROWS rows take the direct x w_t^T product."""
     k, n = 32, 40
     x, w_t = _rand(0, (m, k)), _rand(1, (n, k))
     y = jax.jit(lambda x, w: matmul.dot_t(x, w, dtype))(x, w_t)
