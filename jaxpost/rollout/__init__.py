@@ -7,12 +7,8 @@ API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_a
 
 from jaxpost.rollout.driver import Completion, Driver, Request, generate
 from jaxpost.rollout.engine import Engine
-from jaxpost.rollout.paged_cache import (
-    PageAllocator,
-    PagedKVCache,
-    PagesExhausted,
-    SlotRegionAllocator,
-)
+from jaxpost.rollout.page_allocator import PageAllocator, PagesExhausted, SlotRegionAllocator
+from jaxpost.rollout.paged_cache import PagedKVCache
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import DecodeState, Prefix, StepResult, prefill_bucket
 

@@ -9,15 +9,15 @@ raw log-prob, then feed it through the model (writing its k/v) to get the next h
 prompt's last hidden state comes from prefill, so n samples of one prompt share that prefill and
 still draw different first tokens.
 
-Host-side bookkeeping lives in the engine object: the page allocator, each slot's page list and
+Host-side bookkeeping is the engine's `page_allocator.SlotBook`: each slot's pages and
 page-table row, an upper bound of its cache length and its token limit. A slot is admitted
 only if the free pages cover every live slot's remaining growth up to prompt + max_new_tokens
 (so generation never runs out of pages midway), but pages are only allocated as tokens arrive,
 so memory in use follows the live tokens.
 The default pool gives every slot a region of max_len tokens (`paged_cache`'s slot regions),
 which decode attention reads in place; a pool sized with `num_pages` is a free list, in which
-the samples of one prompt share its full pages (`paged_cache.PromptPageIndex`): n samples of a
-P-token prompt hold floor(P / page_size) prompt pages once instead of n times.
+the samples of one prompt share its full pages (`page_allocator.PromptPageIndex`): n samples
+of a P-token prompt hold floor(P / page_size) prompt pages once instead of n times.
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 
@@ -41,12 +41,8 @@ from jaxpost import models
 from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import device_steps, sampling
-from jaxpost.rollout.paged_cache import (
-    PageAllocator,
-    PromptPageIndex,
-    SlotRegionAllocator,
-    reads_in_place,
-)
+from jaxpost.rollout.page_allocator import SlotBook
+from jaxpost.rollout.paged_cache import reads_in_place
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import (
     MAX_EOS,
@@ -120,19 +116,11 @@ class Engine:
         self.max_len = max_len
         self._max_prefill_length = max_prefill_length
         self.page_size = page_size
-        self.max_pages_per_slot = -(-max_len // page_size)
-        self.slot_regions = num_pages is None and not share_prompt_pages
-        if self.slot_regions:
-            self.allocator = SlotRegionAllocator(page_size, slots, self.max_pages_per_slot)
-        else:
-            full = slots * self.max_pages_per_slot + 1  # every slot at max_len, plus scratch
-            self.allocator = PageAllocator(
-                num_pages or full, page_size, slots, self.max_pages_per_slot
-            )
-        self.num_pages = self.allocator.num_pages
-        if share_prompt_pages is None:
-            share_prompt_pages = not self.slot_regions
-        self.share_prompt_pages = share_prompt_pages
+        self.book = SlotBook(slots, max_len, page_size, num_pages, share_prompt_pages)
+        self.max_pages_per_slot = self.book.max_pages_per_slot
+        self.slot_regions = self.book.slot_regions
+        self.num_pages = self.book.allocator.num_pages
+        self.share_prompt_pages = self.book.share_prompt_pages
         self.steps_per_call = steps_per_call
         self._mesh = mesh
         self.rules = rules
@@ -149,14 +137,9 @@ class Engine:
         # A 16-bit pool is stored as bits on CPU (`paged_cache`); elsewhere scatters are native.
         self._pool_as_bits = on_cpu
         self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
-        self._table = np.array([self.allocator.table_row(s) for s in range(slots)], np.int32)
         # Whether decode attention can read the pool in place once the table has all M columns.
         m = self.max_pages_per_slot
         self._reads_in_place = reads_in_place(self.slot_regions, slots, m, m, cfg.dtype)
-        self._active = np.zeros((slots,), bool)
-        self._len_bound = np.zeros((slots,), np.int64)  # >= the slot's cache length
-        self._limit = np.zeros((slots,), np.int64)  # prompt + max_new_tokens
-        self._prompt_pages = PromptPageIndex()
         self._variant = [sampling.GREEDY] * slots
         self.compilations: dict[str, int] = {"prefill": 0, "insert": 0, "generate": 0}
         self._jit_cache: dict = {}
@@ -182,6 +165,11 @@ class Engine:
 
     def get_prefix_destination_sharding(self) -> Any:
         return None if self._mesh is None else replicated(self._mesh)
+
+    @property
+    def allocator(self):
+        """The page allocator (`page_allocator.PageAllocator` or `SlotRegionAllocator`)."""
+        return self.book.allocator
 
     # Parameters ---------------------------------------------------------------------------------
 
@@ -351,27 +339,11 @@ class Engine:
         """Whether a sequence of up to total_tokens tokens fits the unreserved pages: the free
         pages minus what the live slots may still grow into. With `prefix`, its pages that a
         live slot already holds are shared, not needed again."""
-        return self._new_pages(total_tokens, self._shareable_pages(prefix)) <= (
-            self.unreserved_pages()
-        )
-
-    def _new_pages(self, total_tokens: int, shared: list[int]) -> int:
-        """Pages a sequence of up to total_tokens tokens needs beyond the `shared` ones."""
-        return self.allocator.pages_for(min(total_tokens, self.max_len)) - len(shared)
+        return self.book.can_admit(total_tokens, prefix)
 
     def unreserved_pages(self) -> int:
         """Free pages not promised to a live slot's growth up to its prompt + max_new_tokens."""
-        pending = sum(
-            self.allocator.pages_for(int(self._limit[s])) - len(self.allocator.slot_pages[s])
-            for s in np.flatnonzero(self._active)
-        )
-        return self.allocator.num_free - pending
-
-    def _shareable_pages(self, prefix: Prefix | None) -> list[int]:
-        """The full pages of `prefix` that a live slot holds ([] if none or sharing is off)."""
-        if prefix is None or not self.share_prompt_pages:
-            return []
-        return self._prompt_pages.pages(prefix)
+        return self.book.unreserved_pages()
 
     def insert(
         self,
@@ -386,23 +358,7 @@ class Engine:
         sp = sampling or self.default_sampling
         if len(sp.eos_token_ids) > MAX_EOS:
             raise ValueError(f"{len(sp.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
-        self.release(slot)
-        n = prefix.true_length
-        limit = min(n + sp.max_new_tokens, self.max_len)
-        shared = self._shareable_pages(prefix)
-        need, unreserved = self._new_pages(limit, shared), self.unreserved_pages()
-        if need > unreserved:  # the rule of can_admit, with the lookups done once
-            raise RuntimeError(
-                f"page pool exhausted: slot {slot} needs {need} pages, {unreserved} unreserved"
-            )
-        self.allocator.share(slot, shared)
-        self.allocator.grow(slot, n)
-        self._table[slot] = self.allocator.table_row(slot)
-        if self.share_prompt_pages and n >= self.page_size:
-            self._prompt_pages.add(
-                prefix, slot, self.allocator.slot_pages[slot][: n // self.page_size]
-            )
-        self._active[slot], self._len_bound[slot], self._limit[slot] = True, n, limit
+        limit = self.book.admit(slot, prefix, sp.max_new_tokens)
         self._variant[slot] = sp.variant
         eos = np.full((MAX_EOS,), -1, np.int32)
         eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
@@ -416,19 +372,15 @@ class Engine:
             decode_state,
             (prefix.k, prefix.v, prefix.hidden, prefix.length, prefix.row),
             np.int32(slot),
-            self._table[slot].copy(),
-            np.array([limit - n, sp.top_k, sp.seed, sample_index], np.int32),
+            self.book.table[slot].copy(),
+            np.array([limit - prefix.true_length, sp.top_k, sp.seed, sample_index], np.int32),
             np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
             eos,
         )
 
     def release(self, slot: int) -> None:
         """Retire the slot: its pages go back to the pool; the device stops decoding it."""
-        self.allocator.release(slot)
-        self._prompt_pages.discard(slot)
-        self._table[slot] = self.allocator.table_row(slot)  # all scratch, or its region
-        self._active[slot] = False
-        self._len_bound[slot] = self._limit[slot] = 0
+        self.book.release(slot)
         self._variant[slot] = sampling.GREEDY
 
     # Generate -----------------------------------------------------------------------------------
@@ -436,15 +388,10 @@ class Engine:
     def generate(self, params: dict, decode_state: DecodeState) -> tuple[DecodeState, StepResult]:
         """steps_per_call decode steps for every slot in one jitted call (no host sync)."""
         k = self.steps_per_call
-        live = np.flatnonzero(self._active)
-        for slot in live:
-            bound = min(int(self._len_bound[slot]) + k, int(self._limit[slot]))
-            if self.allocator.grow(slot, bound):
-                self._table[slot] = self.allocator.table_row(slot)
-            self._len_bound[slot] = bound
-        variant = sampling.widest_variant([self._variant[s] for s in live])
         # Attend over the columns the longest live slot needs by the end of this call.
-        longest = int(self._len_bound[live].max(initial=1))
+        longest = self.book.advance(k)
+        live = np.flatnonzero(self.book.active)
+        variant = sampling.widest_variant([self._variant[s] for s in live])
         width = table_width_bucket(self.allocator.pages_for(longest), self.max_pages_per_slot)
         full = self.max_pages_per_slot
         if 2 * width >= full and self._reads_in_place:
@@ -473,8 +420,8 @@ class Engine:
             params["lora"],
             params.get("head"),
             decode_state,
-            self._table.copy(),
-            self._active.copy(),
+            self.book.table.copy(),
+            self.book.active.copy(),
         )
         return state, StepResult(data, k)
 

@@ -174,7 +174,7 @@ def test_bfloat16_decode_loop_copies_no_pool_and_no_embedding_table(tie):
     compiled = [f for k, f in engine._jit_cache.items() if k.startswith("generate")]
     assert compiled
     for generate in compiled:  # one per table width and sampling variant the run needed
-        args = (p["base"], p["lora"], p.get("head"), state, engine._table, engine._active)
+        args = (p["base"], p["lora"], p.get("head"), state, engine.book.table, engine.book.active)
         hlo = generate.lower(*args).compile().as_text()
         assert _materialised(hlo, pool) == []
         assert _materialised(hlo, table) == []

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from jaxpost import models, rollout
-from jaxpost.rollout.paged_cache import (
-    SCRATCH_PAGE,
+from jaxpost.rollout.page_allocator import (
     PageAllocator,
     PagesExhausted,
+    SlotBook,
     SlotRegionAllocator,
 )
+from jaxpost.rollout.paged_cache import SCRATCH_PAGE
 from jaxpost.rollout.state import table_width_bucket
 
 CFG = models.ModelConfig(
@@ -84,13 +85,51 @@ def test_allocator_shares_pages_until_the_last_holder_releases():
         alloc.share(0, [1])
 
 
+class _Prefix:  # what SlotBook reads of a prefix: its prompt length (and its identity)
+    def __init__(self, true_length):
+        self.true_length = true_length
+
+
+def test_slot_book_reserves_growth_takes_pages_as_tokens_arrive_and_shares_prompts():
+    book = SlotBook(slots=3, max_len=16, page_size=4, num_pages=8)  # 7 usable pages
+    assert not book.slot_regions and book.share_prompt_pages
+    a = _Prefix(9)
+    assert book.admit(0, a, max_new_tokens=3) == 12  # the limit: 9 + 3 tokens, 3 pages
+    assert book.allocator.slot_pages[0] == [1, 2, 3]  # the prompt's pages only
+    assert book.admit(1, a, max_new_tokens=20) == 16  # capped at max_len
+    # Slot 1 maps a's two full pages and takes its own partial one; it reserves 4 pages.
+    assert book.allocator.slot_pages[1] == [1, 2, 4] and book.allocator.num_used == 4
+    assert book.unreserved_pages() == 7 - 4 - 1  # slot 1 may still grow by a page
+    assert book.can_admit(8) and not book.can_admit(9)
+    assert book.can_admit(16, a)  # 4 pages, 2 of them a's shared ones
+    with pytest.raises(RuntimeError, match="slot 2 needs 3 pages, 2 unreserved"):
+        book.admit(2, _Prefix(1), max_new_tokens=11)
+    assert not book.active[2] and book.allocator.slot_pages[2] == []
+    # Pages follow the tokens a decode call may write: len bounds grow by the steps, capped.
+    assert book.advance(2) == 11 and book.allocator.num_used == 4
+    assert book.advance(2) == 13 and book.allocator.slot_pages[1] == [1, 2, 4, 5]
+    assert list(book.len_bound) == [12, 13, 0] and list(book.table[1]) == [1, 2, 4, 5]
+    book.release(1)
+    assert list(book.table[1]) == [SCRATCH_PAGE] * 4 and book.allocator.num_used == 3
+    assert book.unreserved_pages() == 4 and book.advance(8) == 12
+
+
+def test_slot_book_regions_reserve_nothing_beyond_each_slots_region():
+    book = SlotBook(slots=2, max_len=10, page_size=4)
+    assert book.slot_regions and not book.share_prompt_pages
+    assert list(book.table[1]) == [3, 4, 5]  # the region, before any admission
+    assert book.admit(1, _Prefix(5), max_new_tokens=100) == 10
+    assert book.allocator.slot_pages[1] == [3, 4] and book.unreserved_pages() == 3
+    assert book.advance(8) == 10 and book.allocator.slot_pages[1] == [3, 4, 5]
+
+
 class RecordingEngine(rollout.Engine):
     """Records, at every generate call, the live slots, pages in use and tokens in flight."""
 
     def generate(self, params, decode_state):
         state, result = super().generate(params, decode_state)
-        live = np.flatnonzero(self._active)
-        self.log.append((len(live), self.allocator.num_used, int(self._len_bound[live].sum())))
+        live = np.flatnonzero(self.book.active)
+        self.log.append((len(live), self.allocator.num_used, int(self.book.len_bound[live].sum())))
         return state, result
 
 
@@ -190,7 +229,7 @@ def test_samples_of_one_prompt_share_its_full_pages(params, asked_as):
     # First call: 6 slots of 10 + 2 tokens = 3 pages each. Shared: 2 pages once + 6 x 1.
     assert eng_p.log[0][1] == 6 * 3 and eng_s.log[0][1] == 2 + 6 * 1
     assert all(s < p for (_, s, _), (_, p, _) in zip(eng_s.log, eng_p.log))
-    assert eng_s.allocator.num_used == 0 and len(eng_s._prompt_pages) == 0
+    assert eng_s.allocator.num_used == 0 and len(eng_s.book.prompt_pages) == 0
 
 
 def test_shared_pages_outlive_the_slot_that_allocated_them(params):
