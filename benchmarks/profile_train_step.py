@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import ALPHA, BATCH, MODEL_SHAPES, RANK, SEQ, TARGETS  # noqa: E402
+from shapes import MODEL_SHAPES, benchmark_model  # noqa: E402
+from train_throughput import ALPHA, BATCH, RANK, SEQ, TARGETS  # noqa: E402
 
 from jaxpost import lora, models, sharding, steps  # noqa: E402
 from jaxpost.losses import sft_loss  # noqa: E402
@@ -48,10 +49,7 @@ def main() -> None:
     ap.add_argument("--ops", default="", help="also list the slowest single ops of this part")
     args = ap.parse_args()
 
-    cfg = models.ModelConfig(
-        **MODEL_SHAPES[args.model], qk_norm=True, tie_embeddings=True, model_type="qwen3",
-        rope_theta=1e6, scan_layers=args.scan, dtype=args.dtype,
-    )  # fmt: skip
+    cfg = benchmark_model(args.model, scan_layers=args.scan, dtype=args.dtype)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     opt = steps.make_optimizer(name="adamw", learning_rate=1e-4, schedule="constant")
     base = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))

@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import format_table, matmul_flops, memory_bandwidth  # noqa: E402
+from shapes import MODEL_SHAPES, benchmark_model  # noqa: E402
 
 from jaxpost import models, rollout  # noqa: E402
 from jaxpost.models import matmul  # noqa: E402
@@ -52,38 +53,7 @@ from jaxpost.models.kv_cache import DenseKVCache  # noqa: E402
 PROMPT, NEW = 64, 128
 # --compare-layout's extra system, by the decode_layout it runs the engine with.
 LAYOUTS = {False: "jaxpost [in, out]", True: "jaxpost [out, in]"}
-MODELS = {
-    # Qwen3-style: q/k norm, GQA, tied embeddings. Layers unrolled (scan_layers=False) with one
-    # weight and cache buffer per layer, for every jaxpost system below (see models.kv_cache).
-    "5M": models.ModelConfig(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=768,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        qk_norm=True,
-        tie_embeddings=True,
-        model_type="qwen3",
-        rope_theta=1e6,
-        scan_layers=False,
-    ),
-    "50M": models.ModelConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=64,
-        qk_norm=True,
-        tie_embeddings=True,
-        model_type="qwen3",
-        rope_theta=1e6,
-        scan_layers=False,
-    ),
-}
+MODELS = {name: benchmark_model(name) for name in MODEL_SHAPES}
 
 
 def workloads(rng, vocab):

@@ -40,30 +40,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import MODEL_SHAPES, benchmark_model  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA = 256, 8, 8, 16.0
 LR = 1e-4
-MODEL_SHAPES = {
-    # Qwen3-style: q/k norm, GQA, tied embeddings (as in rollout_throughput.py).
-    "5M": dict(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=768,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-    ),  # fmt: skip
-    "50M": dict(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_layers=8,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=64,
-    ),  # fmt: skip
-}
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -117,13 +97,7 @@ def jax_worker(model: str, mode: str, steps_: int, dtype: str = "float32") -> di
     from jaxpost import lora, models, sharding, steps
     from jaxpost.losses import sft_loss
 
-    # The layer loop unrolled (scan_layers=False): with 4-8 layers compile time is no issue, and
-    # XLA:CPU's scan stacks every saved activation through dynamic-update-slices (~8% of the
-    # 50M step, measured with benchmarks/profile_train_step.py).
-    cfg = models.ModelConfig(
-        **MODEL_SHAPES[model], qk_norm=True, tie_embeddings=True, model_type="qwen3",
-        rope_theta=1e6, scan_layers=False, dtype=dtype,
-    )  # fmt: skip
+    cfg = benchmark_model(model, dtype=dtype)  # layers unrolled (`common.benchmark_model`)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     opt = steps.make_optimizer(name="adamw", learning_rate=LR, schedule="constant")
     base = jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(0))

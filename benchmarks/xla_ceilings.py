@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rollout_throughput as rt  # noqa: E402
 import train_throughput as tt  # noqa: E402
 from common import format_table, matmul_flops, memory_bandwidth, timed  # noqa: E402
+from shapes import MODEL_SHAPES  # noqa: E402
 
 from jaxpost import models  # noqa: E402
 from jaxpost.models import matmul  # noqa: E402
@@ -102,7 +103,7 @@ def decode_rows(name: str, repeats: int) -> dict:
     prompt = list(np.random.default_rng(0).integers(0, cfg.vocab_size, rt.PROMPT))
     engine_decode, tokens = rt.run_jaxpost_decode(cfg, params, prompt, steps_per_call=8)
     chain, chain_t, engine, bandwidth = float("inf"), float("inf"), float("inf"), 0.0
-    shape = tt.MODEL_SHAPES[name]
+    shape = MODEL_SHAPES[name]
     for _ in range(repeats):  # alternated, best kept: the host's speed drifts
         bandwidth = max(bandwidth, memory_bandwidth()["best"])
         chain = min(chain, decode_chain_seconds(shape, repeats=1, transposed=False))
@@ -160,7 +161,7 @@ def train_matmul_seconds(shape: dict, repeats: int) -> dict[str, float]:
 
 
 def train_rows(name: str, repeats: int) -> dict:
-    shape = tt.MODEL_SHAPES[name]
+    shape = MODEL_SHAPES[name]
     step = tt.jax_worker(name, "full", 2)["records"]
     parts = train_matmul_seconds(shape, repeats)
     peak = matmul_flops(1024, repeats=repeats)
