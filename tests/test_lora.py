@@ -56,10 +56,16 @@ def params():
 # Partition, init and merge -------------------------------------------------------------------
 
 
+# Token shapes: few rows (LoRA added to the base product, as in decode) and more than
+# matmul.LORA_MERGE_MIN_ROWS (one product with the merged kernel, as in a train step).
+SHAPES = [(2, 12), (3, 100)]
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_init_equals_base_exactly(params, use_rslora):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_init_equals_base_exactly(params, use_rslora, shape):
     lp = lora.init(CFG, params, rank=4, alpha=8, key=jax.random.key(1), use_rslora=use_rslora)
-    tokens = _tokens(1)
+    tokens = _tokens(1, shape)
     base = forward(CFG, params, tokens)
     adapted = forward(CFG, params, tokens, lora=lp)
     assert float(jnp.max(jnp.abs(adapted - base))) == 0.0
@@ -112,9 +118,10 @@ def test_init_on_abstract_params():
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_merge_equals_partitioned_forward(params, use_rslora):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_merge_equals_partitioned_forward(params, use_rslora, shape):
     lp = _randomize(lora.init(CFG, params, rank=4, alpha=8, use_rslora=use_rslora), 4)
-    tokens = _tokens(5)
+    tokens = _tokens(5, shape)
     partitioned = forward(CFG, params, tokens, lora=lp)
     merged = jax.jit(lora.merge, static_argnums=0)(CFG, params, lp)
     plain = forward(CFG, merged, tokens)
@@ -129,6 +136,26 @@ def test_merge_equals_partitioned_forward(params, use_rslora):
     unmerged = jax.jit(lora.unmerge, static_argnums=0)(CFG, merged, lp)
     for x, y in zip(jax.tree.leaves(unmerged), jax.tree.leaves(params)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_merged_kernel_path_has_the_unmerged_gradients(params, monkeypatch):
+    """A train step's LoRA linears multiply by w + s a b (`matmul.lora_dot`); the loss and the
+    factors' gradients equal those of the unmerged form, x w + s (x a) b."""
+    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8), 6)
+    tokens = _tokens(7, (3, 100))
+
+    def loss(lp_):
+        logits = models.forward(CFG, params, tokens, lora=lp_)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    merged_loss, merged = jax.jit(jax.value_and_grad(loss))(lp)
+    monkeypatch.setattr(models.matmul, "LORA_MERGE_MIN_ROWS", 10**9)  # a fresh jit retraces
+    plain_loss, plain = jax.jit(jax.value_and_grad(loss))(lp)
+    assert float(merged_loss) == pytest.approx(float(plain_loss), rel=1e-6)
+    for m, p in zip(jax.tree.leaves(merged), jax.tree.leaves(plain)):
+        scale = float(jnp.max(jnp.abs(p)))
+        assert scale > 0
+        np.testing.assert_allclose(m, p, atol=1e-5 * scale, rtol=0)
 
 
 def test_dropout_acts_only_with_an_rng(params):

@@ -57,7 +57,9 @@ class Linear(nn.Module):
     kernel: [in, out] under "params". When the base was quantized by `jaxpost.nf4`, the params
     hold "kernel_nf4" (NF4 blocks and double-quantized scales) instead, dequantized here, inside
     the matmul's producer. LoRA factors live in the separate "lora" collection as a: [in, r],
-    b: [r, out]; when that collection is absent the layer is the base layer exactly.
+    b: [r, out]; when that collection is absent the layer is the base layer exactly. With more
+    than `matmul.LORA_MERGE_MIN_ROWS` rows and no dropout, the layer multiplies by the merged
+    kernel + lora_scale * a @ b instead (`matmul.lora_dot`, the same function and gradients).
     """
 
     features: int
@@ -90,16 +92,21 @@ class Linear(nn.Module):
         # activations' gradient, which cost ~30% of the backward pass (50M model).
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
+        factors = None
+        if self.has_variable("lora", "a"):
+            factors = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+        dropout = self.lora_dropout > 0 and not self.deterministic
         if kernel is None:
             y = matmul.dot_t(x, self.get_variable("params", "kernel_t"), self.dtype)
+        elif factors and not dropout and x.shape[0] > matmul.LORA_MERGE_MIN_ROWS:
+            # Many rows (a train step, a prefill): one product with the merged kernel.
+            y = matmul.lora_dot(x, kernel, *factors, self.lora_scale, self.dtype)
+            factors = None  # applied
         else:
             y = matmul.dot(x, kernel, self.dtype)
-        if self.has_variable("lora", "a"):
-            a = self.get_variable("lora", "a")
-            b = self.get_variable("lora", "b")
-            xd = x
-            if self.lora_dropout > 0 and not self.deterministic:
-                xd = nn.Dropout(self.lora_dropout, deterministic=False)(x)
+        if factors:  # few rows, or dropout on the LoRA input: the low-rank product added
+            a, b = factors
+            xd = nn.Dropout(self.lora_dropout, deterministic=False)(x) if dropout else x
             low = matmul.dot(xd, a, self.dtype).astype(self.dtype)
             y = y + self.lora_scale * matmul.dot(low, b, self.dtype)
         if self.use_bias:

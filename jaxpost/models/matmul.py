@@ -129,3 +129,60 @@ def _bwd(compute_dtype, res, g):
 
 
 _low_precision_dot.defvjp(_fwd, _bwd)
+
+
+# LoRA ---------------------------------------------------------------------------------------------
+
+# `layers.Linear` computes LoRA with `lora_dot` (the merged kernel) for more rows than this: a
+# train step's or a prefill's tokens, not a decode step's few rows, where forming w + s a b would
+# read and write the kernel once more for a handful of rows.
+LORA_MERGE_MIN_ROWS = 256
+
+
+def lora_dot(x, w, a, b, scale: float, compute_dtype) -> jax.Array:
+    """x [M, K] @ (w [K, N] + scale * a [K, r] @ b [r, N]) -> float32 [M, N], with LoRA's
+    gradients: dx = g (w + s a b)^T, da = s x^T (g b^T), db = s (x a)^T g.
+
+    The same function as `dot(x, w) + scale * dot(dot(x, a), b)`, computed as one matmul with the
+    merged kernel (forming it costs K x N, against M x N for adding the low-rank product to the
+    output). Unmerged, a [2048, 512] x [512, 2048] train-step linear of the 50M model carried two
+    [M, N] passes forward and two backward around its two matmuls (the low-rank product added
+    to the output, its cotangent read back). The base kernel's weight gradient x^T g is returned
+    too, as autodiff would; under LoRA training nothing uses it and XLA drops it, so the
+    frozen kernel costs no weight-gradient matmul. Not for dropout on the LoRA input, which
+    needs the unmerged form.
+    """
+    return _lora_dot(x, w, a, b, float(scale), jnp.dtype(compute_dtype))
+
+
+def _merged_kernel(w, a, b, scale, compute_dtype):
+    delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+    return (w.astype(jnp.float32) + scale * delta).astype(compute_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lora_dot(x, w, a, b, scale, compute_dtype):
+    w_eff = _merged_kernel(w, a, b, scale, compute_dtype)
+    return jnp.dot(x.astype(compute_dtype), w_eff, preferred_element_type=jnp.float32)
+
+
+def _lora_fwd(x, w, a, b, scale, compute_dtype):
+    # The merged kernel is formed again in the backward pass rather than kept: K x N per linear
+    # would stay alive until the backward pass reaches it.
+    return _lora_dot(x, w, a, b, scale, compute_dtype), (x, w, a, b)
+
+
+def _lora_bwd(scale, compute_dtype, res, g):
+    x, w, a, b = res
+    w_eff = _merged_kernel(w, a, b, scale, compute_dtype)
+    xc, gc = x.astype(compute_dtype), g.astype(compute_dtype)
+    dx = jax.lax.dot_general(gc, w_eff, _NT, preferred_element_type=jnp.float32)
+    dw = weight_grad(xc, gc)  # dead code unless the base kernel is differentiated
+    xa = jnp.dot(xc, a.astype(compute_dtype), preferred_element_type=jnp.float32)  # [M, r]
+    gb = jax.lax.dot_general(gc, b.astype(compute_dtype), _NT, preferred_element_type=jnp.float32)
+    da = scale * weight_grad(xc, gb.astype(compute_dtype))
+    db = scale * weight_grad(xa.astype(compute_dtype), gc)
+    return dx.astype(x.dtype), dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_dot.defvjp(_lora_fwd, _lora_bwd)

@@ -148,3 +148,59 @@ def test_bfloat16_sft_gradient_has_no_float32_matmul_and_tracks_float32():
     ):
         err = np.linalg.norm(np.asarray(b) - np.asarray(a)) / np.linalg.norm(np.asarray(a))
         assert err < 3e-2, (jax.tree_util.keystr(path[0]), err)
+
+
+def _lora_operands(m=300, k=48, n=40, r=4):
+    return (
+        _rand(10, (m, k)),
+        _rand(11, (k, n)),
+        _rand(12, (k, r)),
+        _rand(13, (r, n)),
+        _rand(14, (m, n)),
+    )
+
+
+def test_lora_dot_has_the_values_and_gradients_of_the_unmerged_form():
+    """x (w + s a b) with LoRA's gradients, against float64 NumPy of x w + s (x a) b."""
+    x, w, a, b, g = _lora_operands()
+    s = 2.5
+    loss = lambda x, w, a, b: jnp.vdot(matmul.lora_dot(x, w, a, b, s, jnp.float32), g)
+    y = matmul.lora_dot(x, w, a, b, s, jnp.float32)
+    dx, dw, da, db = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b)
+    x64, w64, a64, b64, g64 = (np.asarray(v, np.float64) for v in (x, w, a, b, g))
+    weff = w64 + s * a64 @ b64
+    tol = 1e-5 * (np.abs(x64) @ (np.abs(w64) + s * np.abs(a64) @ np.abs(b64)))
+    _assert_within(y, x64 @ w64 + s * (x64 @ a64) @ b64, tol)
+    _assert_within(dx, g64 @ weff.T, 1e-5 * np.abs(g64) @ np.abs(weff).T)
+    _assert_within(dw, x64.T @ g64, 1e-5 * np.abs(x64).T @ np.abs(g64))
+    gb = g64 @ b64.T
+    _assert_within(da, s * x64.T @ gb, 1e-5 * s * np.abs(x64).T @ (np.abs(g64) @ np.abs(b64).T))
+    xa = x64 @ a64
+    _assert_within(db, s * xa.T @ g64, 1e-5 * s * (np.abs(x64) @ np.abs(a64)).T @ np.abs(g64))
+
+
+def test_lora_dot_in_bfloat16_rounds_the_merged_kernel_once():
+    x, w, a, b, _ = _lora_operands()
+    y = jax.jit(lambda *v: matmul.lora_dot(*v, 2.5, jnp.bfloat16))(x, w, a, b)
+    assert y.dtype == jnp.float32
+    weff = np.asarray(w, np.float64) + 2.5 * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    weff = weff.astype(ml_dtypes.bfloat16).astype(np.float64)  # rounded once, as merged
+    xr = _bf16_as_f64(x)
+    _assert_within(y, xr @ weff, 1e-5 * np.abs(xr) @ np.abs(weff))
+
+
+def test_lora_dot_costs_no_weight_gradient_when_the_kernel_is_frozen():
+    """Differentiating only the LoRA factors (LoRA training) compiles no x^T g for the frozen
+    kernel: the step's matmul FLOPs are the forward's and a few low-rank products, not 2x."""
+    x, w, a, b, g = _lora_operands(m=512, k=64, n=96)
+    # Nonlinear in the output, so the gradients need the forward product.
+    loss = lambda x, w, a, b: jnp.vdot(jnp.sin(matmul.lora_dot(x, w, a, b, 2.0, jnp.float32)), g)
+    full_matmul = 2 * 512 * 64 * 96
+
+    def flops(argnums):
+        compiled = jax.jit(jax.grad(loss, argnums=argnums)).lower(x, w, a, b).compile()
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops((2, 3)) < 1.5 * full_matmul  # the forward; no dx, no dw
+    assert flops((1, 2, 3)) >= 2 * full_matmul  # asked for, the kernel's gradient is there
