@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--mode", default="full", choices=("full", "lora"))
     ap.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled)")
     ap.add_argument("--dtype", default="float32", help="compute dtype of the matmuls")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ops", default="", help="also list the slowest single ops of this part")
     args = ap.parse_args()
@@ -56,7 +57,10 @@ def main() -> None:
     lp = None
     if args.mode == "lora":
         targets = [rf"layers/(attn|mlp)/{t}/kernel" for t in TARGETS]
-        lp = lora.init(cfg, base, rank=RANK, alpha=ALPHA, targets=targets, key=jax.random.key(1))
+        lp = lora.init(
+            cfg, base, rank=RANK, alpha=ALPHA, targets=targets, key=jax.random.key(1),
+            dropout=args.lora_dropout,
+        )  # fmt: skip
     trainable = "lora" if args.mode == "lora" else "full"
     state = steps.init_train_state(cfg, {"base": base, "lora": lp}, opt, mesh, trainable=trainable)
     step = steps.make_train_step(cfg, sft_loss, opt, mesh, trainable=trainable)

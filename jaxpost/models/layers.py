@@ -107,8 +107,7 @@ class Linear(nn.Module):
         if factors:  # few rows, or dropout on the LoRA input: the low-rank product added
             a, b = factors
             xd = nn.Dropout(self.lora_dropout, deterministic=False)(x) if dropout else x
-            low = matmul.dot(xd, a, self.dtype).astype(self.dtype)
-            y = y + self.lora_scale * matmul.dot(low, b, self.dtype)
+            y = y + matmul.low_rank(xd, a, b, self.lora_scale, self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias",

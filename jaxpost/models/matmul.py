@@ -178,14 +178,56 @@ def _lora_bwd(scale, compute_dtype, res, g):
     xc, gc = x.astype(compute_dtype), g.astype(compute_dtype)
     dx = jax.lax.dot_general(gc, w_eff, _NT, preferred_element_type=jnp.float32)
     dw = weight_grad(xc, gc)  # dead code unless the base kernel is differentiated
-    xa = jnp.dot(xc, a.astype(compute_dtype), preferred_element_type=jnp.float32)  # [M, r]
-    gb = jax.lax.dot_general(gc, b.astype(compute_dtype), _NT, preferred_element_type=jnp.float32)
-    # da = s x^T (g b^T) as the transpose of the [r, K] product (g b^T)^T x: XLA:CPU contracts
-    # the rows of a [M, K] x [M, r] pair into [K, r] 3-9x slower than into [r, K] (M = 2048,
-    # K = 512: 1.07 against 0.12 ms); the barrier keeps XLA from folding the transpose back.
-    da = scale * jax.lax.optimization_barrier(weight_grad(gb.astype(compute_dtype), xc)).T
-    db = scale * weight_grad(xa.astype(compute_dtype), gc)
+    xa = jnp.dot(xc, a.astype(compute_dtype), preferred_element_type=jnp.float32)
+    _, da, db = _factor_grads(xc, xa.astype(compute_dtype), gc, b, scale, compute_dtype)
     return dx.astype(x.dtype), dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
+def _factor_grads(xc, xa, gc, b, scale, compute_dtype):
+    """For the term s (x a) b with output cotangent g: (g b^T [M, r], da, db) in float32, from
+    x, x a and g in the compute dtype.
+
+    da = s x^T (g b^T) is computed as the transpose of the [r, K] product (g b^T)^T x: XLA:CPU
+    contracts the rows of a [M, K] x [M, r] pair into [K, r] 3-9x slower than into [r, K]
+    (M = 2048, K = 512: 1.07 against 0.12 ms); the barrier keeps XLA from folding the transpose
+    back into the product.
+    """
+    gb = jax.lax.dot_general(gc, b.astype(compute_dtype), _NT, preferred_element_type=jnp.float32)
+    da = scale * jax.lax.optimization_barrier(weight_grad(gb.astype(compute_dtype), xc)).T
+    db = scale * weight_grad(xa, gc)
+    return gb, da, db
+
+
 _lora_dot.defvjp(_lora_fwd, _lora_bwd)
+
+
+def low_rank(x, a, b, scale: float, compute_dtype) -> jax.Array:
+    """scale * (x [M, K] @ a [K, r]) @ b [r, N] -> float32 [M, N], x a rounded to compute_dtype:
+    the LoRA term added to the base product where the kernel is not merged (`layers.Linear`: a
+    decode step's few rows, dropout on the LoRA input). Its own VJP computes da in the fast
+    orientation (`_factor_grads`); autodiff's would contract x's rows into [K, r]."""
+    return _low_rank(x, a, b, float(scale), jnp.dtype(compute_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _low_rank(x, a, b, scale, compute_dtype):
+    return _low_rank_fwd(x, a, b, scale, compute_dtype)[0]
+
+
+def _low_rank_fwd(x, a, b, scale, compute_dtype):
+    xc = x.astype(compute_dtype)
+    xa = dot(xc, a, compute_dtype).astype(compute_dtype)  # `dot`: its single-row rule
+    return scale * dot(xa, b, compute_dtype), (xc, xa, a, b)
+
+
+def _low_rank_bwd(scale, compute_dtype, res, g):
+    xc, xa, a, b = res
+    gb, da, db = _factor_grads(xc, xa, g.astype(compute_dtype), b, scale, compute_dtype)
+    ga = gb.astype(compute_dtype)
+    dx = scale * jax.lax.dot_general(
+        ga, a.astype(compute_dtype), _NT, preferred_element_type=jnp.float32
+    )
+    return dx.astype(xc.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)

@@ -204,3 +204,22 @@ def test_lora_dot_costs_no_weight_gradient_when_the_kernel_is_frozen():
 
     assert flops((2, 3)) < 1.5 * full_matmul  # the forward; no dx, no dw
     assert flops((1, 2, 3)) >= 2 * full_matmul  # asked for, the kernel's gradient is there
+
+
+@pytest.mark.parametrize("m", [1, 300])
+def test_low_rank_has_the_values_and_gradients_of_autodiff(m):
+    """The unmerged LoRA term s (x a) b with its own VJP (da in the fast orientation) against
+    float64 NumPy, at a decode step's single row and a train step's many."""
+    x, _, a, b, _ = _lora_operands(m=m)
+    g = _rand(15, (m, b.shape[1]))
+    s = 1.5
+    loss = lambda x, a, b: jnp.vdot(matmul.low_rank(x, a, b, s, jnp.float32), g)
+    y = matmul.low_rank(x, a, b, s, jnp.float32)
+    dx, da, db = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, a, b)
+    x64, a64, b64, g64 = (np.asarray(v, np.float64) for v in (x, a, b, g))
+    ax, ab, ag = np.abs(x64), np.abs(a64), np.abs(b64)
+    _assert_within(y, s * (x64 @ a64) @ b64, 1e-5 * s * (ax @ ab) @ ag)
+    gb = g64 @ b64.T
+    _assert_within(dx, s * gb @ a64.T, 1e-5 * s * (np.abs(g64) @ ag.T) @ ab.T)
+    _assert_within(da, s * x64.T @ gb, 1e-5 * s * ax.T @ (np.abs(g64) @ ag.T))
+    _assert_within(db, s * (x64 @ a64).T @ g64, 1e-5 * s * (ax @ ab).T @ np.abs(g64))
