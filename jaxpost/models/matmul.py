@@ -178,8 +178,8 @@ def _lora_bwd(scale, compute_dtype, res, g):
     xc, gc = x.astype(compute_dtype), g.astype(compute_dtype)
     dx = jax.lax.dot_general(gc, w_eff, _NT, preferred_element_type=jnp.float32)
     dw = weight_grad(xc, gc)  # dead code unless the base kernel is differentiated
-    xa = jnp.dot(xc, a.astype(compute_dtype), preferred_element_type=jnp.float32)
-    _, da, db = _factor_grads(xc, xa.astype(compute_dtype), gc, b, scale, compute_dtype)
+    xa = dot(xc, a, compute_dtype).astype(compute_dtype)  # as `low_rank`'s forward rounds it
+    _, da, db = _factor_grads(xc, xa, gc, b, scale, compute_dtype)
     return dx.astype(x.dtype), dw.astype(w.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 

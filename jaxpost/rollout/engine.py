@@ -117,10 +117,6 @@ class Engine:
         self._max_prefill_length = max_prefill_length
         self.page_size = page_size
         self.book = SlotBook(slots, max_len, page_size, num_pages, share_prompt_pages)
-        self.max_pages_per_slot = self.book.max_pages_per_slot
-        self.slot_regions = self.book.slot_regions
-        self.num_pages = self.book.allocator.num_pages
-        self.share_prompt_pages = self.book.share_prompt_pages
         self.steps_per_call = steps_per_call
         self._mesh = mesh
         self.rules = rules
@@ -166,10 +162,28 @@ class Engine:
     def get_prefix_destination_sharding(self) -> Any:
         return None if self._mesh is None else replicated(self._mesh)
 
+    # The pool's layout, as `SlotBook` decided it from the constructor's arguments.
+
     @property
     def allocator(self):
         """The page allocator (`page_allocator.PageAllocator` or `SlotRegionAllocator`)."""
         return self.book.allocator
+
+    @property
+    def max_pages_per_slot(self) -> int:
+        return self.book.max_pages_per_slot
+
+    @property
+    def slot_regions(self) -> bool:
+        return self.book.slot_regions
+
+    @property
+    def num_pages(self) -> int:
+        return self.book.allocator.num_pages
+
+    @property
+    def share_prompt_pages(self) -> bool:
+        return self.book.share_prompt_pages
 
     # Parameters ---------------------------------------------------------------------------------
 
