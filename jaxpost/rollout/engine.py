@@ -21,10 +21,10 @@ of a P-token prompt hold floor(P / page_size) prompt pages once instead of n tim
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 
-The engine decodes from its own copy of the weights (`load_params`): one buffer per layer and,
-on CPU, every linear kernel transposed to [out, in] (`models.to_decode_layout`), the layout
-whose few-row products XLA:CPU computes fastest (except float32 at one slot); LoRA factors and
-NF4 kernels stay as given.
+The engine decodes from its own copy of the weights (`load_params`, `rollout.weights`): one
+buffer per layer and, on CPU, every linear kernel transposed to [out, in], the layout whose
+few-row products XLA:CPU computes fastest (except float32 at one slot); LoRA factors and NF4
+kernels stay as given.
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxpost import models
 from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
-from jaxpost.rollout import device_steps, sampling
+from jaxpost.rollout import device_steps, sampling, weights
 from jaxpost.rollout.page_allocator import SlotBook
 from jaxpost.rollout.paged_cache import reads_in_place
 from jaxpost.rollout.sampling import SamplingParams
@@ -52,14 +50,11 @@ from jaxpost.rollout.state import (
     decode_state_shardings,
     empty_decode_state,
     prefill_bucket,
-    split_params,
     table_width_bucket,
 )
 from jaxpost.sharding import (
     DEFAULT_RULES,
-    logical_to_sharding,
     replicated,
-    tree_shardings,
     use_mesh,
 )
 
@@ -76,16 +71,8 @@ class Engine:
     smaller than slots x max_len serves more slots (`paged_cache`). page_size: tokens per
     page. steps_per_call: tokens each `generate` call produces per slot (one jitted loop, one
     host round trip).
-    decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`),
-    and multiply by the tied embedding as it is, [V, D], with `matmul.dot_t` (default: on CPU,
-    unless a float32 model has one slot). XLA:CPU runs that transposed product faster for a few
-    rows (rollout benchmark, 50M, batch 16: float32 1.06-1.20x tokens/s, bfloat16 1.23x) and
-    for bfloat16 single rows (1.84x), but not for float32 single rows (0.84-1.03x).
-    Costs no memory: the engine's copy of the weights is converted once per `load_params`.
-    head_copy: without the decode layout, keep a materialized [D, V] transpose of a tied
-    embedding for the decode logits (default: on CPU without the decode layout). XLA:CPU
-    multiplies by a [V, D] matrix's plain transpose 20-25% slower than by a [D, V] one (the LM
-    head is the largest matmul of a decode step); costs V x D memory.
+    decode_layout, head_copy: the weight layouts of the engine's copy (`rollout.weights`);
+    None picks the one XLA:CPU decodes fastest on CPU.
     share_prompt_pages: slots inserted from the same prefix share its full pages (module doc);
     default: with a free-list pool. True with num_pages=None gives a full-size free-list pool.
     """
@@ -123,15 +110,11 @@ class Engine:
         # One rule for "on CPU": the devices the engine decodes on (the mesh's, else default).
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
         self._decode_options = matmul.decode_compiler_options(devices)
-        on_cpu = matmul.on_cpu(devices)
-        if decode_layout is None:
-            decode_layout = on_cpu and (slots > 1 or jnp.dtype(cfg.dtype) != jnp.float32)
-        self.decode_layout = bool(decode_layout)
-        if head_copy is None:
-            head_copy = on_cpu and not self.decode_layout
-        self.head_copy = bool(head_copy and cfg.tie_embeddings)
+        self.decode_layout, self.head_copy = weights.default_layouts(
+            cfg, slots, devices, decode_layout, head_copy
+        )
         # A 16-bit pool is stored as bits on CPU (`paged_cache`); elsewhere scatters are native.
-        self._pool_as_bits = on_cpu
+        self._pool_as_bits = matmul.on_cpu(devices)
         self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
         # Whether decode attention can read the pool in place once the table has all M columns.
         m = self.max_pages_per_slot
@@ -190,33 +173,18 @@ class Engine:
     def load_params(self, params, lora=None) -> dict:
         """Place params ({"base", "lora"} or plain, plus optional `lora`) on the mesh.
 
-        Returns {"base": ..., "lora": tree or None, "lora_scale": float, "head": [D, V] or
-        None (see `head_copy`)}, the `params` argument of prefill/generate.
+        Returns `weights.decode_weights`' {"base", "lora", "lora_scale", "head"}, the `params`
+        argument of prefill/generate.
         """
-        base, tree, scale = split_params(params, lora)
-        if self._mesh is not None:
-            shardings = tree_shardings(base, models.logical_axes(self.cfg), self._mesh, self.rules)
-            base = jax.device_put(base, shardings)
-            if tree is not None:
-                tree = jax.device_put(tree, replicated(self._mesh))
-        if not self.cfg.scan_layers:
-            # One buffer per layer: the unrolled decode reads weights in place (models.kv_cache).
-            unstack = jax.jit(models.unstack_layers, static_argnums=1)
-            base = unstack(base, self.cfg.num_layers)
-            tree = unstack(tree, self.cfg.num_layers)
-        if self.decode_layout:
-            base = models.to_decode_layout(self.cfg, base)
-        head = None
-        if self.head_copy:
-            names = ("embed", "vocab")
-            shape = (self.cfg.hidden_size, self.cfg.vocab_size)
-            out = (
-                None
-                if self._mesh is None
-                else logical_to_sharding(shape, names, self._mesh, self.rules)
-            )
-            head = jax.jit(lambda e: e.T, out_shardings=out)(base["embedder"]["embedding"])
-        return {"base": base, "lora": tree, "lora_scale": scale, "head": head}
+        return weights.decode_weights(
+            self.cfg,
+            params,
+            lora,
+            mesh=self._mesh,
+            rules=self.rules,
+            decode_layout=self.decode_layout,
+            head_copy=self.head_copy,
+        )
 
     def update_params(self, params, lora=None) -> dict:
         """Swap weights (e.g. after a trainer step). Same shapes and LoRA scale -> no recompile."""
