@@ -215,7 +215,9 @@ def low_rank(x, a, b, scale: float, compute_dtype) -> jax.Array:
     the LoRA term added to the base product where the kernel is not merged (`layers.Linear`: a
     decode step's few rows, dropout on the LoRA input). Its own VJP computes da in the fast
     orientation (`_factor_grads`); autodiff's would contract x's rows into [K, r]."""
-    return _low_rank(x, a, b, float(scale), jnp.dtype(compute_dtype))
+    compute_dtype = jnp.dtype(compute_dtype)
+    # Cast outside the custom VJP, so autodiff returns x's cotangent in x's own dtype.
+    return _low_rank(x.astype(compute_dtype), a, b, float(scale), compute_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -223,8 +225,7 @@ def _low_rank(x, a, b, scale, compute_dtype):
     return _low_rank_fwd(x, a, b, scale, compute_dtype)[0]
 
 
-def _low_rank_fwd(x, a, b, scale, compute_dtype):
-    xc = x.astype(compute_dtype)
+def _low_rank_fwd(xc, a, b, scale, compute_dtype):
     xa = dot(xc, a, compute_dtype).astype(compute_dtype)  # `dot`: its single-row rule
     return scale * dot(xa, b, compute_dtype), (xc, xa, a, b)
 

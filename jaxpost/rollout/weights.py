@@ -20,6 +20,8 @@ matmul of a decode step); costs V x D memory.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -69,5 +71,12 @@ def decode_weights(
     if head_copy:
         shape = (cfg.hidden_size, cfg.vocab_size)
         out = None if mesh is None else logical_to_sharding(shape, ("embed", "vocab"), mesh, rules)
-        head = jax.jit(lambda e: e.T, out_shardings=out)(base["embedder"]["embedding"])
+        head = _transpose(out)(base["embedder"]["embedding"])
     return {"base": base, "lora": tree, "lora_scale": scale, "head": head}
+
+
+@functools.cache
+def _transpose(out_sharding):
+    # One jitted transpose per output sharding, so a weight sync (`Engine.update_params`) reuses
+    # its compilation; a jit of a fresh lambda per call compiled again on every sync.
+    return jax.jit(jnp.transpose, out_shardings=out_sharding)

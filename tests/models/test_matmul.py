@@ -223,3 +223,18 @@ def test_low_rank_has_the_values_and_gradients_of_autodiff(m):
     _assert_within(dx, s * gb @ a64.T, 1e-5 * s * (np.abs(g64) @ ag.T) @ ab.T)
     _assert_within(da, s * x64.T @ gb, 1e-5 * s * ax.T @ (np.abs(g64) @ ag.T))
     _assert_within(db, s * (x64 @ a64).T @ g64, 1e-5 * s * (ax @ ab).T @ np.abs(g64))
+
+
+def test_low_rank_returns_each_gradient_in_its_operands_dtype():
+    """float32 operands multiplied in bfloat16: every gradient comes back float32, as autodiff
+    of a cast-then-multiply gives (the VJP once returned x's gradient in bfloat16)."""
+    x, _, a, b, _ = _lora_operands(m=4)
+    loss = lambda x, a, b: matmul.low_rank(x, a, b, 2.0, jnp.bfloat16).sum()
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, a, b)
+    assert [g.dtype for g in grads] == [jnp.float32] * 3
+    ref = jax.grad(
+        lambda x, a, b: (2.0 * (x.astype(jnp.bfloat16) @ a.astype(jnp.bfloat16)).astype(
+            jnp.float32) @ b).sum(), argnums=(0, 1, 2)
+    )(x, a, b)  # fmt: skip
+    for got, want in zip(grads, ref):
+        np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2)

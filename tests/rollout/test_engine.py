@@ -340,6 +340,16 @@ def test_tied_embedding_heads_give_the_model_tokens_and_logprobs(head):
         assert out.tokens == seq[len(prompt) :]
         ref = np.asarray(logp(params, _padded(seq)))[len(prompt) - 1 : len(seq) - 1]
         np.testing.assert_allclose(out.logprobs, ref, atol=1e-5, rtol=0)
+    # A weight sync compiles nothing, whatever the head (the copy's transpose once recompiled).
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: (
+            compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+        )
+    )
+    for _ in range(2):
+        jax.block_until_ready(engine.update_params(params))
+    assert compiles == [], f"update_params compiled: {compiles}"
     if head != "embedding-transpose":  # tensor-parallel: the head split over the vocabulary
         mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
         sharded = rollout.Engine(cfg, params, slots=2, max_len=48, max_prefill_length=16,
