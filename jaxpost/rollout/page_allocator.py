@@ -9,6 +9,7 @@ bounds, limits and admission.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 
@@ -290,13 +291,19 @@ class SlotBook:
         """Start `slot` on `prefix` (its true_length prompt tokens) with up to max_new_tokens
         more: release what the slot held, map the prefix's pages a live slot holds, take pages
         for the rest of the prompt. Returns the slot's limit. Raises if the pool cannot
-        reserve the slot's growth (the rule of `can_admit`)."""
+        reserve the slot's growth (the rule of `can_admit`); the book is then as it was, so a
+        live sequence in `slot` keeps its pages and goes on decoding."""
+        # What the slot held counts as free for the check, so take a copy to put back on
+        # refusal (plain Python lists: microseconds, and only when the slot is live).
+        saved = copy.deepcopy(self.__dict__) if self.active[slot] else None
         self.release(slot)
         n = prefix.true_length
         limit = min(n + max_new_tokens, self.max_len)
         shared = self._shareable_pages(prefix)
         need, unreserved = self._new_pages(limit, shared), self.unreserved_pages()
         if need > unreserved:
+            if saved is not None:
+                self.__dict__.update(saved)
             raise RuntimeError(
                 f"page pool exhausted: slot {slot} needs {need} pages, {unreserved} unreserved"
             )

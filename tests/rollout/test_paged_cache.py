@@ -1,6 +1,8 @@
 """Paged KV cache: the allocator's pages follow live tokens, are reused after completion, and an
 exhausted pool queues requests instead of failing (with the same tokens as running alone)."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -121,6 +123,63 @@ def test_slot_book_regions_reserve_nothing_beyond_each_slots_region():
     assert book.admit(1, _Prefix(5), max_new_tokens=100) == 10
     assert book.allocator.slot_pages[1] == [3, 4] and book.unreserved_pages() == 3
     assert book.advance(8) == 10 and book.allocator.slot_pages[1] == [3, 4, 5]
+
+
+def test_refused_admission_leaves_the_book_as_it_was():
+    book = SlotBook(slots=2, max_len=16, page_size=4, num_pages=6)  # 5 usable pages
+    a = _Prefix(6)
+    book.admit(0, a, max_new_tokens=2)  # 2 pages held, none pending
+    book.admit(1, a, max_new_tokens=6)  # shares a's full page, takes 1, may grow by 1 more
+
+    def record():
+        alloc = book.allocator
+        return copy.deepcopy(
+            (alloc.slot_pages, alloc.num_free, book.table.tolist(), book.len_bound.tolist(),
+             book.limit.tolist(), book.unreserved_pages())
+        )  # fmt: skip
+
+    before = record()
+    # Slot 1's own page would come back, but 4 pages are needed and only 3 can be had.
+    with pytest.raises(RuntimeError, match="slot 1 needs 4 pages, 3 unreserved"):
+        book.admit(1, _Prefix(13), max_new_tokens=3)
+    assert book.active[1] and book.prompt_pages.pages(a) == [1]
+    assert record() == before
+    book.release(0)
+    book.release(1)
+    assert book.allocator.num_free == 5 and len(book.prompt_pages) == 0
+
+
+def test_refused_insert_into_a_live_slot_keeps_its_sequence(params):
+    """JetStream's insert replaces a slot's sequence; when the pool cannot take the new one,
+    the live sequence must go on as if nothing happened (same sampled tokens, same pages)."""
+    rng = np.random.default_rng()
+    prompt = rng.integers(0, CFG.vocab_size, 6).astype(np.int32)
+    sp = rollout.SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, seed=7)
+
+    def run(refuse: bool):
+        engine = rollout.Engine(
+            CFG, params, slots=2, max_len=32, max_prefill_length=16, page_size=4, num_pages=6,
+            steps_per_call=4,
+        )  # fmt: skip
+        state = engine.init_decode_state()
+        prefix = engine.prefill(params=engine.params, padded_tokens=prompt, true_length=6)
+        state = engine.insert(prefix, state, 0, sampling=sp)
+        tokens = []
+        for call in range(4):
+            if refuse and call == 1:
+                big = engine.prefill(
+                    params=engine.params, padded_tokens=np.ones(16, np.int32), true_length=16
+                )
+                with pytest.raises(RuntimeError, match="page pool exhausted: slot 0 needs 8"):
+                    engine.insert(big, state, 0, sampling=rollout.SamplingParams(max_new_tokens=16))
+                assert engine.book.active[0]
+            state, result = engine.generate(engine.params, state)
+            r = result.to_numpy()
+            tokens += list(r["tokens"][0][r["valid"][0]])
+        return tokens, engine.allocator.num_used
+
+    assert run(refuse=True) == run(refuse=False)
+    assert len(run(refuse=False)[0]) == sp.max_new_tokens
 
 
 class RecordingEngine(rollout.Engine):
