@@ -3,6 +3,8 @@ matmul FLOP/s) that throughput figures are quoted against."""
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -10,6 +12,44 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def machine() -> dict:
+    """What the figures were measured on: the CPU model, its logical cores, the vector and
+    matrix extensions XLA:CPU's kernels use, and the library versions. This project's
+    benchmarks have run on different 2-core machines (Intel Xeon with AMX, AMD EPYC without),
+    whose figures differ, so every result file records its machine."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:  # not Linux: the model from platform, no flags
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    info = {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "isa": [f for f in wanted if f in flags],
+        "jax": jax.__version__,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line of `machine()` for a benchmark's printout."""
+    isa = ", ".join(info["isa"]) or "no AVX2"
+    return f"{info['cpu']}, {info['logical_cpus']} logical CPUs ({isa}); jax {info['jax']}"
 
 
 def timed(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -43,7 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import format_table, matmul_flops, memory_bandwidth  # noqa: E402
+from common import (  # noqa: E402
+    describe_machine,
+    format_table,
+    machine,
+    matmul_flops,
+    memory_bandwidth,
+)
 from shapes import MODEL_SHAPES, benchmark_model  # noqa: E402
 
 from jaxpost import models, rollout  # noqa: E402
@@ -291,6 +297,8 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
 
+    host = machine()
+    print(f"machine: {describe_machine(host)}")
     bw = memory_bandwidth()
     flops = matmul_flops(dtype=args.dtype)
     print(
@@ -420,8 +428,11 @@ def main(argv=None):
     print(format_table(rows, columns))
     with open(args.out, "w") as f:
         json.dump(
-            {"bandwidth": bw, "matmul_flops": flops, "rows": rows, "args": vars(args)}, f, indent=1
-        )
+            {"machine": host, "bandwidth": bw, "matmul_flops": flops, "rows": rows,
+             "args": vars(args)},
+            f,
+            indent=1,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -277,6 +277,10 @@ def main() -> None:
         print(json.dumps(fn(model, mode, args.steps, dtype)))
         return
 
+    from common import describe_machine, format_table, machine
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     load = os.getloadavg()
     rows = []
     for dtype in args.dtypes.split(","):
@@ -299,7 +303,6 @@ def main() -> None:
             r["x_torch"] = r["tokens_per_s"] / torch_row["tokens_per_s"]
         if r["mode"] == "lora" and full_row:
             r["x_full"] = r["tokens_per_s"] / full_row["tokens_per_s"]
-    from common import format_table
 
     columns = ["model", "params_M", "mode", "dtype", "framework", "step_s", "tokens_per_s",
                "x_torch", "x_full", "matmul_GFLOPs", "MFU_%", "peak_rss_MB", "step_buffers_MB",
@@ -311,7 +314,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         meta = {"seq": SEQ, "batch": BATCH, "lora_rank": RANK, "lora_alpha": ALPHA, "lr": LR,
-                "load_avg_start": load, "load_avg_end": os.getloadavg()}  # fmt: skip
+                "load_avg_start": load, "load_avg_end": os.getloadavg(),
+                "machine": host}  # fmt: skip
         json.dump({"rows": rows, "settings": meta, "args": vars(args)}, f, indent=1)
 
 

@@ -42,7 +42,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rollout_throughput as rt  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from common import format_table, matmul_flops, memory_bandwidth, timed  # noqa: E402
+from common import (  # noqa: E402
+    describe_machine,
+    format_table,
+    machine,
+    matmul_flops,
+    memory_bandwidth,
+    timed,
+)
 from shapes import MODEL_SHAPES  # noqa: E402
 
 from jaxpost import models  # noqa: E402
@@ -187,6 +194,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = args.models.split(",")
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     decode = [decode_rows(n, args.repeats) for n in names]
     train = [train_rows(n, args.repeats) for n in names]
     print("Batch-1 decode, float32:")
@@ -195,7 +204,9 @@ def main(argv=None) -> None:
     print(format_table(train, list(train[0])))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"decode": decode, "train": train, "args": vars(args)}, f, indent=1)
+            json.dump(
+                {"machine": host, "decode": decode, "train": train, "args": vars(args)}, f, indent=1
+            )
 
 
 if __name__ == "__main__":
