@@ -9,7 +9,6 @@ bounds, limits and admission.
 
 from __future__ import annotations
 
-import copy
 import math
 import weakref
 
@@ -25,7 +24,8 @@ class PagesExhausted(RuntimeError):
 class SlotPages:
     """What both allocators share: the pages each slot holds, in table order, and the limit of
     max_pages_per_slot. Subclasses decide which pages a slot gets (`grow`, `share`, `release`,
-    `table_row`) and how many are free (`capacity`, `num_free`, `num_used`)."""
+    `returned_on_release`, `table_row`) and how many are free (`capacity`, `num_free`,
+    `num_used`)."""
 
     def __init__(self, num_pages: int, page_size: int, slots: int, max_pages_per_slot: int):
         self.num_pages = num_pages
@@ -109,6 +109,10 @@ class PageAllocator(SlotPages):
             self._holders[page] += 1
         self.slot_pages[slot] = list(pages)
 
+    def returned_on_release(self, slot: int) -> int:
+        """How many pages `release(slot)` would return: those no other slot holds."""
+        return sum(self._holders[page] == 1 for page in self.slot_pages[slot])
+
     def release(self, slot: int) -> int:
         """Drop the slot's pages; those no other slot holds return to the free list. Returns
         how many pages returned."""
@@ -145,10 +149,11 @@ class PromptPageIndex:
         """Prefixes whose pages some live slot holds."""
         return len(self._entries)
 
-    def pages(self, prefix) -> list[int]:
-        """The pages to share for `prefix` ([] if no live slot holds them)."""
+    def pages(self, prefix, releasing: int | None = None) -> list[int]:
+        """The pages to share for `prefix` ([] if no live slot holds them, or only the slot
+        `releasing`)."""
         entry = self._entries.get(id(prefix))
-        if entry is None or entry[0]() is not prefix:
+        if entry is None or entry[0]() is not prefix or entry[2] <= {releasing}:
             return []
         return entry[1]
 
@@ -207,6 +212,9 @@ class SlotRegionAllocator(SlotPages):
     def share(self, slot: int, pages: list[int]) -> None:
         if pages:
             raise ValueError("slot regions share no pages; use a free-list PageAllocator")
+
+    def returned_on_release(self, slot: int) -> int:
+        return len(self.slot_pages[slot])
 
     def release(self, slot: int) -> int:
         returned = len(self.slot_pages[slot])
@@ -269,44 +277,44 @@ class SlotBook:
             self.unreserved_pages()
         )
 
-    def unreserved_pages(self) -> int:
-        """Free pages not promised to a live slot's growth up to its limit."""
+    def unreserved_pages(self, releasing: int | None = None) -> int:
+        """Free pages not promised to a live slot's growth up to its limit; with `releasing`,
+        as they would be once that slot's pages went back."""
         pending = sum(
             self.allocator.pages_for(int(self.limit[s])) - len(self.allocator.slot_pages[s])
             for s in np.flatnonzero(self.active)
+            if s != releasing
         )
-        return self.allocator.num_free - pending
+        returned = 0 if releasing is None else self.allocator.returned_on_release(releasing)
+        return self.allocator.num_free + returned - pending
 
     def _new_pages(self, total_tokens: int, shared: list[int]) -> int:
         """Pages a sequence of up to total_tokens tokens needs beyond the `shared` ones."""
         return self.allocator.pages_for(min(total_tokens, self.max_len)) - len(shared)
 
-    def _shareable_pages(self, prefix) -> list[int]:
-        """The full pages of `prefix` that a live slot holds ([] if none or sharing is off)."""
+    def _shareable_pages(self, prefix, releasing: int | None = None) -> list[int]:
+        """The full pages of `prefix` that a live slot (other than `releasing`) holds ([] if
+        none or sharing is off)."""
         if prefix is None or not self.share_prompt_pages:
             return []
-        return self.prompt_pages.pages(prefix)
+        return self.prompt_pages.pages(prefix, releasing)
 
     def admit(self, slot: int, prefix, max_new_tokens: int) -> int:
         """Start `slot` on `prefix` (its true_length prompt tokens) with up to max_new_tokens
         more: release what the slot held, map the prefix's pages a live slot holds, take pages
         for the rest of the prompt. Returns the slot's limit. Raises if the pool cannot
-        reserve the slot's growth (the rule of `can_admit`); the book is then as it was, so a
+        reserve the slot's growth (the rule of `can_admit`), before touching anything, so a
         live sequence in `slot` keeps its pages and goes on decoding."""
-        # What the slot held counts as free for the check, so take a copy to put back on
-        # refusal (plain Python lists: microseconds, and only when the slot is live).
-        saved = copy.deepcopy(self.__dict__) if self.active[slot] else None
-        self.release(slot)
         n = prefix.true_length
         limit = min(n + max_new_tokens, self.max_len)
-        shared = self._shareable_pages(prefix)
-        need, unreserved = self._new_pages(limit, shared), self.unreserved_pages()
+        # Checked against the pool as it will be once the slot's pages are back.
+        shared = self._shareable_pages(prefix, releasing=slot)
+        need, unreserved = self._new_pages(limit, shared), self.unreserved_pages(releasing=slot)
         if need > unreserved:
-            if saved is not None:
-                self.__dict__.update(saved)
             raise RuntimeError(
                 f"page pool exhausted: slot {slot} needs {need} pages, {unreserved} unreserved"
             )
+        self.release(slot)
         self.allocator.share(slot, shared)
         self.allocator.grow(slot, n)
         self.table[slot] = self.allocator.table_row(slot)

@@ -147,6 +147,11 @@ def test_refused_admission_leaves_the_book_as_it_was():
     book.release(0)
     book.release(1)
     assert book.allocator.num_free == 5 and len(book.prompt_pages) == 0
+    # A slot admitted again from the prefix only it holds (JetStream's orchestrator reinserts
+    # into slots it never releases): the prefix's pages come back first, none are shared.
+    single = SlotBook(slots=1, max_len=16, page_size=4, num_pages=5)  # 4 usable pages
+    assert single.admit(0, a, max_new_tokens=10) == 16 and single.allocator.num_used == 2
+    assert single.admit(0, a, max_new_tokens=10) == 16 and single.allocator.slot_pages[0] == [1, 2]
 
 
 def test_refused_insert_into_a_live_slot_keeps_its_sequence(params):
