@@ -1,7 +1,7 @@
 """Train throughput: jaxpost full and LoRA SFT steps against a plain PyTorch loop, in one run.
 
   python benchmarks/train_throughput.py [--models 5M,50M] [--modes full,lora] [--steps 4]
-                                        [--dtypes float32,bfloat16]
+                                        [--dtypes float32,bfloat16] [--rounds 1]
                                         [--out benchmarks/results/train_throughput.json]
 
 For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's shapes), sequence
@@ -267,6 +267,14 @@ def main() -> None:
     ap.add_argument("--frameworks", default="jax,torch")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every cell this many times, round-robin, and pool each cell's timed steps: "
+        "this host's speed drifts by 10-25%% within an hour, and rounds spread each cell "
+        "over several windows so the ratios between cells compare like with like",
+    )
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "train_throughput.json"))  # fmt: skip
     ap.add_argument("--worker", nargs=4, metavar=("FRAMEWORK", "MODEL", "MODE", "DTYPE"))
@@ -282,19 +290,27 @@ def main() -> None:
     host = machine()
     print(f"machine: {describe_machine(host)}", flush=True)
     load = os.getloadavg()
-    rows = []
-    for dtype in args.dtypes.split(","):
-        for model in args.models.split(","):
-            for mode in args.modes.split(","):
-                for framework in args.frameworks.split(","):
-                    result = run_worker(framework, model, mode, dtype, args.steps)
-                    row = summarise(framework, model, mode, dtype, result)
-                    rows.append(row)
-                    print(
-                        f"{model} {mode} {dtype} {framework}: {row['tokens_per_s']:.0f} tok/s, "
-                        f"MFU {row['MFU_%']:.1f}%, peak {row['peak_rss_MB']:.0f} MB",
-                        flush=True,
-                    )
+    cells = [(framework, model, mode, dtype) for dtype in args.dtypes.split(",")
+             for model in args.models.split(",") for mode in args.modes.split(",")
+             for framework in args.frameworks.split(",")]  # fmt: skip
+    results: dict[tuple, dict] = {}
+    for round_ in range(args.rounds):
+        for cell in cells:
+            result = run_worker(*cell, args.steps)
+            row = summarise(*cell, result)
+            print(
+                f"{' '.join(cell[1:] + cell[:1])}: {row['tokens_per_s']:.0f} tok/s, "
+                f"MFU {row['MFU_%']:.1f}%, peak {row['peak_rss_MB']:.0f} MB"
+                + (f" (round {round_ + 1})" if args.rounds > 1 else ""),
+                flush=True,
+            )
+            if cell in results:  # pool the steps; the first round's compile time and the peak
+                pooled = results[cell]
+                pooled["records"] += result["records"]
+                pooled["peak_rss_mb"] = max(pooled["peak_rss_mb"], result["peak_rss_mb"])
+            else:
+                results[cell] = result
+    rows = [summarise(*cell, results[cell]) for cell in cells]
     by = {(r["model"], r["mode"], r["dtype"], r["framework"]): r for r in rows}
     for r in rows:
         torch_row = by.get((r["model"], r["mode"], r["dtype"], "torch"))
