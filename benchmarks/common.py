@@ -3,6 +3,7 @@ matmul FLOP/s) that throughput figures are quoted against."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -37,11 +38,9 @@ def machine() -> dict:
         "isa": [f for f in wanted if f in flags],
         "jax": jax.__version__,
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
+    try:  # the installed version, without importing torch into a timed process
+        info["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return info
 

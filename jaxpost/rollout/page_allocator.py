@@ -273,9 +273,15 @@ class SlotBook:
     def can_admit(self, total_tokens: int, prefix=None) -> bool:
         """Whether a sequence of up to total_tokens tokens fits the unreserved pages. With
         `prefix`, its pages that a live slot already holds are shared, not needed again."""
-        return self._new_pages(total_tokens, self._shareable_pages(prefix)) <= (
-            self.unreserved_pages()
-        )
+        need, unreserved, _ = self._admission(total_tokens, prefix)
+        return need <= unreserved
+
+    def _admission(self, total_tokens: int, prefix, releasing: int | None = None):
+        """(pages needed, unreserved pages, pages to share) for a sequence of up to
+        total_tokens tokens from `prefix`, counted as if slot `releasing` had been released."""
+        shared = self._shareable_pages(prefix, releasing)
+        need = self.allocator.pages_for(min(total_tokens, self.max_len)) - len(shared)
+        return need, self.unreserved_pages(releasing), shared
 
     def unreserved_pages(self, releasing: int | None = None) -> int:
         """Free pages not promised to a live slot's growth up to its limit; with `releasing`,
@@ -287,10 +293,6 @@ class SlotBook:
         )
         returned = 0 if releasing is None else self.allocator.returned_on_release(releasing)
         return self.allocator.num_free + returned - pending
-
-    def _new_pages(self, total_tokens: int, shared: list[int]) -> int:
-        """Pages a sequence of up to total_tokens tokens needs beyond the `shared` ones."""
-        return self.allocator.pages_for(min(total_tokens, self.max_len)) - len(shared)
 
     def _shareable_pages(self, prefix, releasing: int | None = None) -> list[int]:
         """The full pages of `prefix` that a live slot (other than `releasing`) holds ([] if
@@ -308,8 +310,7 @@ class SlotBook:
         n = prefix.true_length
         limit = min(n + max_new_tokens, self.max_len)
         # Checked against the pool as it will be once the slot's pages are back.
-        shared = self._shareable_pages(prefix, releasing=slot)
-        need, unreserved = self._new_pages(limit, shared), self.unreserved_pages(releasing=slot)
+        need, unreserved, shared = self._admission(limit, prefix, releasing=slot)
         if need > unreserved:
             raise RuntimeError(
                 f"page pool exhausted: slot {slot} needs {need} pages, {unreserved} unreserved"
