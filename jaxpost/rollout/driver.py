@@ -19,8 +19,13 @@ All requests of a `run` are known up front, and starting the longest first is th
 longest-processing-time rule for a short makespan: the short ones fill the gaps at the end
 instead of a long one running alone in an otherwise idle batch. With one max_new_tokens for
 all (the usual RL rollout) it is the given order, repeats gathered. `admission="fifo"` keeps
-the given order (a repeated prompt's prefix is then kept until its last repeat is admitted).
-Results are returned in request order either way.
+the given order. Results are returned in request order either way.
+
+A prefix waiting for its prompt's later repeats holds device memory (the prompt's KV) outside
+the page pool. The driver holds at most `max_held_prefixes` of them (default: twice the slots),
+dropping the least recently used; a dropped prompt is prefilled again when its next repeat is
+admitted. Only repeats spread far apart (fifo admission of [p0 .. pN, p0 .. pN]) reach the
+limit: without it, such a run held a prefix for every distinct prompt until its last repeat.
 
 Works with any engine exposing the JetStream Engine API (`jaxpost.rollout.engine.Engine`, or
 JetStream's own `mock_engine.TestEngine`); the jaxpost-only extras (sampling parameters per slot,
@@ -118,10 +123,27 @@ class Driver:
 
     ADMISSION = ("longest_first", "fifo")
 
-    def __init__(self, engine, params=None, *, admission: str = "longest_first"):
+    def __init__(
+        self,
+        engine,
+        params=None,
+        *,
+        admission: str = "longest_first",
+        max_held_prefixes: int | None = None,
+    ):
         if admission not in self.ADMISSION:
             raise ValueError(f"admission must be one of {self.ADMISSION}, got {admission!r}")
+        if max_held_prefixes is None:
+            max_held_prefixes = 2 * engine.max_concurrent_decodes
+        if max_held_prefixes < engine.max_concurrent_decodes:
+            # The prompts of one admission round (up to one per free slot) are prefilled
+            # together and must stay held until they are inserted.
+            raise ValueError(
+                f"max_held_prefixes={max_held_prefixes} is below the engine's "
+                f"{engine.max_concurrent_decodes} slots"
+            )
         self.admission = admission
+        self.max_held_prefixes = max_held_prefixes
         self.engine = engine
         self.params = params if params is not None else getattr(engine, "params", None)
         self.is_jaxpost = isinstance(engine, Engine)
@@ -143,7 +165,7 @@ class Driver:
         ]
         group: dict[tuple[int, ...], int] = {}  # prompt tokens -> its first request
         first = [group.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
-        samples = collections.Counter()  # first request -> samples of all its repeats
+        samples = collections.Counter()  # first request -> samples of its repeats to insert
         for i, r in enumerate(requests):
             samples[first[i]] += r.sampling.n
         _warn_identical_sampled_repeats(first, requests)
@@ -152,7 +174,8 @@ class Driver:
             order = sorted(order, key=lambda i: (-requests[i].sampling.max_new_tokens, first[i]))
         queue = collections.deque((i, j) for i in order for j in range(requests[i].sampling.n))
         total = len(queue)
-        prefixes: dict[int, list] = {}  # first request -> [prefix, samples not yet inserted]
+        # first request -> its prompt's prefix, held while repeats wait; least recently used first
+        prefixes: dict[int, object] = {}
         free = list(range(eng.max_concurrent_decodes - 1, -1, -1))
         owner: list[tuple[int, int] | None] = [None] * eng.max_concurrent_decodes
         state = eng.init_decode_state()
@@ -163,25 +186,29 @@ class Driver:
         finished = 0
         while finished < total:
             if free and queue:
-                self._prefill_upcoming(queue, len(free), prompts, first, samples, prefixes)
+                self._prefill_upcoming(queue, len(free), prompts, first, prefixes)
+                self._trim(prefixes)
             while free and queue:
                 i, j = queue[0]
                 g, sp = first[i], requests[i].sampling
                 tokens = len(prompts[i]) + sp.max_new_tokens
-                prefix = prefixes[g][0] if g in prefixes else None  # its pages may be shared
+                prefix = prefixes.pop(g, None)  # held: its pages may be shared
                 if self.is_jaxpost and not eng.can_admit(tokens, prefix):
+                    if prefix is not None:
+                        prefixes[g] = prefix
                     break  # pool exhausted: wait for a retirement
                 queue.popleft()
-                if g not in prefixes:
-                    prefixes[g] = [self._prefill(prompts[g]), samples[g]]
+                if prefix is None:
+                    prefix = self._prefill(prompts[g])
                 slot = free.pop()
                 if self.is_jaxpost:
-                    state = eng.insert(prefixes[g][0], state, slot, sampling=sp, sample_index=j)
+                    state = eng.insert(prefix, state, slot, sampling=sp, sample_index=j)
                 else:
-                    state = eng.insert(prefixes[g][0], state, slot)
-                prefixes[g][1] -= 1
-                if prefixes[g][1] == 0:
-                    del prefixes[g]
+                    state = eng.insert(prefix, state, slot)
+                samples[g] -= 1
+                if samples[g]:  # held again, as the most recently used
+                    prefixes[g] = prefix
+                    self._trim(prefixes)
                 owner[slot] = (i, j)
                 dispatched_steps[slot] = 0
             if queue and in_flight is None and all(o is None for o in owner):
@@ -220,19 +247,29 @@ class Driver:
                 if self.is_jaxpost:
                     self.engine.release(slot)
 
-    def _prefill_upcoming(self, queue, count, prompts, first, samples, prefixes) -> None:
+    def _trim(self, prefixes: dict) -> None:
+        """Drop the least recently used held prefixes beyond max_held_prefixes. Those the next
+        admission round needs were just used (at most one per slot), so they stay."""
+        while len(prefixes) > self.max_held_prefixes:
+            del prefixes[next(iter(prefixes))]
+
+    def _prefill_upcoming(self, queue, count, prompts, first, prefixes) -> None:
         """Prefill the distinct prompts of the next `count` queued samples that have no prefix
         yet: one batched call per length bucket on a jaxpost engine, one call each otherwise.
-        A prefix is keyed by its prompt's first request and serves `samples` of them."""
+        A prefix is keyed by its prompt's first request; held ones the next samples need are
+        marked most recently used, so trimming the held prefixes keeps them."""
         todo: list[int] = []
         for i, _ in itertools.islice(queue, count):
-            if first[i] not in prefixes and first[i] not in todo:
-                todo.append(first[i])
+            g = first[i]
+            if g in prefixes:
+                prefixes[g] = prefixes.pop(g)
+            elif g not in todo:
+                todo.append(g)
         if not todo:
             return
         if not self.is_jaxpost:
             for i in todo:
-                prefixes[i] = [self._prefill(prompts[i]), samples[i]]
+                prefixes[i] = self._prefill(prompts[i])
             return
         eng = self.engine
         groups: dict[int, list[int]] = collections.defaultdict(list)
@@ -243,7 +280,7 @@ class Driver:
                 batch = members[lo : lo + eng.slots]
                 made = eng.prefill_many(params=self.params, prompts=[prompts[i] for i in batch])
                 for i, prefix in zip(batch, made):
-                    prefixes[i] = [prefix, samples[i]]
+                    prefixes[i] = prefix
 
     def _prefill(self, prompt: list[int]):
         eng = self.engine

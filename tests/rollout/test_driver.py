@@ -2,6 +2,7 @@
 prompt and repeated prompts sharing one prefill, seeded reproducibility."""
 
 import contextlib
+import weakref
 
 import jax
 import numpy as np
@@ -163,6 +164,64 @@ def test_repeated_prompts_share_one_prefill_and_each_gets_its_own_result(engine)
     with pytest.warns(UserWarning, match="requests 0 and 2 have the same prompt and sampling"):
         twins = run(engine, [a, b, a], [sp(4), sp(4), sp(4)])
     assert twins[0].tokens == twins[2].tokens
+
+
+def test_fifo_repeats_far_apart_hold_a_bounded_number_of_prefixes(params):
+    """Under fifo admission, prompts repeated far apart ([p0 .. p9, p0 .. p9]) keep at most
+    max_held_prefixes prefixes alive (each holds its prompt's KV on the device, outside the page
+    pool); a dropped prompt is prefilled again, and every request returns what it returns
+    alone."""
+    eng = rollout.Engine(
+        CFG, params, slots=2, max_len=32, max_prefill_length=16, page_size=8, steps_per_call=2
+    )
+    rng = np.random.default_rng(5)
+    distinct = [list(rng.integers(0, CFG.vocab_size, 4 + k % 5)) for k in range(10)]
+    prompts = distinct + distinct
+    sps = [rollout.SamplingParams(max_new_tokens=3, temperature=1.0, seed=s) for s in range(20)]
+    made, alive_at_insert = [], []
+    prefill_many, insert = eng.prefill_many, eng.insert
+
+    def recording_prefill_many(**kwargs):
+        out = prefill_many(**kwargs)
+        made.extend(weakref.ref(p) for p in out)
+        return out
+
+    def recording_insert(prefix, *args, **kwargs):
+        alive_at_insert.append(sum(r() is not None for r in made))
+        return insert(prefix, *args, **kwargs)
+
+    eng.prefill_many, eng.insert = recording_prefill_many, recording_insert
+    try:
+        driver = rollout.Driver(eng, admission="fifo", max_held_prefixes=2)
+        outs = [o for (o,) in driver.run([rollout.Request(p, s) for p, s in zip(prompts, sps)])]
+    finally:
+        del eng.prefill_many, eng.insert
+    # At most 2 held, the one being inserted among them; holding every prompt until its repeat
+    # would keep all 10 alive when the second pass starts.
+    assert max(alive_at_insert) <= 2
+    assert len(made) > len(distinct)  # dropped prompts were prefilled again
+    alone = [
+        o for p, s in zip(prompts, sps) for (o,) in rollout.Driver(eng).run([rollout.Request(p, s)])
+    ]
+    assert [o.tokens for o in outs] == [o.tokens for o in alone]
+    for a, b in zip(outs, alone):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    # The default admission gathers the repeats: one prefill per distinct prompt.
+    made.clear()
+    eng.prefill_many = recording_prefill_many
+    try:
+        again = [
+            o
+            for (o,) in rollout.Driver(eng).run(
+                [rollout.Request(p, s) for p, s in zip(prompts, sps)]
+            )
+        ]
+    finally:
+        del eng.prefill_many
+    assert len(made) == len(distinct)
+    assert [o.tokens for o in again] == [o.tokens for o in alone]
+    with pytest.raises(ValueError, match="max_held_prefixes=1 is below the engine's 2 slots"):
+        rollout.Driver(eng, max_held_prefixes=1)
 
 
 def test_longest_first_admission_orders_by_budget_and_returns_request_order(params):
