@@ -39,13 +39,17 @@ def engine(params):
 
 
 @contextlib.contextmanager
-def prefilled_lengths(engine):
-    """Records the length of every prompt the engine prefills inside the block."""
+def prefilled_lengths(engine, prefixes: list | None = None):
+    """Records the length of every prompt the engine prefills inside the block, and a weak
+    reference to each prefix made into `prefixes` if given."""
     lengths, original = [], engine.prefill_many
 
     def counting(**kwargs):
         lengths.extend(len(p) for p in kwargs["prompts"])
-        return original(**kwargs)
+        made = original(**kwargs)
+        if prefixes is not None:
+            prefixes.extend(weakref.ref(p) for p in made)
+        return made
 
     engine.prefill_many = counting
     try:
@@ -54,8 +58,9 @@ def prefilled_lengths(engine):
         del engine.prefill_many
 
 
-def run(engine, prompts, sps):
-    outs = rollout.Driver(engine).run([rollout.Request(p, s) for p, s in zip(prompts, sps)])
+def run(engine, prompts, sps, **driver_kwargs):
+    requests = [rollout.Request(p, s) for p, s in zip(prompts, sps)]
+    outs = rollout.Driver(engine, **driver_kwargs).run(requests)
     return [o for per_prompt in outs for o in per_prompt]
 
 
@@ -179,46 +184,30 @@ def test_fifo_repeats_far_apart_hold_a_bounded_number_of_prefixes(params):
     prompts = distinct + distinct
     sps = [rollout.SamplingParams(max_new_tokens=3, temperature=1.0, seed=s) for s in range(20)]
     made, alive_at_insert = [], []
-    prefill_many, insert = eng.prefill_many, eng.insert
-
-    def recording_prefill_many(**kwargs):
-        out = prefill_many(**kwargs)
-        made.extend(weakref.ref(p) for p in out)
-        return out
+    insert = eng.insert
 
     def recording_insert(prefix, *args, **kwargs):
         alive_at_insert.append(sum(r() is not None for r in made))
         return insert(prefix, *args, **kwargs)
 
-    eng.prefill_many, eng.insert = recording_prefill_many, recording_insert
+    eng.insert = recording_insert
     try:
-        driver = rollout.Driver(eng, admission="fifo", max_held_prefixes=2)
-        outs = [o for (o,) in driver.run([rollout.Request(p, s) for p, s in zip(prompts, sps)])]
+        with prefilled_lengths(eng, made) as calls:
+            outs = run(eng, prompts, sps, admission="fifo", max_held_prefixes=2)
     finally:
-        del eng.prefill_many, eng.insert
+        del eng.insert
     # At most 2 held, the one being inserted among them; holding every prompt until its repeat
     # would keep all 10 alive when the second pass starts.
     assert max(alive_at_insert) <= 2
-    assert len(made) > len(distinct)  # dropped prompts were prefilled again
-    alone = [
-        o for p, s in zip(prompts, sps) for (o,) in rollout.Driver(eng).run([rollout.Request(p, s)])
-    ]
+    assert len(calls) > len(distinct)  # dropped prompts were prefilled again
+    alone = [o for p, s in zip(prompts, sps) for o in run(eng, [p], [s])]
     assert [o.tokens for o in outs] == [o.tokens for o in alone]
     for a, b in zip(outs, alone):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
     # The default admission gathers the repeats: one prefill per distinct prompt.
-    made.clear()
-    eng.prefill_many = recording_prefill_many
-    try:
-        again = [
-            o
-            for (o,) in rollout.Driver(eng).run(
-                [rollout.Request(p, s) for p, s in zip(prompts, sps)]
-            )
-        ]
-    finally:
-        del eng.prefill_many
-    assert len(made) == len(distinct)
+    with prefilled_lengths(eng) as calls:
+        again = run(eng, prompts, sps)
+    assert len(calls) == len(distinct)
     assert [o.tokens for o in again] == [o.tokens for o in alone]
     with pytest.raises(ValueError, match="max_held_prefixes=1 is below the engine's 2 slots"):
         rollout.Driver(eng, max_held_prefixes=1)
