@@ -16,7 +16,8 @@ Generated tokens/s (greedy, 64-token prompts) for
 and, at batch 1, "jaxpost decode": the engine's generate calls alone (prefill excluded),
 the figure the bandwidth bound describes; with --compare-layout also the engine with the
 weight layout it does not default to ("jaxpost [in, out]" or "jaxpost [out, in]";
-`rollout.Engine(decode_layout=...)`), for the layout's gain,
+`rollout.Engine(decode_layout=...)`), for the layout's gain (the "layout" column is the one the
+engine measured as this machine's faster, `rollout.layout_choice`; the jax baselines use it too),
 each compiled beforehand and timed --repeats times in alternation (best run kept), on three
 workloads: batch 1 and batch 16 with 128 new tokens each (uniform), and 64 requests
 with output lengths drawn from 8 to 128 through 16 slots (mixed). Only requested tokens count.
@@ -321,7 +322,8 @@ def main(argv=None):
             # layer and, on CPU, the engine's choice of kernel layout (`rollout.Engine`).
             engine_weights = make_engine(cfg, params, batch, 1)
             layer_params = engine_weights.params["base"]
-            row = {"model": name, "workload": wname, "requests": len(prompts)}
+            row = {"model": name, "workload": wname, "requests": len(prompts),
+                   "layout": LAYOUTS[engine_weights.decode_layout][len("jaxpost "):]}  # fmt: skip
             systems = {
                 "jaxpost": (
                     run_jaxpost(cfg, params, batch, prompts, news, args.steps_per_call),
@@ -405,6 +407,7 @@ def main(argv=None):
         "model",
         "workload",
         "requests",
+        "layout",
         "jaxpost tok/s",
         "jaxpost decode tok/s",
         "jaxpost fifo tok/s",

@@ -11,6 +11,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+# The rollout engine stores the CPU weight layout it measures (`rollout.layout_choice`): here in
+# a directory of this run's own, not the user's ~/.cache.
+if "JAXPOST_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAXPOST_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxpost-test-cache-")
 
 
 # Multi-process runs -----------------------------------------------------------------------------

@@ -72,7 +72,8 @@ class Engine:
     page. steps_per_call: tokens each `generate` call produces per slot (one jitted loop, one
     host round trip).
     decode_layout, head_copy: the weight layouts of the engine's copy (`rollout.weights`);
-    None picks the one XLA:CPU decodes fastest on CPU.
+    None: on CPU the layout XLA:CPU decodes fastest, measured once per machine and shape
+    (`rollout.layout_choice`).
     share_prompt_pages: slots inserted from the same prefix share its full pages (module doc);
     default: with a free-list pool. True with num_pages=None gives a full-size free-list pool.
     """

@@ -6,11 +6,10 @@ mesh, gives every layer its own buffer (the unrolled decode reads weights in pla
 few rows. LoRA factors and NF4 kernels stay as given, so a trainer's weight sync stays cheap.
 
 decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`), and
-multiply by the tied embedding as it is, [V, D], with `matmul.dot_t`. Default: on CPU, unless a
-float32 model has one slot. XLA:CPU runs that transposed product faster for a few rows
-(rollout benchmark, 50M, batch 16: float32 1.06-1.20x tokens/s, bfloat16 1.23x) and for
-bfloat16 single rows (1.84x), but not for float32 single rows (0.84-1.03x). Costs no memory:
-the copy is converted once per load.
+multiply by the tied embedding as it is, [V, D], with `matmul.dot_t`. Which layout XLA:CPU
+multiplies faster at a decode step's few rows depends on the CPU and the shapes (figures in
+`layout_choice`), so by default on CPU the engine measures it, once per machine and shape.
+Costs no memory: the copy is converted once per load.
 
 head_copy: without the decode layout, keep a materialized [D, V] transpose of a tied embedding
 for the decode logits. Default: on CPU without the decode layout. XLA:CPU multiplies by a
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 from jaxpost import models
 from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
+from jaxpost.rollout import layout_choice
 from jaxpost.rollout.state import split_params
 from jaxpost.sharding import logical_to_sharding, replicated, tree_shardings
 
@@ -35,10 +35,16 @@ from jaxpost.sharding import logical_to_sharding, replicated, tree_shardings
 def default_layouts(
     cfg: ModelConfig, slots: int, devices, decode_layout: bool | None, head_copy: bool | None
 ) -> tuple[bool, bool]:
-    """(decode_layout, head_copy) with each None replaced by its default (module docstring)."""
+    """(decode_layout, head_copy) with each None replaced by its default (module docstring):
+    on CPU the measured decode layout, within one process (`jax.process_count() == 1`; every
+    process of a multi-process run must compile the same program, and a measurement may differ
+    between processes, so there the static rule, `layout_choice.static`, decides)."""
     on_cpu = matmul.on_cpu(devices)
     if decode_layout is None:
-        decode_layout = on_cpu and (slots > 1 or jnp.dtype(cfg.dtype) != jnp.float32)
+        if on_cpu and jax.process_count() == 1:
+            decode_layout = layout_choice.measured(cfg, slots)
+        else:
+            decode_layout = on_cpu and layout_choice.static(cfg, slots)
     if head_copy is None:
         head_copy = on_cpu and not decode_layout
     return bool(decode_layout), bool(head_copy and cfg.tie_embeddings)

@@ -311,13 +311,6 @@ def test_tied_embedding_heads_give_the_model_tokens_and_logprobs(head):
                             head_copy=head_copy)  # fmt: skip
     assert (engine.params["head"] is not None) == head_copy
 
-    # The CPU default: the decode layout, except for float32 at one slot (see `rollout.Engine`).
-    def default(c, slots):
-        return rollout.Engine(c, params, slots=slots, max_len=48, max_prefill_length=16)
-
-    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-    assert default(cfg, 2).decode_layout and not default(cfg, 1).decode_layout
-    assert default(bf16, 1).decode_layout
     head_t = engine.params["base"].get("lm_head", {}).get("kernel_t")
     assert (head_t is not None) == decode_layout
     if decode_layout:  # the embedding itself, not a copy
