@@ -8,12 +8,13 @@ this project measured (rollout benchmark, end-to-end tokens/s with [out, in] ove
     1.23x, one row 1.84x.
   2-core AMD EPYC (AVX-512): float32 50M batch 16 1.08-1.17x, one row 1.01-1.15x; 5M batch 16
     0.83-0.89x, one row 0.55-0.78x; bfloat16 5M one row 0.60x, 50M one row 0.88x.
-`static` is the rule fitted to the Xeon; `measured` times the model's decode-step matmuls in
-both layouts (`time_layouts`) and keeps the other layout only when it is at least
-LAYOUT_MARGIN faster. The decision is stored per machine in a JSON file
-($JAXPOST_CACHE_DIR, default ~/.cache/jaxpost, `decode_layouts.json`), so the engine on one
-machine decodes from the same layout, hence rounds the same, in every run; delete the file to
-measure again. A different layout changes float32 results only by rounding order.
+`static` is the rule fitted to the Xeon; `measured` times the model's decode-step matmuls and
+the greedy sampler's reductions over its logits in both layouts (`time_layouts`) and keeps the
+other layout only when it is at least LAYOUT_MARGIN faster. The decision is stored per
+machine in a JSON file ($JAXPOST_CACHE_DIR, default ~/.cache/jaxpost, `decode_layouts.json`),
+so the engine on one machine decodes from the same layout, hence rounds the same, in every
+run; delete the file to measure again. Another layout changes results only by the rounding
+of the products' sums.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def layer_shapes(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
 def _measured(shapes, num_layers: int, hidden: int, vocab: int, dtype: str, slots: int) -> bool:
     key = json.dumps([_machine(), jax.__version__, shapes, num_layers, hidden, vocab, dtype, slots])
     path = cache_dir() / CACHE_FILE
-    stored = _read(path)
-    if key in stored:
-        return bool(stored[key]["decode_layout"])
+    entry = _read(path).get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("decode_layout"), bool):
+        return entry["decode_layout"]  # otherwise absent or damaged: measure again
     itemsize = jnp.dtype(dtype).itemsize
     layer_bytes = sum(k * n for k, n in shapes) * itemsize
     head_rows = min(vocab, PROBE_BYTES // 2 // (hidden * itemsize))

@@ -214,15 +214,22 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
     # Another order batches the prefills differently; the completions do not change.
     swapped = rollout.generate(CFG, params, prompts[::-1], sp, slots=4, page_size=4)
     assert [o.tokens for o in swapped] == [o.tokens for o in single][::-1]
-    engine = rollout.Engine(CFG, params, slots=4, max_len=64, max_prefill_length=32, mesh=mesh)
-    state = engine.init_decode_state()
-    # The pages really are split over the tensor axis (one KV head per device).
-    assert state.cache.k_pages.sharding.spec[1] == "tensor"
-    # The decode layout keeps the weights' split, transposed: q [heads, embed], heads on tensor.
-    q = engine.params["base"]["layers"]["attn"]["q"]["kernel_t"]
-    assert q.shape == (CFG.num_layers, CFG.num_heads * CFG.head_dim, CFG.hidden_size)
-    assert q.sharding.spec[1] == "tensor"
-    assert len({s.device for s in q.addressable_shards}) == 2
+    for decode_layout in (True, False):  # the CPU default is measured (`rollout.layout_choice`)
+        engine = rollout.Engine(CFG, params, slots=4, max_len=64, max_prefill_length=32,
+                                mesh=mesh, decode_layout=decode_layout)  # fmt: skip
+        state = engine.init_decode_state()
+        # The pages really are split over the tensor axis (one KV head per device).
+        assert state.cache.k_pages.sharding.spec[1] == "tensor"
+        # Either layout keeps the weights' split: q [embed, heads] or, transposed, [heads, embed],
+        # heads on tensor.
+        heads, embed = CFG.num_heads * CFG.head_dim, CFG.hidden_size
+        q = engine.params["base"]["layers"]["attn"]["q"]["kernel_t" if decode_layout else "kernel"]
+        shape, axis = ((heads, embed), 1) if decode_layout else ((embed, heads), 2)
+        assert q.shape == (CFG.num_layers, *shape)
+        assert q.sharding.spec[axis] == "tensor"
+        assert len({s.device for s in q.addressable_shards}) == 2
+        out = rollout.generate(CFG, params, prompts, sp, engine=engine)
+        assert [o.tokens for o in out] == [o.tokens for o in single]
 
 
 def test_bad_inputs_raise_clear_errors(params):

@@ -72,6 +72,12 @@ def test_damaged_cache_file_is_measured_again_and_rewritten(cache, monkeypatch):
     calls = _timings(monkeypatch, {False: 3.0, True: 1.0})
     assert layout_choice.measured(CFG, 1) is True
     assert len(calls) == 1 and len(json.loads(cache.read_text())) == 1
+    # A damaged entry for this very shape is measured again too.
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: {"decode_layout": "yes"}}))
+    layout_choice._measured.cache_clear()
+    assert layout_choice.measured(CFG, 1) is True and len(calls) == 2
+    assert json.loads(cache.read_text())[key]["decode_layout"] is True
 
 
 def test_large_models_are_measured_on_a_bounded_slice(cache, monkeypatch):
