@@ -322,8 +322,8 @@ def main(argv=None):
             # layer and, on CPU, the engine's choice of kernel layout (`rollout.Engine`).
             engine_weights = make_engine(cfg, params, batch, 1)
             layer_params = engine_weights.params["base"]
-            row = {"model": name, "workload": wname, "requests": len(prompts),
-                   "layout": LAYOUTS[engine_weights.decode_layout][len("jaxpost "):]}  # fmt: skip
+            layout = "[out, in]" if engine_weights.decode_layout else "[in, out]"
+            row = {"model": name, "workload": wname, "requests": len(prompts), "layout": layout}
             systems = {
                 "jaxpost": (
                     run_jaxpost(cfg, params, batch, prompts, news, args.steps_per_call),

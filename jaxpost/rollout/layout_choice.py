@@ -44,12 +44,8 @@ PROBE_BYTES = 256 << 20
 CACHE_FILE = "decode_layouts.json"
 
 
-def static(cfg: ModelConfig, slots: int) -> bool:
+def static(slots: int, dtype) -> bool:
     """The decode layout unless a float32 model has one slot (fitted to the Xeon above)."""
-    return _static_rule(slots, cfg.dtype)
-
-
-def _static_rule(slots: int, dtype) -> bool:
     return slots > 1 or jnp.dtype(dtype) != jnp.float32
 
 
@@ -81,7 +77,7 @@ def _measured(shapes, num_layers: int, hidden: int, vocab: int, dtype: str, slot
     head_rows = min(vocab, PROBE_BYTES // 2 // (hidden * itemsize))
     layers = max(1, min(num_layers, PROBE_BYTES // 2 // layer_bytes))
     seconds = time_layouts(shapes, layers, hidden, head_rows, dtype, slots)
-    default = _static_rule(slots, dtype)
+    default = static(slots, dtype)
     choice = (not default) if seconds[default] > LAYOUT_MARGIN * seconds[not default] else default
     stored = _read(path)  # another process may have added entries meanwhile
     stored[key] = {

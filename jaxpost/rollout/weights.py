@@ -44,7 +44,7 @@ def default_layouts(
         if on_cpu and jax.process_count() == 1:
             decode_layout = layout_choice.measured(cfg, slots)
         else:
-            decode_layout = on_cpu and layout_choice.static(cfg, slots)
+            decode_layout = on_cpu and layout_choice.static(slots, cfg.dtype)
     if head_copy is None:
         head_copy = on_cpu and not decode_layout
     return bool(decode_layout), bool(head_copy and cfg.tie_embeddings)

@@ -40,7 +40,7 @@ def _timings(monkeypatch, seconds):
 def test_faster_layout_is_chosen_stored_and_reused_without_measuring(cache, monkeypatch):
     # Two slots: the static rule says [out, in]; the measurement finds [in, out] 2x faster.
     calls = _timings(monkeypatch, {False: 1.0, True: 2.0})
-    assert layout_choice.static(CFG, 2) is True
+    assert layout_choice.static(2, CFG.dtype) is True
     assert layout_choice.measured(CFG, 2) is False
     assert calls == [(2, 160, 2)]  # every layer and the whole head of a small model
     (entry,) = json.loads(cache.read_text()).values()
@@ -61,8 +61,8 @@ def test_faster_layout_is_chosen_stored_and_reused_without_measuring(cache, monk
 def test_near_tie_keeps_the_static_rule(cache, monkeypatch):
     _timings(monkeypatch, {False: 1.0, True: 1.04})  # [in, out] 4% faster: within the margin
     assert layout_choice.measured(CFG, 2) is True  # static: [out, in] for more than one slot
-    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
-    assert layout_choice.static(bf16, 1) is True and layout_choice.static(CFG, 1) is False
+    assert layout_choice.static(1, "bfloat16") is True
+    assert layout_choice.static(1, CFG.dtype) is False
     _timings(monkeypatch, {False: 1.04, True: 1.0})
     assert layout_choice.measured(CFG, 1) is False
 
