@@ -256,21 +256,46 @@ class Driver:
     def _prefill_upcoming(self, queue, count, prompts, first, prefixes) -> None:
         """Prefill the distinct prompts of the next `count` queued samples that have no prefix
         yet: one batched call per length bucket on a jaxpost engine, one call each otherwise.
-        A prefix is keyed by its prompt's first request; held ones the next samples need are
-        marked most recently used, so trimming the held prefixes keeps them."""
-        todo: list[int] = []
+        A prefix is keyed by its prompt's first request; those the next samples need are
+        marked most recently used, so trimming the held prefixes keeps them.
+
+        A jaxpost engine pads a prefill batch to a power of two rows (bounded compilations),
+        so the padding rows are filled with prompts queued further on (of the same length
+        bucket, among the next 4 x slots samples) while the held prefixes have free room:
+        computed anyway, they are held until admitted instead of being prefilled in a later
+        call. (50M rollout benchmark, 64 mixed requests through 16 slots: 81 rows of 24 ms
+        each prefilled for the 64 prompts without this.)"""
+        needed: list[int] = []  # the next `count` samples' prompts, in queue order
         for i, _ in itertools.islice(queue, count):
-            g = first[i]
+            if first[i] not in needed:
+                needed.append(first[i])
+        todo = [g for g in needed if g not in prefixes]
+        if todo and self.is_jaxpost:
+            eng = self.engine
+            rows = min(1 << (len(todo) - 1).bit_length(), eng.slots)
+            # Only free room: a top-up never evicts a held prefix (a later repeat's).
+            room = self.max_held_prefixes - len(prefixes) - len(todo)
+            bucket = lambda g: prefill_bucket(len(prompts[g]), eng.max_prefill_length)
+            buckets = {bucket(g) for g in todo}
+            if len(buckets) == 1:  # one call to fill; several buckets pad each their own
+                for i, _ in itertools.islice(queue, count, count + 4 * eng.slots):
+                    if len(todo) >= rows or room <= 0:
+                        break
+                    g = first[i]
+                    if g not in prefixes and g not in todo and bucket(g) in buckets:
+                        todo.append(g)
+                        room -= 1
+        if todo:
+            if not self.is_jaxpost:
+                for i in todo:
+                    prefixes[i] = self._prefill(prompts[i])
+            else:
+                self._prefill_batched(todo, prompts, prefixes)
+        for g in needed:  # most recently used last: the next admission round takes them
             if g in prefixes:
                 prefixes[g] = prefixes.pop(g)
-            elif g not in todo:
-                todo.append(g)
-        if not todo:
-            return
-        if not self.is_jaxpost:
-            for i in todo:
-                prefixes[i] = self._prefill(prompts[i])
-            return
+
+    def _prefill_batched(self, todo, prompts, prefixes) -> None:
         eng = self.engine
         groups: dict[int, list[int]] = collections.defaultdict(list)
         for i in todo:

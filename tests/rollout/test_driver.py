@@ -239,3 +239,37 @@ def test_longest_first_admission_orders_by_budget_and_returns_request_order(para
         assert a.tokens == b.tokens
     with pytest.raises(ValueError, match="admission must be one of"):
         rollout.Driver(one, admission="shortest_first")
+
+
+def test_prefill_padding_rows_take_prompts_queued_further_on(params):
+    """A prefill batch is padded to a power of two rows; when 3 slots free up, the driver fills
+    the fourth row with the next queued prompt instead of padding, and holds its prefix until
+    it is admitted: each prompt is prefilled once, every call but the last has a power-of-two
+    count, and each request gets what it gets alone."""
+    eng = rollout.Engine(
+        CFG, params, slots=4, max_len=32, max_prefill_length=16, page_size=8, steps_per_call=2
+    )
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, CFG.vocab_size, 5)) for _ in range(13)]
+    # Three short budgets and a long one per round of 4: the short ones free 3 slots at once.
+    sps = [
+        rollout.SamplingParams(max_new_tokens=n, temperature=0.0) for n in [2, 2, 2, 8] * 3 + [2]
+    ]
+    calls, original = [], eng.prefill_many
+
+    def recording(**kwargs):
+        calls.append(len(kwargs["prompts"]))
+        return original(**kwargs)
+
+    eng.prefill_many = recording
+    try:
+        outs = run(eng, prompts, sps, admission="fifo")
+    finally:
+        del eng.prefill_many
+    assert sum(calls) == len(prompts)  # none prefilled twice, no held prefix dropped
+    assert all(n & (n - 1) == 0 for n in calls[:-1]), calls
+    assert calls[:2] == [4, 4]  # the second call: 3 freed slots + 1 topped up
+    for i in (0, 3, 7, 12):
+        alone = run(eng, [prompts[i]], [sps[i]])[0]
+        assert alone.tokens == outs[i].tokens
+        np.testing.assert_allclose(alone.logprobs, outs[i].logprobs, atol=1e-6)
