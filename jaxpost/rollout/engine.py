@@ -49,6 +49,7 @@ from jaxpost.rollout.state import (
     StepResult,
     decode_state_shardings,
     empty_decode_state,
+    prefill_batch_pieces,
     prefill_bucket,
     table_width_bucket,
 )
@@ -289,7 +290,9 @@ class Engine:
         """Prefill several prompts in one call (a jaxpost extension of the JetStream API).
 
         The prompts are padded to one length bucket and the batch to a power of two (at most
-        `slots`), so compilations stay bounded by (length buckets) x (batch buckets).
+        `slots`), so compilations stay bounded by (length buckets) x (batch buckets); a count
+        that would pad more than a quarter of the rows goes as two or more calls
+        (`state.prefill_batch_pieces`).
         """
         if not prompts:
             return []
@@ -301,18 +304,24 @@ class Engine:
                 f"prompt lengths must be in [1, max_prefill_length={self.max_prefill_length}], "
                 f"got {sorted({len(p) for p in prompts})}"
             )
-        rows = min(1 << (len(prompts) - 1).bit_length(), self.slots)
-        tokens = np.zeros((rows, prefill_bucket(longest, self.max_prefill_length)), np.int32)
-        lengths = np.ones((rows,), np.int32)
-        for r, p in enumerate(prompts):
-            tokens[r, : len(p)] = p
-            lengths[r] = len(p)
         fn = self._prefill_compiled(params["lora_scale"])
-        k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
-        return [
-            Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p))
-            for r, p in enumerate(prompts)
-        ]
+        width = prefill_bucket(longest, self.max_prefill_length)
+        made, start = [], 0
+        for count in prefill_batch_pieces(len(prompts), self.slots):
+            piece = prompts[start : start + count]
+            start += count
+            rows = min(1 << (count - 1).bit_length(), self.slots)
+            tokens = np.zeros((rows, width), np.int32)
+            lengths = np.ones((rows,), np.int32)
+            for r, p in enumerate(piece):
+                tokens[r, : len(p)] = p
+                lengths[r] = len(p)
+            k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
+            made += [
+                Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p))
+                for r, p in enumerate(piece)
+            ]
+        return made
 
     def _prefill_compiled(self, scale: float):
         step = functools.partial(device_steps.prefill_step, self.cfg, scale)

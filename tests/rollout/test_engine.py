@@ -10,6 +10,7 @@ import pytest
 from jaxpost import lora, models, nf4, rollout
 from jaxpost.losses.logprobs import token_logprobs
 from jaxpost.rollout import driver
+from jaxpost.rollout.state import prefill_batch_pieces
 from jaxpost.sharding import make_mesh
 
 CFG = models.ModelConfig(
@@ -277,12 +278,29 @@ def test_greedy_tokens_are_the_same_with_the_paged_kernel_forced_on(params):
         np.testing.assert_allclose(g.logprobs, r.logprobs, atol=1e-5, rtol=0)
 
 
+def test_prefill_batch_pieces_pad_at_most_a_quarter_of_a_call():
+    """Every count of prompts up to the slots is covered exactly, by calls whose rows (a power
+    of two, at most slots) are at most a quarter padding."""
+    for slots in (1, 4, 6, 16):
+        for count in range(1, slots + 1):
+            pieces = prefill_batch_pieces(count, slots)
+            assert sum(pieces) == count and all(p >= 1 for p in pieces)
+            for p in pieces:
+                rows = min(1 << (p - 1).bit_length(), slots)
+                assert rows - p <= rows // 4, (slots, count, pieces)
+    assert prefill_batch_pieces(9, 16) == [8, 1] and prefill_batch_pieces(10, 16) == [8, 2]
+    assert prefill_batch_pieces(3, 16) == [3] and prefill_batch_pieces(12, 16) == [12]
+
+
 def test_prefill_many_equals_one_prompt_at_a_time(params):
-    """Batched prefill (the driver's path) gives each prompt the prefix of a lone prefill."""
+    """Batched prefill (the driver's path) gives each prompt the prefix of a lone prefill.
+    Five prompts go as calls of 4 and 1 rows (8 rows would be 3 of padding)."""
     rng = np.random.default_rng()
-    engine = rollout.Engine(CFG, params, slots=4, max_len=64, max_prefill_length=32, page_size=4)
-    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 17, 9)]
+    engine = rollout.Engine(CFG, params, slots=8, max_len=64, max_prefill_length=32, page_size=4)
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (3, 17, 9, 5, 12)]
     many = engine.prefill_many(params=engine.params, prompts=prompts)
+    assert [p.k.shape[0] for p in many] == [4, 4, 4, 4, 1]
+    assert [int(p.row) for p in many] == [0, 1, 2, 3, 0]
     for prompt, got in zip(prompts, many):
         padded = np.zeros(32, np.int32)
         padded[: len(prompt)] = prompt
@@ -292,8 +310,8 @@ def test_prefill_many_equals_one_prompt_at_a_time(params):
         np.testing.assert_allclose(got.hidden[r], alone.hidden[0], atol=1e-5)
         np.testing.assert_allclose(got.k[r, :, :n], alone.k[0, :, :n], atol=1e-5)
         np.testing.assert_allclose(got.v[r, :, :n], alone.v[0, :, :n], atol=1e-5)
-    with pytest.raises(ValueError, match="5 prompts in one prefill; at most slots=4"):
-        engine.prefill_many(params=engine.params, prompts=[[1]] * 5)
+    with pytest.raises(ValueError, match="9 prompts in one prefill; at most slots=8"):
+        engine.prefill_many(params=engine.params, prompts=[[1]] * 9)
     with pytest.raises(ValueError, match=r"prompt lengths must be in \[1, max_prefill_length=32\]"):
         engine.prefill_many(params=engine.params, prompts=[[1], []])
 
