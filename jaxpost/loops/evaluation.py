@@ -20,15 +20,17 @@ from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
 def _generate(cfg: ModelConfig, params, lora, prompts, lengths, max_new: int):
     b, p = prompts.shape
     # A 16-bit cache is cheaper to write on CPU stored as its bits (`kv_cache.store`).
     cache = models.DenseKVCache.create(cfg, b, p + max_new, as_bits=matmul.on_cpu())
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    logits, cache = models.apply(cfg, params, prompts, positions=positions, lora=lora, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    first = jnp.argmax(last, axis=-1).astype(jnp.int32)
+    hidden, cache = models.apply(
+        cfg, params, prompts, positions=positions, lora=lora, cache=cache, return_hidden=True
+    )
+    # The head on each prompt's last token alone, not on every prompt position.
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    first = jnp.argmax(models.logits_from_hidden(cfg, params, last), axis=-1).astype(jnp.int32)
 
     def step(carry, _):
         token, pos, cache = carry
@@ -40,6 +42,17 @@ def _generate(cfg: ModelConfig, params, lora, prompts, lengths, max_new: int):
 
     _, tokens = jax.lax.scan(step, (first, lengths, cache), None, length=max_new)
     return tokens.T  # [B, max_new]
+
+
+@functools.cache
+def _compiled_generate():
+    """`_generate` jitted with the decode compile options of the default backend (on CPU,
+    single-threaded Eigen; `matmul.decode_compiler_options`), as the rollout engine's decode.
+    Built on first use: reading the backend at import would initialize it before a
+    multi-process run's `jax.distributed.initialize`."""
+    return jax.jit(
+        _generate, static_argnums=(0, 5), compiler_options=matmul.decode_compiler_options()
+    )
 
 
 def greedy_generate(
@@ -70,7 +83,7 @@ def greedy_generate(
         for i, p in enumerate(chunk):
             tokens[i, : len(p)] = p
         lengths = np.asarray([len(p) for p in chunk], np.int32)
-        gen = np.asarray(_generate(cfg, params, lora, tokens, lengths, max_new_tokens))
+        gen = np.asarray(_compiled_generate()(cfg, params, lora, tokens, lengths, max_new_tokens))
         for row in gen[:rows].tolist():
             if eos_id is not None and eos_id in row:
                 row = row[: row.index(eos_id) + 1]
