@@ -7,8 +7,9 @@ Generated tokens/s (greedy, 64-token prompts) for
   jaxpost     continuous batching over the paged-cache engine (`rollout.Driver`; it admits
               the largest max_new_tokens first, and on the mixed workload also as
               "jaxpost fifo", in the given order)
-  while_loop  a fixed-batch sampler: prefill a batch into a dense KV cache, then one jitted
-              `lax.while_loop` decodes until every row is done; batches run one after another
+  while_loop  a fixed-batch sampler: prefill a batch into a dense KV cache (the head on the
+              last position only), then one jitted `lax.while_loop` decodes until every row is
+              done; batches run one after another
               (on the mixed workload also as "while_loop sorted": batches of similar lengths)
   naive       re-runs the whole (padded) sequence every step, one jitted call per token; its
               step cost does not depend on the position, so it is timed over a few steps
