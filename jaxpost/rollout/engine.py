@@ -22,9 +22,9 @@ The device never waits on the host: `generate` grows page lists from the host's 
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 
 The engine decodes from its own copy of the weights (`load_params`, `rollout.weights`): one
-buffer per layer and, on CPU, every linear kernel transposed to [out, in], the layout whose
-few-row products XLA:CPU computes fastest (except float32 at one slot); LoRA factors and NF4
-kernels stay as given.
+buffer per layer and, on CPU, every linear kernel as trained, [in, out], or transposed,
+[out, in], whichever `rollout.layout_choice` measured XLA:CPU's decode step faster in for this
+machine and slot count; LoRA factors and NF4 kernels stay as given.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from jaxpost.rollout.state import (
     StepResult,
     decode_state_shardings,
     empty_decode_state,
+    pad_prompts,
     prefill_batch_pieces,
     prefill_bucket,
     table_width_bucket,
@@ -310,12 +311,9 @@ class Engine:
         for count in prefill_batch_pieces(len(prompts), self.slots):
             piece = prompts[start : start + count]
             start += count
-            rows = min(1 << (count - 1).bit_length(), self.slots)
-            tokens = np.zeros((rows, width), np.int32)
-            lengths = np.ones((rows,), np.int32)
-            for r, p in enumerate(piece):
-                tokens[r, : len(p)] = p
-                lengths[r] = len(p)
+            tokens, lengths = pad_prompts(
+                piece, min(1 << (count - 1).bit_length(), self.slots), width
+            )
             k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
             made += [
                 Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p))

@@ -166,6 +166,17 @@ def prefill_batch_pieces(count: int, slots: int) -> list[int]:
     return pieces
 
 
+def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A prefill batch: tokens [rows, width] (zeros past each prompt and in the padding rows)
+    and true lengths [rows] (1 for padding rows, so their last position is in range)."""
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.ones((rows,), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, : len(p)] = p
+        lengths[r] = len(p)
+    return tokens, lengths
+
+
 def table_width_bucket(pages: int, max_pages: int) -> int:
     """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) >= pages,
     capped at max_pages: the page-table columns a decode call attends over. At most
