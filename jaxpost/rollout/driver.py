@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.sampling import SamplingParams
-from jaxpost.rollout.state import StepResult, prefill_bucket
+from jaxpost.rollout.state import StepResult, prefill_bucket, prefill_rows
 
 
 @dataclasses.dataclass
@@ -272,7 +272,7 @@ class Driver:
         todo = [g for g in needed if g not in prefixes]
         if todo and self.is_jaxpost:
             eng = self.engine
-            rows = min(1 << (len(todo) - 1).bit_length(), eng.slots)
+            rows = prefill_rows(len(todo), eng.slots)  # what `prefill_many` pads to
             # Only free room: a top-up never evicts a held prefix (a later repeat's).
             room = self.max_held_prefixes - len(prefixes) - len(todo)
             bucket = lambda g: prefill_bucket(len(prompts[g]), eng.max_prefill_length)

@@ -52,6 +52,7 @@ from jaxpost.rollout.state import (
     pad_prompts,
     prefill_batch_pieces,
     prefill_bucket,
+    prefill_rows,
     table_width_bucket,
 )
 from jaxpost.sharding import (
@@ -311,9 +312,7 @@ class Engine:
         for count in prefill_batch_pieces(len(prompts), self.slots):
             piece = prompts[start : start + count]
             start += count
-            tokens, lengths = pad_prompts(
-                piece, min(1 << (count - 1).bit_length(), self.slots), width
-            )
+            tokens, lengths = pad_prompts(piece, prefill_rows(count, self.slots), width)
             k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
             made += [
                 Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p))

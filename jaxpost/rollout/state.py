@@ -147,6 +147,12 @@ def prefill_bucket(length: int, max_prefill_length: int, min_bucket: int = 16) -
     return min(max(min_bucket, 1 << max(0, length - 1).bit_length()), max_prefill_length)
 
 
+def prefill_rows(count: int, slots: int) -> int:
+    """The rows a prefill call of `count` prompts is padded to: the next power of two, at most
+    `slots` (a bounded number of batch shapes, each one compilation)."""
+    return prefill_bucket(count, slots, min_bucket=1)
+
+
 def prefill_batch_pieces(count: int, slots: int) -> list[int]:
     """How many of `count` prompts go in each prefill call, a call's rows being padded to a
     power of two (at most `slots`) so compilations stay bounded. Padding that would waste more
@@ -157,7 +163,7 @@ def prefill_batch_pieces(count: int, slots: int) -> list[int]:
     against 12, where a call's fixed cost is larger than a row's.)"""
     pieces = []
     while count > 0:
-        rows = min(1 << (count - 1).bit_length(), slots)
+        rows = prefill_rows(count, slots)
         take = min(count, rows)
         if rows - take > rows // 4:
             take = 1 << (take.bit_length() - 1)  # the largest power of two <= take
