@@ -11,16 +11,9 @@ import numpy as np
 from jaxpost import lora, models
 from jaxpost.loops.evaluation import greedy_generate
 
-CFG = models.ModelConfig(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qk_norm=True,
-)
+from tiny_models import randomized, tiny_config
+
+CFG = tiny_config(vocab_size=96, qk_norm=True)
 NEW = 8
 
 
@@ -40,20 +33,12 @@ def _reference(params, adapter, prompt):
     return seq[0, len(prompt) :].tolist()
 
 
-def _adapter(params, key):
-    adapter = lora.init(CFG, params, rank=4, alpha=8.0)
-    leaves, treedef = jax.tree.flatten(adapter)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)]
-    )
-
-
 def test_greedy_generate_equals_recomputing_every_step_with_and_without_lora():
     params = jax.jit(models.init, static_argnums=0)(CFG, jax.random.key(3))
     rng = np.random.default_rng(4)
     prompts = [list(rng.integers(1, CFG.vocab_size, n)) for n in (3, 7, 5, 1, 6)]
-    for adapter in (None, _adapter(params, jax.random.key(5))):
+    random_adapter = randomized(lora.init(CFG, params, rank=4, alpha=8.0), jax.random.key(5), 0.3)
+    for adapter in (None, random_adapter):
         # batch_size 2: three batches, the last filled up to the compiled shape.
         got = greedy_generate(CFG, params, prompts, NEW, lora=adapter, batch_size=2)
         want = [_reference(params, adapter, p) for p in prompts]

@@ -19,16 +19,10 @@ import transformers
 
 from jaxpost import lora, models, sharding
 
+from tiny_models import randomized, tiny_config
+
 VOCAB = 128
-CFG = models.ModelConfig(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CFG = tiny_config(vocab_size=VOCAB)
 
 
 # One jitted forward for the whole file: calls with equal shapes and LoRA layout share a compile.
@@ -40,12 +34,7 @@ def _tokens(seed: int, shape=(2, 12)) -> np.ndarray:
 
 
 def _randomize(lp: lora.LoraParams, seed: int, std: float = 0.05) -> lora.LoraParams:
-    """Every factor redrawn (B too, which init leaves at zero), so the adapter changes logits."""
-    leaves, tree = jax.tree.flatten(lp)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    )
+    return randomized(lp, jax.random.key(seed), std)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,9 @@ import pytest
 from jaxpost import lora, models, nf4, sharding, steps
 from jaxpost.losses import sft_loss, token_logprobs
 
-CFG = models.ModelConfig(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    model_type="qwen3",
-    qk_norm=True,
-)
+from tiny_models import tiny_config
+
+CFG = tiny_config(vocab_size=97, model_type="qwen3", qk_norm=True)
 ONE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 
 

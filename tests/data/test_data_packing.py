@@ -10,6 +10,8 @@ from jaxpost import models
 from jaxpost.data import Pipeline, packing_efficiency
 from jaxpost.data.tasks import arithmetic
 
+from tiny_models import tiny_config
+
 TOK = arithmetic.tokenizer()
 
 
@@ -43,16 +45,7 @@ def _per_example(cfg, params, batches):
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = models.ModelConfig(
-        vocab_size=TOK.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_config(vocab_size=TOK.vocab_size, max_position_embeddings=128)
     seed = int(np.random.default_rng().integers(1 << 30))
     return cfg, jax.jit(models.init, static_argnums=0)(cfg, jax.random.key(seed))
 

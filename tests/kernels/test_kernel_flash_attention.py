@@ -15,6 +15,8 @@ import pytest
 from jaxpost import models
 from jaxpost.kernels import dispatch, flash_attention
 
+from tiny_models import tiny_config
+
 FWD_TOL = 2e-5
 GRAD_TOL = 5e-5
 
@@ -140,19 +142,6 @@ def test_dispatch_auto_uses_reference_on_cpu_and_rejects_unknown_impl():
         flash_attention.flash_attention(q, k, v, impl="mosaic")
 
 
-def _tiny_cfg(**overrides):
-    base = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
-    return models.ModelConfig(**{**base, **overrides})
-
-
 @pytest.mark.parametrize(
     "overrides",
     # Gemma-2-like layers (traced per-layer windows under the scan, soft-cap) are covered,
@@ -161,7 +150,7 @@ def _tiny_cfg(**overrides):
     ids=["llama_like_mqa_unrolled"],
 )
 def test_model_forward_pallas_equals_xla(overrides):
-    cfg = _tiny_cfg(**overrides)
+    cfg = tiny_config(**overrides)
     params = models.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
     seg = jnp.array([[1] * 10 + [2] * 14, [1] * 24], jnp.int32)

@@ -11,16 +11,12 @@ import numpy as np
 from jaxpost import models
 from jaxpost.kernels import fused_logprobs
 
+from tiny_models import tiny_config
+
 
 def test_loss_and_grads_with_kernels_equal_xla():
-    cfg = models.ModelConfig(
+    cfg = tiny_config(
         vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
         layer_types=("local", "global"),
         sliding_window=5,
         attn_logit_softcap=20.0,

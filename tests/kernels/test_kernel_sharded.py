@@ -11,20 +11,12 @@ from jaxpost import models
 from jaxpost.kernels import flash_attention, fused_logprobs, paged_attention
 from jaxpost.sharding import make_mesh, use_mesh
 
+from tiny_models import tiny_config
+
 
 def test_model_forward_pallas_under_mesh_equals_xla():
     # 4 heads, 2 KV heads over tensor=2: heads split; batch 4 over data x fsdp = 4.
-    cfg = models.ModelConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        layer_types=("local", "global"),
-        sliding_window=6,
-    )
+    cfg = tiny_config(layer_types=("local", "global"), sliding_window=6)
     params = models.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)

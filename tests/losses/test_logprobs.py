@@ -8,18 +8,11 @@ import pytest
 from jaxpost import models
 from jaxpost.losses import token_logprobs
 
+from tiny_models import tiny_config
+
 
 def _cfg(**kw):
-    base = dict(
-        vocab_size=211,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
-    return models.ModelConfig(**{**base, **kw})
+    return tiny_config(**{"vocab_size": 211, **kw})
 
 
 def _batch(rng, cfg, b=4, t=160):

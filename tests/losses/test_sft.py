@@ -8,15 +8,9 @@ import pytest
 from jaxpost import models
 from jaxpost.losses import make_sft_loss, sft_loss
 
-CFG = models.ModelConfig(
-    vocab_size=173,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+from tiny_models import tiny_config
+
+CFG = tiny_config(vocab_size=173)
 
 
 def _setup(rng, b=3, t=200):

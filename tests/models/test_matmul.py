@@ -16,6 +16,8 @@ from jaxpost import models
 from jaxpost.losses import sft_loss
 from jaxpost.models import matmul
 
+from tiny_models import tiny_config
+
 
 def _rand(key, shape):
     return jax.random.normal(jax.random.key(key), shape, jnp.float32)
@@ -112,11 +114,7 @@ def _dot_operands(hlo_text: str) -> list[tuple[tuple[int, ...], str]]:
 
 
 def test_bfloat16_sft_gradient_has_no_float32_matmul_and_tracks_float32():
-    cfg = models.ModelConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, qk_norm=True, tie_embeddings=True, model_type="qwen3",
-        attention_impl="xla",
-    )  # fmt: skip
+    cfg = tiny_config(qk_norm=True, tie_embeddings=True, model_type="qwen3", attention_impl="xla")
     params = models.init(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
     batch = {

@@ -11,16 +11,9 @@ import pytest
 from jaxpost import models, rollout
 from jaxpost.rollout.state import table_width_bucket
 
-CFG = models.ModelConfig(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qk_norm=True,
-)
+from tiny_models import tiny_config
+
+CFG = tiny_config(qk_norm=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from jaxpost.rollout import driver
 from jaxpost.rollout.state import prefill_batch_pieces
 from jaxpost.sharding import make_mesh
 
+from tiny_models import randomized
+
 CFG = models.ModelConfig(
     vocab_size=160,
     hidden_size=48,
@@ -28,17 +30,8 @@ CFG = models.ModelConfig(
 
 def _lora(params, key, rank=4):
     """A jaxpost.lora adapter on q, v and down with random a and b, so it changes the model."""
-    adapter = lora.init(
-        CFG,
-        params,
-        rank=rank,
-        alpha=8.0,
-        targets=("layers/attn/(q|v)/kernel", "layers/mlp/down/kernel"),
-    )
-    leaves, treedef = jax.tree.flatten(adapter)
-    keys = jax.random.split(key, len(leaves))
-    leaves = [jax.random.normal(k, x.shape) * 0.3 for k, x in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, leaves)
+    targets = ("layers/attn/(q|v)/kernel", "layers/mlp/down/kernel")
+    return randomized(lora.init(CFG, params, rank=rank, alpha=8.0, targets=targets), key, 0.3)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import pytest
 
 from jaxpost import models, rollout
 
+from tiny_models import tiny_config
+
 pytest.importorskip("jetstream", reason="needs the `jetstream` extra (google-jetstream==0.2.2)")
 
 from jetstream.core import orchestrator  # noqa: E402
@@ -27,15 +29,7 @@ logging.getLogger().handlers[:] = [
 ]
 logging.getLogger().setLevel(logging.WARNING)
 
-CFG = models.ModelConfig(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CFG = tiny_config()
 BOS = 1
 
 
