@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.sampling import SamplingParams
-from jaxpost.rollout.state import StepResult, prefill_bucket, prefill_rows
+from jaxpost.rollout.state import StepResult, pad_prompts, prefill_bucket, prefill_rows
 
 
 @dataclasses.dataclass
@@ -313,9 +313,8 @@ class Driver:
             bucket = prefill_bucket(len(prompt), eng.max_prefill_length)
         else:
             bucket = eng.max_prefill_length
-        padded = np.zeros((bucket,), np.int32)
-        padded[: len(prompt)] = prompt
-        return eng.prefill(params=self.params, padded_tokens=padded, true_length=len(prompt))
+        padded, _ = pad_prompts([prompt], 1, bucket)
+        return eng.prefill(params=self.params, padded_tokens=padded[0], true_length=len(prompt))
 
     def _consume(self, in_flight, requests, outs, owner, free, bar) -> int:
         """Append one call's tokens; retire finished samples. Returns how many finished."""
