@@ -93,6 +93,11 @@ class LoraParams:
 
 def adaptable_kernels(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Every layer kernel that can carry LoRA: path -> (shape [L, in, out], logical axes)."""
+    return dict(_adaptable_kernels(cfg))
+
+
+@functools.cache  # an abstract init, 35-170 ms for the 50M benchmark model; `check` runs per call
+def _adaptable_kernels(cfg: ModelConfig):
     abstract = jax.eval_shape(lambda: transformer.init(cfg, jax.random.key(0)))
     axes = transformer.logical_axes(cfg)
     out = {}
@@ -102,6 +107,51 @@ def adaptable_kernels(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
                 names = axes["layers"][block][module]["kernel"]
                 out[f"layers/{block}/{module}/kernel"] = (tuple(leaves["kernel"].shape), names)
     return out
+
+
+def check(cfg: ModelConfig, lora, plain_tree_ok: bool = False) -> None:
+    """Raise an error that names the problem unless `lora`, a `LoraParams` (or, with
+    plain_tree_ok, a plain factor tree: its `.params`, scale 1, which the model's forward also
+    takes), fits the model of `cfg`: a [L, in, r] and b [L, r, out] on kernels the model has,
+    with its L, in and out and one rank r (the adapter's). Catches an adapter made for another
+    model, or a dict that is no adapter at all."""
+    if isinstance(lora, LoraParams):
+        tree, rank = lora.params, lora.rank
+    elif isinstance(lora, dict) and plain_tree_ok:
+        tree, rank = lora, None
+    else:
+        raise TypeError(
+            f"expected a jaxpost.lora.LoraParams (from lora.init or lora.load_peft) as the LoRA "
+            f"adapter, got {type(lora).__name__}"
+        )
+    layers = tree.get("layers") if isinstance(tree, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(m, dict) for m in layers.values()):
+        raise ValueError(
+            "LoRA factors must be {'layers': {block: {module: {'a', 'b'}}}} (lora.init's tree), "
+            f"got {jax.tree.structure(tree)}"
+        )
+    kernels = adaptable_kernels(cfg)
+    for block, mods in sorted(layers.items()):
+        for module, factors in sorted(mods.items()):
+            path = f"layers/{block}/{module}/kernel"
+            if path not in kernels:
+                raise ValueError(
+                    f"LoRA factors at {path}, which the model has no kernel for (it has "
+                    f"{sorted(kernels)}); an adapter for another model?"
+                )
+            shapes = {k: getattr(factors.get(k), "shape", None) for k in ("a", "b")}
+            if rank is None and shapes["a"] is not None:
+                rank = shapes["a"][-1]
+            n_layers, fan_in, fan_out = kernels[path][0]
+            want = {"a": (n_layers, fan_in, rank), "b": (n_layers, rank, fan_out)}
+            for name, shape in want.items():
+                got = None if shapes[name] is None else tuple(shapes[name])
+                if got != shape:
+                    raise ValueError(
+                        f"LoRA {path} factor {name} has shape {got}, expected {shape} ([layers, "
+                        f"in, rank] / [layers, rank, out] of this model, rank {rank}); an "
+                        f"adapter for another model?"
+                    )
 
 
 def _select(targets: tuple[str, ...], kernels) -> list[str]:
@@ -248,6 +298,7 @@ def merge(cfg: ModelConfig, params: dict, lora: LoraParams) -> dict:
     NF4 kernels are dequantized first, so merging a QLoRA model gives plain kernels in
     cfg.param_dtype.
     """
+    check(cfg, lora)
 
     def fn(node, factors):
         delta = _delta(lora, factors)
@@ -265,6 +316,7 @@ def merge(cfg: ModelConfig, params: dict, lora: LoraParams) -> dict:
 
 def unmerge(cfg: ModelConfig, merged: dict, lora: LoraParams) -> dict:
     """The base back from `merge`'s output: W - scale * a @ b (up to float rounding)."""
+    check(cfg, lora)
 
     def fn(node, factors):
         if "kernel" not in node:

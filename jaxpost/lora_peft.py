@@ -17,7 +17,14 @@ import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
-from jaxpost.lora import HF_MODULES, LoraParams, adaptable_kernels, axes_meta, validate_hparams
+from jaxpost.lora import (
+    HF_MODULES,
+    LoraParams,
+    adaptable_kernels,
+    axes_meta,
+    check,
+    validate_hparams,
+)
 from jaxpost.models.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -40,7 +47,7 @@ def save_peft(
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (float32) and
     ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig.
     """
-    _check_lora(cfg, lora)
+    check(cfg, lora)
     tensors = {}
     for block, module in lora.modules:
         factors = lora.params["layers"][block][module]
@@ -75,23 +82,6 @@ def save_peft(
     path.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _check_lora(cfg: ModelConfig, lora: LoraParams) -> None:
-    kernels = adaptable_kernels(cfg)
-    for block, module in lora.modules:
-        path = f"layers/{block}/{module}/kernel"
-        if path not in kernels:
-            raise ValueError(f"LoRA factors at {path}, which the model has no kernel for")
-        n_layers, fan_in, fan_out = kernels[path][0]
-        factors = lora.params["layers"][block][module]
-        want = {"a": (n_layers, fan_in, lora.rank), "b": (n_layers, lora.rank, fan_out)}
-        for name, shape in want.items():
-            if tuple(factors[name].shape) != shape:
-                raise ValueError(
-                    f"LoRA {path} factor {name} has shape {tuple(factors[name].shape)}, "
-                    f"expected {shape} (rank {lora.rank})"
-                )
 
 
 # Options of a PEFT LoraConfig that change the math and are not implemented, with their no-op

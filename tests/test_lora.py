@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from jaxpost import lora, models, sharding
+from jaxpost import lora, models, rollout, sharding
 
 from tiny_models import randomized, tiny_config
 
@@ -426,3 +426,40 @@ def test_save_peft_rejects_mismatched_factors(params, tmp_path):
     other = CFG.replace(hidden_size=48)
     with pytest.raises(ValueError, match="expected"):
         lora.save_peft(other, lp, tmp_path)
+
+
+def test_an_adapter_for_another_model_is_a_clear_error_everywhere(params, tmp_path):
+    """forward, merge, save_peft and the rollout engine name the mismatched factor instead of
+    failing inside a scan or a broadcast; a dict that is no adapter is named too."""
+    bigger = CFG.replace(num_layers=3, hidden_size=48)
+    other = lora.init(bigger, models.init(bigger, jax.random.key(0)), rank=2)
+    tokens = _tokens(0)
+    mismatch = r"layers/attn/k/kernel factor a has shape \(3, 48, 2\), expected \(2, 32, 2\)"
+    calls = {
+        "forward": lambda a: forward(CFG, params, tokens, lora=a),
+        "merge": lambda a: lora.merge(CFG, params, a),
+        "save_peft": lambda a: lora.save_peft(CFG, a, tmp_path / "adapter"),
+        "generate": lambda a: rollout.generate(
+            CFG, params, [[1, 2]], rollout.SamplingParams(max_new_tokens=2), lora=a
+        ),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=mismatch):
+            call(other)
+    for name in ("merge", "save_peft"):
+        with pytest.raises(TypeError, match="expected a jaxpost.lora.LoraParams.*got dict"):
+            calls[name]({"q": 1})
+    for name in ("forward", "generate"):  # these also take a plain factor tree (scale 1)
+        with pytest.raises(ValueError, match=r"LoRA factors must be \{'layers'"):
+            calls[name]({"q": 1})
+    assert not (tmp_path / "adapter").exists()  # nothing half-written
+
+
+def test_forward_takes_partitioned_params(params):
+    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8), 3)
+    tokens = _tokens(2)
+    want = forward(CFG, params, tokens, lora=lp)
+    got = forward(CFG, lora.combine(params, lp), tokens)
+    assert float(jnp.max(jnp.abs(got - want))) == 0.0
+    with pytest.raises(ValueError, match="pass lora= in one place"):
+        forward(CFG, lora.combine(params, lp), tokens, lora=lp)

@@ -37,6 +37,11 @@ def _lora_parts(lora):
     if lora is None:
         return None, 1.0, 0.0
     if isinstance(lora, dict):
+        if "layers" not in lora:
+            raise ValueError(
+                "a plain LoRA factor tree must be {'layers': ...} (a LoraParams' .params); got "
+                f"keys {sorted(lora)}"
+            )
         return lora, 1.0, 0.0
     return lora.params, float(lora.scale), float(getattr(lora, "dropout", 0.0))
 
@@ -313,6 +318,21 @@ def apply(
     return logits_from_hidden(cfg, params, x), new_cache
 
 
+def _check_token_ids(cfg: ModelConfig, tokens) -> None:
+    """Concrete tokens only: a traced forward (inside the caller's jit) cannot look at values,
+    and a multi-host array's other shards are not this process's to read."""
+    if isinstance(tokens, jax.core.Tracer) or not getattr(tokens, "is_fully_addressable", True):
+        return
+    ids = np.asarray(tokens)
+    if ids.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"tokens must be integer token ids, got {ids.dtype}")
+    if ids.size and not (0 <= ids.min() and ids.max() < cfg.vocab_size):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"token id {bad} in tokens; expected ids in [0, {cfg.vocab_size})")
+
+
 def forward(
     cfg: ModelConfig,
     params: Params,
@@ -321,6 +341,18 @@ def forward(
     segment_ids: jax.Array | None = None,
     positions: jax.Array | None = None,
 ) -> jax.Array:
-    """tokens [B, T] int32 -> logits [B, T, V] float32 (training mode, no cache)."""
+    """tokens [B, T] int32 -> logits [B, T, V] float32 (training mode, no cache).
+
+    params may be the partitioned {"base", "lora"} (`lora.combine`), then without `lora=`.
+    Token ids outside [0, vocab) are an error (inside a jit a gather would give NaN logits)."""
+    _check_token_ids(cfg, tokens)
+    if isinstance(params, dict) and set(params) == {"base", "lora"}:
+        if lora is not None:
+            raise ValueError("params are partitioned {'base', 'lora'}: pass lora= in one place")
+        params, lora = params["base"], params["lora"]
+    if lora is not None:
+        from jaxpost import lora as lora_lib  # it imports this module
+
+        lora_lib.check(cfg, lora, plain_tree_ok=True)
     logits, _ = apply(cfg, params, tokens, positions=positions, segment_ids=segment_ids, lora=lora)
     return logits

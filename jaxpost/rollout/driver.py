@@ -81,7 +81,18 @@ class Request:
 
 
 def _validate(prompt: Sequence[int], index: int, max_prefill: int, vocab: int | None) -> list[int]:
-    prompt = [int(t) for t in prompt]
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+        raise TypeError(
+            f"prompt {index} is {type(prompt).__name__} {prompt!r:.40}, not a sequence of token "
+            "ids (prompts: list[list[int]]; tokenize text first)"
+        )
+    ids = np.asarray(prompt)
+    if ids.size and (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)):
+        raise TypeError(
+            f"prompt {index} is not a flat sequence of integer token ids (got {ids.dtype} "
+            f"values of shape {ids.shape})"
+        )
+    prompt = ids.tolist()
     if not prompt:
         raise ValueError(f"prompt {index} is empty; expected at least one token")
     if len(prompt) > max_prefill:
@@ -408,6 +419,9 @@ def generate(
     )
     if len(sps) != len(prompts):
         raise ValueError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
+    # Checked before sizing an engine from them (the driver checks lengths against the engine).
+    prompts = [_validate(p, i, 1 << 30, cfg.vocab_size) for i, p in enumerate(prompts)]
+    loaded = False  # whether `params` are already the engine's weights
     if engine is None:
         # Power-of-two sizes, so repeated calls (an RL loop) hit a cached, compiled engine.
         longest = max((len(p) for p in prompts), default=1)
@@ -428,9 +442,11 @@ def generate(
                 steps_per_call=steps_per_call,
                 mesh=mesh,
             )
+            loaded = True
         _ENGINES[key] = engine
         while len(_ENGINES) > _MAX_CACHED_ENGINES:
             del _ENGINES[next(iter(_ENGINES))]  # least recently used
-    engine.update_params(params, lora=lora)
+    if not loaded:
+        engine.update_params(params, lora=lora)
     outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
     return [c for per_prompt in outs for c in per_prompt]

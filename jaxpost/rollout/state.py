@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpost import lora as lora_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.paged_cache import PagedKVCache
 from jaxpost.sharding import logical_to_sharding, replicated
@@ -129,14 +130,16 @@ class LoRAView:
         self.params, self.scale = params, scale
 
 
-def split_params(params, lora=None) -> tuple[Any, Any, float]:
-    """(base, lora tree or None, lora scale) from params or {"base", "lora"} plus `lora`."""
+def split_params(cfg: ModelConfig, params, lora=None) -> tuple[Any, Any, float]:
+    """(base, lora tree or None, lora scale) from params or {"base", "lora"} plus `lora` (a
+    `lora.LoraParams`, checked against cfg's model, or a plain factor tree of scale 1)."""
     if isinstance(params, dict) and "base" in params:
         if lora is None:
             lora = params.get("lora")
         params = params["base"]
     if lora is None:
         return params, None, 1.0
+    lora_lib.check(cfg, lora, plain_tree_ok=True)
     if isinstance(lora, dict):
         return params, lora, 1.0
     return params, lora.params, float(lora.scale)

@@ -62,7 +62,7 @@ def decode_weights(
 ) -> dict:
     """Params ({"base", "lora"} or plain, plus optional `lora`) as the engine decodes from them:
     {"base": ..., "lora": tree or None, "lora_scale": float, "head": [D, V] or None}."""
-    base, tree, scale = split_params(params, lora)
+    base, tree, scale = split_params(cfg, params, lora)
     if mesh is not None:
         base = jax.device_put(base, tree_shardings(base, models.logical_axes(cfg), mesh, rules))
         if tree is not None:

@@ -177,3 +177,20 @@ def test_eval_shape_counts_match_num_params(name, changes):
     cfg = CONFIGS[name].replace(**changes)
     shapes = jax.eval_shape(lambda: models.init(cfg, jax.random.key(0)))
     assert sum(x.size for x in jax.tree.leaves(shapes)) == cfg.num_params()
+
+
+def test_forward_rejects_token_ids_outside_the_vocabulary():
+    """Called with concrete tokens, forward says which id is out of range; a gather would give
+    NaN logits (JAX fills out-of-bounds gathers) and nothing else would notice."""
+    cfg = CONFIGS["llama"]
+    params = _params(cfg)
+    ok = models.forward(cfg, params, np.array([[0, cfg.vocab_size - 1]], np.int32))
+    assert np.isfinite(np.asarray(ok)).all()
+    for bad in (cfg.vocab_size, -1):
+        message = rf"token id {bad} in tokens; expected ids in \[0, 96\)"
+        with pytest.raises(ValueError, match=message):
+            models.forward(cfg, params, np.array([[1, bad]], np.int32))
+    with pytest.raises(TypeError, match="tokens must be integer token ids, got float32"):
+        models.forward(cfg, params, np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, length\], got shape \(3,\)"):
+        models.forward(cfg, params, np.array([1, 2, 3], np.int32))

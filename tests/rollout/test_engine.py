@@ -241,6 +241,12 @@ def test_bad_inputs_raise_clear_errors(params):
         rollout.generate(CFG, params, [[1] * 17], engine=engine)
     with pytest.raises(ValueError, match=r"token id 999; expected ids in \[0, 160\)"):
         rollout.generate(CFG, params, [[1, 999]], engine=engine)
+    with pytest.raises(TypeError, match="prompt 1 is not a flat sequence of integer token ids"):
+        rollout.generate(CFG, params, [[1, 2], [1.5, 2.0]], engine=engine)
+    with pytest.raises(TypeError, match="prompt 0 is int 1, not a sequence of token ids"):
+        rollout.generate(CFG, params, [1, 2, 3])  # one prompt passed without its list
+    with pytest.raises(TypeError, match="prompt 0 is str 'hello', not a sequence of token ids"):
+        rollout.generate(CFG, params, ["hello"])
     with pytest.raises(ValueError, match="exceeds max_prefill_length=16"):
         engine.prefill(params=engine.params, padded_tokens=np.zeros(32, np.int32), true_length=3)
     ones = np.ones(16, np.int32)
