@@ -41,17 +41,9 @@ def run(mesh_shape: tuple[int, int, int], devices=None) -> list[float]:
     from jaxpost import models, sharding, steps
     from jaxpost.losses import sft_loss
 
-    cfg = models.ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        model_type="qwen3",
-        qk_norm=True,
-    )
+    from tiny_models import tiny_config  # tests/: sys.path[0] as a script, conftest.py else
+
+    cfg = tiny_config(vocab_size=VOCAB, model_type="qwen3", qk_norm=True)
     mesh = sharding.make_mesh(*mesh_shape, devices=devices)
     opt = steps.make_optimizer(name="adamw", learning_rate=3e-3, warmup_steps=2, total_steps=5)
     state = steps.init_train_state(

@@ -5,15 +5,9 @@ import pytest
 
 from jaxpost import config as jconfig
 
-TINY_ARCH = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+from tiny_models import TINY_SHAPE
+
+TINY_ARCH = {**TINY_SHAPE, "vocab_size": 64}
 
 
 def _cfg() -> ml_collections.ConfigDict:

@@ -5,7 +5,8 @@ API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_a
 `jetstream`) presents the engine to JetStream's own orchestrator.
 """
 
-from jaxpost.rollout.driver import Completion, Driver, Request, generate
+from jaxpost.rollout.api import generate
+from jaxpost.rollout.driver import Completion, Driver, Request
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.page_allocator import PageAllocator, PagesExhausted, SlotRegionAllocator
 from jaxpost.rollout.paged_cache import PagedKVCache

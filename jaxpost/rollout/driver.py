@@ -1,4 +1,5 @@
-"""In-process continuous batching over an engine, and `generate`, the one-call rollout API.
+"""In-process continuous batching over an engine (`rollout.generate`, in `rollout.api`, sizes
+an engine and runs this driver).
 
 The loop: admit queued samples into free slots (prefill once per prompt, insert each of its n
 samples), dispatch one `generate` call, then read the previous call's tokens while the device
@@ -44,7 +45,6 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import StepResult, pad_prompts, prefill_bucket, prefill_rows
@@ -80,7 +80,11 @@ class Request:
     sampling: SamplingParams
 
 
-def _validate(prompt: Sequence[int], index: int, max_prefill: int, vocab: int | None) -> list[int]:
+def validate_prompt(
+    prompt: Sequence[int], index: int, max_prefill: int, vocab: int | None
+) -> list[int]:
+    """`prompt` as a list of ints, or an error naming prompt `index`: not a flat sequence of
+    integer ids, empty, longer than max_prefill, or an id outside [0, vocab)."""
     if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
         raise TypeError(
             f"prompt {index} is {type(prompt).__name__} {prompt!r:.40}, not a sequence of token "
@@ -167,7 +171,7 @@ class Driver:
         eng = self.engine
         now = time.perf_counter()
         prompts = [
-            _validate(r.prompt, i, eng.max_prefill_length, self.vocab)
+            validate_prompt(r.prompt, i, eng.max_prefill_length, self.vocab)
             for i, r in enumerate(requests)
         ]
         outs = [
@@ -379,74 +383,3 @@ def _to_numpy(result) -> dict[str, np.ndarray]:
         "valid": d[:, result.valid_idx[0] : result.valid_idx[1]].astype(bool),
         "logprobs": np.full(tokens.shape, np.nan, np.float32),
     }
-
-
-# Engines built by `generate`, most recently used last. Each holds its compiled functions and
-# the params of its last call (replaced, not accumulated, by the next call).
-_ENGINES: collections.OrderedDict = collections.OrderedDict()
-_MAX_CACHED_ENGINES = 4
-
-
-def generate(
-    cfg: ModelConfig,
-    params,
-    prompts: Sequence[Sequence[int]],
-    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-    lora=None,
-    *,
-    slots: int = 16,
-    page_size: int = 16,
-    steps_per_call: int = 8,
-    mesh=None,
-    progress: bool | None = None,
-    engine: Engine | None = None,
-) -> list[Completion]:
-    """Sample completions for `prompts` (list of token-id lists).
-
-    sampling_params: one for all prompts or one per prompt. params may be plain or
-    {"base", "lora"}; `lora` (a tree or an object with .params/.scale) overrides. Pass a
-    prebuilt `engine` to control its sizes; otherwise an engine cached from an earlier call
-    with the same sizes is reused (its params swapped in), so repeated calls do not recompile.
-    Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
-    Each result has .tokens, .logprobs (raw model log-probs) and .finish_reason.
-    """
-    if sampling_params is None:
-        sampling_params = SamplingParams()
-    sps = (
-        [sampling_params] * len(prompts)
-        if isinstance(sampling_params, SamplingParams)
-        else list(sampling_params)
-    )
-    if len(sps) != len(prompts):
-        raise ValueError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
-    # Checked before sizing an engine from them (the driver checks lengths against the engine).
-    prompts = [_validate(p, i, 1 << 30, cfg.vocab_size) for i, p in enumerate(prompts)]
-    loaded = False  # whether `params` are already the engine's weights
-    if engine is None:
-        # Power-of-two sizes, so repeated calls (an RL loop) hit a cached, compiled engine.
-        longest = max((len(p) for p in prompts), default=1)
-        max_new = max((s.max_new_tokens for s in sps), default=1)
-        max_prefill = prefill_bucket(max(longest, 1), 1 << 30)
-        max_len = max_prefill + prefill_bucket(max_new, 1 << 30, min_bucket=1)
-        key = (repr(cfg), slots, max_len, max_prefill, page_size, steps_per_call, mesh)
-        engine = _ENGINES.pop(key, None)
-        if engine is None:
-            engine = Engine(
-                cfg,
-                params,
-                lora=lora,
-                slots=slots,
-                max_len=max_len,
-                max_prefill_length=max_prefill,
-                page_size=page_size,
-                steps_per_call=steps_per_call,
-                mesh=mesh,
-            )
-            loaded = True
-        _ENGINES[key] = engine
-        while len(_ENGINES) > _MAX_CACHED_ENGINES:
-            del _ENGINES[next(iter(_ENGINES))]  # least recently used
-    if not loaded:
-        engine.update_params(params, lora=lora)
-    outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
-    return [c for per_prompt in outs for c in per_prompt]

@@ -14,21 +14,15 @@ import pytest
 
 from jaxpost import models
 
+from tiny_models import tiny_config
+
 # One compilation per config (op-by-op eager dispatch is far slower on CPU).
 jit_forward = jax.jit(models.forward, static_argnums=0)
 
-BASE = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+VOCAB = 96
 CONFIGS = {
-    "llama": models.ModelConfig(
-        **BASE,
+    "llama": tiny_config(
+        vocab_size=VOCAB,
         rope_theta=500_000.0,
         rope_scaling={
             "type": "llama3",
@@ -39,8 +33,8 @@ CONFIGS = {
         },
     ),
     # Gemma-3-like: every switch on, a window shorter than the sequence, mixed layer types.
-    "gemma": models.ModelConfig(
-        **BASE,
+    "gemma": tiny_config(
+        vocab_size=VOCAB,
         model_type="gemma3_text",
         norm_offset=1.0,
         activation="gelu_tanh",
@@ -73,7 +67,7 @@ def _params(cfg):
 
 
 def _tokens(seed, shape):
-    return jax.random.randint(jax.random.key(seed), shape, 0, BASE["vocab_size"], jnp.int32)
+    return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB, jnp.int32)
 
 
 # Layer loop x cache layout x params layout: (scan_layers, per-layer cache, params layout).

@@ -9,7 +9,7 @@ import pytest
 
 from jaxpost import lora, models, nf4, rollout
 from jaxpost.losses.logprobs import token_logprobs
-from jaxpost.rollout import driver
+from jaxpost.rollout import api
 from jaxpost.rollout.state import prefill_batch_pieces
 from jaxpost.sharding import make_mesh
 
@@ -200,7 +200,7 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
     single = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4)
     assert [o.tokens for o in sharded] == [o.tokens for o in single]
     # A second call with the same sizes reuses the cached engine: nothing recompiles.
-    engine = next(reversed(driver._ENGINES.values()))
+    engine = next(reversed(api._ENGINES.values()))
     before = dict(engine.compilations)
     again = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4)
     assert [o.tokens for o in again] == [o.tokens for o in single]

@@ -1,0 +1,84 @@
+"""`rollout.generate`, the one-call rollout API: an engine sized from the prompts and
+sampling parameters (power-of-two sizes), cached across calls so an RL loop's repeated
+rollouts neither rebuild nor recompile it, and a `driver.Driver` run over it."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+from jaxpost.models.config import ModelConfig
+from jaxpost.rollout.driver import Completion, Driver, Request, validate_prompt
+from jaxpost.rollout.engine import Engine
+from jaxpost.rollout.sampling import SamplingParams
+from jaxpost.rollout.state import prefill_bucket
+
+# Engines built by `generate`, most recently used last. Each holds its compiled functions and
+# the params of its last call (replaced, not accumulated, by the next call).
+_ENGINES: collections.OrderedDict = collections.OrderedDict()
+_MAX_CACHED_ENGINES = 4
+
+
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    lora=None,
+    *,
+    slots: int = 16,
+    page_size: int = 16,
+    steps_per_call: int = 8,
+    mesh=None,
+    progress: bool | None = None,
+    engine: Engine | None = None,
+) -> list[Completion]:
+    """Sample completions for `prompts` (list of token-id lists).
+
+    sampling_params: one for all prompts or one per prompt. params may be plain or
+    {"base", "lora"}; `lora` (a `lora.LoraParams`, or its plain factor tree) overrides. Pass a
+    prebuilt `engine` to control its sizes; otherwise an engine cached from an earlier call
+    with the same sizes is reused (its params swapped in), so repeated calls do not recompile.
+    Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
+    Each result has .tokens, .logprobs (raw model log-probs) and .finish_reason.
+    """
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    sps = (
+        [sampling_params] * len(prompts)
+        if isinstance(sampling_params, SamplingParams)
+        else list(sampling_params)
+    )
+    if len(sps) != len(prompts):
+        raise ValueError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
+    # Checked before sizing an engine from them (the driver checks lengths against the engine).
+    prompts = [validate_prompt(p, i, 1 << 30, cfg.vocab_size) for i, p in enumerate(prompts)]
+    loaded = False  # whether `params` are already the engine's weights
+    if engine is None:
+        # Power-of-two sizes, so repeated calls (an RL loop) hit a cached, compiled engine.
+        longest = max((len(p) for p in prompts), default=1)
+        max_new = max((s.max_new_tokens for s in sps), default=1)
+        max_prefill = prefill_bucket(max(longest, 1), 1 << 30)
+        max_len = max_prefill + prefill_bucket(max_new, 1 << 30, min_bucket=1)
+        key = (repr(cfg), slots, max_len, max_prefill, page_size, steps_per_call, mesh)
+        engine = _ENGINES.pop(key, None)
+        if engine is None:
+            engine = Engine(
+                cfg,
+                params,
+                lora=lora,
+                slots=slots,
+                max_len=max_len,
+                max_prefill_length=max_prefill,
+                page_size=page_size,
+                steps_per_call=steps_per_call,
+                mesh=mesh,
+            )
+            loaded = True
+        _ENGINES[key] = engine
+        while len(_ENGINES) > _MAX_CACHED_ENGINES:
+            del _ENGINES[next(iter(_ENGINES))]  # least recently used
+    if not loaded:
+        engine.update_params(params, lora=lora)
+    outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
+    return [c for per_prompt in outs for c in per_prompt]
