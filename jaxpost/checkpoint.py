@@ -173,6 +173,14 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Closed on an error too: an unclosed manager's background thread outlives its event
+        # loop and fails at interpreter exit.
+        self.close()
+
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON side of a checkpoint (step, data state, config, tree description, extras)."""
         step = self._resolve_step(step)

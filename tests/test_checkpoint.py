@@ -39,14 +39,18 @@ def _abstract(tree, sharding_fn=lambda x: None):
     )
 
 
+def _restore(path, abstract_state, **kwargs):
+    with Checkpointer(path) as ckpt:  # closed on an error too
+        return ckpt.restore(abstract_state, **kwargs)
+
+
 def test_round_trip_with_data_state_and_config(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep_last=2)
-    seed = int(np.random.default_rng().integers(1 << 20))
-    state = _state(seed)
-    data_state = os.urandom(37)  # Grain iterator states are bytes
-    ckpt.save(7, state, data_state=data_state, config={"model": {"hidden": 16}}, extra={"x": 1})
-    ckpt.close()
-    out = Checkpointer(tmp_path).restore(_abstract(state))
+    with Checkpointer(tmp_path, keep_last=2) as ckpt:
+        seed = int(np.random.default_rng().integers(1 << 20))
+        state = _state(seed)
+        data_state = os.urandom(37)  # Grain iterator states are bytes
+        ckpt.save(7, state, data_state=data_state, config={"model": {"hidden": 16}}, extra={"x": 1})
+    out = _restore(tmp_path, _abstract(state))
     assert out.step == 7 and out.data_state == data_state and out.extra == {"x": 1}
     assert out.config == {"model": {"hidden": 16}}
     _assert_tree_equal(out.state, state)
@@ -57,36 +61,34 @@ def test_round_trip_with_data_state_and_config(tmp_path):
 
 
 def test_keep_last_and_keep_every(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep_last=2, keep_every=4)
-    state = _state(0, hidden=4)
-    for step in range(1, 11):
-        ckpt.save(step, state)
-    ckpt.close()
-    assert Checkpointer(tmp_path).all_steps() == [4, 8, 9, 10]
+    with Checkpointer(tmp_path, keep_last=2, keep_every=4) as ckpt:
+        state = _state(0, hidden=4)
+        for step in range(1, 11):
+            ckpt.save(step, state)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [4, 8, 9, 10]
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
-    ckpt = Checkpointer(tmp_path)
-    state = _state(1, hidden=4)
-    ckpt.save(2, state, wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        state = _state(1, hidden=4)
+        ckpt.save(2, state, wait=True)
     # What an interrupted async save leaves behind: the temporary directory, never renamed.
     partial = tmp_path / "3.orbax-checkpoint-tmp-1234"
     shutil.copytree(tmp_path / "2", partial)
     (partial / "state" / "manifest.ocdbt").unlink()
-    again = Checkpointer(tmp_path)
-    assert again.latest_step() == 2
-    assert again.all_steps() == [2]
-    _assert_tree_equal(again.restore(_abstract(state)).state, state)
+    with Checkpointer(tmp_path) as again:
+        assert again.latest_step() == 2
+        assert again.all_steps() == [2]
+        _assert_tree_equal(again.restore(_abstract(state)).state, state)
 
 
 def test_restore_on_a_different_mesh(tmp_path):
     state = _state(3, hidden=16)
     single = jax.devices()[0]
     state = jax.device_put(state, single)
-    ckpt = Checkpointer(tmp_path)
-    ckpt.save(1, state, wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, wait=True)
     mesh = sharding.make_mesh(data=2, fsdp=4)
 
     def spec(x):
@@ -95,7 +97,7 @@ def test_restore_on_a_different_mesh(tmp_path):
             return NamedSharding(mesh, PartitionSpec("fsdp"))
         return NamedSharding(mesh, PartitionSpec())
 
-    out = Checkpointer(tmp_path).restore(_abstract(state, spec)).state
+    out = _restore(tmp_path, _abstract(state, spec)).state
     w = out["params"]["base"]["w"]
     assert w.sharding == NamedSharding(mesh, PartitionSpec("fsdp"))
     assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape == (4, 8)
@@ -103,62 +105,59 @@ def test_restore_on_a_different_mesh(tmp_path):
 
 
 def test_other_lora_shape_names_the_leaves(tmp_path):
-    ckpt = Checkpointer(tmp_path)
-    ckpt.save(5, _state(0, rank=4), wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, _state(0, rank=4), wait=True)
     with pytest.raises(CheckpointError) as info:
-        Checkpointer(tmp_path).restore(_abstract(_state(0, rank=8)))
+        _restore(tmp_path, _abstract(_state(0, rank=8)))
     msg = str(info.value)
     assert "params/lora/a: checkpoint has shape [16, 4] float32, this run expects [16, 8]" in msg
     assert "params/lora/b" in msg
 
 
 def test_other_model_config_names_the_fields(tmp_path):
-    ckpt = Checkpointer(tmp_path)
-    state = _state(0)
-    ckpt.save(5, state, config={"model": {"arch": {"hidden_size": 64, "num_layers": 2}}}, wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        state = _state(0)
+        ckpt.save(
+            5, state, config={"model": {"arch": {"hidden_size": 64, "num_layers": 2}}}, wait=True
+        )
     with pytest.raises(CheckpointError, match="model.arch.hidden_size: 64 in the checkpoint, 32"):
-        Checkpointer(tmp_path).restore(
-            _abstract(state), model_config={"arch": {"hidden_size": 32, "num_layers": 2}}
+        _restore(
+            tmp_path, _abstract(state), model_config={"arch": {"hidden_size": 32, "num_layers": 2}}
         )
 
 
 def test_missing_leaf_is_named(tmp_path):
-    ckpt = Checkpointer(tmp_path)
-    state = _state(0)
-    ckpt.save(1, state, wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        state = _state(0)
+        ckpt.save(1, state, wait=True)
     bigger = {**state, "extra": jnp.zeros(3)}
     with pytest.raises(CheckpointError, match="extra: expected by this run, absent"):
-        Checkpointer(tmp_path).restore(_abstract(bigger))
+        _restore(tmp_path, _abstract(bigger))
 
 
 def test_corrupt_arrays_are_a_clear_error(tmp_path):
-    ckpt = Checkpointer(tmp_path)
-    state = _state(0)
-    ckpt.save(4, state, wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        state = _state(0)
+        ckpt.save(4, state, wait=True)
     for f in (tmp_path / "4" / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match=r"4 is corrupt or incomplete: its arrays"):
-        Checkpointer(tmp_path).restore(_abstract(state))
+        _restore(tmp_path, _abstract(state))
 
 
 def test_corrupt_metadata_is_a_clear_error(tmp_path):
-    ckpt = Checkpointer(tmp_path)
-    state = _state(0)
-    ckpt.save(4, state, wait=True)
-    ckpt.close()
+    with Checkpointer(tmp_path) as ckpt:
+        state = _state(0)
+        ckpt.save(4, state, wait=True)
     (tmp_path / "4" / "meta" / "metadata").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt or incomplete: its metadata"):
-        Checkpointer(tmp_path).restore(_abstract(state))
+        _restore(tmp_path, _abstract(state))
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint found in"):
-        Checkpointer(tmp_path / "empty").restore({})
+        _restore(tmp_path / "empty", {})
 
 
 def test_preemption_guard_turns_sigterm_into_a_flag():

@@ -54,19 +54,18 @@ def _run(tmp, data, steps=9, crash_at=None, guard=None):
     x, y = data
     state = {"w": jnp.zeros((x.shape[1],)), "opt": OPT.init(jnp.zeros((x.shape[1],)))}
     writer = MetricsWriter(tmp, tensorboard=False, stdout=False)
-    ckpt = Checkpointer(tmp / "ckpt", keep_last=2)
     try:
-        run_offline(
-            LoopSettings(steps=steps, log_every=1, checkpoint_every=3, progress_bar=False),
-            train_step=_step,
-            state=state,
-            batches=ArrayStream(x, y, 8, seed=1, crash_at=crash_at),
-            checkpointer=ckpt,
-            writer=writer,
-            guard=guard or PreemptionGuard(),
-        )
+        with Checkpointer(tmp / "ckpt", keep_last=2) as ckpt:
+            run_offline(
+                LoopSettings(steps=steps, log_every=1, checkpoint_every=3, progress_bar=False),
+                train_step=_step,
+                state=state,
+                batches=ArrayStream(x, y, 8, seed=1, crash_at=crash_at),
+                checkpointer=ckpt,
+                writer=writer,
+                guard=guard or PreemptionGuard(),
+            )
     finally:
-        ckpt.close()
         writer.close()
     losses = {}
     for line in (tmp / "metrics.jsonl").read_text().splitlines():
@@ -107,5 +106,6 @@ def test_preemption_saves_then_resumes_exactly(tmp_path, data):
     full = _run(tmp_path / "full", data)
     with pytest.raises(Preempted, match="SIGTERM received: saved checkpoint at step 4"):
         _run(tmp_path / "pre", data, guard=_Signalled(at=4))
-    assert Checkpointer(tmp_path / "pre" / "ckpt").latest_step() == 4
+    with Checkpointer(tmp_path / "pre" / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 4
     assert _run(tmp_path / "pre", data) == full
