@@ -177,8 +177,8 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
-        # Closed on an error too: an unclosed manager's background thread outlives its event
-        # loop and fails at interpreter exit.
+        # Closed on an error too, so a failed save or restore leaves no Orbax manager (and its
+        # background threads) open.
         self.close()
 
     def read_meta(self, step: int | None = None) -> dict:
