@@ -72,5 +72,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an override of a key the config does not have
+    (`--config.train.step=100`) is a one-line error, exit code 2, with ml_collections' own
+    suggestion of the nearest key, instead of a traceback out of the flag parser."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        inner = e  # ml_collections raises AttributeError(KeyError(message))
+        while isinstance(inner, BaseException) and inner.args:
+            inner = inner.args[0]
+        lines = [line.strip("'\" ") for line in str(inner).splitlines()] or [repr(e)]
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        # The override that names the missing key (ml_collections' message names only the key).
+        named = [a for a in overrides if lines[0] in a.split("=")[0].split(".")[1:]]
+        where = " ".join(named or overrides)
+        print(f"error: no such config key: {'; '.join(lines)} (in {where})", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

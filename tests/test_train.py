@@ -245,6 +245,22 @@ def test_cli_rejects_typo_in_config_file(tmp_path):
     assert "did you mean 'optimizer.learning_rate'" in proc.stderr
 
 
+def test_cli_rejects_an_override_of_a_missing_key(tmp_path):
+    """A mistyped --config.key=value is one line naming the key and ml_collections' nearest
+    suggestion (exit 2), not a traceback out of the flag parser; nothing is written."""
+    proc = _run(
+        tmp_path / "bad", f"--config={QUICKSTART}:test", "--config.train.step=3", check=False
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        'error: no such config key: step; Did you mean "steps" instead of "step"? '
+        "(in --config.train.step=3)"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_qlora_config_trains_through_the_cli(tmp_path):
     """configs/qlora.py (its built-in-task variant) through the CLI: the loss falls, the
     checkpoint holds the base as NF4 only, and the optimizer state covers only the LoRA factors."""
