@@ -36,12 +36,7 @@ def _lora_parts(lora):
     """Accept a plain LoRA tree or an object with .params/.scale/.dropout (jaxpost.lora)."""
     if lora is None:
         return None, 1.0, 0.0
-    if isinstance(lora, dict):
-        if "layers" not in lora:
-            raise ValueError(
-                "a plain LoRA factor tree must be {'layers': ...} (a LoraParams' .params); got "
-                f"keys {sorted(lora)}"
-            )
+    if isinstance(lora, dict):  # checked by the callers that take user input (`lora.check`)
         return lora, 1.0, 0.0
     return lora.params, float(lora.scale), float(getattr(lora, "dropout", 0.0))
 
