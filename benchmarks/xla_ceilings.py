@@ -1,6 +1,9 @@
 """The ceilings XLA:CPU's own matmuls put on this machine's figures, next to what jaxpost reaches.
 
-  python benchmarks/xla_ceilings.py [--models 5M,50M] [--out benchmarks/results/xla_ceilings.json]
+  python benchmarks/xla_ceilings.py [--models 5M,50M] [--parts decode,train]
+                                   [--out benchmarks/results/xla_ceilings.json]
+  python benchmarks/xla_ceilings.py --models 50M --parts streams
+                                   --out benchmarks/results/xla_matvec_streams.json
 
 The performance targets of the train and rollout benchmarks are fractions of two probes: a
 1024^3 float32 matmul (training MFU) and a streaming sum (batch-1 decode bandwidth). This script
@@ -17,6 +20,10 @@ decode  The model's weight matvecs alone, in the order one token reads them (per
         of the mean context, 64 + 64 tokens, per token, over the measured read bandwidth);
         beside it the engine's batch-1 decode (`run_jaxpost_decode` of rollout_throughput.py)
         in the same window.
+streams (not run by default) Each product of the decode step alone: the rate at which
+        XLA:CPU reads its weight for a single row, in a chain of that one shape over 128 MiB
+        of distinct weights, in both layouts, beside the streaming-sum probe. Where the
+        decode chain above falls short of the bound, this says which shapes lose it.
 train   A full SFT step's matmuls alone (sequence 256, batch 8): per linear layer the forward
         X W and the backward dY W^T and X^T dY; per layer the attention's six batched matmuls
         (QK^T, PV and their four backward products, causal blocks not skipped, as the MFU
@@ -102,6 +109,57 @@ def decode_chain_seconds(shape: dict, repeats: int, transposed: bool) -> float:
         lambda x: jax.lax.scan(token, x, None, length=TOKENS)[0], compiler_options=options
     )
     return _best(run, jnp.ones((1, d), jnp.float32), repeats=repeats)
+
+
+# Weights per chain of one product: well past the last-level cache (32 MiB on the machines of the
+# result files), so every product reads its weight from memory, as a 50M decode step does.
+STREAM_BYTES = 128 * 2**20
+
+
+def matvec_stream_gbs(i: int, o: int, transposed: bool, repeats: int) -> float:
+    """GB/s at which XLA:CPU reads an [i, o] weight for one single-row product, in a chain of
+    such products over distinct weights (STREAM_BYTES in all, at most 1,024 of them), each
+    product's input the previous one's output, as a decode step orders them. Engine's decode
+    compile options; transposed: [o, i] weights times `matmul.dot_t`."""
+    count = max(2, min(1024, STREAM_BYTES // (4 * i * o)))
+    keys = jax.random.split(jax.random.key(1), count)
+    weights = [jax.random.normal(k, (o, i) if transposed else (i, o)) * 0.02 for k in keys]
+    mm = (lambda x, w: matmul.dot_t(x, w, jnp.float32)) if transposed else jnp.matmul
+
+    def chain(x, weights):
+        for w in weights:
+            y = mm(x, w)
+            x = jnp.tanh(jnp.tile(y, (1, -(-i // o)))[:, :i])  # the next input, from all of y
+        return x
+
+    run = jax.jit(chain, compiler_options=matmul.decode_compiler_options())
+    seconds = _best(run, jnp.ones((1, i), jnp.float32), weights, repeats=repeats)
+    return 4 * i * o * count / seconds / 1e9
+
+
+def stream_rows(name: str, repeats: int) -> list[dict]:
+    """Per product of the model's decode step, the read rate of its weight (matvec_stream_gbs)
+    in both layouts, beside the streaming-sum probe the decode bound divides by."""
+    shape = MODEL_SHAPES[name]
+    dims = {**tt.linear_dims(shape), "head": (shape["hidden_size"], shape["vocab_size"])}
+    probe = max(memory_bandwidth()["best"] for _ in range(2)) / 1e9
+    rows = []
+    for part, (i, o) in dims.items():
+        rates = {
+            layout: max(matvec_stream_gbs(i, o, layout == "[out, in]", 1) for _ in range(repeats))
+            for layout in ("[in, out]", "[out, in]")
+        }
+        rows.append({
+            "model": name,
+            "product": part,
+            "weight [in, out]": f"[{i}, {o}]",
+            "MB": 4 * i * o / 1e6,
+            "per token": shape["num_layers"] if part != "head" else 1,
+            **{f"{layout} GB/s": r for layout, r in rates.items()},
+            "best of probe": max(rates.values()) / probe,
+            "probe GB/s": probe,
+        })  # fmt: skip
+    return rows
 
 
 def decode_rows(name: str, repeats: int) -> dict:
@@ -191,22 +249,34 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="5M,50M")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--parts", default="decode,train", help="of decode, streams, train")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    names = args.models.split(",")
+    names, parts = args.models.split(","), args.parts.split(",")
+    unknown = set(parts) - {"decode", "streams", "train"}
+    if unknown:
+        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, streams, train")
     host = machine()
     print(f"machine: {describe_machine(host)}", flush=True)
-    decode = [decode_rows(n, args.repeats) for n in names]
-    train = [train_rows(n, args.repeats) for n in names]
-    print("Batch-1 decode, float32:")
-    print(format_table(decode, list(decode[0])))
-    print("\nFull SFT step (seq 256, batch 8), float32:")
-    print(format_table(train, list(train[0])))
+    results = {"machine": host}
+    titles = {
+        "decode": "Batch-1 decode, float32:",
+        "streams": "Single-row products, float32, each in a chain of its own shape:",
+        "train": "Full SFT step (seq 256, batch 8), float32:",
+    }
+    for part in parts:
+        if part == "decode":
+            rows = [decode_rows(n, args.repeats) for n in names]
+        elif part == "streams":
+            rows = [r for n in names for r in stream_rows(n, args.repeats)]
+        else:
+            rows = [train_rows(n, args.repeats) for n in names]
+        results[part] = rows
+        print(f"\n{titles[part]}")
+        print(format_table(rows, list(rows[0])), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(
-                {"machine": host, "decode": decode, "train": train, "args": vars(args)}, f, indent=1
-            )
+            json.dump({**results, "args": vars(args)}, f, indent=1)
 
 
 if __name__ == "__main__":
