@@ -1,9 +1,11 @@
 """The ceilings XLA:CPU's own matmuls put on this machine's figures, next to what jaxpost reaches.
 
-  python benchmarks/xla_ceilings.py [--models 5M,50M] [--parts decode,train]
+  python benchmarks/xla_ceilings.py [--models 5M,50M] [--parts decode,train] [--repeats 5]
                                    [--out benchmarks/results/xla_ceilings.json]
   python benchmarks/xla_ceilings.py --models 50M --parts streams
                                    --out benchmarks/results/xla_matvec_streams.json
+  python benchmarks/xla_ceilings.py --models 50M --parts cores
+                                   --out benchmarks/results/xla_decode_cores.json
 
 The performance targets of the train and rollout benchmarks are fractions of two probes: a
 1024^3 float32 matmul (training MFU) and a streaming sum (batch-1 decode bandwidth). This script
@@ -24,6 +26,12 @@ streams (not run by default) Each product of the decode step alone: the rate at 
         XLA:CPU reads its weight for a single row, in a chain of that one shape over 128 MiB
         of distinct weights, in both layouts, beside the streaming-sum probe. Where the
         decode chain above falls short of the bound, this says which shapes lose it.
+cores   (not run by default) The streaming-sum probe and the decode chain above, each in a
+        process pinned to one CPU and in one on all of them. XLA:CPU computes a single-row
+        product as one loop on one thread: only independent products (q, k, v; gate, up) run
+        side by side, so the chain gains less from a second core than the probe does, and the
+        bound's share the chain can reach is about what one core's chain reaches of one
+        core's probe.
 train   A full SFT step's matmuls alone (sequence 256, batch 8): per linear layer the forward
         X W and the backward dY W^T and X^T dY; per layer the attention's six batched matmuls
         (QK^T, PV and their four backward products, causal blocks not skipped, as the MFU
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 
@@ -191,6 +200,53 @@ def decode_rows(name: str, repeats: int) -> dict:
     }
 
 
+def _pinned_decode(name: str, cpus: list[int], repeats: int, out) -> None:
+    """In a fresh process pinned to `cpus`: the streaming-sum probe and the decode chain's
+    faster layout, put on `out` as a dict."""
+    # Every thread of the process: importing this module (JAX, the benchmarks) has started
+    # some already, and a thread's mask is its own; threads started later inherit it.
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cpus)
+    shape = MODEL_SHAPES[name]
+    x = jnp.ones((2**27,), jnp.float32)  # 512 MiB, as `memory_bandwidth`
+    total = jax.jit(jnp.sum, compiler_options=matmul.decode_compiler_options())
+    probe = 4 * x.size / _best(total, x, repeats=repeats)
+    chain = min(decode_chain_seconds(shape, repeats, transposed=t) for t in (False, True))
+    out.put({"probe": probe, "chain tok/s": TOKENS / chain})
+
+
+def cores_rows(name: str, repeats: int) -> list[dict]:
+    """The streaming-sum probe and the decode chain (`decode_chain_seconds`, faster layout) in a
+    process pinned to one CPU and in one on all of them. A single-row product is one loop on one
+    thread, so a chain of dependent products reads at most at one core's rate; only independent
+    products (q, k, v; gate, up) run side by side. Their ratio says how much of the all-core
+    probe a decode step can use."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh XLA client, created after pinning
+    cpus = sorted(os.sched_getaffinity(0))
+    measured = {}
+    for label, pinned in (("one CPU", cpus[:1]), (f"{len(cpus)} CPUs", cpus)):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_pinned_decode, args=(name, pinned, repeats, queue))
+        child.start()
+        measured[label] = queue.get()
+        child.join()
+    cfg = rt.MODELS[name]
+    per_token = rt.bytes_per_token(cfg, rt.PROMPT + rt.NEW // 2)
+    one, every = measured["one CPU"], measured[f"{len(cpus)} CPUs"]
+    return [
+        {
+            "model": name,
+            "CPUs": label,
+            "probe GB/s": m["probe"] / 1e9,
+            "probe of all-CPU probe": m["probe"] / every["probe"],
+            "matvecs alone tok/s": m["chain tok/s"],
+            "matvecs of all-CPU bound": m["chain tok/s"] * per_token / every["probe"],
+            "matvecs of this probe's bound": m["chain tok/s"] * per_token / m["probe"],
+        }
+        for label, m in (("one CPU", one), (f"{len(cpus)} CPUs", every))
+    ]
+
+
 # Train -------------------------------------------------------------------------------------------
 
 
@@ -249,19 +305,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="5M,50M")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parts", default="decode,train", help="of decode, streams, train")
+    ap.add_argument("--parts", default="decode,train", help="of decode, streams, cores, train")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names, parts = args.models.split(","), args.parts.split(",")
-    unknown = set(parts) - {"decode", "streams", "train"}
+    unknown = set(parts) - {"decode", "streams", "cores", "train"}
     if unknown:
-        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, streams, train")
+        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, streams, cores, train")
     host = machine()
     print(f"machine: {describe_machine(host)}", flush=True)
     results = {"machine": host}
     titles = {
         "decode": "Batch-1 decode, float32:",
         "streams": "Single-row products, float32, each in a chain of its own shape:",
+        "cores": "Batch-1 decode matvecs on one CPU and on all, float32:",
         "train": "Full SFT step (seq 256, batch 8), float32:",
     }
     for part in parts:
@@ -269,6 +326,8 @@ def main(argv=None) -> None:
             rows = [decode_rows(n, args.repeats) for n in names]
         elif part == "streams":
             rows = [r for n in names for r in stream_rows(n, args.repeats)]
+        elif part == "cores":
+            rows = [r for n in names for r in cores_rows(n, args.repeats)]
         else:
             rows = [train_rows(n, args.repeats) for n in names]
         results[part] = rows
