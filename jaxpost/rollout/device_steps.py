@@ -59,14 +59,17 @@ def continue_step(cfg: ModelConfig, scale: float, base, lora_tree, prefix, token
     return k, v, hidden[:, true_length[0] - 1]
 
 
-def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, floats, eos):
+def insert_step(
+    page_size: int, st: DecodeState, prefix, slot, table_row, max_new, ints, floats, eos
+):
     """Write a prefix into `slot`: its k/v into the pages of `table_row` (the slot's row of the
-    host's page table; in place under donation), its length, last hidden state and sampling
-    parameters. The prefix is row `prefix.row` of its prefill batch (see `state.Prefix`)."""
+    host's page table; in place under donation), its length, last hidden state, token budget
+    `max_new` and sampling parameters (`state.slot_sampling_arrays`). The prefix is row
+    `prefix.row` of its prefill batch (see `state.Prefix`)."""
     k_rows, v_rows, hidden_rows, length, row_index = prefix
     k, v, hidden = (a[row_index] for a in (k_rows, v_rows, hidden_rows))
     # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
-    key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[2]), ints[3]))
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[1]), ints[2]))
     c = st.cache
     pos = jnp.arange(k.shape[1])
     column = pos // page_size
@@ -105,10 +108,10 @@ def insert_step(page_size: int, st: DecodeState, prefix, slot, table_row, ints, 
         hidden=st.hidden.at[slot].set(hidden.astype(st.hidden.dtype)),
         generated=st.generated.at[slot].set(0),
         done=st.done.at[slot].set(False),
-        max_new=st.max_new.at[slot].set(ints[0]),
+        max_new=st.max_new.at[slot].set(max_new),
         key_data=st.key_data.at[slot].set(key),
         temperature=st.temperature.at[slot].set(floats[0]),
-        top_k=st.top_k.at[slot].set(ints[1]),
+        top_k=st.top_k.at[slot].set(ints[0]),
         top_p=st.top_p.at[slot].set(floats[1]),
         min_p=st.min_p.at[slot].set(floats[2]),
         eos=st.eos.at[slot].set(eos),

@@ -96,18 +96,19 @@ def validate_prompt(
             f"prompt {index} is not a flat sequence of integer token ids (got {ids.dtype} "
             f"values of shape {ids.shape})"
         )
-    prompt = ids.tolist()
-    if not prompt:
+    if not ids.size:
         raise ValueError(f"prompt {index} is empty; expected at least one token")
-    if len(prompt) > max_prefill:
+    if ids.size > max_prefill:
         raise ValueError(
-            f"prompt {index} has {len(prompt)} tokens; the engine's max_prefill_length is "
+            f"prompt {index} has {ids.size} tokens; the engine's max_prefill_length is "
             f"{max_prefill}"
         )
-    if vocab is not None and not all(0 <= t < vocab for t in prompt):
-        bad = next(t for t in prompt if not 0 <= t < vocab)
-        raise ValueError(f"prompt {index} has token id {bad}; expected ids in [0, {vocab})")
-    return prompt
+    if vocab is not None:
+        outside = (ids < 0) | (ids >= vocab)  # one pass in NumPy: RL batches are large
+        if outside.any():
+            bad = ids[np.argmax(outside)]
+            raise ValueError(f"prompt {index} has token id {bad}; expected ids in [0, {vocab})")
+    return ids.tolist()
 
 
 def _warn_identical_sampled_repeats(first, requests) -> None:

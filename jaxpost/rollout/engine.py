@@ -43,16 +43,17 @@ from jaxpost.rollout.page_allocator import SlotBook
 from jaxpost.rollout.paged_cache import reads_in_place
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import (
-    MAX_EOS,
     DecodeState,
     Prefix,
     StepResult,
+    check_padded_prompt,
     decode_state_shardings,
     empty_decode_state,
     pad_prompts,
     prefill_batch_pieces,
     prefill_bucket,
     prefill_rows,
+    slot_sampling_arrays,
     table_width_bucket,
 )
 from jaxpost.sharding import (
@@ -253,17 +254,7 @@ class Engine:
         Prefix plus tokens must fit max_len.
         """
         padded = np.asarray(padded_tokens)
-        if padded.ndim != 1:
-            raise ValueError(f"padded_tokens must be 1-D [T], got shape {padded.shape}")
-        if not 1 <= true_length <= padded.shape[0]:
-            raise ValueError(
-                f"true_length={true_length} must be in [1, len(padded_tokens)={padded.shape[0]}]"
-            )
-        if padded.shape[0] > self.max_prefill_length:
-            raise ValueError(
-                f"prompt of {padded.shape[0]} tokens exceeds max_prefill_length="
-                f"{self.max_prefill_length}"
-            )
+        check_padded_prompt(padded, true_length, self.max_prefill_length)
         lengths = np.array([true_length], np.int32)
         tokens = padded[None].astype(np.int32)
         if existing_prefix is not None:
@@ -345,12 +336,9 @@ class Engine:
     ) -> DecodeState:
         """Start decoding `prefix` in `slot` (freeing what the slot held) with `sampling`."""
         sp = sampling or self.default_sampling
-        if len(sp.eos_token_ids) > MAX_EOS:
-            raise ValueError(f"{len(sp.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
+        arrays = slot_sampling_arrays(sp, sample_index)  # checked before the book admits
         limit = self.book.admit(slot, prefix, sp.max_new_tokens)
         self._variant[slot] = sp.variant
-        eos = np.full((MAX_EOS,), -1, np.int32)
-        eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
         fn = self._compiled(
             "insert",
             functools.partial(device_steps.insert_step, self.page_size),
@@ -362,9 +350,8 @@ class Engine:
             (prefix.k, prefix.v, prefix.hidden, prefix.length, prefix.row),
             np.int32(slot),
             self.book.table[slot].copy(),
-            np.array([limit - prefix.true_length, sp.top_k, sp.seed, sample_index], np.int32),
-            np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
-            eos,
+            np.int32(limit - prefix.true_length),  # the tokens the slot may generate
+            *arrays,
         )
 
     def release(self, slot: int) -> None:

@@ -186,6 +186,36 @@ def pad_prompts(prompts: list[list[int]], rows: int, width: int) -> tuple[np.nda
     return tokens, lengths
 
 
+def check_padded_prompt(padded: np.ndarray, true_length: int, max_prefill_length: int) -> None:
+    """The checks of `Engine.prefill`'s JetStream arguments: padded_tokens [T], T at most
+    max_prefill_length, true_length in [1, T]."""
+    if padded.ndim != 1:
+        raise ValueError(f"padded_tokens must be 1-D [T], got shape {padded.shape}")
+    if not 1 <= true_length <= padded.shape[0]:
+        raise ValueError(
+            f"true_length={true_length} must be in [1, len(padded_tokens)={padded.shape[0]}]"
+        )
+    if padded.shape[0] > max_prefill_length:
+        raise ValueError(
+            f"prompt of {padded.shape[0]} tokens exceeds max_prefill_length={max_prefill_length}"
+        )
+
+
+def slot_sampling_arrays(sp, sample_index: int) -> tuple[np.ndarray, ...]:
+    """A slot's sampling parameters as `device_steps.insert_step` takes them: ints [top_k,
+    seed, sample_index], floats [temperature, top_p, min_p], eos [MAX_EOS] (-1 padded).
+    sp: a `sampling.SamplingParams`."""
+    if len(sp.eos_token_ids) > MAX_EOS:
+        raise ValueError(f"{len(sp.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
+    eos = np.full((MAX_EOS,), -1, np.int32)
+    eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
+    return (
+        np.array([sp.top_k, sp.seed, sample_index], np.int32),
+        np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
+        eos,
+    )
+
+
 def table_width_bucket(pages: int, max_pages: int) -> int:
     """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x them) >= pages,
     capped at max_pages: the page-table columns a decode call attends over. At most

@@ -80,10 +80,12 @@ def test_bfloat16_prompt_insert_stays_16_bit(scan_layers):
     table_row = jnp.arange(1, 5, dtype=jnp.int32)
 
     def insert(state, prefix, table_row):
-        ints = jnp.array([4, 0, 0, 0], jnp.int32)
+        ints = jnp.array([0, 0, 0], jnp.int32)
         floats = jnp.zeros((3,), jnp.float32)
         eos = jnp.full((8,), -1, jnp.int32)
-        return device_steps.insert_step(16, state, prefix, 0, table_row, ints, floats, eos)
+        return device_steps.insert_step(
+            16, state, prefix, 0, table_row, jnp.int32(4), ints, floats, eos
+        )
 
     pool = "f32[2,4,64,16,32]" if scan_layers else "f32[4,64,16,32]"  # stacked: [L, ...]
     text = jax.jit(insert).lower(state, prefix, table_row).compile().as_text()

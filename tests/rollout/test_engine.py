@@ -260,6 +260,13 @@ def test_bad_inputs_raise_clear_errors(params):
         engine.prefill(
             params=engine.params, existing_prefix=prefix, padded_tokens=ones, true_length=1
         )
+    # More eos ids than a slot holds on device: refused before the slot is admitted.
+    state = engine.init_decode_state()
+    many_eos = rollout.SamplingParams(max_new_tokens=2, eos_token_ids=tuple(range(9)))
+    with pytest.raises(ValueError, match="9 eos_token_ids; at most 8"):
+        short = engine.prefill(params=engine.params, padded_tokens=ones, true_length=4)
+        engine.insert(short, state, 0, sampling=many_eos)
+    assert not engine.book.active.any() and engine.unreserved_pages() == engine.num_pages
 
 
 def test_greedy_tokens_are_the_same_with_the_paged_kernel_forced_on(params):
