@@ -33,10 +33,6 @@ def _tokens(seed: int, shape=(2, 12)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
 
 
-def _randomize(lp: lora.LoraParams, seed: int, std: float = 0.05) -> lora.LoraParams:
-    return randomized(lp, jax.random.key(seed), std)
-
-
 @pytest.fixture(scope="module")
 def params():
     return jax.jit(models.init, static_argnums=0)(CFG, jax.random.key(0))
@@ -90,7 +86,7 @@ def test_default_targets_and_trainable_leaves(params):
 def test_custom_targets(params):
     lp = lora.init(CFG, params, rank=2, targets=[r"layers/attn/(q|v)/kernel", r".*/down/.*"])
     assert lp.modules == (("attn", "q"), ("attn", "v"), ("mlp", "down"))
-    lp = _randomize(lp, 3)
+    lp = randomized(lp, jax.random.key(3), 0.05)
     merged = jax.jit(lora.merge, static_argnums=0)(CFG, params, lp)
     for block, module in (("attn", "k"), ("mlp", "up")):
         np.testing.assert_array_equal(
@@ -109,7 +105,9 @@ def test_init_on_abstract_params():
 @pytest.mark.parametrize("use_rslora", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_merge_equals_partitioned_forward(params, use_rslora, shape):
-    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8, use_rslora=use_rslora), 4)
+    lp = randomized(
+        lora.init(CFG, params, rank=4, alpha=8, use_rslora=use_rslora), jax.random.key(4), 0.05
+    )
     tokens = _tokens(5, shape)
     partitioned = forward(CFG, params, tokens, lora=lp)
     merged = jax.jit(lora.merge, static_argnums=0)(CFG, params, lp)
@@ -130,7 +128,7 @@ def test_merge_equals_partitioned_forward(params, use_rslora, shape):
 def test_merged_kernel_path_has_the_unmerged_gradients(params, monkeypatch):
     """A train step's LoRA linears multiply by w + s a b (`matmul.lora_dot`); the loss and the
     factors' gradients equal those of the unmerged form, x w + s (x a) b."""
-    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8), 6)
+    lp = randomized(lora.init(CFG, params, rank=4, alpha=8), jax.random.key(6), 0.05)
     tokens = _tokens(7, (3, 100))
 
     def loss(lp_):
@@ -148,7 +146,7 @@ def test_merged_kernel_path_has_the_unmerged_gradients(params, monkeypatch):
 
 
 def test_dropout_acts_only_with_an_rng(params):
-    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8, dropout=0.5), 6, std=0.3)
+    lp = randomized(lora.init(CFG, params, rank=4, alpha=8, dropout=0.5), jax.random.key(6), 0.3)
     tokens = _tokens(7)
     no_dropout = dataclasses.replace(lp, dropout=0.0)
     det = forward(CFG, params, tokens, lora=lp)
@@ -168,13 +166,13 @@ def test_partition_and_sharding_names(params):
     }
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     shardings = sharding.tree_shardings(lp, axes, mesh)
-    placed = jax.device_put(_randomize(lp, 8), shardings)
+    placed = jax.device_put(randomized(lp, jax.random.key(8), 0.05), shardings)
     spec = placed.params["layers"]["mlp"]["up"]["b"].sharding.spec
     assert tuple(spec) == (None, None, "tensor")
     tokens = _tokens(9)
     np.testing.assert_allclose(
         forward(CFG, params, tokens, lora=placed),
-        forward(CFG, params, tokens, lora=_randomize(lp, 8)),
+        forward(CFG, params, tokens, lora=randomized(lp, jax.random.key(8), 0.05)),
         atol=1e-5,
     )
 
@@ -250,7 +248,7 @@ def test_jaxpost_adapter_loads_in_peft(hf_pair, tmp_path):
     rslora = family == "qwen3"
     targets = None if family == "llama" else [r"layers/attn/(q|k|o)/kernel", r"layers/mlp/up/.*"]
     lp = lora.init(cfg, params, rank=4, alpha=8, targets=targets, use_rslora=rslora)
-    lp = _randomize(lp, 10)
+    lp = randomized(lp, jax.random.key(10), 0.05)
     lora.save_peft(cfg, lp, tmp_path / "adapter", base_model_name_or_path=str(path))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_rslora"] is rslora
@@ -330,7 +328,11 @@ def test_peft_adapter_loads_in_jaxpost(hf_pair, tmp_path, target_modules):
 
 @pytest.fixture
 def adapter(params, tmp_path):
-    lp = _randomize(lora.init(CFG, params, rank=4, targets=[r"layers/attn/(q|v)/kernel"]), 14)
+    lp = randomized(
+        lora.init(CFG, params, rank=4, targets=[r"layers/attn/(q|v)/kernel"]),
+        jax.random.key(14),
+        0.05,
+    )
     lora.save_peft(CFG, lp, tmp_path)
     return tmp_path
 
@@ -456,7 +458,7 @@ def test_an_adapter_for_another_model_is_a_clear_error_everywhere(params, tmp_pa
 
 
 def test_forward_takes_partitioned_params(params):
-    lp = _randomize(lora.init(CFG, params, rank=4, alpha=8), 3)
+    lp = randomized(lora.init(CFG, params, rank=4, alpha=8), jax.random.key(3), 0.05)
     tokens = _tokens(2)
     want = forward(CFG, params, tokens, lora=lp)
     got = forward(CFG, lora.combine(params, lp), tokens)
