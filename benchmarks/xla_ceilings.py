@@ -27,11 +27,11 @@ streams (not run by default) Each product of the decode step alone: the rate at 
         of distinct weights, in both layouts, beside the streaming-sum probe. Where the
         decode chain above falls short of the bound, this says which shapes lose it.
 cores   (not run by default) The streaming-sum probe and the decode chain above, each in a
-        process pinned to one CPU and in one on all of them. XLA:CPU computes a single-row
-        product as one loop on one thread: only independent products (q, k, v; gate, up) run
-        side by side, so the chain gains less from a second core than the probe does, and the
-        bound's share the chain can reach is about what one core's chain reaches of one
-        core's probe.
+        process pinned to one CPU and in one on all of them: how much a decode step gains from
+        more cores against what the probe gains. XLA:CPU splits a single-row product over
+        threads only when its weight is large (the MLP's, the head), and runs independent
+        products (q, k, v; gate, up) side by side; the small attention products run on one
+        thread whatever the CPU count.
 train   A full SFT step's matmuls alone (sequence 256, batch 8): per linear layer the forward
         X W and the backward dY W^T and X^T dY; per layer the attention's six batched matmuls
         (QK^T, PV and their four backward products, causal blocks not skipped, as the MFU
@@ -217,10 +217,7 @@ def _pinned_decode(name: str, cpus: list[int], repeats: int, out) -> None:
 
 def cores_rows(name: str, repeats: int) -> list[dict]:
     """The streaming-sum probe and the decode chain (`decode_chain_seconds`, faster layout) in a
-    process pinned to one CPU and in one on all of them. A single-row product is one loop on one
-    thread, so a chain of dependent products reads at most at one core's rate; only independent
-    products (q, k, v; gate, up) run side by side. Their ratio says how much of the all-core
-    probe a decode step can use."""
+    process pinned to one CPU and in one on all of them (module docstring, `cores`)."""
     ctx = multiprocessing.get_context("spawn")  # a fresh XLA client, created after pinning
     cpus = sorted(os.sched_getaffinity(0))
     measured = {}
