@@ -207,10 +207,8 @@ def _pinned_decode(name: str, cpus: list[int], repeats: int, out) -> None:
     # some already, and a thread's mask is its own; threads started later inherit it.
     for tid in os.listdir("/proc/self/task"):
         os.sched_setaffinity(int(tid), cpus)
+    probe = memory_bandwidth(repeats=repeats)["best"]  # the probe every decode bound divides by
     shape = MODEL_SHAPES[name]
-    x = jnp.ones((2**27,), jnp.float32)  # 512 MiB, as `memory_bandwidth`
-    total = jax.jit(jnp.sum, compiler_options=matmul.decode_compiler_options())
-    probe = 4 * x.size / _best(total, x, repeats=repeats)
     chain = min(decode_chain_seconds(shape, repeats, transposed=t) for t in (False, True))
     out.put({"probe": probe, "chain tok/s": TOKENS / chain})
 
@@ -227,9 +225,8 @@ def cores_rows(name: str, repeats: int) -> list[dict]:
         child.start()
         measured[label] = queue.get()
         child.join()
-    cfg = rt.MODELS[name]
-    per_token = rt.bytes_per_token(cfg, rt.PROMPT + rt.NEW // 2)
-    one, every = measured["one CPU"], measured[f"{len(cpus)} CPUs"]
+    per_token = rt.bytes_per_token(rt.MODELS[name], rt.PROMPT + rt.NEW // 2)
+    every = measured[label]  # the last: all CPUs
     return [
         {
             "model": name,
@@ -240,7 +237,7 @@ def cores_rows(name: str, repeats: int) -> list[dict]:
             "matvecs of all-CPU bound": m["chain tok/s"] * per_token / every["probe"],
             "matvecs of this probe's bound": m["chain tok/s"] * per_token / m["probe"],
         }
-        for label, m in (("one CPU", one), (f"{len(cpus)} CPUs", every))
+        for label, m in measured.items()
     ]
 
 
@@ -298,37 +295,34 @@ def train_rows(name: str, repeats: int) -> dict:
     }
 
 
+# --parts: each part's title and its rows for one model (model name, --repeats) -> list.
+PARTS = {
+    "decode": ("Batch-1 decode, float32:", lambda n, r: [decode_rows(n, r)]),
+    "streams": ("Single-row products, float32, each in a chain of its own shape:", stream_rows),
+    "cores": ("Batch-1 decode matvecs on one CPU and on all, float32:", cores_rows),
+    "train": ("Full SFT step (seq 256, batch 8), float32:", lambda n, r: [train_rows(n, r)]),
+}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="5M,50M")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parts", default="decode,train", help="of decode, streams, cores, train")
+    ap.add_argument("--parts", default="decode,train", help=f"of {', '.join(PARTS)}")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names, parts = args.models.split(","), args.parts.split(",")
-    unknown = set(parts) - {"decode", "streams", "cores", "train"}
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        ap.error(f"unknown --parts {sorted(unknown)}; choose from decode, streams, cores, train")
+        ap.error(f"unknown --parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     host = machine()
     print(f"machine: {describe_machine(host)}", flush=True)
     results = {"machine": host}
-    titles = {
-        "decode": "Batch-1 decode, float32:",
-        "streams": "Single-row products, float32, each in a chain of its own shape:",
-        "cores": "Batch-1 decode matvecs on one CPU and on all, float32:",
-        "train": "Full SFT step (seq 256, batch 8), float32:",
-    }
     for part in parts:
-        if part == "decode":
-            rows = [decode_rows(n, args.repeats) for n in names]
-        elif part == "streams":
-            rows = [r for n in names for r in stream_rows(n, args.repeats)]
-        elif part == "cores":
-            rows = [r for n in names for r in cores_rows(n, args.repeats)]
-        else:
-            rows = [train_rows(n, args.repeats) for n in names]
+        title, rows_of = PARTS[part]
+        rows = [row for n in names for row in rows_of(n, args.repeats)]
         results[part] = rows
-        print(f"\n{titles[part]}")
+        print(f"\n{title}")
         print(format_table(rows, list(rows[0])), flush=True)
     if args.out:
         with open(args.out, "w") as f:

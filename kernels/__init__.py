@@ -21,8 +21,7 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is None:
-        del sys.modules["kernels"]
+    if _spec is None:  # (the import system drops the half-made module from sys.modules)
         raise ModuleNotFoundError(
             "No module named 'kernels' (the repository's kernels/ folder is `jaxpost.kernels`)",
             name="kernels",
