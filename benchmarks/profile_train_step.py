@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import MODEL_SHAPES, benchmark_model  # noqa: E402
 from train_throughput import ALPHA, BATCH, RANK, SEQ, TARGETS  # noqa: E402
 
-from jaxpost import lora, models, sharding, steps  # noqa: E402
+from jaxpost import host_memory, lora, models, sharding, steps  # noqa: E402
 from jaxpost.losses import sft_loss  # noqa: E402
 
 
@@ -48,7 +48,15 @@ def main() -> None:
     ap.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ops", default="", help="also list the slowest single ops of this part")
+    ap.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="keep glibc's malloc defaults (default: freed host memory kept, as "
+        "`python -m jaxpost.train` runs; `jaxpost.host_memory`)",
+    )
     args = ap.parse_args()
+    if not args.glibc_malloc:  # before the first JAX op starts the backend
+        print("host memory:", host_memory.keep_freed_memory())
 
     cfg = benchmark_model(args.model, scan_layers=args.scan, dtype=args.dtype)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])

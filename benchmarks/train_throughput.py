@@ -7,7 +7,9 @@
 For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's shapes), sequence
 256, batch 8, AdamW:
   jaxpost  `steps.make_train_step` + `losses.sft_loss` (fused chunked log-probs), one device;
-           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen
+           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen; freed host
+           memory kept in the process, as `python -m jaxpost.train` does on CPU
+           (`jaxpost.host_memory`; the system "jax_glibc_malloc" runs with glibc's defaults)
   torch    the `transformers` Qwen3ForCausalLM of the same shape, torch CPU with 2 threads,
            torch.optim.AdamW, loss from model(labels=...); LoRA through PEFT (same targets)
 Each workload runs in float32 and in bfloat16 mixed precision (float32 master weights, optimizer
@@ -89,7 +91,16 @@ def _peak_rss_mb() -> float:
 # Workers -----------------------------------------------------------------------------------------
 
 
-def jax_worker(model: str, mode: str, steps_: int, dtype: str = "float32") -> dict:
+def jax_worker(
+    model: str, mode: str, steps_: int, dtype: str = "float32", keep_freed_memory: bool = True
+) -> dict:
+    from jaxpost import host_memory
+
+    # First, as `python -m jaxpost.train` does (before JAX starts its thread pools), unless
+    # this is the "jax_glibc_malloc" system, which keeps glibc's defaults.
+    if keep_freed_memory and (status := host_memory.keep_freed_memory()) != "applied":
+        raise RuntimeError(f"host_memory.keep_freed_memory(): {status}")
+
     import jax
     import numpy as np
     from common import matmul_flops
@@ -264,7 +275,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="5M,50M")
     ap.add_argument("--modes", default="full,lora")
-    ap.add_argument("--frameworks", default="jax,torch")
+    ap.add_argument(
+        "--frameworks",
+        default="jax,torch",
+        help="jax: jaxpost as `python -m jaxpost.train` runs it (freed host memory kept, "
+        "`jaxpost.host_memory`); jax_glibc_malloc: the same with glibc's malloc defaults; "
+        "torch: the plain PyTorch loop",
+    )
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument(
@@ -281,8 +298,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         framework, model, mode, dtype = args.worker
-        fn = jax_worker if framework == "jax" else torch_worker
-        print(json.dumps(fn(model, mode, args.steps, dtype)))
+        if framework == "torch":
+            result = torch_worker(model, mode, args.steps, dtype)
+        else:
+            keep = framework == "jax"
+            result = jax_worker(model, mode, args.steps, dtype, keep_freed_memory=keep)
+        print(json.dumps(result))
         return
 
     from common import describe_machine, format_table, machine

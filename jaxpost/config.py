@@ -142,6 +142,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.metrics.tensorboard = True
     c.metrics.progress_bar = True
     c.metrics.plot = True
+
+    # CPU runs: keep freed host memory in the process (`jaxpost.host_memory`); no effect on TPU/GPU.
+    c.host = ml_collections.ConfigDict()
+    c.host.keep_freed_memory = True
     return c
 
 

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpost import config as jconfig
-from jaxpost import loops, sharding
+from jaxpost import host_memory, loops, sharding
 from jaxpost.checkpoint import CheckpointError, PreemptionGuard
 from jaxpost.loops import runner
 from jaxpost.loops.offline import Preempted
@@ -47,6 +47,10 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax / JAX info logs drown the metrics
     cfg = _CONFIG.value
+    # Before anything starts JAX's backend: malloc arenas are bound to threads when they start.
+    host = "glibc defaults (host.keep_freed_memory=False)"
+    if cfg.host.keep_freed_memory:
+        host = host_memory.keep_freed_memory()
     try:
         _init_distributed(cfg)
         jconfig.validate(cfg, num_devices=jax.device_count())
@@ -55,6 +59,7 @@ def main(argv: list[str]) -> int:
         return 2
     t0 = time.perf_counter()
     run = runner.Run.create(cfg)
+    run.log(f"host memory: {host}")
     recipe = loops.RECIPES[cfg.algorithm]
     try:
         with PreemptionGuard() as guard:

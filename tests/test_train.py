@@ -94,6 +94,7 @@ def test_quickstart_test_variant(tmp_path):
     proc = _run(work, f"--config={QUICKSTART}:test")
     out = proc.stdout
     assert f"work directory: {work}" in out
+    assert "host memory: applied" in out  # before JAX's backend started (`jaxpost.host_memory`)
     assert "held-out accuracy before sft:" in out and "held-out accuracy after sft:" in out
     summary = json.loads((work / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
