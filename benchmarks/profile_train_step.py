@@ -49,13 +49,13 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ops", default="", help="also list the slowest single ops of this part")
     ap.add_argument(
-        "--glibc-malloc",
+        "--keep-freed-memory",
         action="store_true",
-        help="keep glibc's malloc defaults (default: freed host memory kept, as "
-        "`python -m jaxpost.train` runs; `jaxpost.host_memory`)",
+        help="keep freed host memory in the process (`jaxpost.host_memory`), as "
+        "`python -m jaxpost.train --config.host.keep_freed_memory=True` does",
     )
     args = ap.parse_args()
-    if not args.glibc_malloc:  # before the first JAX op starts the backend
+    if args.keep_freed_memory:  # before the first JAX op starts the backend
         print("host memory:", host_memory.keep_freed_memory())
 
     cfg = benchmark_model(args.model, scan_layers=args.scan, dtype=args.dtype)

@@ -7,9 +7,9 @@
 For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's shapes), sequence
 256, batch 8, AdamW:
   jaxpost  `steps.make_train_step` + `losses.sft_loss` (fused chunked log-probs), one device;
-           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen; freed host
-           memory kept in the process, as `python -m jaxpost.train` does on CPU
-           (`jaxpost.host_memory`; the system "jax_glibc_malloc" runs with glibc's defaults)
+           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen; the system
+           "jax_keep_memory" is the same with freed host memory kept in the process
+           (`jaxpost.host_memory`, `python -m jaxpost.train --config.host.keep_freed_memory=True`)
   torch    the `transformers` Qwen3ForCausalLM of the same shape, torch CPU with 2 threads,
            torch.optim.AdamW, loss from model(labels=...); LoRA through PEFT (same targets)
 Each workload runs in float32 and in bfloat16 mixed precision (float32 master weights, optimizer
@@ -92,12 +92,12 @@ def _peak_rss_mb() -> float:
 
 
 def jax_worker(
-    model: str, mode: str, steps_: int, dtype: str = "float32", keep_freed_memory: bool = True
+    model: str, mode: str, steps_: int, dtype: str = "float32", keep_freed_memory: bool = False
 ) -> dict:
     from jaxpost import host_memory
 
-    # First, as `python -m jaxpost.train` does (before JAX starts its thread pools), unless
-    # this is the "jax_glibc_malloc" system, which keeps glibc's defaults.
+    # "jax_keep_memory": first thing, as `python -m jaxpost.train` does when asked (before JAX
+    # starts its thread pools).
     if keep_freed_memory and (status := host_memory.keep_freed_memory()) != "applied":
         raise RuntimeError(f"host_memory.keep_freed_memory(): {status}")
 
@@ -278,9 +278,8 @@ def main() -> None:
     ap.add_argument(
         "--frameworks",
         default="jax,torch",
-        help="jax: jaxpost as `python -m jaxpost.train` runs it (freed host memory kept, "
-        "`jaxpost.host_memory`); jax_glibc_malloc: the same with glibc's malloc defaults; "
-        "torch: the plain PyTorch loop",
+        help="jax: jaxpost's train step; jax_keep_memory: the same with freed host memory "
+        "kept in the process (`jaxpost.host_memory`, opt in); torch: the plain PyTorch loop",
     )
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=4)
@@ -301,13 +300,16 @@ def main() -> None:
         if framework == "torch":
             result = torch_worker(model, mode, args.steps, dtype)
         else:
-            keep = framework == "jax"
+            keep = framework == "jax_keep_memory"
             result = jax_worker(model, mode, args.steps, dtype, keep_freed_memory=keep)
         print(json.dumps(result))
         return
 
     from common import describe_machine, format_table, machine
 
+    unknown = set(args.frameworks.split(",")) - {"jax", "jax_keep_memory", "torch"}
+    if unknown:
+        ap.error(f"unknown --frameworks {sorted(unknown)}; choose from jax, jax_keep_memory, torch")
     host = machine()
     print(f"machine: {describe_machine(host)}", flush=True)
     load = os.getloadavg()
@@ -336,7 +338,7 @@ def main() -> None:
     for r in rows:
         torch_row = by.get((r["model"], r["mode"], r["dtype"], "torch"))
         full_row = by.get((r["model"], "full", r["dtype"], r["framework"]))
-        if r["framework"] == "jax" and torch_row:
+        if r["framework"].startswith("jax") and torch_row:
             r["x_torch"] = r["tokens_per_s"] / torch_row["tokens_per_s"]
         if r["mode"] == "lora" and full_row:
             r["x_full"] = r["tokens_per_s"] / full_row["tokens_per_s"]

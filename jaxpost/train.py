@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # Orbax / JAX info logs drown the metrics
     cfg = _CONFIG.value
     # Before anything starts JAX's backend: malloc arenas are bound to threads when they start.
-    host = "glibc defaults (host.keep_freed_memory=False)"
+    host = "malloc defaults (host.keep_freed_memory=False)"
     if cfg.host.keep_freed_memory:
         host = host_memory.keep_freed_memory()
     try:

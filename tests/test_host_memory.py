@@ -14,28 +14,32 @@ import pytest
 from jaxpost import host_memory
 
 # A jitted function whose [N, N] float32 outer product (N = 6144: 151 MB, far above glibc's
-# 32 MB mmap ceiling) is a temporary: the dot after it needs it materialised. Runs it 4 times
-# and reports the minor page faults of the last two.
+# 32 MB mmap ceiling) is a temporary: the dot after it needs it materialised. After 8 warm-up
+# calls, reports the minor page faults of CALLS more and the resident memory after them.
+CALLS = 24
 _SCRIPT = r"""
 import json, resource, sys
 from jaxpost import host_memory
-status = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else "glibc defaults"
+status = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else "malloc defaults"
 import jax, jax.numpy as jnp
 
 @jax.jit
 def f(x, v):
     return jnp.outer(x, x) @ v
 
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
 x = jnp.linspace(0.0, 1.0, 6144, dtype=jnp.float32)
 v = jnp.ones((6144, 4), jnp.float32)
 temp = f.lower(x, v).compile().memory_analysis().temp_size_in_bytes
-for _ in range(2):
+for _ in range(8):
     f(x, v).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):
+for _ in range(CALLS):
     f(x, v).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"status": status, "temp_bytes": temp, "faults_per_call": faults / 2}))
+print(json.dumps({"status": status, "temp_bytes": temp, "faults": faults, "rss": rss()}))
 """
 
 
@@ -48,21 +52,25 @@ def _run(*args: str, platforms: str = "cpu") -> subprocess.CompletedProcess:
 
 
 def _faults(mode: str) -> dict:
-    proc = _run("-c", _SCRIPT, mode)
+    proc = _run("-c", f"CALLS = {CALLS}\n" + _SCRIPT, mode)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="the malloc settings are glibc's")
-def test_kept_memory_stops_the_page_faults_of_each_execution():
+def test_kept_memory_saves_most_page_faults_and_keeps_the_heap():
     pages = 6144 * 6144 * 4 // 4096  # the temporary's 4 KiB pages
-    glibc, kept = _faults("glibc"), _faults("keep")
+    defaults, kept = _faults("defaults"), _faults("keep")
     assert kept["status"] == "applied"
-    assert glibc["temp_bytes"] >= 6144 * 6144 * 4  # the outer product is a temporary
-    # glibc's defaults: every call maps its temporary afresh and faults in every page of it.
-    assert glibc["faults_per_call"] > 0.9 * pages, glibc
-    # Kept: the freed block is reused in place.
-    assert kept["faults_per_call"] < 0.02 * pages, kept
+    assert defaults["temp_bytes"] >= 6144 * 6144 * 4  # the outer product is a temporary
+    # Malloc's defaults: every call maps its temporary afresh and faults in every page of it.
+    assert defaults["faults"] > 0.9 * pages * CALLS, defaults
+    # Kept: most calls reuse a freed block in place. Not all: a block split by small
+    # allocations no longer fits, and the call grows the heap instead (module docstring; 0-5
+    # of 24 calls faulted in scratch runs).
+    assert kept["faults"] < 0.5 * defaults["faults"], (kept, defaults)
+    # The price: the heap keeps at least one freed temporary resident after the calls.
+    assert kept["rss"] - defaults["rss"] > 0.9 * defaults["temp_bytes"], (kept, defaults)
 
 
 def test_refused_once_the_backend_has_started():

@@ -94,7 +94,7 @@ def test_quickstart_test_variant(tmp_path):
     proc = _run(work, f"--config={QUICKSTART}:test")
     out = proc.stdout
     assert f"work directory: {work}" in out
-    assert "host memory: applied" in out  # before JAX's backend started (`jaxpost.host_memory`)
+    assert "host memory: malloc defaults (host.keep_freed_memory=False)" in out  # opt in
     assert "held-out accuracy before sft:" in out and "held-out accuracy after sft:" in out
     summary = json.loads((work / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
@@ -267,8 +267,10 @@ def test_qlora_config_trains_through_the_cli(tmp_path):
     checkpoint holds the base as NF4 only, and the optimizer state covers only the LoRA factors."""
     work = tmp_path / "qlora"
     qlora = Path(QUICKSTART).with_name("qlora.py")
-    _run(work, f"--config={qlora}:cpu", "--config.train.steps=30", "--config.train.log_every=5",
-         "--config.checkpoint.every=30")  # fmt: skip
+    proc = _run(work, f"--config={qlora}:cpu", "--config.train.steps=30",
+                "--config.train.log_every=5", "--config.checkpoint.every=30",
+                "--config.host.keep_freed_memory=True")  # fmt: skip
+    assert "host memory: applied" in proc.stdout  # before JAX's backend started
     losses = _losses(work)
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < losses[5] - 0.2
