@@ -16,13 +16,13 @@ this does the equivalent from inside the process, with glibc's own switches (`ma
 - M_TRIM_THRESHOLD = -1: the heap is never trimmed, so a freed block stays mapped and the next
   step reuses it without a fault.
 
-Most executions then run without page faults, and that step took 3.77 instead of 4.33 s on this
-project's 2-core CI machine, LoRA's 2.67 instead of 3.18 s (`benchmarks/results/
+Most executions then run without page faults, and that step took 3.69 instead of 4.06 s on this
+project's 2-core CI machine, LoRA's 2.66 instead of 2.95 s (`benchmarks/results/
 train_host_memory.json`, the two side by side in one run). The cost is resident memory, which
 is why it is opt in. The heap never shrinks, and it fragments. An execution's temporaries are
 freed asynchronously, after the caller has its result, and small allocations split freed
 blocks. So a step sometimes finds no free block of its size and grows the heap by another.
-The 50M step's peak RSS rose from 3.2 to 4.7 GB. A bare jitted function with a 151 MB
+The 50M step's peak RSS rose from 3.3 to 4.8 GB. A bare jitted function with a 151 MB
 temporary grew its heap by 2 to 10 such blocks over its first 60 calls before settling, faulting
 on a few calls in ten along the way (`tests/test_host_memory.py`).
 
