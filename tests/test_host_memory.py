@@ -9,8 +9,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from jaxpost import host_memory
 
 # A jitted function whose [N, N] float32 outer product (N = 6144: 151 MB, far above glibc's
@@ -27,8 +25,11 @@ import jax, jax.numpy as jnp
 def f(x, v):
     return jnp.outer(x, x) @ v
 
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def rss():  # resident bytes (Linux); 0 where /proc is absent
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    except OSError:
+        return 0
 
 x = jnp.linspace(0.0, 1.0, 6144, dtype=jnp.float32)
 v = jnp.ones((6144, 4), jnp.float32)
@@ -57,10 +58,12 @@ def _faults(mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(host_memory._glibc() is None, reason="the malloc settings are glibc's")
 def test_kept_memory_saves_most_page_faults_and_keeps_the_heap():
     pages = 6144 * 6144 * 4 // 4096  # the temporary's 4 KiB pages
     defaults, kept = _faults("defaults"), _faults("keep")
+    if host_memory._glibc() is None:  # macOS, musl: refused by name, nothing changed
+        assert kept["status"] == "not applied: the C library is not glibc"
+        return
     assert kept["status"] == "applied"
     assert defaults["temp_bytes"] >= 6144 * 6144 * 4  # the outer product is a temporary
     # Malloc's defaults: every call maps its temporary afresh and faults in every page of it.
