@@ -16,7 +16,7 @@ from jaxpost import host_memory
 # calls, reports the minor page faults of CALLS more and the resident memory after them.
 CALLS = 24
 _SCRIPT = r"""
-import json, resource, sys
+import json, resource, sys, time
 from jaxpost import host_memory
 status = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else "malloc defaults"
 import jax, jax.numpy as jnp
@@ -40,6 +40,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(CALLS):
     f(x, v).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+time.sleep(1.0)  # temporaries are freed after the caller has its result: let that happen
 print(json.dumps({"status": status, "temp_bytes": temp, "faults": faults, "rss": rss()}))
 """
 
