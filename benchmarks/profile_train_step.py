@@ -1,6 +1,7 @@
 """Where the time of one jaxpost train step goes, by model part, from an XLA:CPU profile.
 
   python benchmarks/profile_train_step.py [--model 50M] [--mode full|lora] [--scan] [--top 25]
+                                          [--huge-pages] [--keep-freed-memory]
 
 Builds the train step of `train_throughput.py` (same shapes, seq 256, batch 8, AdamW), times three
 steps, then profiles one with `jax.profiler` and sums each XLA op's time by the part of the model
@@ -54,8 +55,17 @@ def main() -> None:
         help="keep freed host memory in the process (`jaxpost.host_memory`), as "
         "`python -m jaxpost.train --config.host.keep_freed_memory=True` does",
     )
+    ap.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="restart under glibc's huge-page tunable (`jaxpost.host_memory`), as "
+        "`python -m jaxpost.train` does by default",
+    )
     args = ap.parse_args()
-    if args.keep_freed_memory:  # before the first JAX op starts the backend
+    # Before the first JAX op starts the backend.
+    if args.huge_pages:
+        print("host memory:", host_memory.restart_with_huge_pages())
+    if args.keep_freed_memory:
         print("host memory:", host_memory.keep_freed_memory())
 
     cfg = benchmark_model(args.model, scan_layers=args.scan, dtype=args.dtype)

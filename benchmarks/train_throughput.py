@@ -7,11 +7,14 @@
 For each Qwen3-style model (~5M and ~50M parameters, the rollout benchmark's shapes), sequence
 256, batch 8, AdamW:
   jaxpost  `steps.make_train_step` + `losses.sft_loss` (fused chunked log-probs), one device;
-           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen; the system
-           "jax_keep_memory" is the same with freed host memory kept in the process
-           (`jaxpost.host_memory`, `python -m jaxpost.train --config.host.keep_freed_memory=True`)
+           LoRA r=8, alpha=16 on q, k, v, o, gate, up, down with the base frozen. Systems
+           (`jaxpost.host_memory`): "jax" runs as `python -m jaxpost.train` does by default,
+           with glibc's huge-page tunable where the machine has a use for it;
+           "jax_plain_malloc" without it; "jax_keep_memory" without it but with freed host
+           memory kept (`--config.host.huge_pages=False --config.host.keep_freed_memory=True`)
   torch    the `transformers` Qwen3ForCausalLM of the same shape, torch CPU with 2 threads,
-           torch.optim.AdamW, loss from model(labels=...); LoRA through PEFT (same targets)
+           torch.optim.AdamW, loss from model(labels=...); LoRA through PEFT (same targets);
+           "torch_huge_pages" is the same loop under glibc's huge-page tunable
 Each workload runs in float32 and in bfloat16 mixed precision (float32 master weights, optimizer
 state, norms, softmax and loss; matmul operands in bfloat16 with float32 results): jaxpost with
 ModelConfig(dtype="bfloat16"), torch under torch.autocast("cpu", bfloat16).
@@ -89,6 +92,16 @@ def _peak_rss_mb() -> float:
 
 
 # Workers -----------------------------------------------------------------------------------------
+
+
+# framework -> (worker, glibc huge-page tunable, keep freed memory): see the module docstring.
+SYSTEMS = {
+    "jax": ("jax", True, False),
+    "jax_plain_malloc": ("jax", False, False),
+    "jax_keep_memory": ("jax", False, True),
+    "torch": ("torch", False, False),
+    "torch_huge_pages": ("torch", True, False),
+}
 
 
 def jax_worker(
@@ -237,8 +250,14 @@ def torch_worker(model: str, mode: str, steps_: int, dtype: str = "float32") -> 
 
 
 def run_worker(framework: str, model: str, mode: str, dtype: str, steps_: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    from jaxpost import host_memory
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
     env["JAX_PLATFORMS"] = "cpu"
+    # The tunable as `python -m jaxpost.train` sets it when it restarts itself; only where the
+    # machine has a use for it (glibc >= 2.35, kernel THP "madvise"), as there.
+    if SYSTEMS[framework][1] and host_memory.huge_pages_unneeded_or_impossible() is None:
+        env["GLIBC_TUNABLES"] = host_memory.HUGETLB_TUNABLE
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, model, mode, dtype]
     cmd += ["--steps", str(steps_)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -267,6 +286,7 @@ def summarise(framework: str, model: str, mode: str, dtype: str, result: dict) -
         "peak_rss_MB": result["peak_rss_mb"],
         "step_buffers_MB": result.get("step_buffers_mb"),
         "first_step_s": result["compile_s"],
+        "glibc_tunables": result.get("glibc_tunables", ""),
         "loss": recs[-1]["loss"],
     }
 
@@ -278,8 +298,10 @@ def main() -> None:
     ap.add_argument(
         "--frameworks",
         default="jax,torch",
-        help="jax: jaxpost's train step; jax_keep_memory: the same with freed host memory "
-        "kept in the process (`jaxpost.host_memory`, opt in); torch: the plain PyTorch loop",
+        help="jax: jaxpost's train step as `python -m jaxpost.train` runs it (glibc's huge-page "
+        "tunable where it helps); jax_plain_malloc: without it; jax_keep_memory: freed host "
+        "memory kept instead (`jaxpost.host_memory`); torch: the plain PyTorch loop; "
+        "torch_huge_pages: the same under glibc's huge-page tunable",
     )
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=4)
@@ -297,19 +319,20 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         framework, model, mode, dtype = args.worker
-        if framework == "torch":
+        worker, _, keep = SYSTEMS[framework]
+        if worker == "torch":
             result = torch_worker(model, mode, args.steps, dtype)
         else:
-            keep = framework == "jax_keep_memory"
             result = jax_worker(model, mode, args.steps, dtype, keep_freed_memory=keep)
+        result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
         print(json.dumps(result))
         return
 
     from common import describe_machine, format_table, machine
 
-    unknown = set(args.frameworks.split(",")) - {"jax", "jax_keep_memory", "torch"}
+    unknown = set(args.frameworks.split(",")) - set(SYSTEMS)
     if unknown:
-        ap.error(f"unknown --frameworks {sorted(unknown)}; choose from jax, jax_keep_memory, torch")
+        ap.error(f"unknown --frameworks {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     host = machine()
     print(f"machine: {describe_machine(host)}", flush=True)
     load = os.getloadavg()

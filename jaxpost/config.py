@@ -143,9 +143,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.metrics.progress_bar = True
     c.metrics.plot = True
 
-    # CPU runs, opt in: keep freed host memory in the process (`jaxpost.host_memory`): faster
-    # steps, a larger resident heap. No effect on TPU/GPU.
+    # CPU runs (`jaxpost.host_memory`; no effect on TPU/GPU). huge_pages: the command restarts
+    # itself with glibc's malloc.hugetlb tunable, so a step's temporaries fault in 2 MiB pages
+    # instead of 4 KiB ones (faster steps, same memory). keep_freed_memory, opt in: malloc keeps
+    # freed blocks in the heap (faster steps, a larger resident heap; works where the kernel's
+    # huge pages are off).
     c.host = ml_collections.ConfigDict()
+    c.host.huge_pages = True
     c.host.keep_freed_memory = False
     return c
 

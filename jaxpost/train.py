@@ -41,16 +41,31 @@ def _init_distributed(cfg) -> None:
         sharding.initialize_distributed(config=cfg.mesh)
 
 
-def main(argv: list[str]) -> int:
+def _host_memory(cfg, may_relaunch: bool) -> str:
+    """The host-memory settings of config.host (`jaxpost.host_memory`), applied before anything
+    starts JAX's backend; returns the log line. Huge pages need glibc's tunable set when the
+    process starts, so the command re-executes itself with it (same PID and arguments)."""
+    if not cfg.host.huge_pages:
+        pages = "malloc defaults (host.huge_pages=False)"
+    elif may_relaunch:
+        pages = host_memory.restart_with_huge_pages()
+    else:  # called as a function: the caller's process is not ours to restart
+        env, pages = host_memory.relaunch_env()
+        if env is not None:
+            pages = "malloc defaults: not started as python -m jaxpost.train"
+    kept = "off"
+    if cfg.host.keep_freed_memory:  # malloc arenas are bound to threads when they start
+        kept = host_memory.keep_freed_memory()
+    return f"{pages}; keep freed memory: {kept}"
+
+
+def main(argv: list[str], may_relaunch: bool = False) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax / JAX info logs drown the metrics
     cfg = _CONFIG.value
-    # Before anything starts JAX's backend: malloc arenas are bound to threads when they start.
-    host = "malloc defaults (host.keep_freed_memory=False)"
-    if cfg.host.keep_freed_memory:
-        host = host_memory.keep_freed_memory()
+    host = _host_memory(cfg, may_relaunch)
     try:
         _init_distributed(cfg)
         jconfig.validate(cfg, num_devices=jax.device_count())
@@ -97,4 +112,4 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv, may_relaunch=True)), flags_parser=_parse_flags)
