@@ -15,7 +15,9 @@ under which malloc asks the kernel for transparent huge pages (`madvise(MADV_HUG
 blocks it maps. A step's temporaries then fault in 2 MiB at a time instead of 4 KiB. On the 50M
 full-SFT step (scratch runs, 6 steps each): 12,000-19,000 instead of 515,000 faults and 0.3-0.5
 instead of 1 s of system time per step, 3.7-3.9 instead of 4.2 s, at the same peak RSS (3.1-3.2
-GB); LoRA 2.6 instead of 2.9-3.0 s. The block is still unmapped after each step: fewer, larger
+GB); LoRA 2.6 instead of 2.9-3.0 s. Side by side in `benchmarks/results/train_host_memory.json`
+(each system in its own processes, three rounds): 3.83 against 4.05 s, LoRA 2.67 against
+3.05 s. The block is still unmapped after each step: fewer, larger
 faults are what is saved, not memory. glibc reads its tunables once, when the process starts,
 so no call switches them on from inside. `relaunch_env()` says whether starting the process
 again with the tunable would help, and with which environment, and `jaxpost.train` re-executes
@@ -35,17 +37,18 @@ equivalent from inside the process, with glibc's own switches (`mallopt`):
 - M_TRIM_THRESHOLD = -1: the heap is never trimmed, so a freed block stays mapped and the next
   step reuses it without a fault.
 
-Most executions then run without page faults, and that step took 3.69 instead of 4.06 s on this
-project's 2-core CI machine, LoRA's 2.66 instead of 2.95 s (`benchmarks/results/
-train_host_memory.json`, the two side by side in one run). The cost is resident memory. The
+Most executions then run without page faults, and that step took 3.81 instead of 4.05 s on this
+project's 2-core CI machine, LoRA's 2.73 instead of 3.05 s (`benchmarks/results/
+train_host_memory.json`, side by side in one run). The cost is resident memory. The
 heap never shrinks, and it fragments. An execution's temporaries are freed asynchronously,
 after the caller has its result, and small allocations split freed blocks. So a step sometimes
-finds no free block of its size and grows the heap by another. The 50M step's peak RSS rose
-from 3.3 to 4.8 GB. A bare jitted function with a 151 MB temporary grew its heap by 2 to 10
-such blocks over its first 60 calls before settling, faulting on a few calls in ten along the
-way (`tests/test_host_memory.py`). Arenas are bound to threads at their first allocation, so
-this must run before JAX starts its CPU backend (its thread pools); afterwards it changes
-nothing for them and is refused.
+finds no free block of its size and grows the heap by another. The 50M LoRA step's peak RSS
+was 4.0 instead of 2.6 GB in that file, the full step's 4.7 instead of 3.3 GB in earlier runs.
+A bare jitted function with a 151 MB temporary grew its heap by 2 to 10 such blocks over its
+first 60 calls before settling, faulting on a few calls in ten along the way
+(`tests/test_host_memory.py`). Arenas are bound to threads at their first allocation, so this
+must run before JAX starts its CPU backend (its thread pools); afterwards it changes nothing
+for them and is refused.
 """
 
 from __future__ import annotations
