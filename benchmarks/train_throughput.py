@@ -254,10 +254,10 @@ def run_worker(framework: str, model: str, mode: str, dtype: str, steps_: int) -
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
     env["JAX_PLATFORMS"] = "cpu"
-    # The tunable as `python -m jaxpost.train` sets it when it restarts itself; only where the
-    # machine has a use for it (glibc >= 2.35, kernel THP "madvise"), as there.
-    if SYSTEMS[framework][1] and host_memory.huge_pages_unneeded_or_impossible() is None:
-        env["GLIBC_TUNABLES"] = host_memory.HUGETLB_TUNABLE
+    # The environment `python -m jaxpost.train` restarts itself with (the tunable only where the
+    # machine has a use for it: glibc >= 2.35, kernel THP "madvise").
+    if SYSTEMS[framework][1]:
+        env = host_memory.huge_pages_env(env)[0] or env
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, model, mode, dtype]
     cmd += ["--steps", str(steps_)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -119,14 +119,23 @@ def _glibc():
     return libc
 
 
+def _too_late_or_not_cpu() -> str | None:
+    """Why malloc settings made now cannot help this process's JAX (the backend's threads
+    already hold their arenas, or JAX will not run on the CPU), or None if they can."""
+    if backend_started():
+        return "JAX's backend already started"
+    if not will_run_on_cpu():
+        return "JAX does not run on the CPU"
+    return None
+
+
 def keep_freed_memory() -> str:
     """Apply the three malloc settings of the module docstring if JAX runs on the CPU under
     glibc and has not started its backend yet. Returns what happened, one line for the log:
-    "applied", or why not ("not on CPU", "not glibc", "backend already started")."""
-    if backend_started():
-        return "not applied: JAX's backend already started (apply before the first JAX op)"
-    if not will_run_on_cpu():
-        return "not applied: JAX does not run on the CPU"
+    "applied", or why not ("not on CPU", "not glibc", "backend already started"), or which
+    settings a refusal by mallopt left in force."""
+    if (why := _too_late_or_not_cpu()) is not None:
+        return f"not applied: {why}"
     libc = _glibc()
     if libc is None:
         return "not applied: the C library is not glibc"
@@ -162,12 +171,6 @@ def thp_mode(text: str | None = None) -> str | None:
     return None
 
 
-def huge_pages_active(environ=None) -> bool:
-    """Whether this process started with `HUGETLB_TUNABLE` among its glibc tunables."""
-    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    return HUGETLB_TUNABLE in tunables.split(":")
-
-
 def huge_pages_unneeded_or_impossible() -> str | None:
     """Why this machine has no use for the tunable (the status line), or None if it has: the
     C library is not glibc >= 2.35, or the kernel's THP mode is not `madvise`."""
@@ -182,30 +185,34 @@ def huge_pages_unneeded_or_impossible() -> str | None:
     return None
 
 
-def relaunch_env(environ=None) -> tuple[dict | None, str]:
-    """(environment, status): the environment under which starting this process again would
-    give malloc's blocks transparent huge pages (module docstring), or None when it would change
-    nothing, with the status line that says why: already on, the kernel's mode (`always` gives
-    them anyway, `never` cannot), not glibc >= 2.35, not on the CPU, backend already started."""
-    environ = dict(os.environ if environ is None else environ)
+def huge_pages_env(environ) -> tuple[dict | None, str]:
+    """(environment, status) for a new process on this machine: `environ` with the tunable
+    added, or None when that would change nothing, with the status line that says why: the
+    machine has no use for it (`huge_pages_unneeded_or_impossible`), it is already on, the user
+    set `glibc.malloc.hugetlb` to another value (left as set), or `environ` is already that of a
+    restart (a process restarts at most once)."""
     if (status := huge_pages_unneeded_or_impossible()) is not None:
         return None, status
-    if huge_pages_active(environ):
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    if HUGETLB_TUNABLE in tunables:
         how = ", restarted with it" if environ.get(RESTARTED) else ""
         return None, f"transparent huge pages for malloc (GLIBC_TUNABLES={HUGETLB_TUNABLE}{how})"
-    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
     own = [t for t in tunables if t.startswith("glibc.malloc.hugetlb=")]
     if own:  # the user's choice (0: off; 2: hugetlbfs pages), left as it is
         return None, f"malloc as GLIBC_TUNABLES sets it ({own[-1]})"
     if environ.get(RESTARTED):
         return None, "malloc defaults: restarted once already and the tunable is not set"
-    if backend_started():
-        return None, "malloc defaults: JAX's backend already started"
-    if not will_run_on_cpu():
-        return None, "malloc defaults: JAX does not run on the CPU"
-    environ["GLIBC_TUNABLES"] = ":".join([*tunables, HUGETLB_TUNABLE])
-    environ[RESTARTED] = "1"
-    return environ, "relaunch with GLIBC_TUNABLES=" + environ["GLIBC_TUNABLES"]
+    env = {**environ, "GLIBC_TUNABLES": ":".join([*tunables, HUGETLB_TUNABLE]), RESTARTED: "1"}
+    return env, "relaunch with GLIBC_TUNABLES=" + env["GLIBC_TUNABLES"]
+
+
+def relaunch_env(environ=None) -> tuple[dict | None, str]:
+    """`huge_pages_env` for restarting this process (`environ` default: its own), which must
+    also be one the tunable can still help: JAX's backend not started, JAX on the CPU."""
+    env, status = huge_pages_env(os.environ if environ is None else environ)
+    if env is not None and (why := _too_late_or_not_cpu()) is not None:
+        return None, f"malloc defaults: {why}"
+    return env, status
 
 
 def restart_with_huge_pages() -> str:
