@@ -114,12 +114,13 @@ class Engine:
         self.rules = rules
         # One rule for "on CPU": the devices the engine decodes on (the mesh's, else default).
         devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+        on_cpu = matmul.on_cpu(devices)
         self._decode_options = matmul.decode_compiler_options(devices)
         self.decode_layout, self.head_copy = weights.default_layouts(
-            cfg, slots, devices, decode_layout, head_copy
+            cfg, slots, on_cpu, decode_layout, head_copy
         )
         # A 16-bit pool is stored as bits on CPU (`paged_cache`); elsewhere scatters are native.
-        self._pool_as_bits = matmul.on_cpu(devices)
+        self._pool_as_bits = on_cpu
         self.default_sampling = default_sampling or SamplingParams(max_new_tokens=max_len)
         # Whether decode attention can read the pool in place once the table has all M columns.
         m = self.max_pages_per_slot

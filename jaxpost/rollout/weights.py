@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost import models
-from jaxpost.models import matmul
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import layout_choice
 from jaxpost.rollout.state import split_params
@@ -33,13 +32,13 @@ from jaxpost.sharding import logical_to_sharding, replicated, tree_shardings
 
 
 def default_layouts(
-    cfg: ModelConfig, slots: int, devices, decode_layout: bool | None, head_copy: bool | None
+    cfg: ModelConfig, slots: int, on_cpu: bool, decode_layout: bool | None, head_copy: bool | None
 ) -> tuple[bool, bool]:
-    """(decode_layout, head_copy) with each None replaced by its default (module docstring):
-    on CPU the measured decode layout, within one process (`jax.process_count() == 1`; every
+    """(decode_layout, head_copy) with each None replaced by its default (module docstring),
+    for an engine decoding on CPUs (`on_cpu`, `matmul.on_cpu` of its devices) or not: on CPU
+    the measured decode layout, within one process (`jax.process_count() == 1`; every
     process of a multi-process run must compile the same program, and a measurement may differ
     between processes, so there the static rule, `layout_choice.static`, decides)."""
-    on_cpu = matmul.on_cpu(devices)
     if decode_layout is None:
         if on_cpu and jax.process_count() == 1:
             decode_layout = layout_choice.measured(cfg, slots)

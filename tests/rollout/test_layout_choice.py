@@ -51,7 +51,7 @@ def test_faster_layout_is_chosen_stored_and_reused_without_measuring(cache, monk
     monkeypatch.setattr(layout_choice, "time_layouts", None)  # would fail if called
     assert layout_choice.measured(CFG, 2) is False
     # The engine's default follows the stored choice; head_copy follows the layout.
-    assert weights.default_layouts(CFG, 2, jax.devices(), None, None) == (False, True)
+    assert weights.default_layouts(CFG, 2, True, None, None) == (False, True)
     # Other shapes are other entries.
     _timings(monkeypatch, {False: 2.0, True: 1.0})
     assert layout_choice.measured(CFG, 1) is True
@@ -101,7 +101,7 @@ def test_large_models_are_measured_on_a_bounded_slice(cache, monkeypatch):
 def test_multi_process_runs_use_the_static_rule(cache, monkeypatch):
     _timings(monkeypatch, {False: 1.0, True: 5.0})
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    assert weights.default_layouts(CFG, 2, jax.devices(), None, None) == (True, False)
+    assert weights.default_layouts(CFG, 2, True, None, None) == (True, False)
     assert not cache.exists()
 
 
