@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from jaxpost import lora, models, nf4, sharding, steps
-from jaxpost.losses import sft_loss, token_logprobs
+from jaxpost.loops.offline import evaluate
+from jaxpost.losses import make_sft_loss, sft_loss, token_logprobs
 
 from tiny_models import tiny_config
 
@@ -309,3 +310,31 @@ def test_tokens_per_second():
         steps.tokens_per_second(10, 0.0)
     watch = steps.Stopwatch()
     assert watch.lap(100) > 0
+
+
+def test_evaluation_means_are_over_all_tokens_of_all_batches():
+    # Two eval batches with different loss-token counts: every reported mean (loss and the aux
+    # metrics alike) must equal the eval of one batch holding all their rows, a token mean.
+    rng = np.random.default_rng(3)
+    params = _params(rng, "full")
+    batch = _packed_batch(rng)
+    state = steps.init_train_state(
+        CFG, params, steps.make_optimizer(name="sgd"), ONE, trainable="full"
+    )
+    loss_fn = make_sft_loss(z_loss=1e-2, label_smoothing=0.1)  # so loss, nll, z_loss differ
+    eval_step = steps.make_eval_step(CFG, loss_fn, ONE)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    assert halves[0]["loss_mask"].sum() != halves[1]["loss_mask"].sum()
+    got = evaluate(eval_step, state, halves)
+    want = jax.device_get(eval_step(state, batch))
+    assert set(got) == {"loss", "nll", "z_loss", "tokens"}
+    for k in ("loss", "nll", "z_loss"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+    assert got["tokens"] == batch["loss_mask"].sum()
+    # The mean of the two batches' means is a different number.
+    per_batch = [jax.device_get(eval_step(state, h))["nll"] for h in halves]
+    assert abs(np.mean(per_batch) - want["nll"]) > 1e-3 * want["nll"]
+    # A split without a single loss token has no mean.
+    empty = {**halves[0], "loss_mask": np.zeros_like(halves[0]["loss_mask"])}
+    assert all(math.isnan(got_k) for k, got_k in evaluate(eval_step, state, [empty]).items()
+               if k != "tokens")  # fmt: skip

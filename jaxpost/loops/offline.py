@@ -73,21 +73,40 @@ def _tokens(batch: dict) -> int:
 
 
 def evaluate(eval_step: Callable, state, batches: Iterable[dict]) -> dict[str, float]:
-    """Global means over `batches`: loss = sum(loss_sum) / sum(weight_sum) when the step reports
-    the sums (exact under padding and packing), else the mean of per-batch values."""
+    """Global means over `batches`.
+
+    With a step that reports loss_sum and weight_sum (`steps.eval_step`), every mean is over
+    the tokens of all batches, exact under padding and packing: loss = sum(loss_sum) /
+    sum(weight_sum), and each aux metric (reported per batch as its sum / weight_sum) is
+    re-weighted by its batch's weight_sum the same way; tokens is the total. A batch with
+    fewer loss tokens counts for less, as it does in training. Other steps: the mean of the
+    per-batch values."""
     totals: dict[str, float] = {}
     n = 0
     for batch in batches:
-        for k, v in _host(eval_step(state, batch)).items():
+        metrics = _host(eval_step(state, batch))
+        weight = metrics.get("weight_sum")
+        for k, v in metrics.items():
+            if weight is not None and k not in _SUMMED_EVAL_METRICS:
+                v = v * weight  # back to this batch's sum
             totals[k] = totals.get(k, 0.0) + v
         n += 1
     if n == 0:
         raise ValueError("evaluation got no batches; the eval split is empty")
-    if "loss_sum" in totals and totals.get("weight_sum", 0) > 0:
-        out = {k: v / n for k, v in totals.items() if k not in ("loss_sum", "weight_sum")}
-        out["loss"] = totals["loss_sum"] / totals["weight_sum"]
-        return out
-    return {k: v / n for k, v in totals.items()}
+    if "weight_sum" not in totals:
+        return {k: v / n for k, v in totals.items()}
+    weight = totals["weight_sum"]
+    # No loss token in the whole split (every mask 0): the means are undefined, not 0.
+    out = {k: (v / weight if weight > 0 else float("nan")) for k, v in totals.items()}
+    if "loss_sum" in totals:
+        out["loss"] = out["loss_sum"]
+    if "tokens" in totals:
+        out["tokens"] = totals["tokens"]
+    return {k: v for k, v in out.items() if k not in ("loss_sum", "weight_sum")}
+
+
+# Eval-step metrics that are per-batch sums (everything else is a sum / weight_sum).
+_SUMMED_EVAL_METRICS = frozenset({"loss_sum", "weight_sum", "tokens"})
 
 
 def run_offline(
