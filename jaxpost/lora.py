@@ -213,12 +213,17 @@ def init(
 
     a [L, in, r] ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a=sqrt(5)) and
     b [L, r, out] = 0, so the adapted model equals the base exactly at init. Works under
-    jax.eval_shape. key defaults to jax.random.key(0).
+    jax.eval_shape. key defaults to jax.random.key(0). targets: regexes fully matched against
+    kernel paths such as "layers/attn/q/kernel" (one string is one regex); None = all linears.
     """
     validate_hparams(rank, alpha, dropout)
+    if isinstance(targets, str):  # one regex, as PEFT's target_modules takes a string
+        targets = (targets,)
     targets = DEFAULT_TARGETS if targets is None else tuple(targets)
-    if isinstance(targets, str) or not targets:
-        raise ValueError(f"LoRA targets={targets!r}; expected a non-empty sequence of regexes")
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            f"LoRA targets={targets!r}; expected a regex or a non-empty sequence of regexes"
+        )
     key = jax.random.key(0) if key is None else key
     kernels = adaptable_kernels(cfg)
     paths = _select(targets, kernels)

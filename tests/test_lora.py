@@ -92,6 +92,12 @@ def test_custom_targets(params):
         np.testing.assert_array_equal(
             merged["layers"][block][module]["kernel"], params["layers"][block][module]["kernel"]
         )
+    # One string is one regex (as PEFT's target_modules), not a sequence of characters.
+    one = lora.init(CFG, params, rank=2, targets=r"layers/attn/(q|v)/kernel")
+    assert one.modules == (("attn", "q"), ("attn", "v"))
+    for bad in ([], [""], [3]):
+        with pytest.raises(ValueError, match="expected a regex or a non-empty sequence"):
+            lora.init(CFG, params, rank=2, targets=bad)
 
 
 def test_init_on_abstract_params():
