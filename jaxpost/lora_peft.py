@@ -12,10 +12,12 @@ import os
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.flax
 import safetensors.numpy
+from jax.experimental import multihost_utils
 
 from jaxpost.lora import (
     HF_MODULES,
@@ -45,14 +47,15 @@ def save_peft(
 
     adapter_model.safetensors holds, per layer i and module,
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (float32) and
-    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig.
+    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig. Under several
+    processes (`jax.distributed`) every process must call it (factors sharded over them are
+    gathered); process 0 writes.
     """
     check(cfg, lora)
     tensors = {}
     for block, module in lora.modules:
         factors = lora.params["layers"][block][module]
-        a = np.asarray(factors["a"], dtype=np.float32)
-        b = np.asarray(factors["b"], dtype=np.float32)
+        a, b = (_to_host(factors[k]) for k in ("a", "b"))
         for i in range(cfg.num_layers):
             prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[(block, module)]}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
@@ -78,10 +81,20 @@ def save_peft(
         "alpha_pattern": {},
         "inference_mode": True,
     }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxpost.lora.save_peft")
+
+
+def _to_host(x) -> np.ndarray:
+    """A float32 host copy of a factor, gathered (a collective) when spread over processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, dtype=np.float32)
 
 
 # Options of a PEFT LoraConfig that change the math and are not implemented, with their no-op

@@ -64,7 +64,8 @@ class Run:
         return cls(cfg, workdir, mesh, model_cfg, params, tokenizer, task, writer)
 
     def log(self, message: str) -> None:
-        self.writer.echo(message)
+        if jax.process_index() == 0:  # one copy of each line, as the metrics are written
+            self.writer.echo(message)
 
     def close(self) -> None:
         self.writer.close()
@@ -251,10 +252,10 @@ def run_recipe(run: Run, recipe: Recipe) -> None:
 
 
 def export(run: Run, base: dict, lora_params) -> None:
-    """The LoRA adapter (PEFT format) and / or merged HF weights into the work directory."""
+    """The LoRA adapter (PEFT format) and / or merged HF weights into the work directory.
+    Every process takes part (sharded weights are gathered); process 0 writes. The merged
+    checkpoint gets the source model's tokenizer, generation config and special token ids."""
     cfg, out = run.cfg, run.workdir / "export"
-    if jax.process_index() != 0:
-        return
     if lora_params is not None and cfg.export.peft_adapter:
         jlora.save_peft(
             run.model_cfg,
@@ -269,6 +270,6 @@ def export(run: Run, base: dict, lora_params) -> None:
             run.log("export.merged_hf skipped: the base is NF4-quantized (export the adapter)")
             return
         merged = jlora.merge(run.model_cfg, base, lora_params) if lora_params else base
-        models.save_hf(run.model_cfg, merged, out / "hf_model")
+        models.save_hf(run.model_cfg, merged, out / "hf_model", source=cfg.model.hf_path)
         run.log(f"merged HF weights: {out / 'hf_model'}")
         run.summary["hf_model"] = str(out / "hf_model")

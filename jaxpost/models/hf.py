@@ -294,6 +294,7 @@ def save_hf(
     path: str | os.PathLike,
     *,
     max_shard_bytes: int = 5 * 2**30,
+    source: str | os.PathLike | None = None,
 ) -> None:
     """Write params as an HF checkpoint directory that `transformers.from_pretrained` loads.
 
@@ -303,9 +304,20 @@ def save_hf(
     failed save never replaces a good checkpoint; files of an existing directory that a save
     does not produce (e.g. the tokenizer) are carried over. Under several processes
     (`jax.distributed`) every process must call it; process 0 writes to `path`.
+
+    source: the HF checkpoint directory the model came from. Its other files (tokenizer,
+    generation_config.json, chat template) are copied alongside, and its config.json's special
+    token ids (bos / eos / pad_token_id) kept, so `generate` on the saved model stops where the
+    original's does.
     """
     path = Path(path).absolute()
     hf_config = config_to_hf(cfg)
+    if source is not None:
+        source = Path(source)
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(f"source={str(source)!r} is not an HF checkpoint directory")
+        original = json.loads((source / "config.json").read_text())
+        hf_config.update({k: original[k] for k in SPECIAL_TOKEN_KEYS if k in original})
     _, leaves = _leaves(cfg)
     arrays = _check_params(cfg, params, leaves)
     tensors = []
@@ -331,13 +343,17 @@ def save_hf(
         multihost_utils.sync_global_devices("jaxpost.models.save_hf")
         return
     try:
-        _write_checkpoint(path, shards, hf_config)
+        _write_checkpoint(path, shards, hf_config, source)
     finally:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxpost.models.save_hf")
 
 
-def _write_checkpoint(path: Path, shards: list[list], hf_config: dict) -> None:
+# config.json entries that describe the tokenizer, not the model: kept from a `source`.
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _write_checkpoint(path: Path, shards: list[list], hf_config: dict, source) -> None:
     """Build the checkpoint in a temporary sibling directory, then rename it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -358,6 +374,8 @@ def _write_checkpoint(path: Path, shards: list[list], hf_config: dict) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if path.exists():
             _carry_over(path, tmp)
+        if source is not None and source.absolute() != path:
+            _copy_companions(source, tmp)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -379,6 +397,26 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copytree(entry, new / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+# Weight files of other formats a source directory may hold: never copied beside new weights.
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
+
+
+def _copy_companions(source: Path, new: Path) -> None:
+    """Copy the plain files of `source` that are neither weights nor config.json (tokenizer,
+    generation config, chat template, README), replacing carried-over ones."""
+    for entry in source.iterdir():
+        name = entry.name
+        if (
+            not entry.is_file()
+            or name.startswith(".")
+            or _is_weights_or_config(name)
+            or name.endswith(_WEIGHT_SUFFIXES)
+            or name.endswith(".index.json")
+        ):
+            continue
+        shutil.copy2(entry, new / name)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

@@ -273,6 +273,44 @@ def test_failed_save_keeps_the_old_checkpoint(broken, llama_dir, monkeypatch):
     assert sorted(p.name for p in broken.parent.iterdir()) == ["ckpt"]
 
 
+def test_save_with_source_keeps_tokenizer_generation_config_and_token_ids(tmp_path):
+    original = hf_tiny.build("qwen3", seed=4)
+    original.config.update({"bos_token_id": 5, "eos_token_id": [7, 9], "pad_token_id": 3})
+    original.generation_config.update(eos_token_id=[7, 9], pad_token_id=3, max_new_tokens=17)
+    original.save_pretrained(tmp_path / "hf")
+    source = tmp_path / "hf"
+    (source / "tokenizer.json").write_text('{"model": "tiny"}')
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    (source / "pytorch_model.bin").write_bytes(b"stale weights")  # never copied
+    (source / ".cache").mkdir()
+    cfg, params = models.load_hf(source)
+
+    models.save_hf(cfg, params, tmp_path / "plain")
+    assert "eos_token_id" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+    models.save_hf(cfg, params, tmp_path / "out", source=source)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json",
+    ]  # fmt: skip
+    written = json.loads((out / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (
+        5, [7, 9], 3,
+    )  # fmt: skip
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == [7, 9] and generation.max_new_tokens == 17
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager"
+    ).eval()
+    assert reloaded.config.eos_token_id == [7, 9] and reloaded.config.pad_token_id == 3
+    ids = _ids(5)
+    np.testing.assert_array_equal(_hf_logits(reloaded, ids), _hf_logits(original, ids))
+    with pytest.raises(FileNotFoundError, match="not an HF checkpoint directory"):
+        models.save_hf(cfg, params, tmp_path / "x", source=tmp_path / "nowhere")
+    assert not (tmp_path / "x").exists()
+
+
 def test_save_rejects_params_not_matching_config(llama_dir, tmp_path):
     cfg, params = models.load_hf(llama_dir)
     bad = {**params, "layers": {**params["layers"], "extra": {"kernel": jnp.zeros(2)}}}
