@@ -317,6 +317,11 @@ def _check_values(cfg, problems: list[str], num_devices: int | None) -> None:
         problems.append("lora.quantize_base=True (QLoRA) needs lora.enabled=True")
     if cfg.data.task is None and cfg.data.train_path is None:
         problems.append("no training data: set data.task (built-in) or data.train_path")
+    elif cfg.data.task is None and cfg.model.hf_path is None:
+        problems.append(
+            "data.train_path needs a tokenizer: a built-in model (model.arch) only has the "
+            "built-in task's (data.task); set model.hf_path to train an HF model with its own"
+        )
     if cfg.optimizer.warmup_steps > cfg.train.steps:
         problems.append(
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds "

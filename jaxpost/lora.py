@@ -154,6 +154,21 @@ def check(cfg: ModelConfig, lora, plain_tree_ok: bool = False) -> None:
                     )
 
 
+def select_targets(cfg: ModelConfig, targets=None) -> list[str]:
+    """The kernel paths of cfg's model that `targets` selects (sorted), or a ValueError naming
+    a target that is not a regex or matches nothing. targets: regexes fully matched against
+    paths such as "layers/attn/q/kernel"; one string is one regex (as PEFT's target_modules
+    takes a string); None = DEFAULT_TARGETS (every linear)."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = DEFAULT_TARGETS if targets is None else tuple(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            f"LoRA targets={targets!r}; expected a regex or a non-empty sequence of regexes"
+        )
+    return _select(targets, adaptable_kernels(cfg))
+
+
 def _select(targets: tuple[str, ...], kernels) -> list[str]:
     chosen: set[str] = set()
     for target in targets:
@@ -213,20 +228,12 @@ def init(
 
     a [L, in, r] ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform with a=sqrt(5)) and
     b [L, r, out] = 0, so the adapted model equals the base exactly at init. Works under
-    jax.eval_shape. key defaults to jax.random.key(0). targets: regexes fully matched against
-    kernel paths such as "layers/attn/q/kernel" (one string is one regex); None = all linears.
+    jax.eval_shape. key defaults to jax.random.key(0). targets: see `select_targets`.
     """
     validate_hparams(rank, alpha, dropout)
-    if isinstance(targets, str):  # one regex, as PEFT's target_modules takes a string
-        targets = (targets,)
-    targets = DEFAULT_TARGETS if targets is None else tuple(targets)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(
-            f"LoRA targets={targets!r}; expected a regex or a non-empty sequence of regexes"
-        )
     key = jax.random.key(0) if key is None else key
     kernels = adaptable_kernels(cfg)
-    paths = _select(targets, kernels)
+    paths = select_targets(cfg, targets)
     tree: dict = {"layers": {}}
     for path, k in zip(paths, jax.random.split(key, len(paths))):
         shape = kernels[path][0]

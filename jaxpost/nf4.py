@@ -239,6 +239,8 @@ def quantize_base(cfg, params: dict, targets=None) -> dict:
     head are never quantized. Each layer is quantized on its own (its own absmax mean), so the
     layer scan hands `Linear` a self-contained tree. Jittable (cfg static).
     """
+    if isinstance(targets, str):  # one regex, as in `lora.select_targets`
+        targets = (targets,)
     targets = tuple(targets) if targets is not None else DEFAULT_TARGETS
     patterns = [re.compile(t) for t in targets]
     kernels = {}

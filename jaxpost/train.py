@@ -21,8 +21,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxpost import config as jconfig
-from jaxpost import host_memory, loops, sharding
+from jaxpost import config_inputs, host_memory, loops, sharding
+from jaxpost.chat_templates import ChatTemplateError
 from jaxpost.checkpoint import CheckpointError, PreemptionGuard
+from jaxpost.data.sources import DataError, MalformedRow
 from jaxpost.loops import runner
 from jaxpost.loops.offline import Preempted
 
@@ -33,6 +35,11 @@ flags.mark_flags_as_required(["config"])
 
 # Exit codes of a run stopped by a signal after saving (the shell's 128 + signal number).
 _SIGNAL_EXIT = {"SIGTERM": 143, "SIGINT": 130}
+
+# Bad input found once the run has started (a malformed row, an example over max_length, a
+# chat template that fails on a row, an unreadable file): one `error:` line and exit code 2,
+# as a bad config gets. Any other exception is a bug and keeps its traceback.
+_INPUT_ERRORS = (DataError, MalformedRow, ChatTemplateError, FileNotFoundError)
 
 
 def _init_distributed(cfg) -> None:
@@ -69,11 +76,16 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
     try:
         _init_distributed(cfg)
         jconfig.validate(cfg, num_devices=jax.device_count())
+        config_inputs.check(cfg)  # paths and LoRA targets, before anything is written
     except jconfig.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    run = runner.Run.create(cfg)
+    try:
+        run = runner.Run.create(cfg)
+    except _INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run.log(f"host memory: {host}")
     recipe = loops.RECIPES[cfg.algorithm]
     try:
@@ -88,6 +100,10 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
         print(f"error: {e}", file=sys.stderr)
         run.close()
         return 3
+    except _INPUT_ERRORS as e:  # found while reading: a malformed row, a too-long example
+        print(f"error: {e}", file=sys.stderr)
+        run.close()
+        return 2
     run.finish(time.perf_counter() - t0)
     return 0
 

@@ -1,9 +1,12 @@
 """Config schema validation: typos name the nearest key, wrong types and impossible values fail."""
 
+import json
+
 import ml_collections
 import pytest
 
 from jaxpost import config as jconfig
+from jaxpost import config_inputs, models
 
 from tiny_models import TINY_SHAPE
 
@@ -138,3 +141,58 @@ def test_task_options_checked_against_the_task():
     msg = _problems(cfg)
     assert "'data.task_options.max_digit'" in msg
     assert "did you mean 'data.task_options.max_digits'" in msg
+
+
+def test_file_data_with_a_built_in_model_has_no_tokenizer():
+    cfg = _cfg()
+    cfg.data.task = None
+    cfg.data.train_path = "train.jsonl"
+    assert "data.train_path needs a tokenizer" in _problems(cfg)
+
+
+# What the config points at on disk (`config_inputs.check`) -----------------------------------
+
+
+def _inputs_problems(cfg) -> str:
+    with pytest.raises(jconfig.ConfigError) as info:
+        config_inputs.check(cfg)
+    return str(info.value)
+
+
+def test_inputs_missing_paths_are_listed_together(tmp_path):
+    cfg = _cfg()
+    cfg.model.hf_path = str(tmp_path / "nope")
+    cfg.data.train_path = str(tmp_path / "train.jsonl")
+    cfg.data.eval_path = str(tmp_path / "eval.txt")
+    msg = _inputs_problems(cfg)
+    assert f"model.hf_path='{tmp_path}/nope' is not a directory" in msg
+    assert f"data.train_path: data file '{tmp_path}/train.jsonl' does not exist" in msg
+    assert "data.eval_path: cannot tell the format of" in msg
+
+
+def test_inputs_hf_dir_needs_config_weights_and_tokenizer(tmp_path):
+    cfg = _cfg()
+    cfg.model.hf_path = str(tmp_path)
+    (tmp_path / "README.md").write_text("not a model")
+    msg = _inputs_problems(cfg)
+    assert "is not an HF model directory: it has no config.json, no *.safetensors weights, " in msg
+    assert "no tokenizer.json or tokenizer.model (it holds ['README.md'])" in msg
+
+
+def test_inputs_lora_targets_checked_against_the_model(tmp_path):
+    # A built-in model, then an HF directory (config.json of the same model; the files are
+    # only looked for, not read).
+    cfg = _cfg()
+    cfg.lora.enabled = True
+    cfg.lora.targets = ("layers/attn/qq/kernel",)
+    assert "lora.targets: LoRA target 'layers/attn/qq/kernel' matches no layer kernel" in (
+        _inputs_problems(cfg)
+    )
+    hf = models.config_to_hf(jconfig.model_config(cfg))
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    for name in ("model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_text("")
+    cfg.model.hf_path = str(tmp_path)
+    assert "matches no layer kernel" in _inputs_problems(cfg)
+    cfg.lora.targets = ("layers/attn/(q|v)/kernel",)
+    assert config_inputs.check(cfg) is cfg

@@ -224,6 +224,7 @@ def _arch(**changes):
     [
         ("--config.train.stpes=3", 'Did you mean "steps"'),
         ("--config.train.batch_size=12", "train.batch_size=12 (micro-batch 12) is not divisible"),
+        ("--config.model.hf_path=/nonexistent/m", "model.hf_path='/nonexistent/m' is not a dir"),
     ],
 )
 def test_cli_rejects_bad_config_before_compiling(tmp_path, override, expected):
@@ -317,3 +318,61 @@ def test_bfloat16_mixed_precision_tracks_float32_through_the_cli(tmp_path):
     assert adapter and all(v.dtype == np.float32 for v in adapter.values())
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert saved["model"]["compute_dtype"] == "bfloat16"
+
+
+def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
+    """An HF model directory (a tiny model + a BPE tokenizer made here) and a chat JSONL with a
+    row cut short: one `error:` line naming file, row and column (exit 2, no traceback); with
+    data.skip_malformed the run says what it skipped, trains, and exports merged weights with
+    the model's tokenizer and generation config."""
+    import bpe_tokenizer
+    import jax
+
+    from jaxpost import models
+
+    from tiny_models import tiny_config
+
+    model = tmp_path / "model"
+    cfg = tiny_config(vocab_size=bpe_tokenizer.VOCAB, model_type="qwen3", qk_norm=True)
+    models.save_hf(cfg, models.init(cfg, jax.random.key(0)), model)
+    bpe_tokenizer.save(model)
+    (model / "generation_config.json").write_text('{"eos_token_id": 3}')
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}]}
+    )
+    cut = good[:40]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join([good, cut, good, good]) + "\n")
+    args = [
+        f"--config={ROOT / 'configs' / 'sft_lora.py'}",
+        f"--config.model.hf_path={model}",
+        f"--config.data.train_path={data}",
+        "--config.data.max_length=32",
+        "--config.train.steps=2",
+        "--config.train.batch_size=2",
+        "--config.train.log_every=1",
+        "--config.optimizer.warmup_steps=0",
+        "--config.metrics.progress_bar=False",
+        "--config.metrics.tensorboard=False",
+        "--config.metrics.plot=False",
+        "--config.host.huge_pages=False",
+    ]
+    proc = _run(tmp_path / "bad", *args, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert cut == '{"messages": [{"role": "user", "content"'
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: chat.jsonl row 2: invalid JSON (Expecting ':' delimiter at column 41)"
+    )
+
+    work = tmp_path / "skip"
+    proc = _run(work, *args, "--config.data.skip_malformed=True", "--config.export.merged_hf=True")
+    assert (
+        "data: skipped 1 malformed of 4 rows of data.train_path (data.skip_malformed=True); "
+        "first: chat.jsonl row 2: invalid JSON"
+    ) in proc.stdout
+    assert sorted(_losses(work)) == [1, 2]
+    exported = work / "export" / "hf_model"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (exported / name).is_file(), name
+    assert models.load_hf(exported)[0] == models.load_hf(model)[0]

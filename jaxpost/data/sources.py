@@ -25,7 +25,9 @@ class DataError(ValueError):
 
 def _decode_json(raw: bytes) -> dict:
     try:
-        row = json.loads(raw)
+        # Without its line break: a row cut short is reported at its end, not as column 1 of
+        # a second line.
+        row = json.loads(raw.rstrip(b"\r\n"))
     except json.JSONDecodeError as e:
         raise MalformedRow(f"invalid JSON ({e.msg} at column {e.colno})") from None
     except UnicodeDecodeError as e:

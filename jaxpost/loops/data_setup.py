@@ -83,6 +83,7 @@ def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStre
             skip_malformed=cfg.data.skip_malformed,
         ),
     )
+    _say_skipped(pipeline, "data.train_path")
     return BatchStream(pipeline)
 
 
@@ -103,8 +104,29 @@ def eval_batches(cfg, task, tokenizer, batch_size: int):
             skip_malformed=cfg.data.skip_malformed,
         ),
     )
+    _say_skipped(pipeline, "data.eval_path")
     it = pipeline.iterator()
     return (next(it) for _ in range(cfg.train.eval_batches))
+
+
+_SAID: set[str] = set()  # (split, rows) already reported: an eval split is re-read per eval
+
+
+def _say_skipped(pipeline: Pipeline, key: str) -> None:
+    """With data.skip_malformed, say once on the console how many rows were skipped and show
+    the first (the counts also go to summary.json): skipping must not go unnoticed."""
+    if not pipeline.malformed or jax.process_index() != 0:
+        return
+    report = pipeline.report()
+    said = f"{key}:{report['malformed_rows']}"
+    if said in _SAID:
+        return
+    _SAID.add(said)
+    print(
+        f"data: skipped {report['malformed_rows']} malformed of {report['rows']} rows of "
+        f"{key} (data.skip_malformed=True); first: {report['malformed_examples'][0]}",
+        flush=True,
+    )
 
 
 def has_eval_data(cfg) -> bool:

@@ -71,7 +71,10 @@ def test_sources_give_identical_batches(tmp_path):
 @pytest.mark.parametrize(
     "line,message",
     [
-        ('{"prompt": "1+2", "answer": ', "d.jsonl row 3: invalid JSON"),
+        (
+            '{"prompt": "1+2", "answer": ',
+            "d.jsonl row 3: invalid JSON (Expecting value at column 29)",
+        ),
         ('["1+2", "3"]', "d.jsonl row 3: expected a JSON object, got list"),
         ('{"prompt": "1+2"}', "d.jsonl row 3: 'answer' is missing; expected keys prompt, answer"),
         ('{"prompt": 12, "answer": "3"}', "d.jsonl row 3: 'prompt' must be a string or a list"),
