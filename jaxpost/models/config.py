@@ -108,7 +108,9 @@ class ModelConfig:
             problems.append(f"attention_impl={self.attention_impl!r}; expected auto, xla or pallas")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                problems.append(f"{name}={getattr(self, name)!r}; expected float32 or bfloat16")
+                problems.append(
+                    f"{name}={getattr(self, name)!r}; expected float32, bfloat16 or float16"
+                )
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

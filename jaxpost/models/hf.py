@@ -204,7 +204,7 @@ def load_hf(
 
     Params are created directly in their target shardings (`tree_shardings` of
     `logical_axes(cfg)` over `mesh` with `rules`); mesh None puts everything on the default
-    device. dtype is the parameter and compute dtype ("float32" or "bfloat16").
+    device. dtype is the parameter and compute dtype ("float32", "bfloat16" or "float16").
     """
     path = Path(path)
     hf_config = read_config(path)
@@ -267,6 +267,11 @@ def load_hf(
 
 def _check_params(cfg: ModelConfig, params: dict, leaves: list[_Leaf]) -> list[jax.Array]:
     """The leaves of `params` in `init` order, after checking paths and shapes against cfg."""
+    if isinstance(params, dict) and set(params) == {"base", "lora"}:
+        raise ValueError(
+            "params are partitioned {'base', 'lora'}: save lora.merge(cfg, base, lora) as an "
+            "HF checkpoint, or the adapter alone with lora.save_peft"
+        )
     given = {_path_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
     want = {leaf.path: leaf.shape for leaf in leaves}
     for path in want:

@@ -328,6 +328,13 @@ def _check_token_ids(cfg: ModelConfig, tokens) -> None:
         raise ValueError(f"token id {bad} in tokens; expected ids in [0, {cfg.vocab_size})")
 
 
+def _as_array(x):
+    """Lists and NumPy arrays as jax arrays (int32 ids); arrays and tracers as they are."""
+    if x is None or isinstance(x, (jax.Array, jax.core.Tracer)):
+        return x
+    return jnp.asarray(np.asarray(x), jnp.int32)
+
+
 def forward(
     cfg: ModelConfig,
     params: Params,
@@ -339,8 +346,18 @@ def forward(
     """tokens [B, T] int32 -> logits [B, T, V] float32 (training mode, no cache).
 
     params may be the partitioned {"base", "lora"} (`lora.combine`), then without `lora=`.
-    Token ids outside [0, vocab) are an error (inside a jit a gather would give NaN logits)."""
+    Token ids outside [0, vocab) are an error (inside a jit a gather would give NaN logits).
+    tokens, segment_ids and positions may be nested lists or NumPy arrays; the last two must
+    have the shape of tokens."""
     _check_token_ids(cfg, tokens)
+    tokens = _as_array(tokens)
+    segment_ids, positions = _as_array(segment_ids), _as_array(positions)
+    for name, x in (("segment_ids", segment_ids), ("positions", positions)):
+        if x is not None and x.shape != tokens.shape:
+            raise ValueError(
+                f"{name} must have the shape of tokens [batch, length] {tuple(tokens.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
     if isinstance(params, dict) and set(params) == {"base", "lora"}:
         if lora is not None:
             raise ValueError("params are partitioned {'base', 'lora'}: pass lora= in one place")

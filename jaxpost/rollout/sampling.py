@@ -13,7 +13,9 @@ coincide.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import numbers
+import operator
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +51,19 @@ class SamplingParams:
     stop: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        # Normalise lists to tuples so the object stays hashable and comparable.
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
-        object.__setattr__(self, "stop", tuple(tuple(int(t) for t in s) for s in self.stop))
+        # Normalise to tuples so the object stays hashable and comparable; one id is accepted
+        # where a list of ids is expected (transformers' eos_token_id takes either).
+        object.__setattr__(self, "eos_token_ids", _token_ids(self.eos_token_ids, "eos_token_ids"))
+        object.__setattr__(self, "stop", _stop_sequences(self.stop))
+        kinds = {"max_new_tokens": int, "top_k": int, "seed": int, "n": int,
+                 "temperature": float, "top_p": float, "min_p": float}  # fmt: skip
+        wrong = [
+            f"{name}={getattr(self, name)!r} must be {'an integer' if kind is int else 'a number'}"
+            for name, kind in kinds.items()
+            if not _is_number(getattr(self, name), integer=kind is int)
+        ]
+        if wrong:
+            raise ValueError("invalid SamplingParams: " + "; ".join(wrong))
         problems = []
         if not self.max_new_tokens >= 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
@@ -80,6 +92,46 @@ class SamplingParams:
         if self.top_k == 0 and self.top_p == 1 and self.min_p == 0:
             return TEMPERATURE
         return FILTERED
+
+
+def _is_number(x, integer: bool) -> bool:
+    """An integer (Python, NumPy or a 0-d integer array) or, unless `integer`, a real number."""
+    if isinstance(x, bool):
+        return False
+    if not integer and isinstance(x, numbers.Real):
+        return True
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _token_ids(ids, name: str) -> tuple[int, ...]:
+    if _is_number(ids, integer=True):
+        return (int(ids),)
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(
+            f"invalid SamplingParams: {name}={ids!r} must be a token id or a sequence of ids"
+        )
+    ids = tuple(ids)
+    if not all(_is_number(t, integer=True) for t in ids):
+        raise ValueError(f"invalid SamplingParams: {name}={ids!r} must hold integer token ids")
+    return tuple(int(t) for t in ids)
+
+
+def _stop_sequences(stop) -> tuple[tuple[int, ...], ...]:
+    """stop as a tuple of token-id tuples; a flat list of ids is ambiguous (one sequence, or
+    several single-token stops?) and is refused with both spellings."""
+    hint = "stop takes a list of token-id sequences, e.g. [[5, 6]] or [[5], [6]]"
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
+        raise ValueError(f"invalid SamplingParams: stop={stop!r}; {hint} (tokenize strings)")
+    stop = tuple(stop)
+    if any(_is_number(s, integer=True) for s in stop):
+        raise ValueError(f"invalid SamplingParams: stop={stop!r} is a flat list of ids; {hint}")
+    if any(isinstance(s, (str, bytes)) for s in stop):
+        raise ValueError(f"invalid SamplingParams: stop={stop!r} holds strings; {hint}")
+    return tuple(_token_ids(s, "stop sequence") for s in stop)
 
 
 def widest_variant(variants: Sequence[str]) -> str:

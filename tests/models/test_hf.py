@@ -320,4 +320,6 @@ def test_save_rejects_params_not_matching_config(llama_dir, tmp_path):
     bad["final_norm"] = {"scale": jnp.zeros(3)}
     with pytest.raises(ValueError, match=r"final_norm/scale has shape \(3,\), expected \(64,\)"):
         models.save_hf(cfg, bad, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"params are partitioned .*save lora.merge\(cfg, base"):
+        models.save_hf(cfg, {"base": params, "lora": None}, tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -188,3 +188,9 @@ def test_forward_rejects_token_ids_outside_the_vocabulary():
         models.forward(cfg, params, np.ones((1, 2), np.float32))
     with pytest.raises(ValueError, match=r"tokens must be \[batch, length\], got shape \(3,\)"):
         models.forward(cfg, params, np.array([1, 2, 3], np.int32))
+    # Nested lists are token ids too; positions / segment ids must have the tokens' shape.
+    np.testing.assert_array_equal(models.forward(cfg, params, [[0, cfg.vocab_size - 1]]), ok)
+    for name in ("positions", "segment_ids"):
+        message = rf"{name} must have the shape of tokens \[batch, length\] \(1, 2\), got \(2,\)"
+        with pytest.raises(ValueError, match=message):
+            models.forward(cfg, params, [[1, 2]], **{name: [0, 1]})

@@ -234,6 +234,21 @@ def test_bad_inputs_raise_clear_errors(params):
             rollout.SamplingParams(top_p=top_p)
     with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
         rollout.SamplingParams(max_new_tokens=0)
+    # Types: one eos id is accepted (as transformers' eos_token_id); a flat stop list is
+    # ambiguous and refused with both readings; a missing number is named.
+    assert rollout.SamplingParams(eos_token_ids=np.int64(2), stop=[[5, 6]]).eos_token_ids == (2,)
+    for kwargs, message in [
+        (
+            dict(stop=(5, 6)),
+            r"stop=\(5, 6\) is a flat list of ids; .* \[\[5, 6\]\] or \[\[5\], \[6\]\]",
+        ),
+        (dict(stop=["</s>"]), "holds strings"),
+        (dict(temperature=None), "temperature=None must be a number"),
+        (dict(eos_token_ids="2"), "eos_token_ids='2' must be a token id or a sequence of ids"),
+        (dict(n=2.0), "n=2.0 must be an integer"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            rollout.SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         rollout.generate(CFG, params, [[1, 2], []], rollout.SamplingParams(max_new_tokens=2))
     engine = rollout.Engine(CFG, params, slots=2, max_len=64, max_prefill_length=16)
