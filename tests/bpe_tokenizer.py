@@ -1,6 +1,6 @@
-"""A byte-level BPE tokenizer with a ChatML template, trained here on the arithmetic task and saved
-by `transformers` (tokenizer.json + tokenizer_config.json): the HF tokenizer of the tests that
-need one (no hub downloads)."""
+"""A byte-level BPE tokenizer (Llama 3 style: BOS added by its post-processor) with a ChatML
+template, trained here and saved by `transformers` (tokenizer.json + tokenizer_config.json): the
+HF tokenizer of the tests that need one (no hub downloads)."""
 
 from __future__ import annotations
 
@@ -19,19 +19,28 @@ SPECIALS = ["<|pad|>", "<|begin|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320
 
 
-def save(path) -> None:
-    """Write the tokenizer's files into directory `path` (created if missing)."""
+def save(
+    path,
+    texts: list[str] | None = None,
+    vocab_size: int = VOCAB,
+    specials: list[str] = SPECIALS,
+    pad_token: str = "<|pad|>",
+    chat_template: str = CHATML,
+):
+    """Train the tokenizer (on `texts`, default the arithmetic task's rows), save its files into
+    directory `path` (created if missing) and return the `tokenizers.Tokenizer`."""
+    if texts is None:
+        texts = [r["prompt"] + "\n" + r["completion"] for r in arithmetic.generate_split(0, 300)]
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=SPECIALS,
+        vocab_size=vocab_size,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    rows = arithmetic.generate_split(0, 300)
-    tok.train_from_iterator([r["prompt"] + "\n" + r["completion"] for r in rows], trainer)
+    tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id("<|begin|>")
     tok.post_processor = processors.Sequence(
         [
@@ -42,7 +51,8 @@ def save(path) -> None:
         ]
     )
     hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|im_end|>", pad_token="<|pad|>"
+        tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|im_end|>", pad_token=pad_token
     )
-    hf.chat_template = CHATML
+    hf.chat_template = chat_template
     hf.save_pretrained(path)
+    return tok

@@ -10,11 +10,11 @@ import pickle
 import random
 import shutil
 
+import bpe_tokenizer
 import pytest
 import sentencepiece as spm
 import tokenizers
 import transformers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from jaxpost import tokenizer
 from jaxpost.chat_templates import ChatTemplateError
@@ -33,11 +33,7 @@ CHATML_TAGGED = (
     "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-CHATML_PLAIN = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML_PLAIN = bpe_tokenizer.CHATML
 
 
 def _sentences(rng: random.Random, n: int) -> list[str]:
@@ -90,34 +86,15 @@ def _conversation(rng: random.Random, end_with_assistant: bool) -> list[dict[str
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory) -> str:
     """Byte-level BPE with a BOS-adding post-processor (Llama 3 style), saved by transformers."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=BPE_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_sentences(random.Random(0), 400), trainer)
-    bos = tok.token_to_id("<|begin|>")
-    tok.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single="<|begin|> $A", pair="<|begin|> $A $B", special_tokens=[("<|begin|>", bos)]
-            ),
-        ]
-    )
-    hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|begin|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    hf.chat_template = CHATML_TAGGED
     path = tmp_path_factory.mktemp("bpe")
-    hf.save_pretrained(path)
+    tok = bpe_tokenizer.save(
+        path,
+        texts=_sentences(random.Random(0), 400),
+        vocab_size=300,
+        specials=BPE_SPECIALS,
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TAGGED,
+    )
     (path / "generation_config.json").write_text(
         json.dumps(
             {"eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id(BPE_SPECIALS[0])]}
