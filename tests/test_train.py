@@ -366,12 +366,19 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
     )
 
     work = tmp_path / "skip"
-    proc = _run(work, *args, "--config.data.skip_malformed=True", "--config.export.merged_hf=True")
-    assert (
-        "data: skipped 1 malformed of 4 rows of data.train_path (data.skip_malformed=True); "
-        "first: chat.jsonl row 2: invalid JSON"
-    ) in proc.stdout
+    proc = _run(work, *args, "--config.data.skip_malformed=True", "--config.export.merged_hf=True",
+                f"--config.data.eval_path={data}", "--config.train.eval_every=1",
+                "--config.train.eval_batches=2")  # fmt: skip
+    for split in ("train", "eval"):  # the eval split is read once, not at every evaluation
+        said = (
+            f"data: skipped 1 malformed of 4 rows of data.{split}_path (data.skip_malformed=True)"
+        )
+        assert proc.stdout.count(said + "; first: chat.jsonl row 2: invalid JSON") == 1
     assert sorted(_losses(work)) == [1, 2]
+    evals = _records(work, "sft_eval")
+    assert [r["step"] for r in evals] == [1, 2]
+    for r in evals:  # plain SFT: the eval nll is the eval loss (token means over all batches)
+        assert r["nll"] == pytest.approx(r["loss"], rel=1e-6)
     exported = work / "export" / "hf_model"
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (exported / name).is_file(), name

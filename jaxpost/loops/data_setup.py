@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -87,11 +88,12 @@ def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStre
     return BatchStream(pipeline)
 
 
-def eval_batches(cfg, task, tokenizer, batch_size: int):
-    """The first `train.eval_batches` batches of the held-out split (see `has_eval_data`)."""
-    source = _source(cfg, "test")
+def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator[dict]]:
+    """A function returning, per evaluation, an iterator over the first `train.eval_batches`
+    batches of the held-out split (see `has_eval_data`). The split is read and validated once,
+    here, not at every evaluation."""
     pipeline = Pipeline(
-        source,
+        _source(cfg, "test"),
         tokenizer,
         PipelineConfig(
             format=cfg.data.format,
@@ -105,23 +107,20 @@ def eval_batches(cfg, task, tokenizer, batch_size: int):
         ),
     )
     _say_skipped(pipeline, "data.eval_path")
-    it = pipeline.iterator()
-    return (next(it) for _ in range(cfg.train.eval_batches))
 
+    def batches() -> Iterator[dict]:
+        it = pipeline.iterator()
+        return (next(it) for _ in range(cfg.train.eval_batches))
 
-_SAID: set[str] = set()  # (split, rows) already reported: an eval split is re-read per eval
+    return batches
 
 
 def _say_skipped(pipeline: Pipeline, key: str) -> None:
-    """With data.skip_malformed, say once on the console how many rows were skipped and show
-    the first (the counts also go to summary.json): skipping must not go unnoticed."""
+    """With data.skip_malformed, say on the console how many rows were skipped and show the
+    first (the counts also go to summary.json): skipping must not go unnoticed."""
     if not pipeline.malformed or jax.process_index() != 0:
         return
     report = pipeline.report()
-    said = f"{key}:{report['malformed_rows']}"
-    if said in _SAID:
-        return
-    _SAID.add(said)
     print(
         f"data: skipped {report['malformed_rows']} malformed of {report['rows']} rows of "
         f"{key} (data.skip_malformed=True); first: {report['malformed_examples'][0]}",

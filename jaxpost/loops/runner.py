@@ -184,7 +184,7 @@ def train_stage(
             guard=run.guard or PreemptionGuard(),
             eval_step=built.eval_step,
             eval_batches=(
-                (lambda: data_setup.eval_batches(cfg, run.task, run.tokenizer, batch_size))
+                data_setup.eval_batches(cfg, run.task, run.tokenizer, batch_size)
                 if data_setup.has_eval_data(cfg)
                 else None
             ),
