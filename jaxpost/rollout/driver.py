@@ -135,7 +135,9 @@ def _stop_hit(tokens: list[int], stops) -> bool:
 
 
 class Driver:
-    """Continuous batching over `engine` with `params` (as returned by engine.load_params)."""
+    """Continuous batching over `engine`. params: the weights to decode with (as returned by
+    engine.load_params); None (the default) uses the engine's current weights at every call, so
+    a driver built once follows `engine.update_params` (an RL loop's weight sync)."""
 
     ADMISSION = ("longest_first", "fifo")
 
@@ -161,9 +163,13 @@ class Driver:
         self.admission = admission
         self.max_held_prefixes = max_held_prefixes
         self.engine = engine
-        self.params = params if params is not None else getattr(engine, "params", None)
+        self._params = params  # None: the engine's current weights at every call
         self.is_jaxpost = isinstance(engine, Engine)
         self.vocab = engine.cfg.vocab_size if self.is_jaxpost else None
+
+    @property
+    def params(self):
+        return self._params if self._params is not None else getattr(self.engine, "params", None)
 
     def run(
         self, requests: Sequence[Request], progress: bool | None = None

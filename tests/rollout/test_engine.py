@@ -170,9 +170,15 @@ def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompil
     assert engine.compilations["generate"] == 2 * compiled["generate"]
     outs3 = rollout.generate(CFG, params, prompts, greedy, lora=adapter, engine=engine)
     assert engine.compilations["generate"] == 2 * compiled["generate"]
-    assert [o.tokens for o in outs3] == [
-        full_forward_greedy(params, p, 10, adapter) for p in prompts
-    ]
+    want3 = [full_forward_greedy(params, p, 10, adapter) for p in prompts]
+    assert [o.tokens for o in outs3] == want3
+    # A driver built once (an RL loop's) follows the engine's weight syncs.
+    driver = rollout.Driver(engine)
+    requests = [rollout.Request(p, greedy) for p in prompts]
+    engine.update_params(params, lora=adapter2)
+    assert [o[0].tokens for o in driver.run(requests)] == [o.tokens for o in outs2]
+    engine.update_params(params, lora=adapter)
+    assert [o[0].tokens for o in driver.run(requests)] == want3
 
 
 def test_lora_greedy_with_per_layer_pools_and_weights(params):
