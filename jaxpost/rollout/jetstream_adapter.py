@@ -113,7 +113,19 @@ class JetStreamEngine(engine_api.Engine):
                 f"max_prefill_length={engine.max_prefill_length}; JetStream pads prompts to "
                 f"{JETSTREAM_PREFILL_BUCKETS[:6]}..., so it must be one of those"
             )
+        full = engine.slots * engine.max_pages_per_slot
+        if engine.num_pages < full:
+            # JetStream's orchestrator inserts whenever a slot is free; it has no way to ask
+            # whether the pool can hold the request (`Engine.can_admit`), so a short pool would
+            # fail inside its generate thread.
+            raise ValueError(
+                f"the engine's page pool has {engine.num_pages} pages; JetStream's orchestrator "
+                f"needs room for every slot at max_len ({engine.slots} x "
+                f"{engine.max_pages_per_slot} = {full}): build it without num_pages, or with "
+                f"num_pages >= {full}"
+            )
         self.engine = engine
+        self._inserts = 0  # sample index of the next insert: each request draws its own sample
         self.sampling = sampling or SamplingParams(
             max_new_tokens=engine.max_len - engine.max_prefill_length, temperature=0.0
         )
@@ -142,7 +154,13 @@ class JetStreamEngine(engine_api.Engine):
         )
 
     def insert(self, prefix: Prefix, decode_state, slot: int):
-        return self.engine.insert(prefix, decode_state, int(slot), sampling=self.sampling)
+        # JetStream requests carry no seed: with one seed for all, sampled requests would all
+        # draw the same sample. The k-th insert draws sample k of that seed instead
+        # (reproducible for the same arrival order).
+        self._inserts += 1
+        return self.engine.insert(
+            prefix, decode_state, int(slot), sampling=self.sampling, sample_index=self._inserts - 1
+        )
 
     def generate(self, params, decode_state):
         state, result = self.engine.generate(params, decode_state)

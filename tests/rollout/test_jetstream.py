@@ -131,3 +131,28 @@ def test_jetstream_orchestrator_serves_jaxpost_engine():
     )
     assert served == [o.tokens for o in ours]
     assert [len(s) for s in served] == max_tokens
+
+
+def test_adapter_refuses_a_short_pool_and_samples_each_request_on_its_own():
+    params = jax.jit(models.init, static_argnums=0)(CFG, jax.random.key(4))
+    sizes = dict(slots=2, max_len=48, max_prefill_length=16, page_size=4, steps_per_call=1)
+    # The orchestrator inserts without asking for pages: a pool short of 2 x 12 pages is refused.
+    short = rollout.Engine(CFG, params, num_pages=12, **sizes)
+    with pytest.raises(ValueError, match=r"needs room for every slot at max_len \(2 x 12 = 24\)"):
+        JetStreamEngine(short, bos_id=BOS)
+    engine = rollout.Engine(CFG, params, **sizes)
+    sampled = rollout.SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    adapter = JetStreamEngine(engine, bos_id=BOS, sampling=sampled)
+    p = adapter.load_params()
+    padded = np.zeros(16, np.int32)
+    padded[:5] = [BOS, 5, 6, 7, 8]
+    state = adapter.init_decode_state()
+    for slot in (0, 1):  # the same prompt twice, as two JetStream requests
+        prefix = adapter.prefill(params=p, padded_tokens=padded, true_length=5)
+        state = adapter.insert(prefix, state, slot)
+    tokens = {0: [], 1: []}
+    for _ in range(8):
+        state, result = adapter.generate(p, state)
+        for slot in tokens:
+            tokens[slot].append(int(result.get_result_at_slot(slot).tokens[0, 0]))
+    assert tokens[0] != tokens[1]  # one seed for both: each insert draws its own sample
