@@ -131,6 +131,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint.keep_last = 3
     c.checkpoint.keep_every = _fieldref(None, int)
     c.checkpoint.async_save = True
+    # False: this must be a fresh run; a work directory that holds checkpoints is refused (it
+    # is never cleared). True: resume from the latest checkpoint of the current stage.
     c.checkpoint.resume = True
 
     c.export = ml_collections.ConfigDict()

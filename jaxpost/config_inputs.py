@@ -1,5 +1,6 @@
 """What a training config points at, checked before a run writes anything: the model directory,
-the data files and the LoRA targets against the model's layers.
+the data files, the LoRA targets against the model's layers, and (with checkpoint.resume=False)
+that the work directory holds no checkpoints.
 
 `config.validate` checks a config on its own (keys, types, values), so configs with placeholder
 paths validate in tests; this module looks at the disk. `python -m jaxpost.train` runs both
@@ -10,6 +11,7 @@ not a traceback after the run has started.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ml_collections
 
@@ -29,6 +31,19 @@ def check(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             open_source(path)
         except DataError as e:
             problems.append(f"data.{key}: {e}")
+    if not cfg.checkpoint.resume:
+        found = sorted(
+            (p.parent.parent.name, int(p.name))
+            for p in Path(cfg.workdir).glob("*/checkpoints/*")
+            if p.name.isdigit()
+        )
+        steps = [f"{stage}/{step}" for stage, step in found]
+        if steps:
+            problems.append(
+                f"checkpoint.resume=False, but workdir {cfg.workdir!r} holds checkpoints "
+                f"({', '.join(steps[-3:])}); pass a fresh --config.workdir (nothing is deleted), "
+                "or resume from them with checkpoint.resume=True"
+            )
     if model_cfg is not None and cfg.lora.enabled:
         from jaxpost import lora  # the model's kernel names
 

@@ -196,3 +196,17 @@ def test_inputs_lora_targets_checked_against_the_model(tmp_path):
     assert "matches no layer kernel" in _inputs_problems(cfg)
     cfg.lora.targets = ("layers/attn/(q|v)/kernel",)
     assert config_inputs.check(cfg) is cfg
+
+
+def test_inputs_resume_false_refuses_a_workdir_with_checkpoints(tmp_path):
+    cfg = _cfg()
+    cfg.workdir = str(tmp_path)
+    cfg.checkpoint.resume = False
+    assert config_inputs.check(cfg) is cfg  # nothing there yet
+    for step in (9, 10):
+        (tmp_path / "sft" / "checkpoints" / str(step)).mkdir(parents=True)
+    msg = _inputs_problems(cfg)
+    assert "checkpoint.resume=False, but workdir" in msg and "(sft/9, sft/10)" in msg
+    assert (tmp_path / "sft" / "checkpoints" / "10").is_dir()  # nothing deleted
+    cfg.checkpoint.resume = True
+    assert config_inputs.check(cfg) is cfg
