@@ -26,7 +26,7 @@ from jaxpost.chat_templates import ChatTemplateError
 from jaxpost.checkpoint import CheckpointError, PreemptionGuard
 from jaxpost.data.sources import DataError, MalformedRow
 from jaxpost.loops import runner
-from jaxpost.loops.offline import Preempted
+from jaxpost.loops.offline import NonFiniteLoss, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/NAME.py[:variant], e.g. configs/quickstart.py:test", lock_config=True
@@ -104,6 +104,10 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
         print(f"error: {e}", file=sys.stderr)
         run.close()
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        run.close()
+        return 4
     run.finish(time.perf_counter() - t0)
     return 0
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxpost.checkpoint import Checkpointer, PreemptionGuard
-from jaxpost.loops.offline import LoopSettings, Preempted, run_offline
+from jaxpost.loops.offline import LoopSettings, NonFiniteLoss, Preempted, run_offline
 from jaxpost.metrics import MetricsWriter
 
 OPT = optax.adam(0.05)
@@ -18,14 +18,23 @@ OPT = optax.adam(0.05)
 class ArrayStream:
     """Shuffled batches of a fixed array; the state is (epoch, position)."""
 
-    def __init__(self, x, y, batch, seed, crash_at=None):
+    def __init__(self, x, y, batch, seed, crash_at=None, limit=None, nan_from=None):
         self.x, self.y, self.batch, self.seed = x, y, batch, seed
         self.epoch, self.pos, self.served, self.crash_at = 0, 0, 0, crash_at
+        self.limit, self.nan_from = limit, nan_from  # batches in all; first NaN batch (1-based)
 
     def __next__(self):
         self.served += 1
         if self.crash_at is not None and self.served == self.crash_at:
             raise RuntimeError("simulated crash")
+        if (
+            self.limit is not None
+            and self.epoch * len(self.x) + self.pos >= self.limit * self.batch
+        ):
+            raise StopIteration
+        if self.nan_from is not None and self.served >= self.nan_from:
+            return {"x": np.full((self.batch, self.x.shape[1]), np.nan, np.float32),
+                    "y": self.y[: self.batch], "tokens": self.x[: self.batch]}  # fmt: skip
         order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.x))
         idx = order[self.pos : self.pos + self.batch]
         self.pos += self.batch
@@ -50,17 +59,19 @@ def _step(state, batch):
     return {"w": optax.apply_updates(state["w"], updates), "opt": opt}, {"loss": loss}
 
 
-def _run(tmp, data, steps=9, crash_at=None, guard=None):
+def _run(tmp, data, steps=9, crash_at=None, guard=None, log_every=1, **stream):
     x, y = data
     state = {"w": jnp.zeros((x.shape[1],)), "opt": OPT.init(jnp.zeros((x.shape[1],)))}
     writer = MetricsWriter(tmp, tensorboard=False, stdout=False)
     try:
         with Checkpointer(tmp / "ckpt", keep_last=2) as ckpt:
             run_offline(
-                LoopSettings(steps=steps, log_every=1, checkpoint_every=3, progress_bar=False),
+                LoopSettings(
+                    steps=steps, log_every=log_every, checkpoint_every=3, progress_bar=False
+                ),  # fmt: skip
                 train_step=_step,
                 state=state,
-                batches=ArrayStream(x, y, 8, seed=1, crash_at=crash_at),
+                batches=ArrayStream(x, y, 8, seed=1, crash_at=crash_at, **stream),
                 checkpointer=ckpt,
                 writer=writer,
                 guard=guard or PreemptionGuard(),
@@ -109,3 +120,23 @@ def test_preemption_saves_then_resumes_exactly(tmp_path, data):
     with Checkpointer(tmp_path / "pre" / "ckpt") as ckpt:
         assert ckpt.latest_step() == 4
     assert _run(tmp_path / "pre", data) == full
+
+
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_a_nan_loss_stops_before_anything_is_saved(tmp_path, data, log_every):
+    # NaN from step 5: caught at once when every step is logged, else at the step-6 save; either
+    # way nothing after step 3 is saved, so good checkpoints are not rotated out.
+    with pytest.raises(NonFiniteLoss, match=r"loss=nan.*The last checkpoint is step 3") as err:
+        _run(tmp_path / "nan", data, log_every=log_every, nan_from=5)
+    assert err.value.step == (5 if log_every == 1 else 6)
+    with Checkpointer(tmp_path / "nan" / "ckpt") as ckpt:
+        assert ckpt.all_steps() == [3]
+
+
+def test_data_running_out_stops_saves_and_resumes(tmp_path, data):
+    # 40 rows in batches of 8: one epoch is 5 batches, for a 9-step run.
+    losses = _run(tmp_path / "short", data, limit=5)
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    with Checkpointer(tmp_path / "short" / "ckpt") as ckpt:
+        assert ckpt.latest_step() == 5
+    assert losses == {k: v for k, v in _run(tmp_path / "full", data).items() if k <= 5}

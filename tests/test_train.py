@@ -323,8 +323,8 @@ def test_bfloat16_mixed_precision_tracks_float32_through_the_cli(tmp_path):
 def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
     """An HF model directory (a tiny model + a BPE tokenizer made here) and a chat JSONL with a
     row cut short: one `error:` line naming file, row and column (exit 2, no traceback); with
-    data.skip_malformed the run says what it skipped, trains, and exports merged weights with
-    the model's tokenizer and generation config."""
+    data.skip_malformed the run says what it skipped and dropped, stops when one epoch of data
+    runs out, and exports merged weights with the model's tokenizer and generation config."""
     import bpe_tokenizer
     import jax
 
@@ -365,15 +365,30 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
         "error: chat.jsonl row 2: invalid JSON (Expecting ':' delimiter at column 41)"
     )
 
+    # Skipping the cut row; a row too long for max_length left out; one epoch of data for a
+    # 5-step run: 4 usable rows are 2 batches, then the run stops, saves and exports.
+    long = json.dumps({"messages": [{"role": "user", "content": "1+2"},
+                                    {"role": "assistant", "content": "3 " * 60}]})  # fmt: skip
+    data = tmp_path / "chat2.jsonl"
+    data.write_text("\n".join([good, cut, good, long, good, good]) + "\n")
     work = tmp_path / "skip"
-    proc = _run(work, *args, "--config.data.skip_malformed=True", "--config.export.merged_hf=True",
+    proc = _run(work, *args, f"--config.data.train_path={data}", "--config.train.steps=5",
+                "--config.data.skip_malformed=True", "--config.data.truncation=drop",
+                "--config.data.num_epochs=1", "--config.export.merged_hf=True",
                 f"--config.data.eval_path={data}", "--config.train.eval_every=1",
                 "--config.train.eval_batches=2")  # fmt: skip
     for split in ("train", "eval"):  # the eval split is read once, not at every evaluation
         said = (
-            f"data: skipped 1 malformed of 4 rows of data.{split}_path (data.skip_malformed=True)"
+            f"data: skipped 1 malformed of 6 rows of data.{split}_path (data.skip_malformed=True)"
         )
-        assert proc.stdout.count(said + "; first: chat.jsonl row 2: invalid JSON") == 1
+        assert proc.stdout.count(said + "; first: chat2.jsonl row 2: invalid JSON") == 1
+    assert (
+        "[sft] the data ran out after step 2 of 5 (data.num_epochs); stopping here" in proc.stdout
+    )
+    assert (
+        "[sft] data: 1 rows were left out under data.truncation='drop'; first: chat2.jsonl row 4"
+    ) in proc.stdout
+    assert (work / "sft" / "checkpoints" / "2").is_dir()
     assert sorted(_losses(work)) == [1, 2]
     evals = _records(work, "sft_eval")
     assert [r["step"] for r in evals] == [1, 2]

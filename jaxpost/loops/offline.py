@@ -34,6 +34,25 @@ class Preempted(Exception):  # noqa: N818 - a control-flow signal, not a failure
         self.signal_name, self.step = signal_name, step
 
 
+class NonFiniteLoss(RuntimeError):
+    """Raised, without saving, when a step's loss or gradient norm is NaN or infinite: a saved
+    NaN state would rotate good checkpoints out (checkpoint.keep_last) and resume as NaN."""
+
+    def __init__(self, step: int, metrics: dict, last_saved: int, directory):
+        values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
+        super().__init__(
+            f"step {step}: {values}; stopped without saving this state. The last checkpoint is "
+            f"step {last_saved} in {directory}. Lower the learning rate or check the data, then "
+            "run again to resume from it; if the run had just resumed, that checkpoint may be "
+            "damaged: move its step directory away to resume from the one before."
+        )
+        self.step = step
+
+
+def _finite(host: dict) -> bool:
+    return all(np.isfinite(host[k]) for k in ("loss", "grad_norm") if k in host)
+
+
 class CheckpointableIterator(Protocol):
     """A batch iterator whose position can be saved and restored (Grain's DataLoader iterator)."""
 
@@ -165,15 +184,33 @@ def run_offline(
 
     progress = Progress(settings.steps, start, settings.name, settings.progress_bar)
     t_last, tokens_since = time.perf_counter(), 0
+    last = settings.steps  # the last step run: earlier when the data runs out
     try:
         for step in range(start + 1, settings.steps + 1):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except StopIteration:  # a finite data.num_epochs ended before train.steps
+                last = step - 1
+                writer.echo(
+                    f"[{settings.name}] the data ran out after step {last} of {settings.steps} "
+                    "(data.num_epochs); stopping here"
+                )
+                save(last, wait=True)
+                break
             tokens = _tokens(batch)
             state, metrics = train_step(state, batch)
             tokens_since += tokens
             loss = None
-            if step % settings.log_every == 0 or step == settings.steps:
-                host = _host(metrics)
+            to_log = step % settings.log_every == 0 or step == settings.steps
+            to_save = step % settings.checkpoint_every == 0 or step == settings.steps
+            stop = guard.should_stop()  # once per step: a collective under several processes
+            if to_log or to_save or stop:
+                host = _host(metrics)  # a host sync; every step saved is checked first
+                if not _finite(host):
+                    writer.write(step, host, split=settings.name)
+                    checkpointer.wait()
+                    raise NonFiniteLoss(step, host, saved[-1], checkpointer.directory)
+            if to_log:
                 now = time.perf_counter()
                 host["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
@@ -183,14 +220,14 @@ def run_offline(
             if settings.eval_every and step % settings.eval_every == 0:
                 run_eval(step)
                 t_last = time.perf_counter()  # keep evaluation out of the throughput
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
+            if to_save:
                 save(step, wait=step == settings.steps)
-            if guard.should_stop():
+            if stop:
                 save(step, wait=True)
                 raise Preempted(guard.requested or "signal", step, checkpointer.directory)
     finally:
         progress.close()
-    if not settings.eval_every or settings.steps % settings.eval_every:
-        run_eval(settings.steps)
+    if last > start and (not settings.eval_every or last % settings.eval_every):
+        run_eval(last)
     checkpointer.wait()
     return state

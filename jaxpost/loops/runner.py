@@ -196,6 +196,11 @@ def train_stage(
     stats = data_setup.stats(batches)
     if stats:
         run.summary.setdefault("data", {})[name] = stats
+    if stats.get("dropped_rows"):  # said, not only counted in summary.json
+        run.log(
+            f"[{name}] data: {stats['dropped_rows']} rows were left out under "
+            f"data.truncation={cfg.data.truncation!r}; first: {stats['dropped_examples'][0]}"
+        )
     return step_setup.params_of(state)
 
 
