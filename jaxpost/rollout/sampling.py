@@ -23,6 +23,7 @@ import jax.numpy as jnp
 # Static sampler variants: the engine compiles at most one step per variant and picks the
 # cheapest one that covers every live slot (sorting the vocabulary only when a filter is on).
 GREEDY, TEMPERATURE, FILTERED = "greedy", "temperature", "filtered"
+MAX_EOS = 8  # eos ids per request, held per slot on device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,8 @@ class SamplingParams:
             problems.append(f"seed={self.seed} must fit in int32")
         if not self.n >= 1:
             problems.append(f"n={self.n} must be >= 1")
+        if len(self.eos_token_ids) > MAX_EOS:
+            problems.append(f"{len(self.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
         if any(len(s) == 0 for s in self.stop):
             problems.append("stop contains an empty token sequence")
         if problems:

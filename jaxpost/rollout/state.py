@@ -15,9 +15,8 @@ import numpy as np
 from jaxpost import lora as lora_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.paged_cache import PagedKVCache
+from jaxpost.rollout.sampling import MAX_EOS
 from jaxpost.sharding import logical_to_sharding, replicated
-
-MAX_EOS = 8  # eos ids per slot held on device
 
 
 @jax.tree_util.register_dataclass

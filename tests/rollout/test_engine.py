@@ -252,6 +252,7 @@ def test_bad_inputs_raise_clear_errors(params):
         (dict(temperature=None), "temperature=None must be a number"),
         (dict(eos_token_ids="2"), "eos_token_ids='2' must be a token id or a sequence of ids"),
         (dict(n=2.0), "n=2.0 must be an integer"),
+        (dict(eos_token_ids=range(9)), "9 eos_token_ids; at most 8"),
     ]:
         with pytest.raises(ValueError, match=message):
             rollout.SamplingParams(**kwargs)
@@ -281,9 +282,12 @@ def test_bad_inputs_raise_clear_errors(params):
         engine.prefill(
             params=engine.params, existing_prefix=prefix, padded_tokens=ones, true_length=1
         )
-    # More eos ids than a slot holds on device: refused before the slot is admitted.
+    # More eos ids than a slot holds on device are refused by SamplingParams (above), before any
+    # prefill; the engine keeps its own check (a parameters object built around the check is
+    # refused before the slot is admitted).
     state = engine.init_decode_state()
-    many_eos = rollout.SamplingParams(max_new_tokens=2, eos_token_ids=tuple(range(9)))
+    many_eos = rollout.SamplingParams(max_new_tokens=2)
+    object.__setattr__(many_eos, "eos_token_ids", tuple(range(9)))
     with pytest.raises(ValueError, match="9 eos_token_ids; at most 8"):
         short = engine.prefill(params=engine.params, padded_tokens=ones, true_length=4)
         engine.insert(short, state, 0, sampling=many_eos)
