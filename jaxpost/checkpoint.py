@@ -218,7 +218,7 @@ class Checkpointer:
         where = self.directory / str(step)
         saved_model = (meta.get("config") or {}).get("model")
         if model_config is not None and saved_model is not None:
-            diffs = _dict_diffs(saved_model, model_config, "model")
+            diffs = config_diffs(saved_model, model_config, "model")
             if diffs:
                 raise CheckpointError(
                     f"checkpoint {where} was written for a different model:\n  "
@@ -260,11 +260,12 @@ class Checkpointer:
         )
 
 
-def _dict_diffs(saved: Any, current: Any, prefix: str) -> list[str]:
+def config_diffs(saved: Any, current: Any, prefix: str) -> list[str]:
+    """One line per leaf where two (nested dict) configs differ, named by its dotted path."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
-            out += _dict_diffs(saved.get(key), current.get(key), f"{prefix}.{key}")
+            out += config_diffs(saved.get(key), current.get(key), f"{prefix}.{key}")
         return out
     norm = lambda v: json.loads(json.dumps(v, default=list))
     if norm(saved) != norm(current):

@@ -59,7 +59,7 @@ def _step(state, batch):
     return {"w": optax.apply_updates(state["w"], updates), "opt": opt}, {"loss": loss}
 
 
-def _run(tmp, data, steps=9, crash_at=None, guard=None, log_every=1, **stream):
+def _run(tmp, data, steps=9, crash_at=None, guard=None, log_every=1, config=None, **stream):
     x, y = data
     state = {"w": jnp.zeros((x.shape[1],)), "opt": OPT.init(jnp.zeros((x.shape[1],)))}
     writer = MetricsWriter(tmp, tensorboard=False, stdout=False)
@@ -75,6 +75,7 @@ def _run(tmp, data, steps=9, crash_at=None, guard=None, log_every=1, **stream):
                 checkpointer=ckpt,
                 writer=writer,
                 guard=guard or PreemptionGuard(),
+                config_dict=config,
             )
     finally:
         writer.close()
@@ -140,3 +141,18 @@ def test_data_running_out_stops_saves_and_resumes(tmp_path, data):
     with Checkpointer(tmp_path / "short" / "ckpt") as ckpt:
         assert ckpt.latest_step() == 5
     assert losses == {k: v for k, v in _run(tmp_path / "full", data).items() if k <= 5}
+
+
+def test_resuming_with_a_changed_config_says_what_changed(tmp_path, data, capsys):
+    config = {"model": {"width": 5}, "optimizer": {"learning_rate": 0.05}, "train": {"steps": 6}}
+    _run(tmp_path / "run", data, steps=6, config=config)
+    assert "config changed" not in capsys.readouterr().out
+    longer = {**config, "train": {"steps": 9}, "optimizer": {"learning_rate": 0.01}}
+    _run(tmp_path / "run", data, steps=9, config=longer)
+    out = capsys.readouterr().out
+    assert "[train] resumed from step 6" in out
+    assert (
+        "[train] the config changed since that checkpoint:\n"
+        "  optimizer.learning_rate: 0.05 in the checkpoint, 0.01 in this config\n"
+        "  train.steps: 6 in the checkpoint, 9 in this config"
+    ) in out

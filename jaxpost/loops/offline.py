@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.checkpoint import Checkpointer, PreemptionGuard, config_diffs
 from jaxpost.metrics import MetricsWriter, Progress
 
 
@@ -159,6 +159,21 @@ def run_offline(
         if restored.data_state is not None:
             batches.set_state(restored.data_state)
         writer.echo(f"[{settings.name}] resumed from step {start} ({checkpointer.directory})")
+        changed = [
+            d
+            for section in sorted(set(restored.config or {}) | set(config_dict or {}))
+            if section != "model"  # a changed model is an error, raised by restore
+            for d in config_diffs(
+                (restored.config or {}).get(section), (config_dict or {}).get(section), section
+            )
+        ]
+        if restored.config is not None and config_dict is not None and changed:
+            # Allowed (a longer run, a lower learning rate), but the curves before and after
+            # are not one run's: say so in the log.
+            writer.echo(
+                f"[{settings.name}] the config changed since that checkpoint:\n  "
+                + "\n  ".join(changed)
+            )
     if start >= settings.steps:
         return state
 
