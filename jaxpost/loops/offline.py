@@ -206,6 +206,14 @@ def run_offline(
                 batch = next(batches)
             except StopIteration:  # a finite data.num_epochs ended before train.steps
                 last = step - 1
+                if jax.process_count() > 1:
+                    # The others may still have a batch: stopping alone would leave them
+                    # waiting in the next step's collectives.
+                    raise RuntimeError(
+                        f"the data of process {jax.process_index()} ran out after step {last} "
+                        f"of {settings.steps}; under several processes use data.num_epochs=None "
+                        "(repeat the data) or fewer train.steps"
+                    ) from None
                 writer.echo(
                     f"[{settings.name}] the data ran out after step {last} of {settings.steps} "
                     "(data.num_epochs); stopping here"
