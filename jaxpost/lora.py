@@ -341,7 +341,7 @@ def unmerge(cfg: ModelConfig, merged: dict, lora: LoraParams) -> dict:
 
 def save_merged_hf(cfg: ModelConfig, params: dict, lora: LoraParams, path) -> None:
     """Write the merged model as an HF checkpoint directory (`models.save_hf`)."""
-    from jaxpost.models.hf import save_hf
+    from jaxpost.models.hf_save import save_hf
 
     save_hf(cfg, merge(cfg, params, lora), path)
 

@@ -1,8 +1,9 @@
 """Models: the transformer (Llama / Qwen2 / Qwen3 / Gemma 1-2-3 by config), KV cache, HF I/O."""
 
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.hf import load_hf, read_config, save_hf
+from jaxpost.models.hf import load_hf, read_config
 from jaxpost.models.hf_configs import config_from_hf, config_to_hf
+from jaxpost.models.hf_save import save_hf
 from jaxpost.models.kv_cache import DenseKVCache
 from jaxpost.models.transformer import (
     apply,

@@ -1,4 +1,5 @@
-"""HF checkpoints in and out: a local directory with config.json and safetensors weights.
+"""HF checkpoints in: a local directory with config.json and safetensors weights, and the name
+mapping between HF tensors and our parameter leaves that saving (`models.hf_save`) shares.
 
 Loading streams tensor by tensor: every parameter is built with `jax.make_array_from_callback`,
 so each device shard reads only its own slice of the file (stacked [L, ...] leaves one layer at a
@@ -11,11 +12,7 @@ HF Linear weights are [out, in]; ours are [in, out] (see `jaxpost.models.transfo
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from jaxpost.models import safetensors_io
 from jaxpost.models.config import ModelConfig
-from jaxpost.models.hf_configs import config_from_hf, config_to_hf
+from jaxpost.models.hf_configs import config_from_hf
 from jaxpost.models.transformer import init, logical_axes
 from jaxpost.sharding import DEFAULT_RULES, Rules, tree_shardings
 
@@ -124,7 +121,7 @@ _TOP_NAMES = {
 }
 
 
-class _Leaf:
+class HFLeaf:
     """Where one parameter leaf lives in HF format: a name per layer (or one name) and layout."""
 
     def __init__(self, path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig):
@@ -170,14 +167,16 @@ class _Leaf:
             yield name, lambda i=i: fetch(i)
 
 
-def _path_key(path) -> tuple[str, ...]:
+def leaf_path(path) -> tuple[str, ...]:
+    """A pytree key path as a tuple of strings, e.g. ("layers", "attn", "q", "kernel")."""
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def _leaves(cfg: ModelConfig) -> tuple[Any, list[_Leaf]]:
+def hf_leaves(cfg: ModelConfig) -> tuple[Any, list[HFLeaf]]:
+    """(abstract params of cfg's model, one HFLeaf per leaf in `init` order)."""
     abstract = jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
     flat = jax.tree_util.tree_leaves_with_path(abstract)
-    return abstract, [_Leaf(_path_key(p), tuple(x.shape), cfg) for p, x in flat]
+    return abstract, [HFLeaf(leaf_path(p), tuple(x.shape), cfg) for p, x in flat]
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -215,7 +214,7 @@ def load_hf(
         canonical = _text_model_name(name) if multimodal else name
         if canonical is not None:
             sources[canonical] = _Source(file, name)
-    abstract, leaves = _leaves(cfg)
+    abstract, leaves = hf_leaves(cfg)
 
     expected = {}
     for leaf in leaves:
@@ -263,177 +262,3 @@ def load_hf(
         for leaf, sharding in zip(leaves, jax.tree.leaves(shardings))
     ]
     return cfg, jax.tree.unflatten(jax.tree.structure(abstract), arrays)
-
-
-def _check_params(cfg: ModelConfig, params: dict, leaves: list[_Leaf]) -> list[jax.Array]:
-    """The leaves of `params` in `init` order, after checking paths and shapes against cfg."""
-    if isinstance(params, dict) and set(params) == {"base", "lora"}:
-        raise ValueError(
-            "params are partitioned {'base', 'lora'}: save lora.merge(cfg, base, lora) as an "
-            "HF checkpoint, or the adapter alone with lora.save_peft"
-        )
-    given = {_path_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    want = {leaf.path: leaf.shape for leaf in leaves}
-    for path in want:
-        if path not in given:
-            raise ValueError(
-                f"params has no leaf {'/'.join(path)} (shape {want[path]}) required by the config"
-            )
-    for path, x in given.items():
-        if path not in want:
-            raise ValueError(
-                f"params leaf {'/'.join(path)} of shape {tuple(np.shape(x))} is not a parameter "
-                f"of this config (merge LoRA or dequantize before saving)"
-            )
-        if tuple(np.shape(x)) != want[path]:
-            raise ValueError(
-                f"params leaf {'/'.join(path)} has shape {tuple(np.shape(x))}, "
-                f"expected {want[path]} from the config"
-            )
-    return [given[leaf.path] for leaf in leaves]
-
-
-def save_hf(
-    cfg: ModelConfig,
-    params: dict,
-    path: str | os.PathLike,
-    *,
-    max_shard_bytes: int = 5 * 2**30,
-    source: str | os.PathLike | None = None,
-) -> None:
-    """Write params as an HF checkpoint directory that `transformers.from_pretrained` loads.
-
-    Writes config.json and model.safetensors, or model-0000i-of-0000n.safetensors shards plus
-    model.safetensors.index.json when the weights exceed max_shard_bytes. Tensors are fetched
-    to host one at a time. The directory is built next to `path` and renamed into place, so a
-    failed save never replaces a good checkpoint; files of an existing directory that a save
-    does not produce (e.g. the tokenizer) are carried over. Under several processes
-    (`jax.distributed`) every process must call it; process 0 writes to `path`.
-
-    source: the HF checkpoint directory the model came from. Its other files (tokenizer,
-    generation_config.json, chat template) are copied alongside, and its config.json's special
-    token ids (bos / eos / pad_token_id) kept, so `generate` on the saved model stops where the
-    original's does.
-    """
-    path = Path(path).absolute()
-    hf_config = config_to_hf(cfg)
-    if source is not None:
-        source = Path(source)
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"source={str(source)!r} is not an HF checkpoint directory")
-        original = json.loads((source / "config.json").read_text())
-        hf_config.update({k: original[k] for k in SPECIAL_TOKEN_KEYS if k in original})
-    _, leaves = _leaves(cfg)
-    arrays = _check_params(cfg, params, leaves)
-    tensors = []
-    for leaf, array in zip(leaves, arrays):
-        shape = leaf.hf_shape
-        spec = jax.ShapeDtypeStruct(shape, np.dtype(array.dtype))
-        for name, thunk in leaf.hf_tensors(array):
-            tensors.append((name, thunk, spec))
-    shards: list[list] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = math.prod(t[2].shape) * t[2].dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-
-    if jax.process_index() != 0:
-        # Only process 0 writes; the others join the gathers of sharded tensors, in order.
-        for _, thunk, _ in tensors:
-            thunk()
-        multihost_utils.sync_global_devices("jaxpost.models.save_hf")
-        return
-    try:
-        _write_checkpoint(path, shards, hf_config, source)
-    finally:
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("jaxpost.models.save_hf")
-
-
-# config.json entries that describe the tokenizer, not the model: kept from a `source`.
-SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _write_checkpoint(path: Path, shards: list[list], hf_config: dict, source) -> None:
-    """Build the checkpoint in a temporary sibling directory, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        if len(shards) == 1:
-            safetensors_io.write(tmp / SINGLE_FILE, shards[0])
-        else:
-            weight_map = {}
-            total = 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                safetensors_io.write(tmp / fname, shard)
-                for name, _, spec in shard:
-                    weight_map[name] = fname
-                    total += math.prod(spec.shape) * spec.dtype.itemsize
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            _carry_over(path, tmp)
-        if source is not None and source.absolute() != path:
-            _copy_companions(source, tmp)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _is_weights_or_config(name: str) -> bool:
-    return name.endswith(".safetensors") or name in ("config.json", INDEX_FILE)
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Copy the files of an existing checkpoint dir that a save does not rewrite."""
-    if not old.is_dir():
-        raise ValueError(f"{old} exists and is not a directory; cannot save a checkpoint there")
-    for entry in old.iterdir():
-        if _is_weights_or_config(entry.name):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
-        else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
-
-
-# Weight files of other formats a source directory may hold: never copied beside new weights.
-_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
-
-
-def _copy_companions(source: Path, new: Path) -> None:
-    """Copy the plain files of `source` that are neither weights nor config.json (tokenizer,
-    generation config, chat template, README), replacing carried-over ones."""
-    for entry in source.iterdir():
-        name = entry.name
-        if (
-            not entry.is_file()
-            or name.startswith(".")
-            or _is_weights_or_config(name)
-            or name.endswith(_WEIGHT_SUFFIXES)
-            or name.endswith(".index.json")
-        ):
-            continue
-        shutil.copy2(entry, new / name)
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Rename tmp to path; an existing path is moved aside first and removed only afterwards."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(path, backup)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(backup, path)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
