@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -155,35 +154,8 @@ def check(cfg: ModelConfig, lora, plain_tree_ok: bool = False) -> None:
 
 
 def select_targets(cfg: ModelConfig, targets=None) -> list[str]:
-    """The kernel paths of cfg's model that `targets` selects (sorted), or a ValueError naming
-    a target that is not a regex or matches nothing. targets: regexes fully matched against
-    paths such as "layers/attn/q/kernel"; one string is one regex (as PEFT's target_modules
-    takes a string); None = DEFAULT_TARGETS (every linear)."""
-    if isinstance(targets, str):
-        targets = (targets,)
-    targets = DEFAULT_TARGETS if targets is None else tuple(targets)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(
-            f"LoRA targets={targets!r}; expected a regex or a non-empty sequence of regexes"
-        )
-    return _select(targets, adaptable_kernels(cfg))
-
-
-def _select(targets: tuple[str, ...], kernels) -> list[str]:
-    chosen: set[str] = set()
-    for target in targets:
-        try:
-            pattern = re.compile(target)
-        except re.error as e:
-            raise ValueError(f"LoRA target {target!r} is not a valid regex: {e}") from e
-        found = [k for k in kernels if pattern.fullmatch(k)]
-        if not found:
-            raise ValueError(
-                f"LoRA target {target!r} matches no layer kernel; targets are regexes fully "
-                f"matched against {sorted(kernels)}"
-            )
-        chosen.update(found)
-    return sorted(chosen)
+    """The kernel paths of cfg's model that `targets` selects (`nf4.match_targets`)."""
+    return nf4.match_targets(targets, list(adaptable_kernels(cfg)), "LoRA")
 
 
 def _check_base(params: dict, path: str, shape: tuple[int, ...]) -> None:

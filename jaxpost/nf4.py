@@ -231,6 +231,34 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+def match_targets(targets, paths, what: str) -> list[str]:
+    """The `paths` (sorted) that the target regexes select, for LoRA and NF4 alike: targets
+    are regexes fully matched against paths such as "layers/attn/q/kernel"; one string is one
+    regex (as PEFT's target_modules takes a string); None = DEFAULT_TARGETS (every linear).
+    A ValueError, labelled `what`, names a target that is not a regex or matches nothing."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = DEFAULT_TARGETS if targets is None else tuple(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            f"{what} targets={targets!r}; expected a regex or a non-empty sequence of regexes"
+        )
+    chosen: set[str] = set()
+    for target in targets:
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise ValueError(f"{what} target {target!r} is not a valid regex: {e}") from e
+        found = [k for k in paths if pattern.fullmatch(k)]
+        if not found:
+            raise ValueError(
+                f"{what} target {target!r} matches no layer kernel; targets are regexes fully "
+                f"matched against {sorted(paths)}"
+            )
+        chosen.update(found)
+    return sorted(chosen)
+
+
 def quantize_base(cfg, params: dict, targets=None) -> dict:
     """params with every targeted layer kernel [L, in, out] replaced by "kernel_nf4".
 
@@ -239,22 +267,12 @@ def quantize_base(cfg, params: dict, targets=None) -> dict:
     head are never quantized. Each layer is quantized on its own (its own absmax mean), so the
     layer scan hands `Linear` a self-contained tree. Jittable (cfg static).
     """
-    if isinstance(targets, str):  # one regex, as in `lora.select_targets`
-        targets = (targets,)
-    targets = tuple(targets) if targets is not None else DEFAULT_TARGETS
-    patterns = [re.compile(t) for t in targets]
-    kernels = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = _path_str(path)
-        if name.startswith("layers/") and name.endswith("/kernel"):
-            kernels[name] = leaf
-    hits = {t: [k for k in kernels if p.fullmatch(k)] for t, p in zip(targets, patterns)}
-    for t, found in hits.items():
-        if not found:
-            raise ValueError(
-                f"NF4 target {t!r} matches no layer kernel; available: {sorted(kernels)}"
-            )
-    chosen = {k for found in hits.values() for k in found}
+    kernels = [
+        name
+        for name in map(_path_str, (p for p, _ in jax.tree_util.tree_leaves_with_path(params)))
+        if name.startswith("layers/") and name.endswith("/kernel")
+    ]
+    chosen = set(match_targets(targets, kernels, "NF4"))
 
     def rebuild(tree, prefix):
         out = {}
