@@ -93,7 +93,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     c.train.log_every = 10
     c.train.eval_every = 200  # 0: evaluate only at the end of each stage
-    c.train.eval_batches = 4
+    # Batches per evaluation, from the start of the held-out split; None: the whole split. Each
+    # row is evaluated once: a split smaller than this is not repeated.
+    c.train.eval_batches = _fieldref(None, int)
 
     # Full fine-tuning from random init before the main recipe ("pretraining"); 0 steps = none.
     c.pretrain = ml_collections.ConfigDict()
@@ -195,12 +197,14 @@ def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
     """{"a.b": field} with FieldReferences left in place (their declared types matter)."""
     out = {}
     for key in cfg.keys():
-        value = cfg.get_ref(key) if not isinstance(cfg[key], ml_collections.ConfigDict) else None
         if isinstance(cfg[key], ml_collections.ConfigDict):
             out[prefix + key] = cfg[key]
             out.update(_flatten(cfg[key], prefix + key + "."))
         else:
-            out[prefix + key] = value
+            try:
+                out[prefix + key] = cfg.get_ref(key)
+            except ValueError:  # a bare None (a section rebuilt from a plain dict) has none
+                out[prefix + key] = ml_collections.FieldReference(None, field_type=object)
     return out
 
 

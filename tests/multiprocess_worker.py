@@ -65,6 +65,49 @@ def run(mesh_shape: tuple[int, int, int], devices=None) -> list[float]:
     return losses
 
 
+def evaluate_split(mesh_shape: tuple[int, int, int], devices=None, **overrides) -> dict:
+    """The CLI's evaluation (`data_setup.eval_batches` + `offline.evaluate`) of a tiny random
+    model on EVAL_ROWS held-out arithmetic rows, unpacked, global batch 4: with two processes
+    the rows split 7 / 6, so process 1 runs out of rows one batch before process 0.
+    -> the eval metrics, the batches this process evaluated and its loss tokens."""
+
+    from jaxpost import config, models, sharding, steps
+    from jaxpost.loops import data_setup, offline
+    from jaxpost.losses import sft_loss
+
+    from tiny_models import tiny_config
+
+    cfg = config.defaults()
+    cfg.data.task, cfg.data.num_eval_examples = "arithmetic", EVAL_ROWS
+    cfg.data.packing, cfg.data.max_length = False, 64
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    task, tokenizer = data_setup.task_and_tokenizer(cfg)
+    make = data_setup.eval_batches(cfg, task, tokenizer, batch_size=4)
+    model = tiny_config(vocab_size=tokenizer.vocab_size)
+    mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+    opt = steps.make_optimizer(name="sgd", learning_rate=1e-3, total_steps=1)
+    state = steps.init_train_state(
+        model,
+        lambda key: {"base": models.init(model, key), "lora": None},
+        opt,
+        mesh,
+        trainable="full",
+    )
+    eval_step = steps.make_eval_step(model, sft_loss, mesh, trainable="full")
+    batches = list(make())
+    metrics = offline.evaluate(eval_step, state, batches)
+    return {
+        "metrics": metrics,
+        "batches": len(batches),
+        "local_tokens": float(sum(b["loss_mask"].sum() for b in batches)),
+    }
+
+
+EVAL_ROWS = 13
+
+
 def main(argv: list[str]) -> None:
     pid, n, port, local_devices, out = argv
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -76,9 +119,9 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(f"127.0.0.1:{port}", int(n), int(pid))
     assert jax.process_count() == int(n), jax.process_count()
     losses = run((2, jax.device_count() // 2, 1))
-    if jax.process_index() == 0:
-        with open(out, "w") as f:
-            json.dump({"losses": losses, "devices": jax.device_count()}, f)
+    evaluation = evaluate_split((2, jax.device_count() // 2, 1))
+    with open(f"{out}.{jax.process_index()}", "w") as f:
+        json.dump({"losses": losses, "devices": jax.device_count(), "eval": evaluation}, f)
     jax.distributed.shutdown()
 
 

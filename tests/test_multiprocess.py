@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 
@@ -18,11 +19,24 @@ def _worker_module():
 
 
 def test_two_processes_match_one_device(tmp_path, launch):
-    out = tmp_path / "losses.json"
+    out = tmp_path / "result.json"
     launch(WORKER, lambda pid, port: [pid, 2, port, 2, out])
-    result = json.loads(out.read_text())
-    assert result["devices"] == 4  # 2 processes x 2 CPU devices, one global mesh (2, 2, 1)
+    results = [json.loads((tmp_path / f"result.json.{pid}").read_text()) for pid in (0, 1)]
+    assert results[0]["devices"] == 4  # 2 processes x 2 CPU devices, one global mesh (2, 2, 1)
 
-    reference = _worker_module().run((1, 1, 1), devices=jax.devices()[:1])
-    got = np.asarray(result["losses"])
+    worker = _worker_module()
+    reference = worker.run((1, 1, 1), devices=jax.devices()[:1])
+    got = np.asarray(results[0]["losses"])
     np.testing.assert_allclose(got, reference, rtol=1e-5)
+
+    # Evaluation reads every held-out row once: 13 rows split 7 / 6, so process 1 runs out a
+    # batch early and fills in a weightless one (same number of collective eval calls), and
+    # the global means equal one process's over all 13 rows.
+    one = worker.evaluate_split((1, 1, 1), devices=jax.devices()[:1])
+    evals = [r["eval"] for r in results]
+    assert [e["batches"] for e in evals] == [4, 4]
+    assert sum(e["local_tokens"] for e in evals) == one["local_tokens"]
+    assert evals[0]["local_tokens"] > evals[1]["local_tokens"] > 0
+    for e in evals:
+        assert e["metrics"]["tokens"] == one["metrics"]["tokens"] == one["local_tokens"]
+        assert e["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)

@@ -38,7 +38,10 @@ class PipelineConfig:
     packing: pack sequence formats (messages, prompt_completion, text); prompt_answer batches
     are always padded prompts, whatever this says. num_packing_bins: rows the first-fit packer
     fills at once (default batch_size). drop_remainder: drop a final partial batch (finite
-    epochs), so every batch has the same shape and nothing recompiles.
+    epochs), so every batch has the same shape and nothing recompiles. even_shards: every
+    process reads len // process_count rows (the remainder is left out), so processes stay in
+    step for training; False deals out every row (shards differ by at most one), for an
+    evaluation that must see each row once and pads the difference (`loops.data_setup`).
     process_index / process_count: default jax.process_index() / jax.process_count()."""
 
     format: str = "messages"
@@ -53,6 +56,7 @@ class PipelineConfig:
     chat_template: bool = True
     num_packing_bins: int | None = None
     drop_remainder: bool = True
+    even_shards: bool = True
     process_index: int | None = None
     process_count: int | None = None
 
@@ -172,12 +176,14 @@ class Pipeline:
             count = jax.process_count() if count is None else count
         if not 0 <= index < count:
             raise ValueError(f"process_index {index} is outside [0, process_count={count})")
-        # Equal shards (the last len % count rows are dropped) keep processes in step.
-        per = len(valid) // count
-        if per == 0:
+        if len(valid) < count:
             raise DataError(
                 f"{len(valid)} valid rows cannot give each of {count} processes at least one"
             )
+        if not self.config.even_shards:
+            return np.array_split(valid, count)[index]
+        # Equal shards (the last len % count rows are dropped) keep processes in step.
+        per = len(valid) // count
         return valid[index * per : (index + 1) * per]
 
     def _encode(self, i: int) -> dict | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxpost.data import Pipeline, PipelineConfig, formats, tasks
 
@@ -89,30 +90,73 @@ def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStre
 
 
 def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator[dict]]:
-    """A function returning, per evaluation, an iterator over the first `train.eval_batches`
-    batches of the held-out split (see `has_eval_data`). The split is read and validated once,
-    here, not at every evaluation."""
+    """A function returning, per evaluation, an iterator over the held-out split read once:
+    every row exactly once, in order, at most `train.eval_batches` batches (None: all of them;
+    a split smaller than that is not repeated). The split is read, validated and counted once,
+    here, not at every evaluation.
+
+    Every batch has the training batch's shape, so the eval step compiles once: the last,
+    short batch is filled with copies of its first row whose loss masks are zero, and a process
+    whose rows run out before another's (processes' shares differ by one row, and packing
+    changes the count) yields such weightless batches until every process has made the same
+    number of calls of the (collective) eval step. Weightless rows add nothing to loss_sum or
+    weight_sum, so the means are over the split's real tokens."""
+    rows = _per_process(batch_size)
     pipeline = Pipeline(
         _source(cfg, "test"),
         tokenizer,
         PipelineConfig(
             format=cfg.data.format,
             max_length=cfg.data.max_length,
-            batch_size=_per_process(batch_size),
+            batch_size=rows,
             packing=cfg.data.packing,
             shuffle=False,
-            num_epochs=None,  # cycle a small split so the requested batch count always exists
+            num_epochs=1,
+            drop_remainder=False,
+            even_shards=False,
             truncation=cfg.data.truncation,
             skip_malformed=cfg.data.skip_malformed,
         ),
     )
     _say_skipped(pipeline, "data.eval_path")
+    count = sum(1 for _ in pipeline.iterator())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        count = int(np.max(multihost_utils.process_allgather(np.int64(count))))
+    if cfg.train.eval_batches is not None:
+        count = min(count, cfg.train.eval_batches)
 
     def batches() -> Iterator[dict]:
         it = pipeline.iterator()
-        return (next(it) for _ in range(cfg.train.eval_batches))
+        blank = None
+        for _ in range(count):
+            batch = next(it, None)
+            if batch is None:
+                yield blank
+                continue
+            batch = fill_rows(batch, rows)
+            if blank is None:
+                blank = weightless(batch)
+            yield batch
 
     return batches
+
+
+def fill_rows(batch: dict, rows: int) -> dict:
+    """A batch of fewer than `rows` rows, filled up to `rows` with weightless copies of its
+    first row (every `*loss_mask` zero)."""
+    have = len(next(iter(batch.values())))
+    if have == rows:
+        return batch
+    filler = weightless({k: np.repeat(v[:1], rows - have, axis=0) for k, v in batch.items()})
+    return {k: np.concatenate([v, filler[k]]) for k, v in batch.items()}
+
+
+def weightless(batch: dict) -> dict:
+    """The batch with every loss mask zeroed: it keeps real tokens (so nothing in the forward
+    sees an unusual row) but adds no loss, weight or token count."""
+    return {k: np.zeros_like(v) if k.endswith("loss_mask") else v for k, v in batch.items()}
 
 
 def _say_skipped(pipeline: Pipeline, key: str) -> None:

@@ -172,6 +172,21 @@ def test_process_shards_are_disjoint_and_equal():
         Pipeline(rows, TOK, cfg, process_index=3, process_count=3)
 
 
+def test_uneven_shards_deal_out_every_row():
+    """even_shards=False (evaluation): 50 rows over 3 processes are 17 / 17 / 16, all 50."""
+    rows = _rows(50)
+    cfg = PipelineConfig(format="prompt_answer", packing=False, batch_size=4, max_length=32,
+                         num_epochs=1, drop_remainder=False, even_shards=False)  # fmt: skip
+    shards = [
+        [p for b in Pipeline(rows, TOK, cfg, process_index=i, process_count=3) for p in _prompts(b)]
+        for i in range(3)
+    ]
+    assert [len(s) for s in shards] == [17, 17, 16]
+    assert sorted(sum(shards, [])) == sorted(r["prompt"] for r in rows)
+    with pytest.raises(DataError, match="2 valid rows cannot give each of 3 processes"):
+        Pipeline(rows[:2], TOK, cfg, process_index=0, process_count=3)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
