@@ -9,6 +9,9 @@ two items: "state" (any pytree of arrays: params, optimizer state, RNG keys, ste
   temporary directories are removed when the manager starts.
 * Async: arrays are copied off-device and written in the background; `wait()` blocks.
 * Retention: the latest `keep_last` steps plus every multiple of `keep_every`.
+* Verified: "meta" holds two 32-bit checksums of every array's bits, computed on device at save;
+  restore recomputes them, so a flipped bit in the files (which Orbax restores without complaint)
+  is an error naming the damaged arrays rather than a silently wrong model.
 * Restore takes an abstract target (ShapeDtypeStructs with shardings), so a checkpoint saved on one
   mesh restores onto another. The saved tree description is compared with the target first: a
   checkpoint of another model or another LoRA shape is an error naming the differing leaves.
@@ -92,6 +95,43 @@ def _abstract_key_data(x):
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
 
 
+def _words(x: jax.Array) -> jax.Array:
+    """x's bits as uint32 words: 32-bit values as they are, 8- and 16-bit ones widened, 64-bit
+    ones as two words (a trailing axis of 2)."""
+    if x.dtype == jnp.bool_ or jnp.dtype(x.dtype).itemsize not in (1, 2, 4, 8):
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+    return jax.lax.bitcast_convert_type(x, unsigned[jnp.dtype(x.dtype).itemsize]).astype(
+        jnp.uint32
+    )
+
+
+@jax.jit
+def _checksums(tree):
+    """Per leaf [sum of its words, sum of word * (flat index + 1)], both mod 2^32: any one
+    flipped bit changes the first, a moved or swapped value the second. Flat indices come from
+    iotas, not a reshape, so a sharded leaf is never gathered; the sums are collectives."""
+
+    def one(x):
+        w = _words(x)
+        index, stride = jnp.zeros(w.shape, jnp.uint32), 1
+        for axis in reversed(range(w.ndim)):
+            iota = jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
+            index, stride = index + iota * jnp.uint32(stride), stride * w.shape[axis] % 2**32
+        return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (index + 1), dtype=jnp.uint32)])
+
+    return jax.tree.map(one, tree)
+
+
+def checksums(tree) -> dict[str, list[int]]:
+    """{leaf path: [two uint32 checksums]} of a pytree of arrays (typed keys as their data)."""
+    sums = jax.device_get(_checksums(_keys_to_data(tree)))
+    return {
+        _path_str(path): [int(v) for v in leaf]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]
+    }
+
+
 def _encode(value):
     """Data-iterator states may be bytes (Grain); JSON keeps them base64-encoded."""
     if isinstance(value, bytes):
@@ -155,6 +195,7 @@ class Checkpointer:
             "config": config,
             "extra": extra or {},
             "tree": describe(state),
+            "checksums": checksums(state),
         }
         self._manager.save(
             int(step),
@@ -244,6 +285,17 @@ class Checkpointer:
                 f"checkpoint {where} is corrupt or incomplete: its arrays cannot be read "
                 f"({type(e).__name__}: {str(e)[:300]})"
             ) from e
+        saved_sums = meta.get("checksums")  # absent from checkpoints written before checksums
+        if saved_sums is not None:
+            got = checksums(out["state"])
+            damaged = sorted(p for p in saved_sums if got.get(p) != saved_sums[p])
+            if damaged:
+                more = f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
+                raise CheckpointError(
+                    f"checkpoint {where} is corrupt: {len(damaged)} array(s) read back differ "
+                    f"from what was saved ({', '.join(damaged[:8])}{more}); move that step "
+                    "directory away to resume from the checkpoint before it"
+                )
         state = jax.tree.map(
             lambda like, x: (
                 jax.random.wrap_key_data(x, impl=like.dtype._impl) if _is_key(like) else x
