@@ -101,9 +101,7 @@ def _words(x: jax.Array) -> jax.Array:
     if x.dtype == jnp.bool_ or jnp.dtype(x.dtype).itemsize not in (1, 2, 4, 8):
         return x.astype(jnp.uint32)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
-    return jax.lax.bitcast_convert_type(x, unsigned[jnp.dtype(x.dtype).itemsize]).astype(
-        jnp.uint32
-    )
+    return jax.lax.bitcast_convert_type(x, unsigned[jnp.dtype(x.dtype).itemsize]).astype(jnp.uint32)
 
 
 @jax.jit

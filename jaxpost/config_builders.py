@@ -1,5 +1,6 @@
 """What `configs/*.py` call to build a config: variant parsing, built-in model sizes and the
-built-in task block, plus `ConfigError`. All are re-exported by `jaxpost.config`.
+built-in task block, plus `ConfigError` and `model_config` (the built-in model a config names).
+All are re-exported by `jaxpost.config`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import difflib
 from typing import Any
 
 import ml_collections
+
+from jaxpost.models.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -89,3 +92,11 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
         else:
             out[name] = type(default)(value)
     return out
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    """The built-in ModelConfig described by `cfg.model.arch`."""
+    arch = cfg.model.arch.to_dict()
+    if arch.get("layer_types") is not None:
+        arch["layer_types"] = tuple(arch["layer_types"])
+    return ModelConfig(**arch)
