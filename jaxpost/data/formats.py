@@ -17,7 +17,7 @@ add_generation_prompt) -> (ids, assistant_mask)`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,6 +202,9 @@ class Encoder:
     max_length: int
     truncation: str = "error"
     chat_template: bool = True
+    # Called as on_truncated(where, reason) for each row cut to fit (truncate_left / _right),
+    # so the pipeline can count and show them as it does dropped rows.
+    on_truncated: Callable[[str, str], None] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -226,16 +229,27 @@ class Encoder:
                 if self.truncation == "drop":
                     raise Dropped(f"prompt longer than max_length ({len(ids)})")
                 # Both truncations cut the front: the end holds the generation cue.
+                self._note(where, len(ids))
                 ids = ids[len(ids) - self.max_length :]
             return {"prompt_tokens": np.asarray(ids, np.int32), "answer": str(row["answer"])}
         if self.fmt == "preference":
             out = {}
             for side in ("chosen", "rejected"):
                 ids, trained = encode_pair(tok, row["prompt"], row[side], self.chat_template)
+                n = len(ids)
                 ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
+                if len(ids) < n:
+                    self._note(where, n)
                 for k, v in sequence_example(ids, trained, pad).items():
                     out[f"{side}_{k}"] = v
             return out
         ids, trained = encode_sft(tok, row, self.fmt, self.chat_template)
+        n = len(ids)
         ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
+        if len(ids) < n:
+            self._note(where, n)
         return sequence_example(ids, trained, pad)
+
+    def _note(self, where: str, n: int) -> None:
+        if self.on_truncated is not None:
+            self.on_truncated(where, f"{n} tokens cut to {self.max_length} ({self.truncation})")

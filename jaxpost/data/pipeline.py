@@ -130,11 +130,17 @@ class Pipeline:
         self.config, self.tokenizer = config, tokenizer
         many = isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike))
         self._reader = _Reader([open_source(d) for d in (data if many else [data])])
-        self._encoder = formats.Encoder(
-            tokenizer, config.format, config.max_length, config.truncation, config.chat_template
-        )
         self.malformed: dict[str, str] = {}  # where -> reason, for skipped rows
         self.dropped: dict[str, str] = {}  # where -> reason, distinct rows left out by truncation
+        self.truncated: dict[str, str] = {}  # where -> what was cut, distinct rows kept but cut
+        self._encoder = formats.Encoder(
+            tokenizer,
+            config.format,
+            config.max_length,
+            config.truncation,
+            config.chat_template,
+            on_truncated=self.truncated.__setitem__,
+        )
         self.packing_stats = packing.PackingStats()
         valid = self._validate()
         self.num_rows, self.num_valid = len(self._reader), len(valid)
@@ -258,11 +264,14 @@ class Pipeline:
             "shard_rows": len(self._shard),
             "malformed_rows": len(self.malformed),
             "dropped_rows": len(self.dropped),
+            "truncated_rows": len(self.truncated),
         }
         if self.malformed:
             out["malformed_examples"] = [f"{w}: {r}" for w, r in list(self.malformed.items())[:5]]
         if self.dropped:
             out["dropped_examples"] = [f"{w}: {r}" for w, r in list(self.dropped.items())[:5]]
+        if self.truncated:
+            out["truncated_examples"] = [f"{w}: {r}" for w, r in list(self.truncated.items())[:5]]
         if self.packing_stats.slots:
             out.update(self.packing_stats.as_dict())
         return out

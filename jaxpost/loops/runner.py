@@ -201,6 +201,11 @@ def train_stage(
             f"[{name}] data: {stats['dropped_rows']} rows were left out under "
             f"data.truncation={cfg.data.truncation!r}; first: {stats['dropped_examples'][0]}"
         )
+    if stats.get("truncated_rows"):
+        run.log(
+            f"[{name}] data: {stats['truncated_rows']} rows were cut to data.max_length under "
+            f"data.truncation={cfg.data.truncation!r}; first: {stats['truncated_examples'][0]}"
+        )
     return step_setup.params_of(state)
 
 

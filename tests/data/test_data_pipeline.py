@@ -128,6 +128,18 @@ def test_too_long_prompt_is_an_error_naming_the_row(tmp_path):
     assert dropped.report()["dropped_examples"] == [
         "long.jsonl row 5: longer than max_length (46 > 24)"
     ]
+    assert dropped.report()["truncated_rows"] == 0
+    # Kept but cut (the prompt's front goes): counted and shown too, once per row.
+    cut = Pipeline(path, TOK, cfg, truncation="truncate_left", num_epochs=2, drop_remainder=False)
+    assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in cut.iterator()) == 10
+    assert cut.report()["dropped_rows"] == 0 and cut.report()["truncated_rows"] == 1
+    assert cut.report()["truncated_examples"] == [
+        "long.jsonl row 5: 46 tokens cut to 24 (truncate_left)"
+    ]
+    # Cutting the end leaves that row nothing to train on: dropped, not truncated.
+    right = Pipeline(path, TOK, cfg, truncation="truncate_right", num_epochs=1)
+    list(right.iterator())
+    assert right.report()["dropped_rows"] == 1 and right.report()["truncated_rows"] == 0
 
 
 def test_shuffle_is_deterministic_per_seed():
