@@ -307,7 +307,12 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
 
     is_json = file.suffix == ".json"
     backend: HFBackend | SentencePieceBackend
-    backend = HFBackend(file, added) if is_json else SentencePieceBackend(file, added)
+    if is_json:
+        backend = HFBackend(file, added)
+    else:
+        # transformers' Llama tokenizer: legacy=True puts SentencePiece's dummy-prefix space
+        # before text that follows a special token too (its default, absent the key, is False).
+        backend = SentencePieceBackend(file, added, legacy=bool(config.get("legacy", False)))
 
     special: dict[str, str | None] = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):

@@ -78,9 +78,13 @@ class HFBackend:
 
 
 class SentencePieceBackend:
-    """A SentencePiece model, with special-token strings split off before encoding."""
+    """A SentencePiece model, with special-token strings split off before encoding.
 
-    def __init__(self, file: Path, added: Mapping[int, tuple[str, bool]]):
+    legacy (tokenizer_config.json's key, as transformers' Llama tokenizer reads it): text after
+    a special token gets the dummy-prefix space as text at the start does; by default it does
+    not. Decoding keeps such a space either way, as transformers does."""
+
+    def __init__(self, file: Path, added: Mapping[int, tuple[str, bool]], legacy: bool = False):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2
 
@@ -99,6 +103,7 @@ class SentencePieceBackend:
             self.sp_inner.LoadFromSerializedProto(proto.SerializeToString())
         else:
             self.sp_inner = self.sp
+        self.legacy = legacy
         n = self.sp.get_piece_size()
         user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
         self.added = {i: content for i, (content, _) in added.items()}
@@ -128,7 +133,7 @@ class SentencePieceBackend:
                 ids.append(self.split_tokens[part])
                 offsets.append((start, start + len(part)))
             elif part:
-                sp = self.sp if start == 0 else self.sp_inner
+                sp = self.sp if start == 0 or self.legacy else self.sp_inner
                 piece_ids, piece_offsets = _encode_span(sp, part)
                 ids.extend(piece_ids)
                 offsets.extend((start + a, start + b) for a, b in piece_offsets)

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 
 import bpe_tokenizer
@@ -248,6 +249,33 @@ def test_sentencepiece_matches_transformers(sp_dir, hf_sp, rng):
             assert tok.decode(ids, skip_special_tokens=skip) == hf_sp.decode(
                 ids, skip_special_tokens=skip
             )
+
+
+@pytest.mark.parametrize("sp_dir", ["llama"], indirect=True)
+def test_sentencepiece_legacy_flag_matches_transformers(sp_dir, rng, tmp_path):
+    """tokenizer_config.json's "legacy": true (older Llama / Mistral checkpoints) puts the
+    dummy-prefix space before text after a special token too, as SentencePiece puts it at the
+    start; transformers reads the flag, so do we. (After a special token, as at the start,
+    transformers 5 adds no prefix to text that begins with a space, where SentencePiece, and
+    we, do: the texts here have none there.)"""
+    shutil.copytree(sp_dir, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    tok, hf = tokenizer.load(tmp_path), transformers.LlamaTokenizer.from_pretrained(tmp_path)
+    default = tokenizer.load(sp_dir)
+    specials = [tok.bos_token, tok.eos_token, *SP_SPECIALS]
+    after_special = re.compile("(" + "|".join(map(re.escape, specials)) + r")\s+")
+    differ = 0
+    for _ in range(40):
+        text = after_special.sub(r"\1", _random_text(rng, specials, lead_space=False))
+        ids = tok.encode(text, add_bos=None)
+        assert ids == hf.encode(text), text
+        differ += ids != default.encode(text, add_bos=None)
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                ids, skip_special_tokens=skip
+            )
+    assert differ > 10  # the flag changes most texts that hold special tokens
 
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
