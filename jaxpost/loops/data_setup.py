@@ -8,6 +8,7 @@ Batches are this process's share of the global batch (`batch_size // process_cou
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -119,13 +120,12 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
         ),
     )
     _say_skipped(pipeline, "data.eval_path")
-    count = sum(1 for _ in pipeline.iterator())
+    cap = cfg.train.eval_batches
+    count = sum(1 for _ in itertools.islice(pipeline.iterator(), cap))  # cap None: all
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         count = int(np.max(multihost_utils.process_allgather(np.int64(count))))
-    if cfg.train.eval_batches is not None:
-        count = min(count, cfg.train.eval_batches)
 
     def batches() -> Iterator[dict]:
         it = pipeline.iterator()
