@@ -71,6 +71,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.rank = 8
     c.lora.alpha = 16.0
     c.lora.dropout = 0.0
+    c.lora.use_rslora = False  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank
     c.lora.targets = _fieldref(None, tuple)  # regexes over parameter paths; None = all linears
     c.lora.quantize_base = False  # QLoRA: the frozen base is stored as NF4 blocks
 
@@ -79,6 +80,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-4
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 0
+    c.optimizer.min_lr_ratio = 0.0  # cosine / linear decay end at learning_rate * this
     c.optimizer.weight_decay = 0.0
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
@@ -110,6 +112,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.format = "messages"
     c.data.max_length = 256
     c.data.packing = True
+    # Plain-string prompt / completion rows: True wraps them as user / assistant turns of the
+    # tokenizer's chat template; False is raw BOS + prompt + completion + EOS (base models; what
+    # TRL does with such rows). Rows of messages always use the template.
+    c.data.chat_template = True
+    # The loss covers completions and assistant turns only (TRL's completion_only_loss); False
+    # trains every token of a row, prompt and template included (TRL's default for messages).
+    c.data.completion_only_loss = True
     c.data.shuffle_seed = 0
     c.data.num_epochs = _fieldref(None, int)  # None: repeat forever
     c.data.skip_malformed = False

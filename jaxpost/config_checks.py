@@ -187,6 +187,8 @@ def check_values(cfg, problems: list[str], num_devices: int | None) -> None:
             "data.train_path needs a tokenizer: a built-in model (model.arch) only has the "
             "built-in task's (data.task); set model.hf_path to train an HF model with its own"
         )
+    if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
+        problems.append(f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio} must be in [0, 1]")
     if cfg.optimizer.warmup_steps > cfg.train.steps:
         problems.append(
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds "

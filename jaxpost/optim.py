@@ -63,10 +63,11 @@ def make_schedule(
 ) -> Callable[[jax.Array], jax.Array]:
     """lr(s) for the update at 0-based step s.
 
-    Warmup: lr * (s + 1) / warmup_steps for s < warmup_steps, so the first update is not wasted
-    at lr 0. Then, with p = (s - warmup_steps) / (total_steps - warmup_steps) clipped to [0, 1]
-    and end = lr * min_lr_ratio: cosine end + (lr - end) (1 + cos(pi p)) / 2; linear
-    lr + (end - lr) p; constant lr.
+    Warmup: lr * s / warmup_steps for s < warmup_steps (the first update at lr 0, as in
+    transformers' get_*_schedule_with_warmup and optax's warmup schedules, so a run reproduces
+    one trained with them step for step). Then, with p = (s - warmup_steps) / (total_steps -
+    warmup_steps) clipped to [0, 1] and end = lr * min_lr_ratio: cosine end + (lr - end)
+    (1 + cos(pi p)) / 2; linear lr + (end - lr) p; constant lr.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}; expected one of {', '.join(SCHEDULES)}")
@@ -88,7 +89,7 @@ def make_schedule(
         else:
             value = jnp.full_like(s, peak)
         if warmup_steps > 0:
-            value = jnp.where(s < warmup_steps, peak * (s + 1.0) / warmup_steps, value)
+            value = jnp.where(s < warmup_steps, peak * s / warmup_steps, value)
         return value
 
     return lr

@@ -99,8 +99,10 @@ def test_impossible_values_listed_together():
     cfg.lora.rank = 0
     cfg.lora.dropout = 1.5
     cfg.optimizer.schedule = "cosin"
+    cfg.optimizer.min_lr_ratio = 1.5
     cfg.algorithm = "stf"
     msg = _problems(cfg)
+    assert "optimizer.min_lr_ratio=1.5 must be in [0, 1]" in msg
     assert "lora.rank=0 must be > 0" in msg
     assert "lora.dropout=1.5" in msg
     assert "optimizer.schedule='cosin'" in msg

@@ -94,3 +94,17 @@ def test_eval_means_equal_one_batch_of_every_row():
     assert got["tokens"] == want["tokens"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
+
+
+def test_data_chat_template_false_reaches_the_pipelines_and_the_eval_prompts():
+    """data.chat_template=False: plain-string rows are raw BOS + text, in training and eval."""
+    raw = {"data.format": "prompt_completion", "data.packing": False}
+    cfg = _cfg(**raw, **{"data.chat_template": False})
+    task, tokenizer = data_setup.task_and_tokenizer(cfg)
+    prompts, _ = data_setup.eval_prompts(cfg, task, tokenizer)
+    row = data_setup._source(cfg, "test")[0]
+    assert prompts[0] == [tokenizer.bos_id, *tokenizer.encode(row["prompt"])]
+    batch = next(data_setup.train_batches(cfg, task, tokenizer, batch_size=4, seed=0))
+    assert "<user>" not in tokenizer.decode(batch["tokens"][0])
+    templated = next(data_setup.train_batches(_cfg(**raw), task, tokenizer, 4, seed=0))
+    assert "<user>" in tokenizer.decode(templated["tokens"][0])

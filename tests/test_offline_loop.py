@@ -134,6 +134,19 @@ def test_a_nan_loss_stops_before_anything_is_saved(tmp_path, data, log_every):
         assert ckpt.all_steps() == [3]
 
 
+def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log(tmp_path, data):
+    """As transformers' Trainer logs it: with log_every=4 over 9 steps, the records at steps 4,
+    8 and 9 hold the means of steps 1-4, 5-8 and 9 of the same run logged every step (each
+    logged metric is such a mean; the learning rate is the logged step's)."""
+    every = _run(tmp_path / "every", data)
+    sparse = _run(tmp_path / "sparse", data, log_every=4)
+    assert sorted(sparse) == [4, 8, 9]
+    for step, first in ((4, 1), (8, 5), (9, 9)):
+        want = np.mean([every[s] for s in range(first, step + 1)])
+        assert sparse[step] == pytest.approx(want, rel=1e-6)
+    assert sparse[4] != pytest.approx(every[4], rel=1e-3)  # not the step's own loss
+
+
 def test_data_running_out_stops_saves_and_resumes(tmp_path, data):
     # 40 rows in batches of 8: one epoch is 5 batches, for a 9-step run.
     losses = _run(tmp_path / "short", data, limit=5)

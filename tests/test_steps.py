@@ -201,22 +201,34 @@ def test_decay_mask():
     assert not steps.decay_mask(pb)["layers"]["attn"]["q"]["bias"]
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
-def test_schedules(kind):
-    peak, warm, total, ratio = 3e-4, 4, 20, 0.1
+@pytest.mark.parametrize(
+    "kind, ratio", [("cosine", 0.0), ("cosine", 0.1), ("linear", 0.0), ("constant", 0.0)]
+)
+@pytest.mark.parametrize("warm", [0, 1, 4])
+def test_schedules_equal_transformers(kind, ratio, warm):
+    """The learning rate of every update against transformers' schedules with warmup (the
+    reference a run trained with TRL / the HF Trainer used)."""
+    import torch
+    import transformers
+
+    peak, total = 3e-4, 20
     lr = steps.make_schedule(peak, kind, warm, total, min_lr_ratio=ratio)
-    end = peak * ratio
-    for s in range(0, 26):
-        if s < warm:
-            want = peak * (s + 1) / warm
-        else:
-            p = min(max((s - warm) / (total - warm), 0.0), 1.0)
-            want = {
-                "cosine": end + (peak - end) * 0.5 * (1 + math.cos(math.pi * p)),
-                "linear": peak + (end - peak) * p,
-                "constant": peak,
-            }[kind]
-        np.testing.assert_allclose(float(lr(s)), want, rtol=1e-6, err_msg=f"{kind} step {s}")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    if kind == "cosine":
+        ref = transformers.get_cosine_with_min_lr_schedule_with_warmup(
+            opt, warm, total, min_lr_rate=ratio
+        )
+    elif kind == "linear":
+        ref = transformers.get_linear_schedule_with_warmup(opt, warm, total)
+    else:
+        ref = transformers.get_constant_schedule_with_warmup(opt, warm)
+    for s in range(0, total + 1):
+        want = peak * ref.lr_lambdas[0](s)
+        np.testing.assert_allclose(float(lr(s)), want, rtol=1e-6, atol=1e-6 * peak, err_msg=s)
+    # Past total_steps the rate stays at its end (HF's cosine would climb back up).
+    for s in range(total, total + 5):
+        end = {"cosine": peak * ratio, "linear": 0.0, "constant": peak}[kind]
+        np.testing.assert_allclose(float(lr(s)), end, rtol=1e-6, atol=1e-6 * peak)
     with pytest.raises(ValueError, match="schedule"):
         steps.make_schedule(peak, "exponential")
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jaxpost import host_memory
+from jaxpost.optim import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
@@ -93,7 +94,8 @@ def _start_and_signal(workdir: Path, sig: int, after_step: int, args: list[str])
 
 def test_quickstart_test_variant(tmp_path):
     work = tmp_path / "qs"
-    proc = _run(work, f"--config={QUICKSTART}:test")
+    proc = _run(work, f"--config={QUICKSTART}:test", "--config.lora.use_rslora=True",
+                "--config.optimizer.min_lr_ratio=0.1")  # fmt: skip
     out = proc.stdout
     assert f"work directory: {work}" in out
     # By default the command restarts itself with glibc's huge-page tunable where that helps
@@ -109,7 +111,12 @@ def test_quickstart_test_variant(tmp_path):
     assert (work / "training_curves.png").stat().st_size > 1000
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     adapter = json.loads((work / "export" / "peft_adapter" / "adapter_config.json").read_text())
-    assert adapter["peft_type"] == "LORA" and adapter["r"] == 16
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 16 and adapter["use_rslora"]
+    # The SFT stage's last update (0-based step 5 of 6, 1 warmup step) on the cosine schedule
+    # ending at 0.1 x its peak of 2e-3.
+    last = [r for r in _records(work, "sft") if r["step"] == 6][0]
+    want = float(make_schedule(2e-3, "cosine", 1, 6, min_lr_ratio=0.1)(5))
+    assert last["learning_rate"] == pytest.approx(want, rel=1e-6) and want > 2e-4
     pre, sft = _losses(work, "pretrain"), _losses(work, "sft")
     assert sorted(pre) == list(range(1, 7)) and sorted(sft) == list(range(1, 7))
     assert pre[6] < pre[1]  # training from random init lowers the loss
@@ -366,7 +373,7 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
     )
 
     # Skipping the cut row; a row too long for max_length left out; one epoch of data for a
-    # 5-step run: 4 usable rows are 2 batches, then the run stops, saves and exports.
+    # 5-step run: 4 usable rows are 2 batches, so the stage is 2 steps; it saves and exports.
     long = json.dumps({"messages": [{"role": "user", "content": "1+2"},
                                     {"role": "assistant", "content": "3 " * 60}]})  # fmt: skip
     data = tmp_path / "chat2.jsonl"
@@ -382,8 +389,9 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
             f"data: skipped 1 malformed of 6 rows of data.{split}_path (data.skip_malformed=True)"
         )
         assert proc.stdout.count(said + "; first: chat2.jsonl row 2: invalid JSON") == 1
-    assert (
-        "[sft] the data ran out after step 2 of 5 (data.num_epochs); stopping here" in proc.stdout
+    assert (  # the stage, and its learning-rate schedule, end with the epoch
+        "[sft] data: data.num_epochs=1 gives 2 steps of 2 rows; the stage and its schedule run "
+        "2, not 5" in proc.stdout
     )
     assert (
         "[sft] data: 1 rows were left out under data.truncation='drop'; first: chat2.jsonl row 4"

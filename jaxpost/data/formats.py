@@ -98,8 +98,9 @@ def _with_bos(tokenizer, ids: list[int]) -> list[int]:
 
 
 def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    # Text that already ends in EOS (its string was in the row) keeps the one it has.
     eos = getattr(tokenizer, "eos_id", None)
-    return list(ids) if eos is None else [*ids, eos]
+    return list(ids) if eos is None or (ids and ids[-1] == eos) else [*ids, eos]
 
 
 def encode_prompt(tokenizer, prompt: str | list, chat_template: bool = True) -> list[int]:
@@ -202,6 +203,9 @@ class Encoder:
     max_length: int
     truncation: str = "error"
     chat_template: bool = True
+    # False: the loss covers every token of a messages / prompt_completion row, prompt and
+    # template included (TRL's default for messages), not only completions and assistant turns.
+    completion_only_loss: bool = True
     # Called as on_truncated(where, reason) for each row cut to fit (truncate_left / _right),
     # so the pipeline can count and show them as it does dropped rows.
     on_truncated: Callable[[str, str], None] | None = dataclasses.field(default=None, compare=False)
@@ -244,6 +248,8 @@ class Encoder:
                     out[f"{side}_{k}"] = v
             return out
         ids, trained = encode_sft(tok, row, self.fmt, self.chat_template)
+        if not self.completion_only_loss:
+            trained = [1] * len(ids)
         n = len(ids)
         ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
         if len(ids) < n:

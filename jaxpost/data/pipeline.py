@@ -19,6 +19,7 @@ gives the same per side with prefixes chosen_/rejected_; prompt_answer gives pro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,7 @@ class PipelineConfig:
     """format: one of formats.FORMATS. batch_size: rows per batch on this process.
     num_epochs: None repeats forever. truncation: formats.TRUNCATION. chat_template: wrap
     string prompts / completions as user / assistant turns (False: raw text, base-model style).
+    completion_only_loss: train on completions / assistant turns only (False: every token).
     packing: pack sequence formats (messages, prompt_completion, text); prompt_answer batches
     are always padded prompts, whatever this says. num_packing_bins: rows the first-fit packer
     fills at once (default batch_size). drop_remainder: drop a final partial batch (finite
@@ -54,6 +56,7 @@ class PipelineConfig:
     truncation: str = "error"
     skip_malformed: bool = False
     chat_template: bool = True
+    completion_only_loss: bool = True
     num_packing_bins: int | None = None
     drop_remainder: bool = True
     even_shards: bool = True
@@ -139,6 +142,7 @@ class Pipeline:
             config.max_length,
             config.truncation,
             config.chat_template,
+            config.completion_only_loss,
             on_truncated=self.truncated.__setitem__,
         )
         self.packing_stats = packing.PackingStats()
@@ -255,6 +259,18 @@ class Pipeline:
 
     def __iter__(self) -> grain.DatasetIterator:
         return self.iterator()
+
+    def count_batches(self, limit: int | None = None) -> int:
+        """The batches a fresh iterator yields (at most `limit`): reads and tokenizes the rows
+        once more, leaving this pipeline's packing figures as they were. For a finite pipeline
+        (num_epochs set) unless a limit is given."""
+        if self.config.num_epochs is None and limit is None:
+            raise ValueError("count_batches of a pipeline that repeats forever needs a limit")
+        stats, self.packing_stats = self.packing_stats, packing.PackingStats()
+        try:
+            return sum(1 for _ in itertools.islice(self.iterator(), limit))
+        finally:
+            self.packing_stats = stats
 
     def report(self) -> dict[str, Any]:
         """Counts to log at the end of a run (packing figures cover batches produced so far)."""

@@ -8,7 +8,6 @@ Batches are this process's share of the global batch (`batch_size // process_cou
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -84,10 +83,30 @@ def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStre
             num_epochs=cfg.data.num_epochs,
             truncation=cfg.data.truncation,
             skip_malformed=cfg.data.skip_malformed,
+            chat_template=cfg.data.chat_template,
+            completion_only_loss=cfg.data.completion_only_loss,
         ),
     )
     _say_skipped(pipeline, "data.train_path")
     return BatchStream(pipeline)
+
+
+def steps_in_data(batches: BatchStream) -> int | None:
+    """How many train steps a finite stream (data.num_epochs set) gives, the same on every
+    process (the fewest any process has, so none runs out while the others step); None for a
+    stream that repeats forever. Reads and tokenizes the data once more to count them."""
+    if batches.pipeline.config.num_epochs is None:
+        return None
+    return _over_processes(min, batches.pipeline.count_batches())
+
+
+def _over_processes(reduce: Callable, count: int) -> int:
+    """`reduce` (min or max) of `count` over every process of a multi-process run."""
+    if jax.process_count() == 1:
+        return count
+    from jax.experimental import multihost_utils
+
+    return int(reduce(multihost_utils.process_allgather(np.int64(count)).tolist()))
 
 
 def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator[dict]]:
@@ -117,15 +136,12 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
             even_shards=False,
             truncation=cfg.data.truncation,
             skip_malformed=cfg.data.skip_malformed,
+            chat_template=cfg.data.chat_template,
+            completion_only_loss=cfg.data.completion_only_loss,
         ),
     )
     _say_skipped(pipeline, "data.eval_path")
-    cap = cfg.train.eval_batches
-    count = sum(1 for _ in itertools.islice(pipeline.iterator(), cap))  # cap None: all
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        count = int(np.max(multihost_utils.process_allgather(np.int64(count))))
+    count = _over_processes(max, pipeline.count_batches(limit=cfg.train.eval_batches))
 
     def batches() -> Iterator[dict]:
         it = pipeline.iterator()
@@ -177,9 +193,10 @@ def has_eval_data(cfg) -> bool:
 
 
 def eval_prompts(cfg, task, tokenizer) -> tuple[list[list[int]], list[str]]:
-    """Held-out prompts (chat-templated, generation prompt appended) and reference answers."""
+    """Held-out prompts (chat-templated with the generation prompt appended, or BOS + text under
+    data.chat_template=False, as in training) and reference answers."""
     rows = _source(cfg, "test")
-    prompts = [formats.encode_prompt(tokenizer, r["prompt"]) for r in rows]
+    prompts = [formats.encode_prompt(tokenizer, r["prompt"], cfg.data.chat_template) for r in rows]
     return prompts, [r["answer"] for r in rows]
 
 

@@ -82,6 +82,13 @@ def _host(metrics: dict) -> dict[str, float]:
     return out
 
 
+def _window_means(window: list[dict], exclude: tuple[str, ...]) -> dict[str, float]:
+    """Per metric, the mean over the steps of `window` (one host transfer for all of them)."""
+    steps = [_host(m) for m in jax.device_get(window)]
+    keys = [k for k in steps[-1] if k not in exclude and all(k in m for m in steps)]
+    return {k: float(np.mean([m[k] for m in steps])) for k in keys}
+
+
 def _tokens(batch: dict) -> int:
     mask = batch.get("loss_mask")
     if mask is None:
@@ -199,6 +206,10 @@ def run_offline(
 
     progress = Progress(settings.steps, start, settings.name, settings.progress_bar)
     t_last, tokens_since = time.perf_counter(), 0
+    # The metrics of the steps since the last log, still on device (no host sync per step):
+    # a logged metric is their mean (the loss as transformers' Trainer logs it, not the logged
+    # step's alone), except the learning rate, which is the logged step's.
+    window: list[dict] = []
     last = settings.steps  # the last step run: earlier when the data runs out
     try:
         for step in range(start + 1, settings.steps + 1):
@@ -222,6 +233,7 @@ def run_offline(
                 break
             tokens = _tokens(batch)
             state, metrics = train_step(state, batch)
+            window.append(metrics)
             tokens_since += tokens
             loss = None
             to_log = step % settings.log_every == 0 or step == settings.steps
@@ -229,6 +241,9 @@ def run_offline(
             stop = guard.should_stop()  # once per step: a collective under several processes
             if to_log or to_save or stop:
                 host = _host(metrics)  # a host sync; every step saved is checked first
+                if to_log:  # a NaN anywhere in the window makes its mean NaN: caught below
+                    host.update(_window_means(window, exclude=("learning_rate",)))
+                    window = []
                 if not _finite(host):
                     writer.write(step, host, split=settings.name)
                     checkpointer.wait()

@@ -140,6 +140,16 @@ def train_stage(
     """
     cfg = run.cfg
     stage_dir = run.workdir / name
+    batches = data_setup.train_batches(cfg, run.task, run.tokenizer, batch_size, data_seed)
+    available = data_setup.steps_in_data(batches)
+    if available is not None and available < steps:
+        # A finite data.num_epochs ends the stage, and the learning-rate schedule with it (as
+        # num_train_epochs does in transformers' Trainer): the decay is not cut off midway.
+        run.log(
+            f"[{name}] data: data.num_epochs={cfg.data.num_epochs} gives {available} steps of "
+            f"{batch_size} rows; the stage and its schedule run {available}, not {steps}"
+        )
+        steps = available
     settings = LoopSettings(
         steps=steps,
         log_every=cfg.train.log_every,
@@ -158,7 +168,6 @@ def train_stage(
         num_steps=steps,
         learning_rate=learning_rate,
     )
-    batches = data_setup.train_batches(cfg, run.task, run.tokenizer, batch_size, data_seed)
 
     def on_eval(state, step):
         accuracy = task_accuracy(run, *step_setup.params_of(state))
@@ -242,6 +251,7 @@ def run_recipe(run: Run, recipe: Recipe) -> None:
             targets=cfg.lora.targets,
             key=jax.random.key(cfg.seed + 1),
             dropout=cfg.lora.dropout,
+            use_rslora=cfg.lora.use_rslora,
         )
     base, lora_params = train_stage(
         run,

@@ -37,6 +37,7 @@ def optimizer_kwargs(cfg: ml_collections.ConfigDict, steps_total: int, learning_
         b2=o.b2,
         eps=o.eps,
         max_grad_norm=o.grad_clip_norm,
+        min_lr_ratio=o.min_lr_ratio,
     )
 
 

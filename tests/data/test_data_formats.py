@@ -32,6 +32,22 @@ def test_messages_mask_trains_assistant_turns_only():
     assert ex["tokens"].dtype == np.int32 and ex["loss_mask"].dtype == np.float32
 
 
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
+def test_completion_only_loss_false_trains_every_token(fmt):
+    """As TRL's default for messages: every target of the row is trained, prompt included."""
+    row = {
+        "prompt": "12+3",
+        "completion": "15",
+        "messages": [{"role": "user", "content": "12+3"}, {"role": "assistant", "content": "15"}],
+    }
+    ex = formats.Encoder(TOK, fmt, 64, completion_only_loss=False)(row, "mem row 1")
+    assert ex["loss_mask"][:-1].all() and ex["loss_mask"][-1] == 0
+    assert _decode_trained(ex) == TOK.decode(ex["tokens"][1:])
+    only = formats.Encoder(TOK, fmt, 64)(row, "mem row 1")
+    np.testing.assert_array_equal(only["tokens"], ex["tokens"])
+    assert _decode_trained(only) == "15<eos>"
+
+
 @pytest.mark.parametrize("chat", [True, False])
 def test_prompt_completion_mask(chat):
     enc = formats.Encoder(TOK, "prompt_completion", max_length=64, chat_template=chat)
@@ -57,6 +73,13 @@ def test_text_trains_every_real_token():
     ex = formats.Encoder(TOK, "text", 64)({"text": "12 34"}, "mem row 1")
     assert TOK.decode(ex["tokens"]) == "<bos>12 34<eos>"
     assert _decode_trained(ex) == "12 34<eos>"
+    # Text that already ends in EOS keeps that one (TRL appends EOS only when it is missing);
+    # so does a raw completion.
+    ex = formats.Encoder(TOK, "text", 64)({"text": "12 34<eos>"}, "mem row 2")
+    assert TOK.decode(ex["tokens"]) == "<bos>12 34<eos>"
+    enc = formats.Encoder(TOK, "prompt_completion", 64, chat_template=False)
+    ex = enc({"prompt": "1+1", "completion": "2<eos>"}, "mem row 3")
+    assert TOK.decode(ex["tokens"]) == "<bos>1+12<eos>"
 
 
 def test_preference_sides_share_prompt():
