@@ -24,6 +24,7 @@ import base64
 import dataclasses
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -279,9 +280,11 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
         except Exception as e:  # noqa: BLE001 - any failure to read the arrays is corruption
+            _quiet_abandoned_orbax_reads()
             raise CheckpointError(
                 f"checkpoint {where} is corrupt or incomplete: its arrays cannot be read "
-                f"({type(e).__name__}: {str(e)[:300]})"
+                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); move that step "
+                "directory away to resume from the checkpoint before it"
             ) from e
         saved_sums = meta.get("checksums")  # absent from checkpoints written before checksums
         if saved_sums is not None:
@@ -308,6 +311,29 @@ class Checkpointer:
             config=meta.get("config"),
             extra=meta.get("extra") or {},
         )
+
+
+def _quiet_abandoned_orbax_reads() -> None:
+    """After a failed restore Orbax leaves its other array reads behind: coroutines that fail
+    again when garbage collected (each printing "Exception ignored in: <coroutine ...>" and a
+    TensorStore spec, hundreds of lines after the one-line error) and TensorStore callbacks that
+    find Orbax's event loop closed. From now on those two leftovers are dropped; every other
+    unraisable exception is reported as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxpost_quiet", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxpost_quiet = True
+    sys.unraisablehook = hook
 
 
 def config_diffs(saved: Any, current: Any, prefix: str) -> list[str]:
