@@ -40,7 +40,9 @@ def generate(
     prebuilt `engine` to control its sizes; otherwise an engine cached from an earlier call
     with the same sizes is reused (its params swapped in), so repeated calls do not recompile.
     Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
-    Each result has .tokens, .logprobs (raw model log-probs) and .finish_reason.
+    Each result has .tokens, .logprobs (raw model log-probs unless SamplingParams.logprobs is
+    "processed"), .finish_reason and .seed. A prompt longer than the model's
+    max_position_embeddings is refused; a completion that would pass it ends there ("length").
     """
     if sampling_params is None:
         sampling_params = SamplingParams()
@@ -52,14 +54,19 @@ def generate(
     if len(sps) != len(prompts):
         raise ValueError(f"{len(sps)} sampling_params for {len(prompts)} prompts")
     # Checked before sizing an engine from them (the driver checks lengths against the engine).
-    prompts = [validate_prompt(p, i, 1 << 30, cfg.vocab_size) for i, p in enumerate(prompts)]
+    limit = cfg.max_position_embeddings
+    prompts = [
+        validate_prompt(p, i, limit, cfg.vocab_size, "the model's max_position_embeddings")
+        for i, p in enumerate(prompts)
+    ]
     loaded = False  # whether `params` are already the engine's weights
     if engine is None:
         # Power-of-two sizes, so repeated calls (an RL loop) hit a cached, compiled engine.
         longest = max((len(p) for p in prompts), default=1)
         max_new = max((s.max_new_tokens for s in sps), default=1)
-        max_prefill = prefill_bucket(max(longest, 1), 1 << 30)
-        max_len = max_prefill + prefill_bucket(max_new, 1 << 30, min_bucket=1)
+        max_prefill = min(prefill_bucket(max(longest, 1), 1 << 30), limit)
+        # Positions past the model's range are not generated (vLLM's max_model_len).
+        max_len = min(max_prefill + prefill_bucket(max_new, 1 << 30, min_bucket=1), limit)
         key = (repr(cfg), slots, max_len, max_prefill, page_size, steps_per_call, mesh)
         engine = _ENGINES.pop(key, None)
         if engine is None:

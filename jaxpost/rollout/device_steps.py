@@ -68,8 +68,10 @@ def insert_step(
     `prefix.row` of its prefill batch (see `state.Prefix`)."""
     k_rows, v_rows, hidden_rows, length, row_index = prefix
     k, v, hidden = (a[row_index] for a in (k_rows, v_rows, hidden_rows))
-    # Sample i of a request draws from key (seed, i): reproducible whatever the slot.
-    key = jax.random.key_data(jax.random.fold_in(jax.random.key(ints[1]), ints[2]))
+    # Sample i of a request draws from key (seed, prompt key, i): reproducible whatever the
+    # slot, and independent of other prompts' samples under the same seed.
+    request = jax.random.fold_in(jax.random.key(ints[1]), ints[3])
+    key = jax.random.key_data(jax.random.fold_in(request, ints[2]))
     c = st.cache
     pos = jnp.arange(k.shape[1])
     column = pos // page_size
@@ -115,6 +117,7 @@ def insert_step(
         top_p=st.top_p.at[slot].set(floats[1]),
         min_p=st.min_p.at[slot].set(floats[2]),
         eos=st.eos.at[slot].set(eos),
+        processed=st.processed.at[slot].set(ints[4] != 0),
     )
 
 
@@ -159,6 +162,7 @@ def decode_steps(
             st.min_p,
             variant,
             vocab_first=vocab_first,
+            processed=st.processed,
         )
         emit = ~st.done
         generated = st.generated + emit.astype(jnp.int32)

@@ -47,21 +47,32 @@ from tqdm.auto import tqdm
 
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.sampling import SamplingParams
-from jaxpost.rollout.state import StepResult, pad_prompts, prefill_bucket, prefill_rows
+from jaxpost.rollout.state import (
+    StepResult,
+    fresh_seeds,
+    pad_prompts,
+    prefill_bucket,
+    prefill_rows,
+    request_key,
+)
 
 
 @dataclasses.dataclass
 class Completion:
     """One sampled completion of one prompt.
 
-    tokens / logprobs: the generated tokens (eos or stop sequence included) and the raw model
-    log-prob of each. finish_reason: "eos" | "stop" | "length". Times are time.perf_counter()
-    seconds: queued (request submitted), first_token (first token read on the host), finished.
+    tokens / logprobs: the generated tokens (eos or stop sequence included) and the log-prob
+    of each (the raw model's, or the sampled distribution's: `SamplingParams.logprobs`).
+    finish_reason: "eos" | "stop" | "length". seed: the request's seed (drawn fresh when its
+    SamplingParams had None): the same prompt with SamplingParams(seed=seed) gives this
+    completion again. Times are time.perf_counter() seconds: queued (request submitted),
+    first_token (first token read on the host), finished.
     """
 
     request_index: int
     sample_index: int
     prompt: list[int]
+    seed: int | None = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
@@ -81,7 +92,11 @@ class Request:
 
 
 def validate_prompt(
-    prompt: Sequence[int], index: int, max_prefill: int, vocab: int | None
+    prompt: Sequence[int],
+    index: int,
+    max_prefill: int,
+    vocab: int | None,
+    limit_name: str = "the engine's max_prefill_length",
 ) -> list[int]:
     """`prompt` as a list of ints, or an error naming prompt `index`: not a flat sequence of
     integer ids, empty, longer than max_prefill, or an id outside [0, vocab)."""
@@ -99,10 +114,7 @@ def validate_prompt(
     if not ids.size:
         raise ValueError(f"prompt {index} is empty; expected at least one token")
     if ids.size > max_prefill:
-        raise ValueError(
-            f"prompt {index} has {ids.size} tokens; the engine's max_prefill_length is "
-            f"{max_prefill}"
-        )
+        raise ValueError(f"prompt {index} has {ids.size} tokens; {limit_name} is {max_prefill}")
     if vocab is not None:
         outside = (ids < 0) | (ids >= vocab)  # one pass in NumPy: RL batches are large
         if outside.any():
@@ -113,12 +125,12 @@ def validate_prompt(
 
 def _warn_identical_sampled_repeats(first, requests) -> None:
     """Sampling is seeded per request, so a prompt repeated with the same sampling parameters
-    (the default seed included) gets the same completion each time: a GRPO group of identical
+    and the same explicit seed gets the same completion each time: a GRPO group of identical
     completions has zero advantages. Say so once, naming the requests and the two ways out."""
     seen: dict = {}  # (the prompt's first request, sampling) -> first request with both
     for i, (group, r) in enumerate(zip(first, requests)):
-        if r.sampling.temperature == 0:
-            continue  # greedy repeats are the same by definition
+        if r.sampling.temperature == 0 or r.sampling.seed is None:
+            continue  # greedy repeats are the same by definition; no seed: fresh seeds
         j = seen.setdefault((group, r.sampling), i)
         if j != i:
             warnings.warn(
@@ -181,8 +193,12 @@ class Driver:
             validate_prompt(r.prompt, i, eng.max_prefill_length, self.vocab)
             for i, r in enumerate(requests)
         ]
+        # Requests without a seed get fresh ones, one per request (its n samples share it).
+        fresh = iter(fresh_seeds(sum(r.sampling.seed is None for r in requests)))
+        seeds = [next(fresh) if r.sampling.seed is None else r.sampling.seed for r in requests]
+        keys = [request_key(p) for p in prompts]
         outs = [
-            [Completion(i, j, prompts[i], queued=now) for j in range(r.sampling.n)]
+            [Completion(i, j, prompts[i], seeds[i], queued=now) for j in range(r.sampling.n)]
             for i, r in enumerate(requests)
         ]
         group: dict[tuple[int, ...], int] = {}  # prompt tokens -> its first request
@@ -224,7 +240,11 @@ class Driver:
                     prefix = self._prefill(prompts[g])
                 slot = free.pop()
                 if self.is_jaxpost:
-                    state = eng.insert(prefix, state, slot, sampling=sp, sample_index=j)
+                    if sp.seed is None:
+                        sp = dataclasses.replace(sp, seed=seeds[i])
+                    state = eng.insert(
+                        prefix, state, slot, sampling=sp, sample_index=j, request_key=keys[i]
+                    )
                 else:
                     state = eng.insert(prefix, state, slot)
                 samples[g] -= 1

@@ -334,10 +334,13 @@ class Engine:
         *,
         sampling: SamplingParams | None = None,
         sample_index: int = 0,
+        request_key: int = 0,
     ) -> DecodeState:
-        """Start decoding `prefix` in `slot` (freeing what the slot held) with `sampling`."""
+        """Start decoding `prefix` in `slot` (freeing what the slot held) with `sampling`.
+        sample_index and request_key (`state.request_key` of the prompt) pick the sample's
+        random stream with the seed (a seed of None: a fresh one for this sample)."""
         sp = sampling or self.default_sampling
-        arrays = slot_sampling_arrays(sp, sample_index)  # checked before the book admits
+        arrays = slot_sampling_arrays(sp, sample_index, request_key)  # checked before admitting
         limit = self.book.admit(slot, prefix, sp.max_new_tokens)
         self._variant[slot] = sp.variant
         fn = self._compiled(

@@ -1,18 +1,28 @@
 """Sampling parameters and the on-device sampler used by every decode step.
 
-The filters apply in the order vLLM and HF `generate` use: temperature, then top-k, then top-p
-on the distribution renormalised after top-k, then min-p (relative to the most likely token,
-so renormalisation does not change it). Temperature 0 is greedy (argmax of the raw logits).
+The filters apply in the order of `transformers`' `generate`: temperature, then top-k (ties at
+the k-th value kept), then top-p on the distribution renormalised after top-k, then min-p
+(relative to the most likely token, so renormalisation does not change it). vLLM applies min-p
+before top-k and top-p, so the two differ when min-p is combined with either. Temperature 0 is
+greedy (argmax of the raw logits).
 
-The log-prob reported for a sampled token is always the raw model's, log_softmax(logits)[token]
-at temperature 1 and without filters: the RL trainer needs the policy's log-prob of the action,
-not the sampler's (TRL / vLLM convention). For greedy and plain temperature-1 sampling the two
-coincide.
+The log-prob reported for a sampled token is by default the raw model's, log_softmax(logits)
+[token] at temperature 1 and without filters (vLLM's default, `raw_logprobs`): the policy's
+log-prob of the action, which the trainer's `token_logprobs` recomputes. logprobs="processed"
+reports the log-prob under the distribution the token was drawn from, after temperature and
+filters (vLLM's `processed_logprobs`, which TRL asks vLLM for). For greedy decoding and for
+temperature-1 sampling without filters the two coincide.
+
+Randomness: sample i of a request draws from a key made of (seed, the prompt's tokens, i), so a
+seeded request gives the same completion however it is batched, and requests sharing a seed
+but not a prompt draw independent streams. seed=None (the default) takes a fresh seed per
+request, as vLLM does; the completion reports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import operator
 from collections.abc import Iterable, Sequence
@@ -24,21 +34,25 @@ import jax.numpy as jnp
 # cheapest one that covers every live slot (sorting the vocabulary only when a filter is on).
 GREEDY, TEMPERATURE, FILTERED = "greedy", "temperature", "filtered"
 MAX_EOS = 8  # eos ids per request, held per slot on device
+LOGPROBS = ("raw", "processed")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request.
 
-    temperature: 0 is greedy; > 0 divides the logits.
-    top_k: keep the k most likely tokens (0 = off).
+    temperature: 0 is greedy; > 0 (finite) divides the logits.
+    top_k: keep the k most likely tokens, and any tied with the k-th (0 or -1 = off).
     top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1 = off).
     min_p: drop tokens whose probability is below min_p x the top token's (0 = off).
-    seed: per-request seed; the same seed gives the same completion regardless of batching.
-    n: samples per prompt; they share one prefill and sample i uses seed (seed, i).
+    seed: None (default) draws a fresh seed per request; an int makes the request reproducible:
+      the same seed and prompt give the same completion regardless of batching.
+    n: samples per prompt; they share one prefill and sample i draws from (seed, prompt, i).
     max_new_tokens: generation stops after this many tokens (finish_reason "length").
     eos_token_ids: tokens that end a completion (kept in the output, finish_reason "eos").
     stop: token sequences that end a completion (kept in the output, finish_reason "stop").
+    logprobs: "raw" (the model's log-prob at temperature 1, unfiltered) or "processed" (under
+      the tempered, filtered distribution sampled from); see the module docstring.
     """
 
     max_new_tokens: int = 16
@@ -46,10 +60,11 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int = 0
+    seed: int | None = None
     n: int = 1
     eos_token_ids: tuple[int, ...] = ()
     stop: tuple[tuple[int, ...], ...] = ()
+    logprobs: str = "raw"
 
     def __post_init__(self):
         # Normalise to tuples so the object stays hashable and comparable; one id is accepted
@@ -61,22 +76,27 @@ class SamplingParams:
         wrong = [
             f"{name}={getattr(self, name)!r} must be {'an integer' if kind is int else 'a number'}"
             for name, kind in kinds.items()
-            if not _is_number(getattr(self, name), integer=kind is int)
+            if not (name == "seed" and self.seed is None)
+            and not _is_number(getattr(self, name), integer=kind is int)
         ]
+        if self.logprobs not in LOGPROBS:
+            wrong.append(f"logprobs={self.logprobs!r} must be one of {LOGPROBS}")
         if wrong:
             raise ValueError("invalid SamplingParams: " + "; ".join(wrong))
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            object.__setattr__(self, "top_k", 0)
         problems = []
         if not self.max_new_tokens >= 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if not self.temperature >= 0:
-            problems.append(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            problems.append(f"temperature={self.temperature} must be finite and >= 0 (0 is greedy)")
         if not self.top_k >= 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 or -1 disables it)")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p} must be in (0, 1] (1 disables it)")
-        if not 0 <= self.min_p < 1:
-            problems.append(f"min_p={self.min_p} must be in [0, 1) (0 disables it)")
-        if not -(2**31) <= self.seed < 2**31:
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p={self.min_p} must be in [0, 1] (0 disables it)")
+        if self.seed is not None and not -(2**31) <= self.seed < 2**31:
             problems.append(f"seed={self.seed} must fit in int32")
         if not self.n >= 1:
             problems.append(f"n={self.n} must be >= 1")
@@ -154,13 +174,15 @@ def filter_logits(
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled)
     sorted_logits = scaled[order]
-    rank = jnp.arange(v)
-    keep = rank < jnp.where(top_k > 0, top_k, v)
+    # Top-k keeps every token tied with the k-th, as transformers and vLLM do.
+    kth = sorted_logits[jnp.clip(top_k, 1, v) - 1]
+    keep = (top_k <= 0) | (sorted_logits >= kth)
     masked = jnp.where(keep, sorted_logits, -jnp.inf)
     probs = jax.nn.softmax(masked)
-    # Keep a token while the mass strictly before it is below top_p: the smallest set reaching p.
+    # Keep a token while the mass strictly before it is below top_p: the smallest set reaching
+    # p. top_p = 1 is off exactly (a float32 running sum can reach 1 before the tail ends).
     before = jnp.cumsum(probs) - probs
-    keep = keep & (before < top_p)
+    keep = keep & ((before < top_p) | (top_p >= 1))
     keep = keep & (probs >= min_p * probs[0])
     keep = keep.at[0].set(True)
     filtered_sorted = jnp.where(keep, sorted_logits, -jnp.inf)
@@ -190,6 +212,7 @@ def sample(
     min_p: jax.Array,
     variant: str = FILTERED,
     vocab_first: bool = False,
+    processed: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample one token per row.
 
@@ -200,7 +223,8 @@ def sample(
     product `matmul.dot_t` transposes (the decode layout's head), and XLA:CPU reduces over V
     without reading [B, V] with a stride of B (rollout benchmark, float32 batch-16 greedy
     decode: 50M 1.06x tokens/s, 5M 1.03x).
-    Returns (tokens [B] int32, raw log-probs [B] float32 of those tokens, see module docstring).
+    processed: [B] bool, rows whose log-prob is the sampled distribution's (None: none).
+    Returns (tokens [B] int32, log-probs [B] float32 of those tokens, see module docstring).
     """
     logits = logits.astype(jnp.float32)
     if vocab_first and logits.shape[1] == 1:
@@ -231,4 +255,11 @@ def sample(
     top = jnp.max(logits, axis=axis, keepdims=True)
     lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=axis))
     picked = jnp.take_along_axis(logits, jnp.expand_dims(tokens, axis), axis=axis) - top
-    return tokens, jnp.squeeze(picked, axis) - lse
+    logp = jnp.squeeze(picked, axis) - lse
+    if variant != GREEDY and processed is not None:
+        # log_softmax(scaled)[token]; filtered-out entries are -inf and add nothing.
+        top_s = jnp.max(scaled, axis=-1, keepdims=True)
+        lse_s = jnp.log(jnp.sum(jnp.exp(scaled - top_s), axis=-1))
+        picked_s = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - top_s[:, 0]
+        logp = jnp.where(processed & (temperature > 0), picked_s - lse_s, logp)
+    return tokens, logp

@@ -6,6 +6,7 @@ Shapes use B = slots, K = steps per generate call, L/KVH/D as in the model.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ class DecodeState:
     top_p: jax.Array  # [B] float32
     min_p: jax.Array  # [B] float32
     eos: jax.Array  # [B, MAX_EOS] int32, -1 padded
+    processed: jax.Array  # [B] bool: report log-probs of the sampled (processed) distribution
 
 
 def empty_decode_state(
@@ -63,6 +65,7 @@ def empty_decode_state(
         top_p=jnp.ones((b,), jnp.float32),
         min_p=jnp.zeros((b,), jnp.float32),
         eos=jnp.full((b, MAX_EOS), -1, jnp.int32),
+        processed=jnp.zeros((b,), bool),
     )
 
 
@@ -200,19 +203,40 @@ def check_padded_prompt(padded: np.ndarray, true_length: int, max_prefill_length
         )
 
 
-def slot_sampling_arrays(sp, sample_index: int) -> tuple[np.ndarray, ...]:
+def slot_sampling_arrays(sp, sample_index: int, request_key: int = 0) -> tuple[np.ndarray, ...]:
     """A slot's sampling parameters as `device_steps.insert_step` takes them: ints [top_k,
-    seed, sample_index], floats [temperature, top_p, min_p], eos [MAX_EOS] (-1 padded).
-    sp: a `sampling.SamplingParams`."""
+    seed, sample_index, request_key, processed], floats [temperature, top_p, min_p], eos
+    [MAX_EOS] (-1 padded). sp: a `sampling.SamplingParams`; a seed of None draws a fresh one
+    (the driver resolves it per request beforehand, so all n samples share it). request_key:
+    folded into the slot's key (the driver passes `request_key(prompt)`)."""
     if len(sp.eos_token_ids) > MAX_EOS:
         raise ValueError(f"{len(sp.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
+    seed = fresh_seeds(1)[0] if sp.seed is None else sp.seed
     eos = np.full((MAX_EOS,), -1, np.int32)
     eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
+    processed = int(sp.logprobs == "processed")
     return (
-        np.array([sp.top_k, sp.seed, sample_index], np.int32),
+        np.array([sp.top_k, seed, sample_index, request_key, processed], np.int32),
         np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
         eos,
     )
+
+
+def request_key(prompt) -> int:
+    """A 31-bit key of a prompt's token ids (CRC-32), folded into its samples' PRNG keys so that
+    requests with the same seed but different prompts draw independent streams."""
+    return zlib.crc32(np.asarray(prompt, "<i4").tobytes()) & 0x7FFFFFFF
+
+
+def fresh_seeds(count: int) -> list[int]:
+    """`count` seeds from the OS's entropy, the same on every process of a multi-process run
+    (process 0's, broadcast: the processes feed one replicated decode)."""
+    seeds = np.random.default_rng().integers(0, 2**31, count, dtype=np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        seeds = np.asarray(multihost_utils.broadcast_one_to_all(seeds))
+    return [int(x) for x in seeds]
 
 
 def table_width_bucket(pages: int, max_pages: int) -> int:

@@ -233,8 +233,9 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
 
 
 def test_bad_inputs_raise_clear_errors(params):
-    with pytest.raises(ValueError, match="temperature=-0.5 must be >= 0"):
-        rollout.SamplingParams(temperature=-0.5)
+    for t in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"temperature={t} must be finite and >= 0"):
+            rollout.SamplingParams(temperature=t)
     for top_p in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"top_p=.* must be in \(0, 1\]"):
             rollout.SamplingParams(top_p=top_p)
@@ -258,6 +259,13 @@ def test_bad_inputs_raise_clear_errors(params):
             rollout.SamplingParams(**kwargs)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         rollout.generate(CFG, params, [[1, 2], []], rollout.SamplingParams(max_new_tokens=2))
+    # The model's position range bounds prompt and completion (vLLM's max_model_len): a longer
+    # prompt is refused, a completion reaching it ends there.
+    short = CFG.replace(max_position_embeddings=24)
+    with pytest.raises(ValueError, match="prompt 0 has 25 tokens; the model's max_position_emb"):
+        rollout.generate(short, params, [[1] * 25])
+    out = rollout.generate(short, params, [[1] * 20], rollout.SamplingParams(max_new_tokens=9))
+    assert len(out[0].tokens) == 4 and out[0].finish_reason == "length"
     engine = rollout.Engine(CFG, params, slots=2, max_len=64, max_prefill_length=16)
     with pytest.raises(ValueError, match="prompt 0 has 17 tokens; the engine's max_prefill_length"):
         rollout.generate(CFG, params, [[1] * 17], engine=engine)

@@ -123,10 +123,15 @@ def test_vocab_first_logits_give_the_same_tokens_and_logprobs(variant, rows):
 
 
 def test_sampling_params_validation_messages():
-    with pytest.raises(ValueError, match="top_k=-1 must be >= 0"):
-        SamplingParams(top_k=-1)
-    with pytest.raises(ValueError, match=r"min_p=1.0 must be in \[0, 1\)"):
-        SamplingParams(min_p=1.0)
+    assert SamplingParams(top_k=-1).top_k == 0  # vLLM's "off"
+    assert SamplingParams(min_p=1.0).min_p == 1.0  # [0, 1] as in transformers and vLLM
+    assert SamplingParams().seed is None and SamplingParams().logprobs == "raw"
+    with pytest.raises(ValueError, match="top_k=-2 must be >= 0"):
+        SamplingParams(top_k=-2)
+    with pytest.raises(ValueError, match=r"min_p=1.5 must be in \[0, 1\]"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="logprobs='tempered' must be one of"):
+        SamplingParams(logprobs="tempered")
     with pytest.raises(ValueError, match="n=0 must be >= 1"):
         SamplingParams(n=0)
     with pytest.raises(ValueError, match="stop contains an empty token sequence"):
@@ -160,3 +165,79 @@ def test_argmax_and_draws_equal_jax_reference():
     exact = exact - exact.max(-1, keepdims=True)
     exact -= np.log(np.exp(exact).sum(-1, keepdims=True))
     np.testing.assert_allclose(logp, exact[np.arange(len(tok)), np.asarray(tok)], atol=2e-6)
+
+
+def _hf_filtered_log_probs(logits, temperature, top_k, top_p, min_p):
+    """transformers' own warpers, in `generate`'s order, in float64: log-probs of the
+    distribution sampled from (-inf where filtered out)."""
+    import torch
+    import transformers
+
+    x = torch.tensor(np.asarray(logits, np.float64))[None]
+    warpers = [transformers.TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(transformers.TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(transformers.TopPLogitsWarper(top_p))
+    if min_p:
+        warpers.append(transformers.MinPLogitsWarper(min_p))
+    for w in warpers:
+        x = w(None, x)
+    return torch.log_softmax(x, -1)[0].numpy()
+
+
+FILTER_CASES = [
+    dict(temperature=0.7, top_k=10, top_p=0.9, min_p=0.0),
+    dict(temperature=1.3, top_k=0, top_p=0.6, min_p=0.0),
+    dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0),
+    dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.1),
+    dict(temperature=1.2, top_k=8, top_p=0.8, min_p=0.05),
+]
+
+
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_filtered_distribution_equals_transformers_warpers(case):
+    """The exact distribution `filter_logits` leaves (not sampled: softmax of its output), on
+    random rows and on rows with ties at the top-k boundary, against transformers' warpers
+    (float64); the "processed" log-prob of a drawn token is that distribution's."""
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(size=64) * 2 for _ in range(40)]
+    rows += [np.array([3, 2, 2, 2, 1, 0] + [-5] * 58, float)] * 2  # ties at the k-th value
+    for row in rows:
+        args = [jnp.float32(case[k]) for k in ("temperature",)] + [
+            jnp.int32(case["top_k"]),
+            jnp.float32(case["top_p"]),
+            jnp.float32(case["min_p"]),
+        ]
+        got = np.asarray(
+            jax.nn.log_softmax(sampling.filter_logits(jnp.asarray(row, jnp.float32), *args))
+        )
+        want = _hf_filtered_log_probs(row, **case)
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+        kept = np.isfinite(want)
+        np.testing.assert_allclose(got[kept], want[kept], atol=2e-5)
+    # processed log-probs of drawn tokens: the same distribution's; raw ones: the model's.
+    x = jnp.asarray(np.stack(rows[:8]), jnp.float32)
+    b = x.shape[0]
+    full = lambda v, dt: jnp.full((b,), v, dt)
+    keys = jax.random.split(jax.random.key(3), b)
+    params = (full(case["temperature"], jnp.float32), full(case["top_k"], jnp.int32),
+              full(case["top_p"], jnp.float32), full(case["min_p"], jnp.float32))  # fmt: skip
+    tok, processed = sampling.sample(x, keys, *params, processed=jnp.ones((b,), bool))
+    tok_raw, raw = sampling.sample(x, keys, *params, processed=jnp.zeros((b,), bool))
+    np.testing.assert_array_equal(tok, tok_raw)
+    for i in range(b):
+        want = _hf_filtered_log_probs(np.asarray(rows[i]), **case)[int(tok[i])]
+        np.testing.assert_allclose(float(processed[i]), want, atol=2e-5)
+        exact = np.asarray(rows[i], np.float64)
+        exact = exact - exact.max() - np.log(np.exp(exact - exact.max()).sum())
+        np.testing.assert_allclose(float(raw[i]), exact[int(tok[i])], atol=2e-5)
+
+
+def test_top_p_one_keeps_the_whole_tail():
+    """top_p = 1 is off exactly, also on the filtered path (which a temperature-only request
+    takes when another slot uses a filter): no tail token of a 32000-token row is dropped."""
+    rng = np.random.default_rng(0)
+    row = jnp.asarray(rng.normal(size=32000) * 4, jnp.float32)
+    out = sampling.filter_logits(row, jnp.float32(0.7), jnp.int32(0), jnp.float32(1.0), 0.0)
+    assert bool(jnp.isfinite(out).all())
