@@ -127,6 +127,7 @@ def decode_steps(
     width: int,
     variant,
     scale: float,
+    processed: bool,
     base,
     lora_tree,
     head,
@@ -138,7 +139,8 @@ def decode_steps(
     the [B, 3 * steps + 2] int32 result block that `StepResult` reads. head: a [D, V] output
     projection, or None for the model's own. width: the table columns these steps attend over
     (the host guarantees every live slot stays within width pages), so attention reads live
-    pages rather than max_len."""
+    pages rather than max_len. processed: whether some live slot reports processed log-probs
+    (`sampling.sample`; static, so the others skip that pass over the vocabulary)."""
     lora = None if lora_tree is None else LoRAView(lora_tree, scale)
     cache = dataclasses.replace(
         st.cache, page_table=table[:, :width], lengths=jnp.where(active, st.cache.lengths, 0)
@@ -162,7 +164,7 @@ def decode_steps(
             st.min_p,
             variant,
             vocab_first=vocab_first,
-            processed=st.processed,
+            processed=st.processed if processed else None,
         )
         emit = ~st.done
         generated = st.generated + emit.astype(jnp.int32)

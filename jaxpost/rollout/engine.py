@@ -126,6 +126,7 @@ class Engine:
         m = self.max_pages_per_slot
         self._reads_in_place = reads_in_place(self.slot_regions, slots, m, m, cfg.dtype)
         self._variant = [sampling.GREEDY] * slots
+        self._processed = [False] * slots  # the slot reports processed log-probs
         self.compilations: dict[str, int] = {"prefill": 0, "insert": 0, "generate": 0}
         self._jit_cache: dict = {}
         self.params = self.load_params(params, lora=lora)
@@ -343,6 +344,7 @@ class Engine:
         arrays = slot_sampling_arrays(sp, sample_index, request_key)  # checked before admitting
         limit = self.book.admit(slot, prefix, sp.max_new_tokens)
         self._variant[slot] = sp.variant
+        self._processed[slot] = sp.logprobs == "processed" and sp.temperature > 0
         fn = self._compiled(
             "insert",
             functools.partial(device_steps.insert_step, self.page_size),
@@ -362,6 +364,7 @@ class Engine:
         """Retire the slot: its pages go back to the pool; the device stops decoding it."""
         self.book.release(slot)
         self._variant[slot] = sampling.GREEDY
+        self._processed[slot] = False
 
     # Generate -----------------------------------------------------------------------------------
 
@@ -372,6 +375,9 @@ class Engine:
         longest = self.book.advance(k)
         live = np.flatnonzero(self.book.active)
         variant = sampling.widest_variant([self._variant[s] for s in live])
+        # The processed log-probs cost a pass over the vocabulary: compiled in only when a
+        # live slot asks for them.
+        processed = any(self._processed[s] for s in live)
         width = table_width_bucket(self.allocator.pages_for(longest), self.max_pages_per_slot)
         full = self.max_pages_per_slot
         if 2 * width >= full and self._reads_in_place:
@@ -382,7 +388,7 @@ class Engine:
         scale = params["lora_scale"]
         shardings = self._state_shardings()
         fn = self._compiled(
-            f"generate:{variant}:{scale}:{width}",
+            f"generate:{variant}:{processed}:{scale}:{width}",
             functools.partial(
                 device_steps.decode_steps,
                 self.cfg,
@@ -390,6 +396,7 @@ class Engine:
                 width,
                 variant,
                 scale,
+                processed,
             ),
             donate_argnums=(3,),
             out_shardings=None if shardings is None else (shardings, replicated(self._mesh)),

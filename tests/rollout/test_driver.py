@@ -292,3 +292,29 @@ def test_seeds_default_fresh_reported_and_independent_across_prompts(engine, par
     same = np.mean([shared[a].tokens[0] == shared[b].tokens[0] for a, b in pairs])
     expected = np.mean([probs[a] @ probs[b] for a, b in pairs])
     assert same < expected + 0.1, (same, expected)
+
+
+def test_processed_logprobs_are_the_sampled_distributions_beside_raw_and_greedy(engine, params):
+    """logprobs="processed": each token's log-prob under the tempered, top-k / top-p filtered
+    distribution it was drawn from (transformers' warpers on the full-forward logits, float64),
+    in one batch with a raw-log-prob request and a greedy one, which keep theirs."""
+    from test_sampling import _hf_filtered_log_probs
+
+    rng = np.random.default_rng()
+    prompts = [list(rng.integers(0, CFG.vocab_size, n)) for n in (5, 9, 7)]
+    case = dict(temperature=0.7, top_k=10, top_p=0.9, min_p=0.0)
+    processed = rollout.SamplingParams(max_new_tokens=8, seed=1, logprobs="processed", **case)
+    raw = dataclasses.replace(processed, logprobs="raw")
+    greedy = rollout.SamplingParams(max_new_tokens=8, temperature=0.0, logprobs="processed")
+    outs = run(engine, prompts, [processed, raw, greedy])
+    for out, sp in zip(outs, (processed, raw, greedy)):
+        seq = np.asarray([out.prompt + out.tokens], np.int32)
+        logits = np.asarray(models.forward(CFG, params, seq)[0], np.float64)
+        n = len(out.prompt)
+        for k, (tok, lp) in enumerate(zip(out.tokens, out.logprobs)):
+            row = logits[n - 1 + k]
+            if sp.logprobs == "processed" and sp.temperature > 0:
+                want = _hf_filtered_log_probs(row, **case)[tok]
+            else:  # raw, and greedy's (a point mass: its log-probs stay the model's)
+                want = (row - row.max() - np.log(np.exp(row - row.max()).sum()))[tok]
+            np.testing.assert_allclose(lp, want, atol=2e-5)
