@@ -6,10 +6,11 @@ API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_a
 """
 
 from jaxpost.rollout.api import generate
-from jaxpost.rollout.driver import Completion, Driver, Request
+from jaxpost.rollout.driver import Driver
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.page_allocator import PageAllocator, PagesExhausted, SlotRegionAllocator
 from jaxpost.rollout.paged_cache import PagedKVCache
+from jaxpost.rollout.requests import Completion, Request
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import DecodeState, Prefix, StepResult, prefill_bucket
 

@@ -8,8 +8,9 @@ import collections
 from collections.abc import Sequence
 
 from jaxpost.models.config import ModelConfig
-from jaxpost.rollout.driver import Completion, Driver, Request, validate_prompt
+from jaxpost.rollout.driver import Driver
 from jaxpost.rollout.engine import Engine
+from jaxpost.rollout.requests import Completion, Request, validate_prompt
 from jaxpost.rollout.sampling import SamplingParams
 from jaxpost.rollout.state import prefill_bucket
 
