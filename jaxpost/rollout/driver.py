@@ -113,6 +113,11 @@ class Driver:
         fresh = iter(fresh_seeds(sum(r.sampling.seed is None for r in requests)))
         seeds = [next(fresh) if r.sampling.seed is None else r.sampling.seed for r in requests]
         keys = [request_key(p) for p in prompts]
+        # Each request's parameters with its seed resolved, once (not per inserted sample).
+        sampling = [
+            r.sampling if r.sampling.seed is not None else dataclasses.replace(r.sampling, seed=s)
+            for r, s in zip(requests, seeds)
+        ]
         outs = [
             [Completion(i, j, prompts[i], seeds[i], queued=now) for j in range(r.sampling.n)]
             for i, r in enumerate(requests)
@@ -144,7 +149,7 @@ class Driver:
                 self._trim(prefixes)
             while free and queue:
                 i, j = queue[0]
-                g, sp = first[i], requests[i].sampling
+                g, sp = first[i], sampling[i]
                 tokens = len(prompts[i]) + sp.max_new_tokens
                 prefix = prefixes.pop(g, None)  # held: its pages may be shared
                 if self.is_jaxpost and not eng.can_admit(tokens, prefix):
@@ -156,8 +161,6 @@ class Driver:
                     prefix = self._prefill(prompts[g])
                 slot = free.pop()
                 if self.is_jaxpost:
-                    if sp.seed is None:
-                        sp = dataclasses.replace(sp, seed=seeds[i])
                     state = eng.insert(
                         prefix, state, slot, sampling=sp, sample_index=j, request_key=keys[i]
                     )
