@@ -35,6 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxpost import sharding
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored into this run (mismatch or corruption)."""
@@ -384,9 +386,4 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """True on every process once any process got a signal (multi-process runs agree)."""
-        flag = self.requested is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-        return flag
+        return bool(sharding.agree_across_processes(self.requested is not None, "any"))

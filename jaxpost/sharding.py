@@ -218,6 +218,29 @@ def initialize_distributed(
     return True
 
 
+_AGREE = {"min": np.min, "max": np.max, "any": np.any}
+
+
+def agree_across_processes(value, how: str):
+    """One value every process of a multi-process run agrees on (a host-side collective).
+
+    how: "min", "max" or "any" reduce every process's `value` (a Python or NumPy scalar);
+    "first" takes process 0's (`value` may then be an array, e.g. seeds drawn from one
+    process's entropy). With one process `value` is returned as it is. Every process must call
+    this at the same point, or the run hangs, as with any collective.
+    """
+    if how not in (*_AGREE, "first"):
+        raise ValueError(f"how={how!r}; expected one of {sorted((*_AGREE, 'first'))}")
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    if how == "first":
+        return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+    gathered = multihost_utils.process_allgather(np.asarray(value))
+    return _AGREE[how](gathered).item()
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Rows split over the mesh axes of the "batch" rule (all of them, no divisibility drop)."""
     axes = tuple(a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1)

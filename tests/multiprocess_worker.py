@@ -108,6 +108,27 @@ def evaluate_split(mesh_shape: tuple[int, int, int], devices=None, **overrides) 
 EVAL_ROWS = 13
 
 
+def agreements() -> dict:
+    """What `sharding.agree_across_processes` and the helpers built on it return here."""
+    import jax
+
+    from jaxpost import sharding
+    from jaxpost.checkpoint import PreemptionGuard
+    from jaxpost.rollout import state
+
+    pid = jax.process_index()
+    guard = PreemptionGuard()
+    guard.requested = "SIGTERM" if pid == 1 else None  # only process 1 was signalled
+    return {
+        "min": sharding.agree_across_processes(10 + pid, "min"),
+        "max": sharding.agree_across_processes(10 + pid, "max"),
+        "any": bool(sharding.agree_across_processes(pid == 1, "any")),
+        "first": sharding.agree_across_processes(np.array([pid, 7 * pid + 1]), "first").tolist(),
+        "should_stop": guard.should_stop(),
+        "fresh_seeds": state.fresh_seeds(3),
+    }
+
+
 def main(argv: list[str]) -> None:
     pid, n, port, local_devices, out = argv
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -121,7 +142,15 @@ def main(argv: list[str]) -> None:
     losses = run((2, jax.device_count() // 2, 1))
     evaluation = evaluate_split((2, jax.device_count() // 2, 1))
     with open(f"{out}.{jax.process_index()}", "w") as f:
-        json.dump({"losses": losses, "devices": jax.device_count(), "eval": evaluation}, f)
+        json.dump(
+            {
+                "losses": losses,
+                "devices": jax.device_count(),
+                "eval": evaluation,
+                "agree": agreements(),
+            },
+            f,
+        )
     jax.distributed.shutdown()
 
 

@@ -40,3 +40,11 @@ def test_two_processes_match_one_device(tmp_path, launch):
     for e in evals:
         assert e["metrics"]["tokens"] == one["metrics"]["tokens"] == one["local_tokens"]
         assert e["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+
+    # Host-side agreement: reductions see both processes, "first" is process 0's value, one
+    # process's preemption signal stops both, and fresh rollout seeds are process 0's draw.
+    agree = [r["agree"] for r in results]
+    assert agree[0] == agree[1]
+    assert (agree[0]["min"], agree[0]["max"], agree[0]["any"]) == (10, 11, True)
+    assert agree[0]["first"] == [0, 1] and agree[0]["should_stop"] is True
+    assert len(set(agree[0]["fresh_seeds"])) == 3

@@ -86,3 +86,12 @@ def test_initialize_distributed_errors(no_dist_env, monkeypatch):
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
         sharding.initialize_distributed()
     assert no_dist_env[0] == []
+
+
+def test_agree_across_processes_one_process_and_bad_mode():
+    # One process: the value itself (the 2-process behaviour is in tests/test_multiprocess.py).
+    assert sharding.agree_across_processes(5, "min") == 5
+    seeds = np.array([3, 4])
+    assert sharding.agree_across_processes(seeds, "first") is seeds
+    with pytest.raises(ValueError, match="how='sum'"):
+        sharding.agree_across_processes(1, "sum")

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxpost import sharding
 from jaxpost.data import Pipeline, PipelineConfig, formats, tasks
 
 
@@ -97,16 +98,7 @@ def steps_in_data(batches: BatchStream) -> int | None:
     stream that repeats forever. Reads and tokenizes the data once more to count them."""
     if batches.pipeline.config.num_epochs is None:
         return None
-    return _over_processes(min, batches.pipeline.count_batches())
-
-
-def _over_processes(reduce: Callable, count: int) -> int:
-    """`reduce` (min or max) of `count` over every process of a multi-process run."""
-    if jax.process_count() == 1:
-        return count
-    from jax.experimental import multihost_utils
-
-    return int(reduce(multihost_utils.process_allgather(np.int64(count)).tolist()))
+    return int(sharding.agree_across_processes(batches.pipeline.count_batches(), "min"))
 
 
 def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator[dict]]:
@@ -141,7 +133,9 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
         ),
     )
     _say_skipped(pipeline, "data.eval_path")
-    count = _over_processes(max, pipeline.count_batches(limit=cfg.train.eval_batches))
+    count = sharding.agree_across_processes(
+        pipeline.count_batches(limit=cfg.train.eval_batches), "max"
+    )
 
     def batches() -> Iterator[dict]:
         it = pipeline.iterator()

@@ -17,7 +17,7 @@ from jaxpost import lora as lora_lib
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout.paged_cache import PagedKVCache
 from jaxpost.rollout.sampling import MAX_EOS
-from jaxpost.sharding import logical_to_sharding, replicated
+from jaxpost.sharding import agree_across_processes, logical_to_sharding, replicated
 
 
 @jax.tree_util.register_dataclass
@@ -232,11 +232,7 @@ def fresh_seeds(count: int) -> list[int]:
     """`count` seeds from the OS's entropy, the same on every process of a multi-process run
     (process 0's, broadcast: the processes feed one replicated decode)."""
     seeds = np.random.default_rng().integers(0, 2**31, count, dtype=np.int64)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        seeds = np.asarray(multihost_utils.broadcast_one_to_all(seeds))
-    return [int(x) for x in seeds]
+    return [int(x) for x in agree_across_processes(seeds, "first")]
 
 
 def table_width_bucket(pages: int, max_pages: int) -> int:
