@@ -50,6 +50,22 @@ def _per_process(batch_size: int) -> int:
     return batch_size // count
 
 
+def _pipeline_config(cfg, rows: int, **split_specific) -> PipelineConfig:
+    """The `data` section's settings shared by the train and held-out splits, plus the
+    split's own (shuffling, epochs, remainder handling)."""
+    return PipelineConfig(
+        format=cfg.data.format,
+        max_length=cfg.data.max_length,
+        batch_size=rows,
+        packing=cfg.data.packing,
+        truncation=cfg.data.truncation,
+        skip_malformed=cfg.data.skip_malformed,
+        chat_template=cfg.data.chat_template,
+        completion_only_loss=cfg.data.completion_only_loss,
+        **split_specific,
+    )
+
+
 class BatchStream:
     """Checkpointable train batches: next() -> dict of numpy arrays; get/set_state for resume."""
 
@@ -71,23 +87,10 @@ class BatchStream:
 
 
 def train_batches(cfg, task, tokenizer, batch_size: int, seed: int) -> BatchStream:
-    pipeline = Pipeline(
-        _source(cfg, "train"),
-        tokenizer,
-        PipelineConfig(
-            format=cfg.data.format,
-            max_length=cfg.data.max_length,
-            batch_size=_per_process(batch_size),
-            packing=cfg.data.packing,
-            shuffle=True,
-            seed=seed,
-            num_epochs=cfg.data.num_epochs,
-            truncation=cfg.data.truncation,
-            skip_malformed=cfg.data.skip_malformed,
-            chat_template=cfg.data.chat_template,
-            completion_only_loss=cfg.data.completion_only_loss,
-        ),
+    config = _pipeline_config(
+        cfg, _per_process(batch_size), shuffle=True, seed=seed, num_epochs=cfg.data.num_epochs
     )
+    pipeline = Pipeline(_source(cfg, "train"), tokenizer, config)
     _say_skipped(pipeline, "data.train_path")
     return BatchStream(pipeline)
 
@@ -114,24 +117,10 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
     number of calls of the (collective) eval step. Weightless rows add nothing to loss_sum or
     weight_sum, so the means are over the split's real tokens."""
     rows = _per_process(batch_size)
-    pipeline = Pipeline(
-        _source(cfg, "test"),
-        tokenizer,
-        PipelineConfig(
-            format=cfg.data.format,
-            max_length=cfg.data.max_length,
-            batch_size=rows,
-            packing=cfg.data.packing,
-            shuffle=False,
-            num_epochs=1,
-            drop_remainder=False,
-            even_shards=False,
-            truncation=cfg.data.truncation,
-            skip_malformed=cfg.data.skip_malformed,
-            chat_template=cfg.data.chat_template,
-            completion_only_loss=cfg.data.completion_only_loss,
-        ),
+    config = _pipeline_config(
+        cfg, rows, shuffle=False, num_epochs=1, drop_remainder=False, even_shards=False
     )
+    pipeline = Pipeline(_source(cfg, "test"), tokenizer, config)
     _say_skipped(pipeline, "data.eval_path")
     count = sharding.agree_across_processes(
         pipeline.count_batches(limit=cfg.train.eval_batches), "max"
