@@ -75,6 +75,25 @@ def test_eval_batches_caps_and_never_repeats(cap, expected):
     assert len(got) == expected
 
 
+@pytest.mark.parametrize("cache_bytes", [data_setup.EVAL_CACHE_BYTES, 0])
+def test_small_split_is_read_once_then_replayed(monkeypatch, cache_bytes):
+    monkeypatch.setattr(data_setup, "EVAL_CACHE_BYTES", cache_bytes)
+    cfg = _cfg(**{"data.packing": False})
+    task, tokenizer = data_setup.task_and_tokenizer(cfg)
+    make = data_setup.eval_batches(cfg, task, tokenizer, batch_size=4)
+    reads, original = [], Pipeline.iterator
+    monkeypatch.setattr(Pipeline, "iterator", lambda s, *a: reads.append(1) or original(s, *a))
+    partial = make()
+    next(partial)  # an evaluation abandoned after one batch keeps nothing
+    evaluations = [list(make()) for _ in range(3)]
+    # Kept after the first full read (2 reads in all), or re-read every time under a 0 cap.
+    assert len(reads) == (2 if cache_bytes else 4)
+    for later in evaluations[1:]:
+        for a, b in zip(evaluations[0], later, strict=True):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_eval_means_equal_one_batch_of_every_row():
     """Packed batches of 4 with a filled last batch against all 13 rows in one padded batch."""
     cfg = _cfg(**{"data.packing": True})

@@ -107,15 +107,17 @@ def steps_in_data(batches: BatchStream) -> int | None:
 def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator[dict]]:
     """A function returning, per evaluation, an iterator over the held-out split read once:
     every row exactly once, in order, at most `train.eval_batches` batches (None: all of them;
-    a split smaller than that is not repeated). The split is read, validated and counted once,
-    here, not at every evaluation.
+    a split smaller than that is not repeated). The split is validated and counted here, once.
 
     Every batch has the training batch's shape, so the eval step compiles once: the last,
     short batch is filled with copies of its first row whose loss masks are zero, and a process
     whose rows run out before another's (processes' shares differ by one row, and packing
     changes the count) yields such weightless batches until every process has made the same
     number of calls of the (collective) eval step. Weightless rows add nothing to loss_sum or
-    weight_sum, so the means are over the split's real tokens."""
+    weight_sum, so the means are over the split's real tokens.
+
+    A split whose batches take at most EVAL_CACHE_BYTES is kept in memory after the first
+    evaluation reads it to the end, so later evaluations neither re-read nor re-tokenize it."""
     rows = _per_process(batch_size)
     config = _pipeline_config(
         cfg, rows, shuffle=False, num_epochs=1, drop_remainder=False, even_shards=False
@@ -126,20 +128,39 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
         pipeline.count_batches(limit=cfg.train.eval_batches), "max"
     )
 
+    kept: list[dict] = []  # the batches of a split small enough to keep, once read in full
+
     def batches() -> Iterator[dict]:
+        if len(kept) == count and count:
+            yield from kept
+            return
         it = pipeline.iterator()
-        blank = None
+        blank, read, size = None, [], 0
         for _ in range(count):
             batch = next(it, None)
+            if batch is None and blank is None:
+                raise ValueError(
+                    f"process {jax.process_index()} has no held-out rows: the split has fewer "
+                    f"rows than there are processes ({jax.process_count()})"
+                )
             if batch is None:
-                yield blank
-                continue
-            batch = fill_rows(batch, rows)
-            if blank is None:
-                blank = weightless(batch)
+                batch = blank
+            else:
+                batch = fill_rows(batch, rows)
+                blank = weightless(batch) if blank is None else blank
+            if read is not None:
+                size += sum(v.nbytes for v in batch.values())
+                read = read + [batch] if size <= EVAL_CACHE_BYTES else None
             yield batch
+        if read is not None:  # the split was read to its end: later evaluations replay it
+            kept[:] = read
 
     return batches
+
+
+# A held-out split whose batches fit in this many bytes (per process) is read and tokenized
+# once and then replayed from memory at every evaluation; a larger one is re-read each time.
+EVAL_CACHE_BYTES = 256 << 20
 
 
 def fill_rows(batch: dict, rows: int) -> dict:
