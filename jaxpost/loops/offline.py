@@ -82,11 +82,15 @@ def _host(metrics: dict) -> dict[str, float]:
     return out
 
 
-def _window_means(window: list[dict], exclude: tuple[str, ...]) -> dict[str, float]:
-    """Per metric, the mean over the steps of `window` (one host transfer for all of them)."""
+def _window_host(window: list[dict], last_only: tuple[str, ...]) -> dict[str, float]:
+    """The last step's metrics with each one not in `last_only` replaced by its mean over the
+    steps of `window` (one host transfer for all of them)."""
     steps = [_host(m) for m in jax.device_get(window)]
-    keys = [k for k in steps[-1] if k not in exclude and all(k in m for m in steps)]
-    return {k: float(np.mean([m[k] for m in steps])) for k in keys}
+    out = dict(steps[-1])
+    for k in out:
+        if k not in last_only and all(k in m for m in steps):
+            out[k] = float(np.mean([m[k] for m in steps]))
+    return out
 
 
 def _tokens(batch: dict) -> int:
@@ -240,10 +244,13 @@ def run_offline(
             to_save = step % settings.checkpoint_every == 0 or step == settings.steps
             stop = guard.should_stop()  # once per step: a collective under several processes
             if to_log or to_save or stop:
-                host = _host(metrics)  # a host sync; every step saved is checked first
-                if to_log:  # a NaN anywhere in the window makes its mean NaN: caught below
-                    host.update(_window_means(window, exclude=("learning_rate",)))
+                # A host sync; every step saved is checked first. A NaN anywhere in a logged
+                # window makes its mean NaN: caught below.
+                if to_log:
+                    host = _window_host(window, last_only=("learning_rate",))
                     window = []
+                else:
+                    host = _host(metrics)
                 if not _finite(host):
                     writer.write(step, host, split=settings.name)
                     checkpointer.wait()
