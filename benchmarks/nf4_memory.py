@@ -50,7 +50,7 @@ def _kernel_stats(params: dict, qparams: dict) -> tuple[int, int]:
     n, b = 0, 0
     for block, module in lora.HF_MODULES:
         n += int(np.prod(params["layers"][block][module]["kernel"].shape))
-        b += nf4.nbytes(qparams["layers"][block][module]["kernel_nf4"])
+        b += nf4.nbytes(qparams["layers"][block][module][nf4.KERNEL_KEY])
     return n, b
 
 
@@ -64,7 +64,7 @@ def measure(name: str, cfg: models.ModelConfig, real: bool) -> dict:
         qparams = jax.block_until_ready(quantize(cfg, params))
         seconds = time.perf_counter() - start
         w = params["layers"]["mlp"]["up"]["kernel"]
-        deq = nf4.dequantize(qparams["layers"]["mlp"]["up"]["kernel_nf4"], w.shape)
+        deq = nf4.dequantize_kernel(qparams["layers"]["mlp"]["up"][nf4.KERNEL_KEY], w.shape)
         rms = float(jnp.sqrt(jnp.mean((deq - w) ** 2)) / jnp.std(w))
     else:
         params = jax.eval_shape(init, cfg, jax.random.key(0))

@@ -162,8 +162,8 @@ def _check_base(params: dict, path: str, shape: tuple[int, ...]) -> None:
     """The base must hold this kernel (plain or NF4) with the shape cfg implies."""
     _, block, module, _ = path.split("/")
     node = params.get("layers", {}).get(block, {}).get(module)
-    if not isinstance(node, dict) or not ({"kernel", "kernel_nf4"} & set(node)):
-        raise ValueError(f"params have no {path} (nor an NF4 kernel_nf4 there); wrong model?")
+    if not isinstance(node, dict) or not ({"kernel", nf4.KERNEL_KEY} & set(node)):
+        raise ValueError(f"params have no {path} (nor an NF4 {nf4.KERNEL_KEY} there); wrong model?")
     if "kernel" in node and tuple(node["kernel"].shape) != shape:
         raise ValueError(
             f"params {path} has shape {tuple(node['kernel'].shape)}, expected {shape} from cfg"
@@ -291,7 +291,7 @@ def merge(cfg: ModelConfig, params: dict, lora: LoraParams) -> dict:
             w = node["kernel"]
             node["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
         else:
-            w = nf4.dequantize(node.pop("kernel_nf4"), delta.shape, jnp.float32)
+            w = nf4.dequantize_kernel(node.pop(nf4.KERNEL_KEY), delta.shape, jnp.float32)
             node["kernel"] = (w + delta).astype(cfg.param_dtype)
         return node
 
@@ -304,7 +304,9 @@ def unmerge(cfg: ModelConfig, merged: dict, lora: LoraParams) -> dict:
 
     def fn(node, factors):
         if "kernel" not in node:
-            raise ValueError("unmerge expects plain kernels (merge's output), found kernel_nf4")
+            raise ValueError(
+                f"unmerge expects plain kernels (merge's output), found {nf4.KERNEL_KEY}"
+            )
         w = node["kernel"]
         return {**node, "kernel": (w.astype(jnp.float32) - _delta(lora, factors)).astype(w.dtype)}
 

@@ -1,9 +1,10 @@
 """NF4 quantization with double-quantized block scales (QLoRA, Dettmers et al. 2023).
 
-A tensor is flattened row-major and cut into blocks of 64 values. Each block is divided by its
-absolute maximum and every value is rounded to the nearest of the 16 NF4 codes (quantiles of a
-standard normal, rescaled to [-1, 1], with an exact zero). Two 4-bit codes share a uint8, the
-first value in the high nibble, as bitsandbytes packs them.
+A tensor is flattened row-major and cut into blocks of 64 values (a model's kernels are
+quantized transposed, [out, in], as bitsandbytes quantizes torch's weights: `quantize_kernel`).
+Each block is divided by its absolute maximum and every value is rounded to the nearest of the
+16 NF4 codes (quantiles of a standard normal, rescaled to [-1, 1], with an exact zero). Two
+4-bit codes share a uint8, the first value in the high nibble, as bitsandbytes packs them.
 
 The 64-value block maxima ("absmax", one float32 per block) are quantized again ("double
 quantization"): their mean is subtracted, the centred values are cut into blocks of 256 and
@@ -259,13 +260,36 @@ def match_targets(targets, paths, what: str) -> list[str]:
     return sorted(chosen)
 
 
+# The parameter name of a quantized kernel. Its blocks run along the input axis: the NF4 tree
+# is that of the kernel transposed to [out, in], torch's nn.Linear layout, which is the layout
+# bitsandbytes (and so transformers' and PEFT's QLoRA) quantizes. Each weight is then rounded
+# exactly as there, and a LoRA adapter trained on this base fits a bitsandbytes-quantized one.
+# (Blocks along the output axis, the [in, out] kernel's row-major order, would round every
+# weight differently: two independent NF4 roundings, as far apart as either is from the
+# float weights.) The name differs from the earlier "kernel_nf4" ([in, out] blocks), so a
+# checkpoint holding those is refused by its tree check rather than read in the wrong order.
+KERNEL_KEY = "kernel_t_nf4"
+
+
+def quantize_kernel(kernel: jax.Array, batch_dims: int = 0) -> dict[str, jax.Array]:
+    """The NF4 tree of a kernel [*batch, in, out], quantized in [out, in] order (KERNEL_KEY)."""
+    return quantize(jnp.swapaxes(kernel, -1, -2), batch_dims=batch_dims)
+
+
+def dequantize_kernel(q: dict[str, jax.Array], shape, dtype=jnp.float32) -> jax.Array:
+    """The kernel [*batch, in, out] (`shape`) that `quantize_kernel` encoded, in `dtype`."""
+    *lead, d_in, d_out = (int(s) for s in shape)
+    return jnp.swapaxes(dequantize(q, (*lead, d_out, d_in), dtype), -1, -2)
+
+
 def quantize_base(cfg, params: dict, targets=None) -> dict:
-    """params with every targeted layer kernel [L, in, out] replaced by "kernel_nf4".
+    """params with every targeted layer kernel [L, in, out] replaced by KERNEL_KEY.
 
     targets are regexes fully matched against '/'-joined paths such as "layers/attn/q/kernel"
     (default: attention q, k, v, o and MLP gate, up, down). Embeddings, norms, biases and the LM
-    head are never quantized. Each layer is quantized on its own (its own absmax mean), so the
-    layer scan hands `Linear` a self-contained tree. Jittable (cfg static).
+    head are never quantized. Each layer is quantized on its own (its own absmax mean, as
+    bitsandbytes quantizes each layer's weight), so the layer scan hands `Linear` a
+    self-contained tree. Jittable (cfg static).
     """
     kernels = [
         name
@@ -286,7 +310,7 @@ def quantize_base(cfg, params: dict, targets=None) -> dict:
                         f"{path} has shape {value.shape}; expected stacked [L={cfg.num_layers}, "
                         "in, out]"
                     )
-                out["kernel_nf4"] = quantize(value, batch_dims=1)
+                out[KERNEL_KEY] = quantize_kernel(value, batch_dims=1)
             else:
                 out[key] = value
         return out
@@ -296,12 +320,12 @@ def quantize_base(cfg, params: dict, targets=None) -> dict:
 
 def quantized_logical_axes(axes: dict, qparams: dict) -> dict:
     """Logical axes for quantized params: `axes` (from models.logical_axes) with each
-    "kernel_nf4" tree named ("layers", None); the flat codes are replicated within a layer."""
+    KERNEL_KEY tree named ("layers", None); the flat codes are replicated within a layer."""
 
     def walk(ax, qp):
         out = {}
         for key, value in qp.items():
-            if key == "kernel_nf4":
+            if key == KERNEL_KEY:
                 out[key] = jax.tree.map(lambda x: ("layers",) + (None,) * (x.ndim - 1), value)
             elif isinstance(value, dict):
                 out[key] = walk(ax[key], value)

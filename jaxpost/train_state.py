@@ -84,7 +84,7 @@ def join_trainable(train_part, frozen: dict, trainable: str) -> dict:
 
 def _has_nf4(tree) -> bool:
     return isinstance(tree, dict) and any(
-        k == "kernel_nf4" or _has_nf4(v) for k, v in tree.items() if isinstance(v, dict)
+        k == nf4.KERNEL_KEY or _has_nf4(v) for k, v in tree.items() if isinstance(v, dict)
     )
 
 

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from jaxpost import lora, models, rollout, sharding
+from jaxpost import lora, models, nf4, rollout, sharding
 
 from tiny_models import randomized, tiny_config
 
@@ -208,11 +208,13 @@ def test_init_errors(params):
 # PEFT interop --------------------------------------------------------------------------------
 
 
-def _hf_model(family: str, seed: int) -> transformers.PreTrainedModel:
+def _hf_model(
+    family: str, seed: int, intermediate: int = 96, qwen3_head_dim: int = 24
+) -> transformers.PreTrainedModel:
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -221,7 +223,8 @@ def _hf_model(family: str, seed: int) -> transformers.PreTrainedModel:
     if family == "llama":
         config = transformers.LlamaConfig(**common)
     else:
-        config = transformers.Qwen3Config(**common, head_dim=24)  # head_dim != hidden / heads
+        # head_dim != hidden / heads (by default)
+        config = transformers.Qwen3Config(**common, head_dim=qwen3_head_dim)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -286,6 +289,43 @@ def test_jaxpost_adapter_loads_in_peft(hf_pair, tmp_path):
         tmp_path / "merged", attn_implementation="eager"
     ).eval()
     np.testing.assert_allclose(_hf_logits(merged, tokens), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_qlora_adapter_fits_the_bitsandbytes_4bit_base(family, tmp_path):
+    """QLoRA's interop: a jaxpost adapter on its NF4 base gives the logits PEFT gives on
+    transformers' bitsandbytes 4-bit base (NF4, double quantization, blocks of 64), because
+    both round every weight alike (`nf4.KERNEL_KEY`). bitsandbytes' CPU kernel needs every
+    input and output width a multiple of 64 (and holds the block maxima in bfloat16, hence a
+    small gap)."""
+    path = tmp_path / "hf"
+    _hf_model(family, seed=2, intermediate=128, qwen3_head_dim=32).save_pretrained(path)
+    cfg, params = models.load_hf(path)
+    qparams = nf4.quantize_base(cfg, params)
+    lp = randomized(lora.init(cfg, qparams, rank=4, alpha=8), jax.random.key(12), 0.05)
+    lora.save_peft(cfg, lp, tmp_path / "adapter", base_model_name_or_path=str(path))
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, attn_implementation="eager", device_map="cpu"
+    )
+    model = peft.PeftModel.from_pretrained(base.eval(), tmp_path / "adapter").eval()
+    tokens = _tokens(13, (2, 16))
+    theirs = _hf_logits(model, tokens)
+    ours = np.asarray(forward(cfg, qparams, tokens, lora=lp))
+    # What NF4 rounding moves the logits by (the same adapter on the float base), against
+    # what is left between the two 4-bit bases.
+    rounding = np.max(np.abs(ours - np.asarray(forward(cfg, params, tokens, lora=lp))))
+    gap = np.max(np.abs(ours - theirs))
+    print(
+        f"{family}: NF4 rounding moves logits up to {rounding:.3g}; jaxpost vs PEFT+bnb {gap:.3g}"
+    )
+    assert rounding > 0.1
+    assert gap < 0.05 * rounding
 
 
 @pytest.mark.parametrize("target_modules", [["q_proj", "v_proj", "down_proj"], "all-linear"])

@@ -154,7 +154,7 @@ def test_quantized_base_bytes_per_parameter():
     for block, module in lora.HF_MODULES:
         n_params += params["layers"][block][module]["kernel"].size
         assert "kernel" not in qparams["layers"][block][module]
-        n_bytes += nf4.nbytes(qparams["layers"][block][module]["kernel_nf4"])
+        n_bytes += nf4.nbytes(qparams["layers"][block][module][nf4.KERNEL_KEY])
     assert n_params >= 10_000_000
     print(f"NF4 base: {n_params} parameters, {n_bytes} bytes, {n_bytes / n_params:.4f} B/param")
     # 4 bits + 8 bits per 64 + 32 bits per 64 * 256 (+ one float32 mean per kernel and layer).
@@ -187,12 +187,37 @@ def tiny_params():
 def test_quantize_base_targets_and_errors(tiny_params):
     params = tiny_params
     q = nf4.quantize_base(TINY, params, targets=[r"layers/mlp/.*"])
-    assert "kernel_nf4" in q["layers"]["mlp"]["up"] and "kernel" in q["layers"]["attn"]["q"]
+    assert nf4.KERNEL_KEY in q["layers"]["mlp"]["up"] and "kernel" in q["layers"]["attn"]["q"]
     with pytest.raises(ValueError, match="NF4 target 'layers/mlp/w1/kernel' matches no layer"):
         nf4.quantize_base(TINY, params, targets=["layers/mlp/w1/kernel"])
     axes = nf4.quantized_logical_axes(models.logical_axes(TINY), q)
-    assert axes["layers"]["mlp"]["up"]["kernel_nf4"]["codes"] == ("layers", None)
+    assert axes["layers"]["mlp"]["up"][nf4.KERNEL_KEY]["codes"] == ("layers", None)
     assert axes["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "heads")
+
+
+def test_quantize_base_rounds_each_weight_as_bitsandbytes(tiny_params):
+    # transformers + bitsandbytes quantize torch's weight [out, in]: blocks of 64 run along the
+    # input axis. quantize_base must cut the same blocks out of the [in, out] kernel, or a
+    # weight is rounded differently here and there (and an adapter trained on one base does
+    # not fit the other). The kernels here are [64, 128] and [128, 64], so the two orders differ.
+    qparams = nf4.quantize_base(TINY, tiny_params)
+    for block, module in lora.HF_MODULES:
+        for layer in range(TINY.num_layers):
+            kernel = np.asarray(tiny_params["layers"][block][module]["kernel"][layer])
+            q = {k: v[layer] for k, v in qparams["layers"][block][module][nf4.KERNEL_KEY].items()}
+            q_bnb, state = _bnb_quantize(np.ascontiguousarray(kernel.T))
+            np.testing.assert_array_equal(
+                np.asarray(q["codes"])[: q_bnb.numel()], q_bnb.numpy().reshape(-1)
+            )
+            # The 8-bit codes of the block maxima: equal, or (the maxima's mean summed in
+            # another order, last-ulp apart) the neighbouring code at a few midpoints.
+            ours = np.asarray(q["absmax_codes"])[: state.absmax.numel()].astype(int)
+            gap = np.abs(ours - state.absmax.numpy().astype(int))
+            assert gap.max() <= 1 and gap.mean() < 0.05
+            same = np.repeat(gap == 0, 64)[: kernel.size].reshape(kernel.T.shape)
+            deq = np.asarray(nf4.dequantize_kernel(q, kernel.shape)).T
+            deq_bnb = bnb.dequantize_4bit(q_bnb, state).numpy()
+            np.testing.assert_allclose(deq[same], deq_bnb[same], rtol=1e-5, atol=1e-7)
 
 
 def _cross_entropy(cfg, base, lp, tokens):
@@ -213,7 +238,7 @@ def test_qlora_forward_and_sft_step(tiny_params):
     for block, module in lora.HF_MODULES:
         shape = params["layers"][block][module]["kernel"].shape
         plain["layers"][block][module] = {
-            "kernel": nf4.dequantize(qparams["layers"][block][module]["kernel_nf4"], shape)
+            "kernel": nf4.dequantize_kernel(qparams["layers"][block][module][nf4.KERNEL_KEY], shape)
         }
     np.testing.assert_allclose(
         forward(TINY, qparams, tokens, lora=lp), forward(TINY, plain, tokens), atol=1e-5
@@ -236,7 +261,7 @@ def test_qlora_forward_and_sft_step(tiny_params):
     # Merging into the NF4 base gives plain kernels (dequantized + scale * A @ B) with the same
     # logits as the partitioned QLoRA forward.
     merged = lora.merge(TINY, qparams, lp)
-    assert "kernel_nf4" not in merged["layers"]["mlp"]["down"]
+    assert nf4.KERNEL_KEY not in merged["layers"]["mlp"]["down"]
     np.testing.assert_allclose(
         forward(TINY, merged, tokens), forward(TINY, qparams, tokens, lora=lp), atol=1e-5
     )

@@ -306,7 +306,7 @@ def test_qlora_step_on_the_mesh_lowers_the_loss():
     mesh = sharding.make_mesh(2, 2, 2)
     opt = steps.make_optimizer(name="adamw", learning_rate=1e-2, schedule="constant")
     state = steps.init_train_state(CFG, params, opt, mesh, trainable="lora")
-    assert set(state.params["base"]["layers"]["mlp"]["up"]) == {"kernel_nf4"}
+    assert set(state.params["base"]["layers"]["mlp"]["up"]) == {nf4.KERNEL_KEY}
     step = steps.make_train_step(CFG, sft_loss, opt, mesh, trainable="lora")
     batch = _packed_batch(rng)
     losses = []

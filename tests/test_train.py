@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpost import host_memory
+from jaxpost import host_memory, nf4
 from jaxpost.optim import make_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,7 +301,7 @@ def test_qlora_config_trains_through_the_cli(tmp_path):
     projections = {p[4] for p in base if p[2] == "layers" and p[3] in ("attn", "mlp")}
     assert {"q", "k", "v", "o", "gate", "up", "down"} <= projections
     assert not [p for p in base if p[-1] == "kernel"]  # no dense copy of a quantized kernel
-    assert {p[-2] for p in base if "kernel_nf4" in p} == {"kernel_nf4"}
+    assert {p[-2] for p in base if nf4.KERNEL_KEY in p} == {nf4.KERNEL_KEY}
     opt = [p for p in paths if p[0] == "opt_state" and len(p) > 4]
     assert opt and all(p[-1] in ("a", "b") for p in opt), opt[:3]
     assert (work / "export" / "peft_adapter" / "adapter_model.safetensors").exists()

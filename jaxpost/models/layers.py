@@ -55,11 +55,12 @@ class Linear(nn.Module):
     """y = x @ kernel (+ bias) (+ LoRA: dropout(x) @ a @ b * lora_scale).
 
     kernel: [in, out] under "params". When the base was quantized by `jaxpost.nf4`, the params
-    hold "kernel_nf4" (NF4 blocks and double-quantized scales) instead, dequantized here, inside
-    the matmul's producer. LoRA factors live in the separate "lora" collection as a: [in, r],
-    b: [r, out]; when that collection is absent the layer is the base layer exactly. With more
-    than `matmul.LORA_MERGE_MIN_ROWS` rows and no dropout, the layer multiplies by the merged
-    kernel + lora_scale * a @ b instead (`matmul.lora_dot`, the same function and gradients).
+    hold `nf4.KERNEL_KEY` (NF4 blocks and double-quantized scales, in bitsandbytes' [out, in]
+    order) instead, dequantized here, inside the matmul's producer. LoRA factors live in the
+    separate "lora" collection as a: [in, r], b: [r, out]; when that collection is absent the
+    layer is the base layer exactly. With more than `matmul.LORA_MERGE_MIN_ROWS` rows and no
+    dropout, the layer multiplies by the merged kernel + lora_scale * a @ b instead
+    (`matmul.lora_dot`, the same function and gradients).
     """
 
     features: int
@@ -86,7 +87,8 @@ class Linear(nn.Module):
         else:
             from jaxpost import nf4  # the quantized path is optional; keep the import local
 
-            kernel = nf4.dequantize(self.get_variable("params", "kernel_nf4"), shape, self.dtype)
+            q = self.get_variable("params", nf4.KERNEL_KEY)
+            kernel = nf4.dequantize_kernel(q, shape, self.dtype)
         # Matmuls run on [tokens, in] 2-D views: with [B, T, in] operands XLA:CPU computes the
         # weight gradient (a contraction over B and T) through a strided transpose of the
         # activations' gradient, which cost ~30% of the backward pass (50M model).

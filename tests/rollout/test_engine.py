@@ -121,7 +121,7 @@ def test_nf4_base_in_decode_layout_gives_the_model_tokens(params):
                             page_size=4, steps_per_call=4, decode_layout=True)  # fmt: skip
     layers = engine.params["base"]["layers"]
     layer = layers[0] if isinstance(layers, tuple) else layers
-    assert "kernel_nf4" in layer["mlp"]["up"] and "kernel_t" in layer["attn"]["q"]
+    assert nf4.KERNEL_KEY in layer["mlp"]["up"] and "kernel_t" in layer["attn"]["q"]
     prompts = _prompts(np.random.default_rng(2), 3, hi=16)
     sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
     for prompt, out in zip(prompts, rollout.generate(CFG, quantized, prompts, sp, engine=engine)):
