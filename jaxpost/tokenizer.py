@@ -286,6 +286,11 @@ def _chat_template_from_files(directory: Path, config: Mapping[str, Any]) -> str
     return template
 
 
+# tokenizer_config.json classes whose tokenizer.json pipeline transformers 5 rebuilds as Llama's
+# (`HFBackend.use_llama_pipeline`); other classes' files are read as they are.
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
 def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
     """Loads a tokenizer from a local directory, or from a tokenizer.json / *.model file.
 
@@ -307,12 +312,16 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
 
     is_json = file.suffix == ".json"
     backend: HFBackend | SentencePieceBackend
+    # transformers' Llama tokenizer: legacy=True puts SentencePiece's dummy-prefix space before
+    # text that follows a special token too (its default, absent the key, is False).
+    legacy = bool(config.get("legacy", False))
     if is_json:
         backend = HFBackend(file, added)
+        if config.get("tokenizer_class") in LLAMA_TOKENIZER_CLASSES:
+            add_prefix_space = config.get("add_prefix_space")
+            backend.use_llama_pipeline(legacy, add_prefix_space is None or bool(add_prefix_space))
     else:
-        # transformers' Llama tokenizer: legacy=True puts SentencePiece's dummy-prefix space
-        # before text that follows a special token too (its default, absent the key, is False).
-        backend = SentencePieceBackend(file, added, legacy=bool(config.get("legacy", False)))
+        backend = SentencePieceBackend(file, added, legacy=legacy)
 
     special: dict[str, str | None] = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):

@@ -57,6 +57,28 @@ class HFBackend:
             i for i, t in self.tok.get_added_tokens_decoder().items() if t.special
         )
 
+    def use_llama_pipeline(self, legacy: bool, add_prefix_space: bool) -> None:
+        """Replace tokenizer.json's normalizer, pre-tokenizer and decoder with the ones
+        transformers 5's LlamaTokenizer builds (it keeps only the file's vocabulary, merges and
+        post-processor): spaces become "▁" and one "▁" is prepended (Metaspace), to the whole
+        text only (legacy=False) or also to text after a special token (legacy=True).
+
+        Hub Llama 2 / Mistral files hold the older pipeline (a Prepend("▁") normalizer), which
+        always prepends, even after a special token: read as they are they would give other ids
+        than transformers and than the same model's tokenizer.model with "legacy": false.
+        """
+        from tokenizers import decoders, pre_tokenizers
+
+        scheme = ("always" if legacy else "first") if add_prefix_space else "never"
+        self.tok.normalizer = None
+        self.tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme=scheme, split=False
+        )
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1))
+        self.tok.decoder = decoders.Sequence(steps)
+
     def encode(self, text: str) -> tuple[list[int], Offsets]:
         enc = self.tok.encode(text, add_special_tokens=False)
         return list(enc.ids), [tuple(o) for o in enc.offsets]

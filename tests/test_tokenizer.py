@@ -278,6 +278,57 @@ def test_sentencepiece_legacy_flag_matches_transformers(sp_dir, rng, tmp_path):
     assert differ > 10  # the flag changes most texts that hold special tokens
 
 
+# The pipeline of hub Llama 2 / Mistral tokenizer.json files (converted by older transformers):
+# a dummy-prefix "▁" prepended by the normalizer, so also after every special token.
+HUB_LLAMA_PIPELINE = {
+    "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+    ]},
+    "pre_tokenizer": None,
+    "decoder": {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("sp_dir", ["llama"], indirect=True)
+@pytest.mark.parametrize("legacy", [False, True, None])
+def test_hub_llama_tokenizer_json_follows_the_legacy_flag(sp_dir, rng, tmp_path, legacy):
+    """A Llama tokenizer.json with the hub's older pipeline: transformers 5 rebuilds it from the
+    class (LlamaTokenizer) and the "legacy" flag, keeping only the vocabulary and merges; read
+    as written it prepends "▁" after special tokens whatever the flag says."""
+    transformers.LlamaTokenizer.from_pretrained(sp_dir).save_pretrained(tmp_path)
+    os.remove(tmp_path / "tokenizer.model") if (tmp_path / "tokenizer.model").exists() else None
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**data, **HUB_LLAMA_PIPELINE}))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("legacy", None)
+    config.pop("add_prefix_space", None)
+    if legacy is not None:
+        config["legacy"] = legacy
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, hf = tokenizer.load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    as_written = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    specials = [tok.bos_token, tok.eos_token, *SP_SPECIALS]
+    differ = 0
+    for _ in range(40):
+        text = _random_text(rng, specials)
+        ids = tok.encode(text, add_bos=None)
+        assert ids == hf.encode(text), text
+        differ += ids[1:] != as_written.encode(text, add_special_tokens=False).ids
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                ids, skip_special_tokens=skip
+            )
+    # The file's own pipeline gives other ids: after special tokens unless legacy, and before
+    # leading whitespace (one "▁" where it prepends a second).
+    assert differ > (0 if legacy else 10)
+    probe = " hello" if legacy else f"{tok.eos_token}hello"
+    assert tok.encode(probe, add_bos=False) != as_written.encode(probe).ids
+
+
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 def test_sentencepiece_chat_and_mask_match_transformers(sp_dir, hf_sp, rng, add_generation_prompt):
     tok = tokenizer.load(sp_dir)
