@@ -326,7 +326,8 @@ def assistant_spans_by_prefix(
                 raise ChatTemplateError(
                     f"cannot locate assistant message {i}: the rendered {what} it is not a prefix "
                     "of the rendered conversation (the template changes earlier turns as the "
-                    "conversation grows); use a template with {% generation %} blocks"
+                    "conversation grows); use a template with {% generation %} blocks, or train "
+                    "on every token (data.completion_only_loss=False)"
                 )
         end = len(upto.rstrip())
         if end < len(head):

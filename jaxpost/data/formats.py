@@ -112,15 +112,21 @@ def encode_prompt(tokenizer, prompt: str | list, chat_template: bool = True) -> 
 
 
 def encode_pair(
-    tokenizer, prompt: str | list, completion: str | list, chat_template: bool = True
+    tokenizer,
+    prompt: str | list,
+    completion: str | list,
+    chat_template: bool = True,
+    completion_only: bool = True,
 ) -> tuple[list[int], list[int]]:
     """-> (ids, trained) for a prompt followed by a completion; trained marks completion tokens
-    (with the chat template: assistant turns after the prompt, including their end token)."""
+    (with the chat template: assistant turns after the prompt, including their end token), or
+    every token when not `completion_only`."""
     if isinstance(prompt, list) or isinstance(completion, list) or chat_template:
         prompt_msgs = _as_messages(prompt, "user")
-        ids, mask = tokenizer.encode_chat(
-            prompt_msgs + _as_messages(completion, "assistant"), add_generation_prompt=False
-        )
+        messages = prompt_msgs + _as_messages(completion, "assistant")
+        if not completion_only:
+            return _every_token(tokenizer.apply_chat_template(messages, tokenize=True))
+        ids, mask = tokenizer.encode_chat(messages, add_generation_prompt=False)
         if any(m["role"] == "assistant" for m in prompt_msgs):
             # Assistant turns inside a multi-turn prompt are context here, not trained.
             n_prompt = len(tokenizer.encode_chat(prompt_msgs, add_generation_prompt=False)[0])
@@ -131,15 +137,27 @@ def encode_pair(
     return p + c, [0] * len(p) + [1] * len(c)
 
 
+def _every_token(ids) -> tuple[list[int], list[int]]:
+    return list(ids), [1] * len(ids)
+
+
 def encode_sft(
-    tokenizer, row: dict, fmt: str, chat_template: bool = True
+    tokenizer, row: dict, fmt: str, chat_template: bool = True, completion_only: bool = True
 ) -> tuple[list[int], list[int]]:
-    """(ids, trained) for the sequence formats messages / prompt_completion / text."""
+    """(ids, trained) for the sequence formats messages / prompt_completion / text.
+
+    completion_only=False trains every token and locates no assistant turns, so it works with
+    any chat template, including those whose turns cannot be located (templates that rewrite
+    earlier turns, such as Qwen3's dropping past reasoning)."""
     if fmt == "messages":
+        if not completion_only:
+            return _every_token(tokenizer.apply_chat_template(row["messages"], tokenize=True))
         ids, mask = tokenizer.encode_chat(row["messages"], add_generation_prompt=False)
         return list(ids), [int(m) for m in mask]
     if fmt == "prompt_completion":
-        return encode_pair(tokenizer, row["prompt"], row["completion"], chat_template)
+        return encode_pair(
+            tokenizer, row["prompt"], row["completion"], chat_template, completion_only
+        )
     if fmt == "text":
         ids = _with_eos(tokenizer, _with_bos(tokenizer, tokenizer.encode(row["text"])))
         return ids, [1] * len(ids)
@@ -247,9 +265,9 @@ class Encoder:
                 for k, v in sequence_example(ids, trained, pad).items():
                     out[f"{side}_{k}"] = v
             return out
-        ids, trained = encode_sft(tok, row, self.fmt, self.chat_template)
-        if not self.completion_only_loss:
-            trained = [1] * len(ids)
+        ids, trained = encode_sft(
+            tok, row, self.fmt, self.chat_template, completion_only=self.completion_only_loss
+        )
         n = len(ids)
         ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
         if len(ids) < n:

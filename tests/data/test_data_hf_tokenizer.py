@@ -65,3 +65,38 @@ def test_text_and_prompt_answer_with_hf_tokenizer(hf_dir):
     prompt = tok.decode(b["prompt_tokens"][0][:n])
     assert prompt == "<|begin|><|im_start|>user\n12+30<|im_end|>\n<|im_start|>assistant\n"
     assert b["answer"].tolist() == ["42", "42"]
+
+
+# Earlier assistant turns lose their reasoning once a later user turn follows (as Qwen3's
+# template drops past <think> blocks), so a conversation's per-turn renderings are not prefixes
+# of the whole one and its assistant turns cannot be located without {% generation %} blocks.
+REWRITING_TEMPLATE = (
+    "{% set ns = namespace(last_user=0) %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{{ m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_template_rewriting_earlier_turns_trains_every_token_when_asked(hf_dir):
+    tok = tokenizer.load(hf_dir, chat_template=REWRITING_TEMPLATE)
+    messages = [
+        {"role": "user", "content": "12+3"},
+        {"role": "assistant", "content": "15"},
+        {"role": "user", "content": "4-2"},
+        {"role": "assistant", "content": "2"},
+    ]
+    common = dict(max_length=128, batch_size=1, packing=False, process_index=0, process_count=1)
+    common.update(shuffle=False, num_epochs=1)
+    rows = [{"messages": messages}]
+    with pytest.raises(Exception, match="completion_only_loss=False"):
+        next(Pipeline(rows, tok, format="messages", **common).iterator())
+    batch = next(
+        Pipeline(rows, tok, format="messages", completion_only_loss=False, **common).iterator()
+    )
+    want = tok.apply_chat_template(messages, tokenize=True)
+    n = len(want)
+    assert batch["tokens"][0][:n].tolist() == want
+    assert batch["loss_mask"][0][: n - 1].all() and not batch["loss_mask"][0][n - 1 :].any()

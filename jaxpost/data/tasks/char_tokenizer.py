@@ -81,8 +81,14 @@ class CharTokenizer:
             yield role, content
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
-    ) -> str:
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+    ) -> str | list[int]:
+        """The conversation as text, or as ids (`tokenize`), as `jaxpost.tokenizer`'s."""
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt)[0]
         text = "<bos>" + "".join(f"<{r}>{c}<eos>" for r, c in self._turns(messages))
         return text + ("<assistant>" if add_generation_prompt else "")
 
