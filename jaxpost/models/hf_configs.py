@@ -1,5 +1,5 @@
-"""HF `config.json` <-> `ModelConfig`, for the llama, qwen2, qwen3, gemma, gemma2 and gemma3_text
-families.
+"""HF `config.json` <-> `ModelConfig`, for the llama, mistral, qwen2, qwen3, gemma, gemma2 and
+gemma3_text families.
 
 transformers 5.x writes RoPE settings as `rope_parameters` (with `rope_theta` inside, nested per
 layer type for Gemma 3); older configs use top-level `rope_theta`, `rope_scaling` and
@@ -17,6 +17,7 @@ from jaxpost.models.config import ModelConfig
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma": "GemmaForCausalLM",
@@ -98,6 +99,8 @@ def _layer_types(hf: dict[str, Any], family: str, num_layers: int) -> tuple[str,
             names = [
                 "sliding_attention" if i >= start else "full_attention" for i in range(num_layers)
             ]
+        elif family == "mistral" and hf.get("sliding_window"):
+            names = ["sliding_attention"] * num_layers  # Mistral 7B v0.1: every layer
         else:
             return None
     bad = sorted({n for n in names if n not in _LAYER_TYPES})
@@ -150,6 +153,11 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if family == "gemma3_text":
         # Released Gemma 3 configs omit fields that equal transformers' defaults.
         hf = {**_GEMMA3_TEXT_DEFAULTS, **hf}
+    if family == "mistral":
+        # MistralConfig's default window (v0.2 and later configs write null: no window).
+        hf = {"sliding_window": 4096, **hf}
+        if hf.get("attention_bias"):
+            raise ValueError("attention_bias=True is not supported for mistral (no biases)")
     if family not in ARCHITECTURES:
         raise ValueError(
             f"model_type={family!r} is not supported; expected one of {sorted(ARCHITECTURES)}"
@@ -275,10 +283,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
     act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
     hf["hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"] = act
-    if family != "qwen2":
+    if family not in ("qwen2", "mistral"):
         hf["attention_bias"] = cfg.qkv_bias
     if family == "llama":
         hf["mlp_bias"] = False
+    if family == "mistral":
+        hf["sliding_window"] = cfg.sliding_window if cfg.layer_types else None
     types = ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
     if family in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = cfg.layer_types is not None

@@ -39,6 +39,11 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
                 "original_max_position_embeddings": 16,
             },
         )
+    if family == "mistral":
+        # Mistral 7B v0.1's every-layer window, shorter than the 24-token test inputs.
+        return transformers.MistralConfig(
+            **_COMMON, num_hidden_layers=2, sliding_window=7, rope_theta=1e6
+        )
     if family == "qwen2":
         return transformers.Qwen2Config(**_COMMON, num_hidden_layers=2, tie_word_embeddings=True)
     if family == "qwen3":
@@ -74,7 +79,7 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
     raise ValueError(f"unknown family {family!r}")
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 
 def build(family: str, seed: int = 0) -> transformers.PreTrainedModel:

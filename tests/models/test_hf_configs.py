@@ -78,6 +78,25 @@ GEMMA2_9B = {
     "vocab_size": 256000,
 }
 
+# mistralai/Mistral-7B-v0.1: a 4096-token window on every layer (v0.2 and later write null).
+MISTRAL_7B = {
+    "architectures": ["MistralForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 32000,
+}
+
 # google/gemma-3-4b-it: multimodal; the text config lists only what differs from the defaults.
 GEMMA3_4B = {
     "architectures": ["Gemma3ForConditionalGeneration"],
@@ -105,8 +124,13 @@ GEMMA3_4B = {
 
 @pytest.mark.parametrize(
     "hf_config, count",
-    [(LLAMA_31_8B, 8_030_261_248), (QWEN3_8B, 8_190_735_360), (GEMMA2_9B, 9_241_705_984)],
-    ids=["Llama-3.1-8B", "Qwen3-8B", "Gemma-2-9B"],
+    [
+        (LLAMA_31_8B, 8_030_261_248),
+        (QWEN3_8B, 8_190_735_360),
+        (GEMMA2_9B, 9_241_705_984),
+        (MISTRAL_7B, 7_241_732_096),
+    ],
+    ids=["Llama-3.1-8B", "Qwen3-8B", "Gemma-2-9B", "Mistral-7B-v0.1"],
 )
 def test_published_parameter_counts(hf_config, count):
     cfg = models.config_from_hf(hf_config, dtype="bfloat16")
@@ -175,10 +199,28 @@ def test_legacy_and_new_spellings_agree_with_transformers(legacy):
         assert ours.tie_embeddings and ours.rope_scaling == {"type": "linear", "factor": 8.0}
 
 
+def test_mistral_window_every_layer_null_or_default():
+    # v0.1 writes 4096; v0.2 and later null (no window); a config without the key gets
+    # MistralConfig's default, 4096, as transformers gives it.
+    for value, window in ((4096, 4096), (None, None), ("absent", 4096)):
+        hf = dict(MISTRAL_7B)
+        if value == "absent":
+            del hf["sliding_window"]
+        else:
+            hf["sliding_window"] = value
+        ours = models.config_from_hf(hf)
+        assert transformers.MistralConfig(**hf).sliding_window == window
+        assert ours.layer_types == (None if window is None else ("local",) * 32)
+        assert (ours.sliding_window if ours.layer_types else None) == window
+        back = models.config_to_hf(ours)
+        assert back["sliding_window"] == window and "attention_bias" not in back
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "mistral"}, "model_type='mistral' is not supported"),
+        ({"model_type": "phi3"}, "model_type='phi3' is not supported"),
+        ({"model_type": "mistral", "attention_bias": True}, "attention_bias=True is not supported"),
         ({"model_type": "llava", "text_config": {}}, "model_type='llava' has a text_config"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
         ({"mlp_bias": True}, "mlp_bias"),

@@ -2,7 +2,8 @@
 
 Each tiny random HF model (see hf_tiny.py) is saved with `save_pretrained`, loaded with
 `models.load_hf`, and compared in float32 on fresh random token ids: full logits, a padded
-batch, a packed row, and 20 tokens of greedy decoding with the dense KV cache.
+batch, a packed row, and 20 tokens of greedy decoding with the dense KV cache and with the
+rollout engine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxpost import models
+from jaxpost import models, rollout
 
 # One compilation per config (op-by-op eager dispatch is far slower on CPU).
 jit_forward = jax.jit(models.forward, static_argnums=0)
@@ -72,6 +73,8 @@ def test_config_mapping(loaded):
         # The window must be shorter than the test sequences for the parity to mean anything.
         assert "local" in cfg.layer_types and "global" in cfg.layer_types
         assert cfg.sliding_window < 24
+    if family == "mistral":
+        assert set(cfg.layer_types) == {"local"} and cfg.sliding_window == 7
 
 
 def test_logits_match(loaded):
@@ -169,12 +172,19 @@ def test_greedy_generation_matches_generate(loaded):
     assert ref.shape == (2, 20)
     ours = greedy(cfg, params, prompts, 20)
     np.testing.assert_array_equal(ours, ref)
+    # The rollout engine (paged cache, its own decode step) too: 20 tokens past 6-token prompts
+    # cross the sliding windows (5 and 7), so its window masking is exercised as well.
+    completions = rollout.generate(
+        cfg, params, prompts.tolist(), rollout.SamplingParams(temperature=0.0, max_new_tokens=20)
+    )
+    np.testing.assert_array_equal(np.stack([c.tokens for c in completions]), ref)
 
 
 # Switches each family's parity depends on: dropping one must break the match, which shows the
 # inputs above exercise it (e.g. the window is shorter than the sequence, the caps are reached).
 _SWITCHES = {
     "llama": [dict(rope_scaling=None)],
+    "mistral": [dict(layer_types=None, sliding_window=None)],
     "qwen2": [dict(qkv_bias=False)],
     "qwen3": [dict(qk_norm=False)],
     "gemma": [dict(embed_scale=False), dict(activation="silu")],
