@@ -1,6 +1,7 @@
 """Row formats: validation, chat templating, tokenization, loss masks and truncation.
 
-Formats (the keys a row must have; extra keys are ignored):
+Formats (the keys a row must have; extra keys are ignored, except the optional `tools` and
+`chat_template_kwargs`, which reach the chat template as TRL passes them):
   messages           messages: [{"role", "content"}, ...] with at least one assistant turn
   prompt_completion  prompt: str | messages, completion: str | messages
   text               text: str
@@ -41,13 +42,22 @@ def _check_messages(value: Any, field: str, need_assistant: bool) -> None:
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise MalformedRow(f"{field}[{i}] must be an object, got {type(m).__name__}")
-        for key in ("role", "content"):
-            if key not in m:
-                raise MalformedRow(f"{field}[{i}]: {key!r} is missing; expected role, content")
-            if not isinstance(m[key], str):
-                raise MalformedRow(
-                    f"{field}[{i}].{key} must be a string, got {type(m[key]).__name__}"
-                )
+        if not isinstance(m.get("role"), str):
+            raise MalformedRow(f"{field}[{i}]: 'role' is missing or not a string")
+        content = m.get("content")
+        # An assistant turn that calls tools may carry no content (OpenAI / TRL tool datasets).
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            continue
+        if "content" not in m:
+            raise MalformedRow(
+                f"{field}[{i}]: 'content' is missing; expected role, content (or tool_calls "
+                "on an assistant turn)"
+            )
+        if not isinstance(content, (str, list)):
+            raise MalformedRow(
+                f"{field}[{i}].content must be a string or a list of content parts, got "
+                f"{type(content).__name__}"
+            )
     if need_assistant and not any(m["role"] == "assistant" for m in value):
         raise MalformedRow(f"{field!r} has no assistant message, so nothing would be trained")
 
@@ -62,10 +72,36 @@ def _check_text_or_messages(row: dict, field: str) -> None:
         )
 
 
+def template_kwargs(row: dict) -> dict[str, Any]:
+    """The chat template's per-row variables, as TRL passes them: the row's `tools` (function
+    schemas the template lists) and its `chat_template_kwargs` (e.g. enable_thinking)."""
+    out = dict(row.get("chat_template_kwargs") or {})
+    if row.get("tools") is not None:
+        out["tools"] = row["tools"]
+    return out
+
+
+def _check_template_kwargs(row: dict) -> None:
+    tools, extra = row.get("tools"), row.get("chat_template_kwargs")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise MalformedRow(
+            f"'tools' must be a list of objects (function schemas), got {tools!r:.60}"
+        )
+    if extra is not None and not (
+        isinstance(extra, dict) and all(isinstance(k, str) for k in extra)
+    ):
+        raise MalformedRow(
+            f"'chat_template_kwargs' must be an object of template variables, got {extra!r:.60}"
+        )
+
+
 def validate(row: dict, fmt: str) -> None:
     """Raise `MalformedRow` naming the missing or mistyped field; return None when usable."""
     if fmt not in REQUIRED:
         raise ValueError(f"data format {fmt!r} is not one of {FORMATS}")
+    _check_template_kwargs(row)
     for key in REQUIRED[fmt]:
         if key not in row:
             raise MalformedRow(f"{key!r} is missing; expected keys {', '.join(REQUIRED[fmt])}")
@@ -103,10 +139,16 @@ def _with_eos(tokenizer, ids: list[int]) -> list[int]:
     return list(ids) if eos is None or (ids and ids[-1] == eos) else [*ids, eos]
 
 
-def encode_prompt(tokenizer, prompt: str | list, chat_template: bool = True) -> list[int]:
-    """The ids a model continues from: chat-templated with the generation prompt, or BOS + text."""
+def encode_prompt(
+    tokenizer, prompt: str | list, chat_template: bool = True, template_vars: dict | None = None
+) -> list[int]:
+    """The ids a model continues from: chat-templated with the generation prompt, or BOS + text.
+    template_vars: the row's extra chat-template variables (`template_kwargs`)."""
     if isinstance(prompt, list) or chat_template:
-        ids, _ = tokenizer.encode_chat(_as_messages(prompt, "user"), add_generation_prompt=True)
+        messages = _as_messages(prompt, "user")
+        ids, _ = tokenizer.encode_chat(
+            messages, add_generation_prompt=True, **(template_vars or {})
+        )
         return list(ids)
     return _with_bos(tokenizer, tokenizer.encode(prompt))
 
@@ -117,19 +159,21 @@ def encode_pair(
     completion: str | list,
     chat_template: bool = True,
     completion_only: bool = True,
+    template_vars: dict | None = None,
 ) -> tuple[list[int], list[int]]:
     """-> (ids, trained) for a prompt followed by a completion; trained marks completion tokens
     (with the chat template: assistant turns after the prompt, including their end token), or
     every token when not `completion_only`."""
     if isinstance(prompt, list) or isinstance(completion, list) or chat_template:
+        tv = template_vars or {}
         prompt_msgs = _as_messages(prompt, "user")
         messages = prompt_msgs + _as_messages(completion, "assistant")
         if not completion_only:
-            return _every_token(tokenizer.apply_chat_template(messages, tokenize=True))
-        ids, mask = tokenizer.encode_chat(messages, add_generation_prompt=False)
+            return _every_token(tokenizer.apply_chat_template(messages, tokenize=True, **tv))
+        ids, mask = tokenizer.encode_chat(messages, add_generation_prompt=False, **tv)
         if any(m["role"] == "assistant" for m in prompt_msgs):
             # Assistant turns inside a multi-turn prompt are context here, not trained.
-            n_prompt = len(tokenizer.encode_chat(prompt_msgs, add_generation_prompt=False)[0])
+            n_prompt = len(tokenizer.encode_chat(prompt_msgs, add_generation_prompt=False, **tv)[0])
             mask = [0] * min(n_prompt, len(mask)) + list(mask[n_prompt:])
         return list(ids), [int(m) for m in mask]
     p = _with_bos(tokenizer, tokenizer.encode(prompt))
@@ -149,14 +193,15 @@ def encode_sft(
     completion_only=False trains every token and locates no assistant turns, so it works with
     any chat template, including those whose turns cannot be located (templates that rewrite
     earlier turns, such as Qwen3's dropping past reasoning)."""
+    tv = template_kwargs(row)
     if fmt == "messages":
         if not completion_only:
-            return _every_token(tokenizer.apply_chat_template(row["messages"], tokenize=True))
-        ids, mask = tokenizer.encode_chat(row["messages"], add_generation_prompt=False)
+            return _every_token(tokenizer.apply_chat_template(row["messages"], tokenize=True, **tv))
+        ids, mask = tokenizer.encode_chat(row["messages"], add_generation_prompt=False, **tv)
         return list(ids), [int(m) for m in mask]
     if fmt == "prompt_completion":
         return encode_pair(
-            tokenizer, row["prompt"], row["completion"], chat_template, completion_only
+            tokenizer, row["prompt"], row["completion"], chat_template, completion_only, tv
         )
     if fmt == "text":
         ids = _with_eos(tokenizer, _with_bos(tokenizer, tokenizer.encode(row["text"])))
@@ -240,7 +285,7 @@ class Encoder:
         validate(row, self.fmt)
         tok, pad = self.tokenizer, self.tokenizer.pad_id
         if self.fmt == "prompt_answer":
-            ids = encode_prompt(tok, row["prompt"], self.chat_template)
+            ids = encode_prompt(tok, row["prompt"], self.chat_template, template_kwargs(row))
             if len(ids) > self.max_length:
                 if self.truncation == "error":
                     raise DataError(
@@ -257,7 +302,9 @@ class Encoder:
         if self.fmt == "preference":
             out = {}
             for side in ("chosen", "rejected"):
-                ids, trained = encode_pair(tok, row["prompt"], row[side], self.chat_template)
+                ids, trained = encode_pair(
+                    tok, row["prompt"], row[side], self.chat_template, True, template_kwargs(row)
+                )
                 n = len(ids)
                 ids, trained = truncate(ids, trained, self.max_length, self.truncation, where)
                 if len(ids) < n:

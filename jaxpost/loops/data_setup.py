@@ -200,7 +200,12 @@ def eval_prompts(cfg, task, tokenizer) -> tuple[list[list[int]], list[str]]:
     """Held-out prompts (chat-templated with the generation prompt appended, or BOS + text under
     data.chat_template=False, as in training) and reference answers."""
     rows = _source(cfg, "test")
-    prompts = [formats.encode_prompt(tokenizer, r["prompt"], cfg.data.chat_template) for r in rows]
+    prompts = [
+        formats.encode_prompt(
+            tokenizer, r["prompt"], cfg.data.chat_template, formats.template_kwargs(r)
+        )
+        for r in rows
+    ]
     return prompts, [r["answer"] for r in rows]
 
 

@@ -100,3 +100,70 @@ def test_template_rewriting_earlier_turns_trains_every_token_when_asked(hf_dir):
     n = len(want)
     assert batch["tokens"][0][:n].tolist() == want
     assert batch["loss_mask"][0][: n - 1].all() and not batch["loss_mask"][0][n - 1 :].any()
+
+
+# ChatML with tool schemas, tool calls and an enable_thinking switch, as Qwen-style templates
+# render them; assistant turns inside {% generation %} for the mask.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\\nTools:{% for t in tools %} {{ t['function']['name'] }}"
+    "{% endfor %}<|im_end|>\\n{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{% if m['content'] is defined %}{{ m['content'] }}{% endif %}"
+    "{% for c in m.get('tool_calls', []) %}<tool_call>{{ c['function']['name'] }}"
+    "{{ c['function']['arguments'] | tojson }}</tool_call>{% endfor %}<|im_end|>{% endgeneration %}"
+    "{{ '\\n' }}{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+TOOL_MESSAGES = [
+    {"role": "user", "content": "12+30"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 12}}}],
+    },
+    {"role": "tool", "content": "42"},
+    {"role": "assistant", "content": "answer: 42"},
+]
+
+
+def test_tool_calls_tools_and_template_kwargs_reach_the_template_as_in_transformers(hf_dir):
+    from jaxpost.data import formats
+
+    tok = tokenizer.load(hf_dir, chat_template=TOOL_TEMPLATE)
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf.chat_template = TOOL_TEMPLATE
+    row = {"messages": TOOL_MESSAGES, "tools": TOOLS}
+    ex = formats.Encoder(tok, "messages", max_length=256)(row, "row 1")
+    want = hf.apply_chat_template(
+        TOOL_MESSAGES, tools=TOOLS, return_dict=True, return_assistant_tokens_mask=True
+    )
+    n = len(want["input_ids"])
+    assert ex["tokens"][:n].tolist() == want["input_ids"]
+    # loss_mask marks targets: token t + 1 is trained where the mask of position t + 1 is 1.
+    assert ex["loss_mask"][: n - 1].tolist() == want["assistant_masks"][1:]
+    assert "<tool_call>add" in tok.decode(ex["targets"][ex["loss_mask"] > 0])
+
+    # A prompt row's chat_template_kwargs (enable_thinking) reach the generation prompt.
+    prompt = {"prompt": "12+30", "answer": "42", "chat_template_kwargs": {"enable_thinking": False}}
+    got = formats.Encoder(tok, "prompt_answer", max_length=256)(prompt, "row 2")
+    want = hf.apply_chat_template(
+        [{"role": "user", "content": "12+30"}],
+        add_generation_prompt=True,
+        enable_thinking=False,
+        return_dict=True,
+    )["input_ids"]
+    assert got["prompt_tokens"].tolist() == want and "<think></think>" in tok.decode(want)
+
+    for bad, message in (
+        ({"tools": {"add": 1}}, "'tools' must be a list"),
+        ({"chat_template_kwargs": ["x"]}, "'chat_template_kwargs' must be an object"),
+    ):
+        with pytest.raises(Exception, match=message):
+            formats.validate({**row, **bad}, "messages")
+    no_calls = [{"role": "user", "content": "1"}, {"role": "assistant", "content": None}]
+    with pytest.raises(Exception, match=r"messages\[1\].content must be a string"):
+        formats.validate({"messages": no_calls}, "messages")
