@@ -50,8 +50,9 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     rope_theta: float = 10000.0
     # {"type": "llama3", factor, low_freq_factor, high_freq_factor,
-    #  original_max_position_embeddings}
-    # or {"type": "linear", "factor": f}; applies to global layers only.
+    #  original_max_position_embeddings}, {"type": "linear", "factor": f} or
+    # {"type": "yarn", factor, original_max_position_embeddings, beta_fast, beta_slow,
+    #  attention_factor, truncate}; applies to global layers only.
     rope_scaling: dict[str, Any] | None = None
     # Local (sliding-window) layers' RoPE base; Gemma 3 uses 10k locally and 1M globally.
     rope_local_theta: float | None = None
@@ -94,14 +95,15 @@ class ModelConfig:
                 problems.append(f"layer_types has {bad}; expected 'global' or 'local'")
             if "local" in self.layer_types and not self.sliding_window:
                 problems.append("layer_types has local layers but sliding_window is not set")
-        if self.rope_scaling is not None and self.rope_scaling.get("type") not in (
-            "llama3",
-            "linear",
-        ):
+        kind = None if self.rope_scaling is None else self.rope_scaling.get("type")
+        if self.rope_scaling is not None and kind not in ("llama3", "linear", "yarn"):
             problems.append(
-                f"rope_scaling type {self.rope_scaling.get('type')!r} is not supported; "
-                "expected 'llama3' or 'linear'"
+                f"rope_scaling type {kind!r} is not supported; expected 'llama3', 'linear' or "
+                "'yarn'"
             )
+        if kind == "yarn" and self.layer_types is not None and "local" in self.layer_types:
+            # YaRN's attention factor would then differ between layers (global ones only).
+            problems.append("yarn rope_scaling with sliding-window (local) layers is not supported")
         if self.remat not in ("none", "block", "save_dots"):
             problems.append(f"remat={self.remat!r}; expected 'none', 'block' or 'save_dots'")
         if self.attention_impl not in ("auto", "xla", "pallas"):
@@ -129,9 +131,14 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        if self.query_pre_attn_scalar is not None:
-            return float(self.query_pre_attn_scalar) ** -0.5
-        return self.head_dim**-0.5
+        """The factor on q . k: query_pre_attn_scalar ** -0.5 (Gemma 2/3) or head_dim ** -0.5,
+        times YaRN's attention factor squared (transformers scales cos and sin by it, so both
+        rotated q and k; folded in here, the KV cache holds the plain rotated keys)."""
+        scalar = self.query_pre_attn_scalar
+        scale = float(scalar if scalar is not None else self.head_dim) ** -0.5
+        if self.rope_scaling is not None and self.rope_scaling.get("type") == "yarn":
+            scale *= float(self.rope_scaling["attention_factor"]) ** 2
+        return scale
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -155,6 +162,8 @@ class ModelConfig:
         kind = self.rope_scaling["type"]
         if kind == "linear":
             return inv / float(self.rope_scaling["factor"])
+        if kind == "yarn":
+            return _yarn_inv_freq(inv, self.head_dim, self.rope_theta, self.rope_scaling)
         # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
         factor = float(self.rope_scaling["factor"])
         low = float(self.rope_scaling.get("low_freq_factor", 1.0))
@@ -191,3 +200,24 @@ class ModelConfig:
         if not self.tie_embeddings:
             total += self.vocab_size * d
         return total
+
+
+def _yarn_inv_freq(inv: np.ndarray, dim: int, theta: float, spec: dict[str, Any]) -> np.ndarray:
+    """YaRN (Peng et al. 2023): frequencies of more than beta_fast rotations over the original
+    context are kept, those of fewer than beta_slow divided by `factor`, a linear ramp over the
+    dimensions between (transformers' `_compute_yarn_parameters`)."""
+    factor = float(spec["factor"])
+    original = float(spec["original_max_position_embeddings"])
+
+    def dim_of(rotations: float) -> float:  # the dimension index that turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(float(spec["beta_fast"])), dim_of(float(spec["beta_slow"]))
+    if spec.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    keep = 1.0 - ramp  # 1: extrapolate (the original frequency), 0: interpolate (/ factor)
+    return inv / factor * (1.0 - keep) + inv * keep

@@ -11,6 +11,7 @@ changes the math and that the model does not implement is a ValueError naming th
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from jaxpost.models.config import ModelConfig
@@ -73,9 +74,42 @@ def _rope(spec: dict[str, Any], hf: dict[str, Any], theta_default: float, where:
         scaling = {"type": "llama3", **{k: float(spec[k]) for k in keys}}
         scaling["original_max_position_embeddings"] = int(spec["original_max_position_embeddings"])
         return theta, scaling
+    if kind == "yarn":
+        return theta, _yarn(spec, hf)
     raise ValueError(
-        f"{where}.rope_type={kind!r} is not supported; expected 'default', 'linear' or 'llama3'"
+        f"{where}.rope_type={kind!r} is not supported; expected 'default', 'linear', 'llama3' "
+        "or 'yarn'"
     )
+
+
+def _yarn(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig.rope_scaling for YaRN, with transformers' defaults and precedence resolved."""
+    original = hf.get("original_max_position_embeddings") or spec.get(
+        "original_max_position_embeddings", hf.get("max_position_embeddings")
+    )
+    if original is None:
+        raise ValueError("yarn rope scaling needs original_max_position_embeddings")
+    factor = spec.get("factor")
+    if factor is None:  # DeepSeek-V3 style: the ratio of the two context lengths
+        factor = float(hf["max_position_embeddings"]) / float(original)
+    factor = float(factor)
+
+    def mscale(m: float = 1.0) -> float:  # YaRN's Eq. 21
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = spec.get("attention_factor")
+    if attention is None:
+        m, m_all = spec.get("mscale"), spec.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": int(original),
+        "beta_fast": float(spec.get("beta_fast") or 32),
+        "beta_slow": float(spec.get("beta_slow") or 1),
+        "attention_factor": float(attention),
+        "truncate": bool(spec.get("truncate", True)),
+    }
 
 
 def _layer_types(hf: dict[str, Any], family: str, num_layers: int) -> tuple[str, ...] | None:

@@ -4,6 +4,8 @@ unsupported setting named in its error."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import pytest
 import transformers
@@ -222,7 +224,7 @@ def test_mistral_window_every_layer_null_or_default():
         ({"model_type": "phi3"}, "model_type='phi3' is not supported"),
         ({"model_type": "mistral", "attention_bias": True}, "attention_bias=True is not supported"),
         ({"model_type": "llava", "text_config": {}}, "model_type='llava' has a text_config"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "rope_type='longrope'"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
@@ -239,3 +241,16 @@ def test_config_to_hf_rejects_what_the_family_cannot_express():
     cfg = models.config_from_hf(LLAMA_31_8B).replace(final_logit_softcap=30.0)
     with pytest.raises(ValueError, match="final_logit_softcap=30.0"):
         models.config_to_hf(cfg)
+
+
+def test_yarn_resolves_transformers_defaults_and_refuses_local_layers():
+    hf = {**QWEN3_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    scaling = models.config_from_hf(hf).rope_scaling
+    # original_max_position_embeddings defaults to max_position_embeddings, the betas to 32 / 1,
+    # the attention factor to YaRN's 0.1 ln(factor) + 1.
+    assert scaling["original_max_position_embeddings"] == QWEN3_8B["max_position_embeddings"]
+    assert (scaling["beta_fast"], scaling["beta_slow"], scaling["truncate"]) == (32.0, 1.0, True)
+    assert scaling["attention_factor"] == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    windowed = {**GEMMA2_9B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(ValueError, match="yarn rope_scaling with sliding-window"):
+        models.config_from_hf(windowed)

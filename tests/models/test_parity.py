@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from jaxpost import models, rollout
 
@@ -229,3 +230,45 @@ def test_bfloat16_as_accurate_as_transformers(loaded, tmp_path):
     theirs_err = np.abs(_hf_logits(hf16, ids) - ref32).max()
     ours_err = np.abs(ours - ref32).max()
     assert 0 < ours_err <= 1.5 * theirs_err, (ours_err, theirs_err)
+
+
+@pytest.mark.parametrize(
+    "yarn",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 8},
+        # DeepSeek style: mscale / mscale_all_dim, no truncation, other betas.
+        {"factor": 8.0, "original_max_position_embeddings": 6, "mscale": 1.0,
+         "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    ],
+)  # fmt: skip
+def test_yarn_rope_scaling_matches_transformers(yarn, tmp_path):
+    """Qwen3 with YaRN (the long-context setting Qwen documents): frequencies and attention
+    factor as transformers computes them, for the forward, greedy decoding and the engine."""
+    config = hf_tiny.hf_config("qwen3")
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10_000.0, **yarn}
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf_model = hf_tiny.randomize(hf_model, gemma=False)
+    hf_model.save_pretrained(tmp_path)
+    cfg, params = models.load_hf(tmp_path)
+    assert cfg.rope_scaling["type"] == "yarn" and cfg.rope_scaling["attention_factor"] != 1.0
+    ids = _rng("qwen3", 7).integers(0, hf_tiny.VOCAB, (2, 24))
+    ref = _hf_logits(hf_model, ids)
+    ours = np.asarray(jit_forward(cfg, params, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+    plain = np.asarray(jit_forward(cfg.replace(rope_scaling=None), params, jnp.asarray(ids)))
+    assert np.abs(plain - ref).max() > 100 * TOL  # YaRN changes these logits
+    prompts = ids[:, :6]
+    with torch.no_grad():
+        want = hf_model.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, 6:].numpy()
+    completions = rollout.generate(
+        cfg, params, prompts.tolist(), rollout.SamplingParams(temperature=0.0, max_new_tokens=12)
+    )
+    np.testing.assert_array_equal(np.stack([c.tokens for c in completions]), want)
+    assert models.config_from_hf(models.config_to_hf(cfg)).rope_scaling == cfg.rope_scaling
