@@ -318,15 +318,28 @@ def quantize_base(cfg, params: dict, targets=None) -> dict:
     return rebuild(params, "")
 
 
+# The logical axis of the flat NF4 codes and 8-bit absmax codes (the bulk of a quantized base):
+# split over the fsdp and tensor mesh axes (`sharding.DEFAULT_RULES`), as the float kernels they
+# replace are, so QLoRA's memory per device falls with the mesh; each layer's kernel is gathered
+# when it is dequantized, as FSDP gathers float kernels.
+BLOCKS_AXIS = "quant_blocks"
+
+
 def quantized_logical_axes(axes: dict, qparams: dict) -> dict:
     """Logical axes for quantized params: `axes` (from models.logical_axes) with each
-    KERNEL_KEY tree named ("layers", None); the flat codes are replicated within a layer."""
+    KERNEL_KEY tree's codes named ("layers", BLOCKS_AXIS) and its small per-256-block scales
+    and offset ("layers", ...) replicated within a layer."""
+
+    def names(leaf_key: str, x) -> tuple:
+        if leaf_key in ("codes", "absmax_codes"):
+            return ("layers", BLOCKS_AXIS)
+        return ("layers",) + (None,) * (x.ndim - 1)
 
     def walk(ax, qp):
         out = {}
         for key, value in qp.items():
             if key == KERNEL_KEY:
-                out[key] = jax.tree.map(lambda x: ("layers",) + (None,) * (x.ndim - 1), value)
+                out[key] = {k: names(k, x) for k, x in value.items()}
             elif isinstance(value, dict):
                 out[key] = walk(ax[key], value)
             else:

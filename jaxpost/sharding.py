@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("head_dim", None),
     ("layers", None),
     ("lora_rank", None),
+    ("quant_blocks", ("fsdp", "tensor")),  # the flat codes of an NF4 base (`nf4.BLOCKS_AXIS`)
     # Activations: the batch carries data parallelism, hidden features stay whole.
     ("act_embed", None),
     ("act_heads", "tensor"),

@@ -191,7 +191,8 @@ def test_quantize_base_targets_and_errors(tiny_params):
     with pytest.raises(ValueError, match="NF4 target 'layers/mlp/w1/kernel' matches no layer"):
         nf4.quantize_base(TINY, params, targets=["layers/mlp/w1/kernel"])
     axes = nf4.quantized_logical_axes(models.logical_axes(TINY), q)
-    assert axes["layers"]["mlp"]["up"][nf4.KERNEL_KEY]["codes"] == ("layers", None)
+    assert axes["layers"]["mlp"]["up"][nf4.KERNEL_KEY]["codes"] == ("layers", nf4.BLOCKS_AXIS)
+    assert axes["layers"]["mlp"]["up"][nf4.KERNEL_KEY]["absmax_offset"] == ("layers",)
     assert axes["layers"]["attn"]["q"]["kernel"] == ("layers", "embed", "heads")
 
 
@@ -283,6 +284,9 @@ def test_qlora_forward_sharded_over_a_mesh(tiny_params):
     placed = jax.device_put(qparams, sharding.tree_shardings(qparams, axes, mesh))
     placed_lora = jax.device_put(lp, sharding.tree_shardings(lp, lora.logical_axes(lp), mesh))
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 128, (4, 17)), jnp.int32)
+    # The codes are split over fsdp x tensor (4 ways), as the float kernels they replace are.
+    codes = placed["layers"]["mlp"]["up"][nf4.KERNEL_KEY]["codes"]
+    assert {s.data.shape for s in codes.addressable_shards} == {(2, codes.shape[1] // 4)}
     with sharding.use_mesh(mesh):
         sharded = forward(TINY, placed, tokens, lora=placed_lora)
     np.testing.assert_allclose(sharded, forward(TINY, qparams, tokens, lora=lp), atol=1e-5)
