@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxpost import models
+from jaxpost import models, nf4
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import layout_choice
 from jaxpost.rollout.state import split_params
@@ -63,7 +63,9 @@ def decode_weights(
     {"base": ..., "lora": tree or None, "lora_scale": float, "head": [D, V] or None}."""
     base, tree, scale = split_params(cfg, params, lora)
     if mesh is not None:
-        base = jax.device_put(base, tree_shardings(base, models.logical_axes(cfg), mesh, rules))
+        # An NF4 base (QLoRA) has quantized trees where the float kernels' axes are named.
+        axes = nf4.quantized_logical_axes(models.logical_axes(cfg), base)
+        base = jax.device_put(base, tree_shardings(base, axes, mesh, rules))
         if tree is not None:
             tree = jax.device_put(tree, replicated(mesh))
     if not cfg.scan_layers:

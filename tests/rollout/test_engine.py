@@ -124,11 +124,16 @@ def test_nf4_base_in_decode_layout_gives_the_model_tokens(params):
     assert nf4.KERNEL_KEY in layer["mlp"]["up"] and "kernel_t" in layer["attn"]["q"]
     prompts = _prompts(np.random.default_rng(2), 3, hi=16)
     sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
-    for prompt, out in zip(prompts, rollout.generate(CFG, quantized, prompts, sp, engine=engine)):
+    outs = rollout.generate(CFG, quantized, prompts, sp, engine=engine)
+    for prompt, out in zip(prompts, outs):
         assert out.tokens == full_forward_greedy(quantized, prompt, 8)
         np.testing.assert_allclose(
             out.logprobs, trainer_logprobs(quantized, prompt, out.tokens), atol=1e-5, rtol=0
         )
+    # On a mesh the quantized trees are placed by their own logical axes, codes split.
+    mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+    on_mesh = rollout.generate(CFG, quantized, prompts, sp, mesh=mesh, slots=2, page_size=4)
+    assert [o.tokens for o in on_mesh] == [o.tokens for o in outs]
 
 
 def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompile(params):
