@@ -106,10 +106,71 @@ def logical_to_sharding(shape, names, mesh: Mesh, rules: Rules = DEFAULT_RULES) 
     return NamedSharding(mesh, logical_to_spec(shape, names, mesh, rules))
 
 
+# Mesh axes that shard weights only to save memory (every use gathers them, as FSDP does), so
+# which dimension they split does not matter to the math: when the rule's dimension does not
+# divide (a 5376-wide embed over fsdp=512), `weight_spec` moves them to another one that does.
+REFIT_AXES = ("fsdp",)
+
+
+def weight_spec(
+    shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> PartitionSpec:
+    """`logical_to_spec` for a parameter or optimizer-state leaf, plus: a REFIT_AXES axis that
+    some rule of this leaf asks for but no dimension could take (it does not divide) goes to
+    the largest other sharded-by-rule dimension it divides, instead of being dropped; without
+    that, a model whose hidden size the fsdp axis does not divide would be replicated whole on
+    every device."""
+    spec = list(logical_to_spec(shape, names, mesh, rules))
+    spec += [None] * (len(shape) - len(spec))
+    axes_of = [(a,) if isinstance(a, str) else tuple(a or ()) for a in spec]
+    used = {a for axes in axes_of for a in axes}
+    wanted = {a for name in names for a in _mesh_axes_for(name, rules)}
+    for axis in REFIT_AXES:
+        if axis in used or axis not in wanted or mesh.shape[axis] == 1:
+            continue
+        candidates = [d for d, name in enumerate(names) if _mesh_axes_for(name, rules)]
+        for d in sorted(candidates, key=lambda d: -shape[d]):
+            taken = math.prod(mesh.shape[a] for a in axes_of[d])
+            if shape[d] % (taken * mesh.shape[axis]) == 0:
+                axes_of[d] = (*axes_of[d], axis)
+                used.add(axis)
+                break
+    return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in axes_of))
+
+
+def warn_replicated(abstract_tree, shardings_tree, mesh: Mesh, min_bytes: int = 64 << 20):
+    """Warn about leaves of at least `min_bytes` that the fsdp / tensor axes (when > 1) do not
+    split at all (no dimension divides): each device then holds all of them. Returns their
+    '/'-joined paths."""
+    split_axes = [a for a in ("fsdp", "tensor") if a in mesh.shape and mesh.shape[a] > 1]
+    if not split_axes:
+        return []
+    whole, total = [], 0
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+    for (path, x), s in zip(leaves, jax.tree.leaves(shardings_tree)):
+        nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        used = {a for p in s.spec if p for a in ((p,) if isinstance(p, str) else p)}
+        if nbytes >= min_bytes and not used & set(split_axes):
+            whole.append("/".join(str(getattr(k, "key", k)) for k in path))
+            total += nbytes
+    if whole:
+        import warnings
+
+        sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in split_axes)
+        warnings.warn(
+            f"{len(whole)} weight arrays ({total / 2**30:.2f} GiB) are held whole on every "
+            f"device: no dimension of theirs divides by the mesh's {sizes} (e.g. {whole[:3]}); "
+            "choose mesh sizes that divide the model's dimensions",
+            stacklevel=2,
+        )
+    return whole
+
+
 def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs)."""
+    """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs): the
+    parameters, optimizer state or LoRA factors named by `axes_tree` (`weight_spec`)."""
     return jax.tree.map(
-        lambda x, names: logical_to_sharding(x.shape, names, mesh, rules),
+        lambda x, names: NamedSharding(mesh, weight_spec(x.shape, names, mesh, rules)),
         abstract_tree,
         axes_tree,
         is_leaf=lambda x: isinstance(x, tuple),
@@ -240,6 +301,19 @@ def agree_across_processes(value, how: str):
         return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
     gathered = multihost_utils.process_allgather(np.asarray(value))
     return _AGREE[how](gathered).item()
+
+
+def check_batch_rows(rows: int, mesh: Mesh, rules: Rules = DEFAULT_RULES, what: str = "batch"):
+    """ValueError unless `rows` split evenly over the mesh axes of the "batch" rule: otherwise
+    the rows would be replicated and every device would compute the whole batch."""
+    axes = [a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1]
+    n = math.prod(mesh.shape[a] for a in axes)
+    if rows % n:
+        split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+        raise ValueError(
+            f"a {what} of {rows} rows does not split over the batch mesh axes ({split} = {n}); "
+            f"use a multiple of {n} rows"
+        )
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -63,6 +63,8 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def _batch_shardings(batch: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
+    for v in batch.values():
+        sharding.check_batch_rows(np.shape(v)[0], mesh, rules)
     return {
         k: sharding.logical_to_sharding(
             np.shape(v), ("batch",) + (None,) * (np.ndim(v) - 1), mesh, rules
@@ -136,6 +138,10 @@ def train_step(
         grads = f32(grads)
     else:
         micro = _micro_batches(batch, grad_accum)
+        active = sharding.active_mesh()
+        if active is not None:
+            rows = jax.tree.leaves(micro)[0].shape[1]
+            sharding.check_batch_rows(rows, *active, what=f"micro-batch (grad_accum={grad_accum})")
 
         def body(carry, xs):
             mb, j = xs

@@ -203,6 +203,7 @@ def init_train_state(
     shard = sharding.tree_shardings(
         abstract_params, param_logical_axes(cfg, abstract_params), mesh, rules
     )
+    sharding.warn_replicated(abstract_params, shard, mesh)
     params = jax.tree.map(_place, params, shard)
     train_part, _ = split_trainable(params, trainable)
     train_shard, _ = split_trainable(shard, trainable)

@@ -27,6 +27,25 @@ def test_logical_spec_drops_non_dividing_axes():
         sharding.logical_to_spec((4,), ("nonsense",), mesh)
 
 
+def test_weight_spec_moves_fsdp_to_a_dimension_it_divides():
+    mesh = sharding.make_mesh(1, 8, 1)
+    # embed 12 does not divide over fsdp=8: the weight is split along heads instead of whole.
+    assert sharding.weight_spec((2, 12, 64), ("layers", "embed", "heads"), mesh) == P(
+        None, None, "fsdp"
+    )
+    assert sharding.weight_spec((2, 64, 12), ("layers", "embed", "heads"), mesh) == P(
+        None, "fsdp", None
+    )
+    # Neither dimension divides: replicated; a dimension named by no rule never takes it.
+    assert sharding.weight_spec((12, 12), ("embed", "heads"), mesh) == P(None, None)
+    assert sharding.weight_spec((12, 64), ("embed", "head_dim"), mesh) == P(None, None)
+    # Beside the tensor axis on the same dimension when both divide it.
+    mesh = sharding.make_mesh(1, 4, 2)
+    assert sharding.weight_spec((6, 64), ("embed", "mlp"), mesh) == P(None, ("tensor", "fsdp"))
+    # Activations keep logical_to_spec's rule: a batch axis is never moved.
+    assert sharding.logical_to_spec((6, 64), ("embed", "mlp"), mesh) == P(None, "tensor")
+
+
 def test_global_batch_places_rows_on_the_batch_axes():
     rng = np.random.default_rng()
     mesh = sharding.make_mesh(2, 2, 2)
@@ -95,3 +114,16 @@ def test_agree_across_processes_one_process_and_bad_mode():
     assert sharding.agree_across_processes(seeds, "first") is seeds
     with pytest.raises(ValueError, match="how='sum'"):
         sharding.agree_across_processes(1, "sum")
+
+
+def test_batch_rows_must_split_over_the_batch_axes_and_whole_weights_are_reported():
+    mesh = sharding.make_mesh(2, 2, 2)
+    sharding.check_batch_rows(8, mesh)
+    with pytest.raises(ValueError, match=r"6 rows does not split .*data=2 x fsdp=2 = 4"):
+        sharding.check_batch_rows(6, mesh)
+    tree = {"ok": jax.ShapeDtypeStruct((64, 1 << 18), np.float32),
+            "whole": jax.ShapeDtypeStruct((3, (1 << 20) + 1), np.float32)}  # fmt: skip
+    axes = {"ok": ("embed", "mlp"), "whole": ("embed", "mlp")}
+    shardings = sharding.tree_shardings(tree, axes, mesh)
+    with pytest.warns(UserWarning, match=r"1 weight arrays \(0.01 GiB\) are held whole"):
+        assert sharding.warn_replicated(tree, shardings, mesh, min_bytes=1 << 20) == ["whole"]
