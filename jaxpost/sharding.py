@@ -92,6 +92,11 @@ def logical_to_spec(
     for dim, name in zip(shape, names):
         chosen = []
         for axis in _mesh_axes_for(name, rules):
+            if axis not in mesh.shape:
+                raise ValueError(
+                    f"the sharding rule for {name!r} names mesh axis {axis!r}, but the mesh has "
+                    f"axes {tuple(mesh.axis_names)} (jaxpost meshes: {MESH_AXES}, from make_mesh)"
+                )
             size = mesh.shape[axis]
             if axis in used or size == 1:
                 continue

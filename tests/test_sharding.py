@@ -25,6 +25,12 @@ def test_logical_spec_drops_non_dividing_axes():
     assert sharding.logical_to_spec((6, 4), ("batch", None), mesh) == P("data", None)
     with pytest.raises(KeyError, match="no sharding rule"):
         sharding.logical_to_spec((4,), ("nonsense",), mesh)
+    typo = (("embed", "fsdpp"),)
+    with pytest.raises(ValueError, match="names mesh axis 'fsdpp', but the mesh has axes"):
+        sharding.logical_to_spec((4,), ("embed",), mesh, typo)
+    foreign = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    with pytest.raises(ValueError, match=r"mesh axis 'fsdp', but the mesh has axes \('data'"):
+        sharding.logical_to_spec((4,), ("embed",), foreign)
 
 
 def test_weight_spec_moves_fsdp_to_a_dimension_it_divides():
