@@ -143,6 +143,19 @@ def _decode_fns(cfg):
     return prefill, step
 
 
+def _hf_greedy(hf_model, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+    """transformers' greedy `generate`: the new tokens [B, new_tokens]."""
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, prompts.shape[1] :].numpy()
+
+
 def greedy(cfg, params, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
     """Greedy decoding with a DenseKVCache: prefill the prompts, then one token per step."""
     b, p = prompts.shape
@@ -162,14 +175,7 @@ def greedy(cfg, params, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
 def test_greedy_generation_matches_generate(loaded):
     family, hf_model, cfg, params = loaded
     prompts = _rng(family, 3).integers(0, hf_tiny.VOCAB, (2, 6))
-    with torch.no_grad():
-        ref = hf_model.generate(
-            torch.tensor(prompts),
-            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-            max_new_tokens=20,
-            do_sample=False,
-            pad_token_id=0,
-        )[:, prompts.shape[1] :].numpy()
+    ref = _hf_greedy(hf_model, prompts, 20)
     assert ref.shape == (2, 20)
     ours = greedy(cfg, params, prompts, 20)
     np.testing.assert_array_equal(ours, ref)
@@ -259,14 +265,7 @@ def test_yarn_rope_scaling_matches_transformers(yarn, tmp_path):
     plain = np.asarray(jit_forward(cfg.replace(rope_scaling=None), params, jnp.asarray(ids)))
     assert np.abs(plain - ref).max() > 100 * TOL  # YaRN changes these logits
     prompts = ids[:, :6]
-    with torch.no_grad():
-        want = hf_model.generate(
-            torch.tensor(prompts),
-            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-            max_new_tokens=12,
-            do_sample=False,
-            pad_token_id=0,
-        )[:, 6:].numpy()
+    want = _hf_greedy(hf_model, prompts, 12)
     completions = rollout.generate(
         cfg, params, prompts.tolist(), rollout.SamplingParams(temperature=0.0, max_new_tokens=12)
     )
