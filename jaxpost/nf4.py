@@ -326,9 +326,10 @@ BLOCKS_AXIS = "quant_blocks"
 
 
 def quantized_logical_axes(axes: dict, qparams: dict) -> dict:
-    """Logical axes for quantized params: `axes` (from models.logical_axes) with each
-    KERNEL_KEY tree's codes named ("layers", BLOCKS_AXIS) and its small per-256-block scales
-    and offset ("layers", ...) replicated within a layer."""
+    """Logical axes for params that may hold quantized kernels: `axes` (from
+    models.logical_axes) with each KERNEL_KEY tree's codes named ("layers", BLOCKS_AXIS) and its
+    small per-256-block scales and offset ("layers", ...) replicated within a layer. Plain
+    params get `axes` back unchanged, so callers need not ask whether a base is quantized."""
 
     def names(leaf_key: str, x) -> tuple:
         if leaf_key in ("codes", "absmax_codes"):

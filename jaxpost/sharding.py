@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -159,8 +160,6 @@ def warn_replicated(abstract_tree, shardings_tree, mesh: Mesh, min_bytes: int = 
             whole.append("/".join(str(getattr(k, "key", k)) for k in path))
             total += nbytes
     if whole:
-        import warnings
-
         sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in split_axes)
         warnings.warn(
             f"{len(whole)} weight arrays ({total / 2**30:.2f} GiB) are held whole on every "

@@ -82,12 +82,6 @@ def join_trainable(train_part, frozen: dict, trainable: str) -> dict:
 # Shardings ---------------------------------------------------------------------------------------
 
 
-def _has_nf4(tree) -> bool:
-    return isinstance(tree, dict) and any(
-        k == nf4.KERNEL_KEY or _has_nf4(v) for k, v in tree.items() if isinstance(v, dict)
-    )
-
-
 def _plain_lora_axes(tree: dict, base_axes: dict) -> dict:
     """Axes of a plain {"layers": {block: {module: {"a", "b"}}}} tree from the base kernels'."""
     out: dict = {"layers": {}}
@@ -105,9 +99,7 @@ def param_logical_axes(cfg: ModelConfig, params: dict) -> dict:
     """Logical axis names shaped like {"base": ..., "lora": ...} (NF4 bases and plain LoRA trees
     included)."""
     axes = models.logical_axes(cfg)
-    base_axes = (
-        nf4.quantized_logical_axes(axes, params["base"]) if _has_nf4(params["base"]) else axes
-    )
+    base_axes = nf4.quantized_logical_axes(axes, params["base"])
     lora = params.get("lora")
     if lora is None:
         lora_axes = None

@@ -131,7 +131,7 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
     kept: list[dict] = []  # the batches of a split small enough to keep, once read in full
 
     def batches() -> Iterator[dict]:
-        if len(kept) == count and count:
+        if kept:
             yield from kept
             return
         it = pipeline.iterator()
@@ -150,7 +150,10 @@ def eval_batches(cfg, task, tokenizer, batch_size: int) -> Callable[[], Iterator
                 blank = weightless(batch) if blank is None else blank
             if read is not None:
                 size += sum(v.nbytes for v in batch.values())
-                read = read + [batch] if size <= EVAL_CACHE_BYTES else None
+                if size > EVAL_CACHE_BYTES:
+                    read = None  # too big to keep: every evaluation reads the split again
+                else:
+                    read.append(batch)
             yield batch
         if read is not None:  # the split was read to its end: later evaluations replay it
             kept[:] = read

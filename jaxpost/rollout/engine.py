@@ -344,7 +344,7 @@ class Engine:
         arrays = slot_sampling_arrays(sp, sample_index, request_key)  # checked before admitting
         limit = self.book.admit(slot, prefix, sp.max_new_tokens)
         self._variant[slot] = sp.variant
-        self._processed[slot] = sp.logprobs == "processed" and sp.temperature > 0
+        self._processed[slot] = bool(arrays[0][4])  # as the slot's device flag says
         fn = self._compiled(
             "insert",
             functools.partial(device_steps.insert_step, self.page_size),

@@ -223,7 +223,8 @@ def sample(
     product `matmul.dot_t` transposes (the decode layout's head), and XLA:CPU reduces over V
     without reading [B, V] with a stride of B (rollout benchmark, float32 batch-16 greedy
     decode: 50M 1.06x tokens/s, 5M 1.03x).
-    processed: [B] bool, rows whose log-prob is the sampled distribution's (None: none).
+    processed: [B] bool, rows whose log-prob is the sampled distribution's (None: none; only
+    sampled rows, temperature > 0, may be set: `state.slot_sampling_arrays`).
     Returns (tokens [B] int32, log-probs [B] float32 of those tokens, see module docstring).
     """
     logits = logits.astype(jnp.float32)
@@ -261,5 +262,5 @@ def sample(
         top_s = jnp.max(scaled, axis=-1, keepdims=True)
         lse_s = jnp.log(jnp.sum(jnp.exp(scaled - top_s), axis=-1))
         picked_s = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - top_s[:, 0]
-        logp = jnp.where(processed & (temperature > 0), picked_s - lse_s, logp)
+        logp = jnp.where(processed, picked_s - lse_s, logp)
     return tokens, logp

@@ -214,7 +214,8 @@ def slot_sampling_arrays(sp, sample_index: int, request_key: int = 0) -> tuple[n
     seed = fresh_seeds(1)[0] if sp.seed is None else sp.seed
     eos = np.full((MAX_EOS,), -1, np.int32)
     eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
-    processed = int(sp.logprobs == "processed")
+    # Processed log-probs differ from raw ones only when sampling (greedy reports raw).
+    processed = int(sp.logprobs == "processed" and sp.temperature > 0)
     return (
         np.array([sp.top_k, seed, sample_index, request_key, processed], np.int32),
         np.array([sp.temperature, sp.top_p, sp.min_p], np.float32),
