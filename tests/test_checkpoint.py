@@ -1,8 +1,10 @@
 """Checkpointer: round trip, retention, atomicity, restore onto another mesh, clear errors."""
 
+import asyncio
 import os
 import shutil
 import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +147,48 @@ def test_corrupt_arrays_are_a_clear_error(tmp_path):
             f.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match=r"4 is corrupt or incomplete: its arrays"):
         _restore(tmp_path, _abstract(state))
+
+
+def test_a_failed_restore_leaves_no_reads_behind():
+    """Orbax closes its restore loop at the first failed read. The loop given to it cancels and
+    finishes the other reads first, so none of them prints a traceback after the error."""
+    from jaxpost.checkpoint import _orbax_loops_drain
+
+    reports = []
+    with _orbax_loops_drain():
+        loop = asyncio.new_event_loop()
+    loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
+    started, cancelled = [], []
+
+    async def read(i):
+        started.append(i)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+
+    async def restore():
+        for i in range(3):
+            loop.create_task(read(i))
+        loop.create_task(asyncio.sleep(60))  # never runs before the failure
+        await asyncio.sleep(0)
+        raise ValueError("corrupt")
+
+    with pytest.raises(ValueError, match="corrupt"):
+        loop.run_until_complete(restore())
+    loop.close()  # what Orbax does next
+    assert started == sorted(cancelled) == [0, 1, 2] and asyncio.all_tasks(loop) == set()
+    # A result TensorStore delivers from its thread after the close is dropped, not raised.
+    thread = threading.Thread(target=loop.call_soon_threadsafe, args=(print, "late"))
+    thread.start(), thread.join()
+    assert reports == []
+    # The policy is back: loops outside a restore are ordinary.
+    other = asyncio.new_event_loop()
+    assert type(other) is not type(loop)
+    other.close()
+    with pytest.raises(RuntimeError, match="Event loop is closed"):
+        other.call_soon_threadsafe(print, "late")
 
 
 def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):
