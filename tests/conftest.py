@@ -14,9 +14,13 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # The rollout engine stores the CPU weight layout it measures (`rollout.layout_choice`): here in
 # a directory of this run's own, not the user's ~/.cache.
 if "JAXPOST_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAXPOST_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxpost-test-cache-")
+    # pytest-xdist's workers inherit the variable; the process that made the directory removes it.
+    atexit.register(shutil.rmtree, os.environ["JAXPOST_CACHE_DIR"], ignore_errors=True)
 
 
 # Multi-process runs -----------------------------------------------------------------------------
