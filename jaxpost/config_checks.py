@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxpost import sharding
 from jaxpost.config_builders import model_config
 from jaxpost.models.config import ModelConfig
 
@@ -210,8 +211,6 @@ def check_values(cfg, problems: list[str], num_devices: int | None) -> None:
             problems.append(f"mesh {sizes} needs {need} devices; have {num_devices}")
             return
     if -1 not in sizes.values():
-        # The batch is split over (data, fsdp) — see jaxpost.sharding.DEFAULT_RULES.
-        shards = sizes["data"] * sizes["fsdp"]
         for name in ("train.batch_size", "pretrain.batch_size"):
             batch = get(name)
             per_micro, rem = divmod(batch, cfg.train.grad_accum)
@@ -219,8 +218,7 @@ def check_values(cfg, problems: list[str], num_devices: int | None) -> None:
                 problems.append(
                     f"{name}={batch} is not divisible by train.grad_accum={cfg.train.grad_accum}"
                 )
-            elif per_micro % shards:
-                problems.append(
-                    f"{name}={batch} (micro-batch {per_micro}) is not divisible by the "
-                    f"data x fsdp mesh axes ({sizes['data']} x {sizes['fsdp']} = {shards})"
-                )
+            elif problem := sharding.batch_rows_problem(
+                per_micro, sizes, what="micro-batch" if cfg.train.grad_accum > 1 else "batch"
+            ):
+                problems.append(f"{name}={batch}: {problem}")

@@ -307,17 +307,30 @@ def agree_across_processes(value, how: str):
     return _AGREE[how](gathered).item()
 
 
+def batch_rows_problem(
+    rows: int, axis_sizes: Mapping[str, int], rules: Rules = DEFAULT_RULES, what: str = "batch"
+) -> str | None:
+    """Why `rows` cannot split evenly over the mesh axes of the "batch" rule (None if they can):
+    rows that do not split are replicated, and every device computes the whole batch.
+
+    axis_sizes: mesh axis name -> size (`mesh.shape`, or a config's sizes before any mesh).
+    """
+    axes = [a for a in _mesh_axes_for("batch", rules) if axis_sizes.get(a, 1) > 1]
+    n = math.prod(axis_sizes[a] for a in axes)
+    if rows % n == 0:
+        return None
+    split = " x ".join(f"{a}={axis_sizes[a]}" for a in axes)
+    return (
+        f"a {what} of {rows} rows does not split over the batch mesh axes ({split} = {n}); "
+        f"use a multiple of {n} rows"
+    )
+
+
 def check_batch_rows(rows: int, mesh: Mesh, rules: Rules = DEFAULT_RULES, what: str = "batch"):
-    """ValueError unless `rows` split evenly over the mesh axes of the "batch" rule: otherwise
-    the rows would be replicated and every device would compute the whole batch."""
-    axes = [a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1]
-    n = math.prod(mesh.shape[a] for a in axes)
-    if rows % n:
-        split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
-        raise ValueError(
-            f"a {what} of {rows} rows does not split over the batch mesh axes ({split} = {n}); "
-            f"use a multiple of {n} rows"
-        )
+    """ValueError naming the problem unless `rows` split over the "batch" rule's mesh axes."""
+    problem = batch_rows_problem(rows, mesh.shape, rules, what)
+    if problem:
+        raise ValueError(problem)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -76,14 +76,14 @@ def test_batch_not_divisible_by_data_axes():
     cfg.mesh.data, cfg.mesh.fsdp = 8, 1
     cfg.train.batch_size = 12
     msg = _problems(cfg, num_devices=8)
-    assert "train.batch_size=12" in msg and "(8 x 1 = 8)" in msg
+    assert "train.batch_size=12" in msg and "(data=8 = 8)" in msg
 
 
 def test_fsdp_rest_resolved_from_device_count():
     cfg = _cfg()
     cfg.mesh.data, cfg.mesh.fsdp = 2, -1
     cfg.train.batch_size = 4  # 2 x 4 = 8 shards on 8 devices
-    assert "(2 x 4 = 8)" in _problems(cfg, num_devices=8)
+    assert "(data=2 x fsdp=4 = 8)" in _problems(cfg, num_devices=8)
     cfg.train.batch_size = 16
     jconfig.validate(cfg, num_devices=8)
 

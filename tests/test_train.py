@@ -232,7 +232,11 @@ def _arch(**changes):
     "override, expected",
     [
         ("--config.train.stpes=3", 'Did you mean "steps"'),
-        ("--config.train.batch_size=12", "train.batch_size=12 (micro-batch 12) is not divisible"),
+        (
+            "--config.train.batch_size=12",
+            "train.batch_size=12: a batch of 12 rows does not split over the batch mesh axes "
+            "(data=8 = 8)",
+        ),
         ("--config.model.hf_path=/nonexistent/m", "model.hf_path='/nonexistent/m' is not a dir"),
     ],
 )
