@@ -102,13 +102,34 @@ def resolve_template(name_or_source: str) -> str:
     )
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Checks a conversation and returns plain-dict copies with None-valued keys dropped.
+def message_problem(message: Any) -> str | None:
+    """What is wrong with one chat message (None if nothing), worded to follow its name.
 
-    Dropping None values follows `transformers`: APIs return `content=None` for tool calls and
-    templates test for a missing key. A message needs a known 'role' and a 'content' (str or list
-    of parts), except an assistant message that carries 'tool_calls' instead.
+    A message is a dict with a known 'role' and a 'content' (a string or a list of parts); an
+    assistant message that calls tools may carry 'tool_calls' instead. A None value counts as
+    absent, as in `transformers` (APIs return `content=None` beside tool calls).
     """
+    if not isinstance(message, Mapping):
+        return f"is a {type(message).__name__}; expected a dict with 'role' and 'content'"
+    role = message.get("role")
+    if role is None:
+        return f"has no 'role'; expected one of {KNOWN_ROLES}"
+    if role not in KNOWN_ROLES:
+        return f"has unknown role {role!r}; expected one of {KNOWN_ROLES}"
+    content = message.get("content")
+    if content is None and not (role == "assistant" and message.get("tool_calls")):
+        return f"(role {role!r}) is missing 'content'; expected a string or a list of parts"
+    if content is not None and not isinstance(content, (str, list)):
+        return (
+            f"(role {role!r}) has 'content' of type {type(content).__name__}; expected a string "
+            "or a list of content parts"
+        )
+    return None
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Checks a conversation (`message_problem`) and returns plain-dict copies with None-valued
+    keys dropped (templates test for a missing key, as `transformers` expects)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatTemplateError(
             "messages must be a list of dicts with 'role' and 'content', "
@@ -116,33 +137,10 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         )
     if not messages:
         raise ChatTemplateError("messages is empty; expected at least one message")
-    out = []
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ChatTemplateError(
-                f"message {i} is a {type(message).__name__}; "
-                "expected a dict with 'role' and 'content'"
-            )
-        message = {k: v for k, v in message.items() if v is not None}
-        role = message.get("role")
-        if role is None:
-            raise ChatTemplateError(f"message {i} has no 'role'; expected one of {KNOWN_ROLES}")
-        if role not in KNOWN_ROLES:
-            raise ChatTemplateError(
-                f"message {i} has unknown role {role!r}; expected one of {KNOWN_ROLES}"
-            )
-        if "content" not in message and not (role == "assistant" and "tool_calls" in message):
-            raise ChatTemplateError(
-                f"message {i} (role {role!r}) is missing 'content'; expected a string"
-            )
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ChatTemplateError(
-                f"message {i} (role {role!r}) has 'content' of type {type(content).__name__}; "
-                "expected a string or a list of content parts"
-            )
-        out.append(message)
-    return out
+        if problem := message_problem(message):
+            raise ChatTemplateError(f"message {i} {problem}")
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def _plain(value: Any) -> Any:

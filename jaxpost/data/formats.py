@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpost import chat_templates
 from jaxpost.data.sources import DataError, MalformedRow
 
 FORMATS = ("messages", "prompt_completion", "text", "preference", "prompt_answer")
@@ -40,24 +41,8 @@ def _check_messages(value: Any, field: str, need_assistant: bool) -> None:
     if not isinstance(value, list) or not value:
         raise MalformedRow(f"{field!r} must be a non-empty list of messages, got {value!r:.60}")
     for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise MalformedRow(f"{field}[{i}] must be an object, got {type(m).__name__}")
-        if not isinstance(m.get("role"), str):
-            raise MalformedRow(f"{field}[{i}]: 'role' is missing or not a string")
-        content = m.get("content")
-        # An assistant turn that calls tools may carry no content (OpenAI / TRL tool datasets).
-        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
-            continue
-        if "content" not in m:
-            raise MalformedRow(
-                f"{field}[{i}]: 'content' is missing; expected role, content (or tool_calls "
-                "on an assistant turn)"
-            )
-        if not isinstance(content, (str, list)):
-            raise MalformedRow(
-                f"{field}[{i}].content must be a string or a list of content parts, got "
-                f"{type(content).__name__}"
-            )
+        if problem := chat_templates.message_problem(m):
+            raise MalformedRow(f"{field}[{i}] {problem}")
     if need_assistant and not any(m["role"] == "assistant" for m in value):
         raise MalformedRow(f"{field!r} has no assistant message, so nothing would be trained")
 

@@ -106,7 +106,11 @@ def test_prompt_answer_ends_with_generation_cue():
         ("text", {"text": 3}, "'text' must be a string, got int"),
         ("prompt_completion", {"prompt": "a", "completion": None}, "'completion' must be"),
         ("prompt_answer", {"prompt": "a", "answer": [1]}, "'answer' must be a string or an int"),
-        ("messages", {"messages": [{"role": "user"}]}, "messages[0]: 'content' is missing"),
+        (
+            "messages",
+            {"messages": [{"role": "user"}]},
+            "messages[0] (role 'user') is missing 'content'",
+        ),
         ("messages", {"messages": [{"role": "user", "content": "1"}]}, "no assistant message"),
         ("messages", {"messages": "hi"}, "non-empty list of messages"),
     ],

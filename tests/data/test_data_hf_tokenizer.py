@@ -165,5 +165,5 @@ def test_tool_calls_tools_and_template_kwargs_reach_the_template_as_in_transform
         with pytest.raises(Exception, match=message):
             formats.validate({**row, **bad}, "messages")
     no_calls = [{"role": "user", "content": "1"}, {"role": "assistant", "content": None}]
-    with pytest.raises(Exception, match=r"messages\[1\].content must be a string"):
+    with pytest.raises(Exception, match=r"messages\[1\] \(role 'assistant'\) is missing 'content'"):
         formats.validate({"messages": no_calls}, "messages")
