@@ -207,11 +207,12 @@ def slot_sampling_arrays(sp, sample_index: int, request_key: int = 0) -> tuple[n
     """A slot's sampling parameters as `device_steps.insert_step` takes them: ints [top_k,
     seed, sample_index, request_key, processed], floats [temperature, top_p, min_p], eos
     [MAX_EOS] (-1 padded). sp: a `sampling.SamplingParams`; a seed of None draws a fresh one
-    (the driver resolves it per request beforehand, so all n samples share it). request_key:
-    folded into the slot's key (the driver passes `request_key(prompt)`)."""
+    when sampling (the driver resolves it per request beforehand, so all n samples share it).
+    request_key: folded into the slot's key (the driver passes `request_key(prompt)`)."""
     if len(sp.eos_token_ids) > MAX_EOS:
         raise ValueError(f"{len(sp.eos_token_ids)} eos_token_ids; at most {MAX_EOS}")
-    seed = fresh_seeds(1)[0] if sp.seed is None else sp.seed
+    # A greedy slot never reads its seed: no fresh draw (a collective under several processes).
+    seed = sp.seed if sp.seed is not None else fresh_seeds(1)[0] if sp.temperature > 0 else 0
     eos = np.full((MAX_EOS,), -1, np.int32)
     eos[: len(sp.eos_token_ids)] = sp.eos_token_ids
     # Processed log-probs differ from raw ones only when sampling (greedy reports raw).

@@ -241,3 +241,16 @@ def test_top_p_one_keeps_the_whole_tail():
     row = jnp.asarray(rng.normal(size=32000) * 4, jnp.float32)
     out = sampling.filter_logits(row, jnp.float32(0.7), jnp.int32(0), jnp.float32(1.0), 0.0)
     assert bool(jnp.isfinite(out).all())
+
+
+def test_a_slot_without_a_seed_draws_one_only_when_sampling(monkeypatch):
+    from jaxpost.rollout import state
+
+    drawn = []
+    monkeypatch.setattr(state, "fresh_seeds", lambda n: drawn.append(n) or [1234] * n)
+    ints, _, _ = state.slot_sampling_arrays(SamplingParams(temperature=0.0, seed=None), 0)
+    assert drawn == [] and ints[1] == 0  # greedy never reads the seed: no draw, no collective
+    ints, _, _ = state.slot_sampling_arrays(SamplingParams(temperature=1.0, seed=None), 0)
+    assert drawn == [1] and ints[1] == 1234
+    ints, _, _ = state.slot_sampling_arrays(SamplingParams(temperature=1.0, seed=7), 0)
+    assert drawn == [1] and ints[1] == 7
