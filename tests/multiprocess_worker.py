@@ -34,11 +34,19 @@ def batches(steps: int = STEPS) -> list[dict]:
     return out
 
 
+def _full_state(cfg, opt, mesh, **kwargs):
+    """A freshly initialised full fine-tuning train state of model `cfg` on `mesh`."""
+    from jaxpost import models, steps
+
+    init = lambda key: {"base": models.init(cfg, key), "lora": None}
+    return steps.init_train_state(cfg, init, opt, mesh, trainable="full", **kwargs)
+
+
 def run(mesh_shape: tuple[int, int, int], devices=None) -> list[float]:
     """Full SFT, AdamW, STEPS steps on `mesh_shape` (data, fsdp, tensor); the losses."""
     import jax
 
-    from jaxpost import models, sharding, steps
+    from jaxpost import sharding, steps
     from jaxpost.losses import sft_loss
 
     from tiny_models import tiny_config  # tests/: sys.path[0] as a script, conftest.py else
@@ -46,14 +54,7 @@ def run(mesh_shape: tuple[int, int, int], devices=None) -> list[float]:
     cfg = tiny_config(vocab_size=VOCAB, model_type="qwen3", qk_norm=True)
     mesh = sharding.make_mesh(*mesh_shape, devices=devices)
     opt = steps.make_optimizer(name="adamw", learning_rate=3e-3, warmup_steps=2, total_steps=5)
-    state = steps.init_train_state(
-        cfg,
-        lambda key: {"base": models.init(cfg, key), "lora": None},
-        opt,
-        mesh,
-        trainable="full",
-        rng=jax.random.key(7),
-    )
+    state = _full_state(cfg, opt, mesh, rng=jax.random.key(7))
     train_step = steps.make_train_step(cfg, sft_loss, opt, mesh, trainable="full", grad_accum=2)
     rows = BATCH // jax.process_count()
     lo = jax.process_index() * rows
@@ -71,7 +72,7 @@ def evaluate_split(mesh_shape: tuple[int, int, int], devices=None, **overrides) 
     the rows split 7 / 6, so process 1 runs out of rows one batch before process 0.
     -> the eval metrics, the batches this process evaluated and its loss tokens."""
 
-    from jaxpost import config, models, sharding, steps
+    from jaxpost import config, sharding, steps
     from jaxpost.loops import data_setup, offline
     from jaxpost.losses import sft_loss
 
@@ -88,13 +89,7 @@ def evaluate_split(mesh_shape: tuple[int, int, int], devices=None, **overrides) 
     model = tiny_config(vocab_size=tokenizer.vocab_size)
     mesh = sharding.make_mesh(*mesh_shape, devices=devices)
     opt = steps.make_optimizer(name="sgd", learning_rate=1e-3, total_steps=1)
-    state = steps.init_train_state(
-        model,
-        lambda key: {"base": models.init(model, key), "lora": None},
-        opt,
-        mesh,
-        trainable="full",
-    )
+    state = _full_state(model, opt, mesh)
     eval_step = steps.make_eval_step(model, sft_loss, mesh, trainable="full")
     batches = list(make())
     metrics = offline.evaluate(eval_step, state, batches)
