@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.kernels import dispatch as _dispatch
-from jaxpost.kernels.flash_attention_kernel import pallas
+from jaxpost.kernels.flash_attention_kernel import check_inputs, pallas
 
 
 def window_mask(q_pos: jax.Array, k_pos: jax.Array, causal: bool, sliding_window) -> jax.Array:
@@ -116,6 +116,7 @@ def reference(
     output ([.., T, D], S/D times smaller) move. Causal attention skips whole key ranges
     per query block (`_query_blocks`), and a static sliding window skips keys before it too.
     """
+    check_inputs(q, k, v, segment_ids, causal, sliding_window)
     b, t, h, d = q.shape
     kvh = k.shape[2]
     idx = jnp.arange(t, dtype=jnp.int32)

@@ -335,6 +335,29 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def check_inputs(q, k, v, segment_ids, causal: bool, sliding_window) -> None:
+    """ValueError naming the problem for inputs that neither attention path takes."""
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"flash attention: q {q.shape}, k {k.shape}; expected 4-D [B, T, H, D]")
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if k.shape != (b, t, kvh, d) or v.shape != k.shape or h % kvh:
+        raise ValueError(
+            f"flash attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q [B, T, H, D] "
+            "and k, v [B, T, KVH, D] with H a multiple of KVH"
+        )
+    if segment_ids is not None and tuple(segment_ids.shape) != (b, t):
+        raise ValueError(
+            f"flash attention: segment_ids {tuple(segment_ids.shape)}; expected [B, T] = [{b}, {t}]"
+        )
+    windowed = sliding_window is not None and not (
+        isinstance(sliding_window, int) and sliding_window <= 0
+    )
+    if windowed and not causal:
+        # The window is one-sided (query i sees keys i - w < j <= i), as causal decoders use it.
+        raise ValueError("flash attention: a sliding window needs causal=True")
+
+
 def pallas(
     q: jax.Array,
     k: jax.Array,
@@ -359,13 +382,15 @@ def pallas(
     both blocks (padding keys get a segment of their own, so no real query sees them); sequences
     shorter than a block use one block of the whole length.
     """
+    check_inputs(q, k, v, segment_ids, causal, sliding_window)
     b, t, h, d = q.shape
     kvh = k.shape[2]
-    if k.shape != (b, t, kvh, d) or v.shape != k.shape or h % kvh:
-        raise ValueError(
-            f"flash attention: q {q.shape}, k {k.shape}, v {v.shape}; expected q [B, T, H, D] "
-            "and k, v [B, T, KVH, D] with H a multiple of KVH"
-        )
+    try:
+        scale = float(scale)  # compiled into the kernel
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            "flash attention (pallas): scale must be a Python number, not a traced value"
+        ) from None
     if t <= min(block_q, block_k):
         block_q = block_k = t
     tp = -(-t // math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
@@ -378,7 +403,7 @@ def pallas(
     cfg = _Cfg(
         causal=causal,
         softcap=None if softcap is None else float(softcap),
-        scale=float(scale),
+        scale=scale,
         block_q=block_q,
         block_k=block_k,
         interpret=_dispatch.interpret() if interpret is None else interpret,

@@ -34,13 +34,21 @@ from jaxpost.kernels import dispatch as _dispatch
 from jaxpost.models import matmul
 
 
+def target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits[n, targets[n]] for logits [N, V]. A target outside [0, V) (an HF-style -100 label
+    under a zero loss mask) reads 0, as in the Pallas kernel: never NaN, which a zero mask
+    weight would not remove (0 * NaN), and never wrapped around like a negative index."""
+    valid = (targets >= 0) & (targets < logits.shape[-1])
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, picked, 0.0)
+
+
 def _chunk_stats(h, w, t, softcap, with_entropy, with_logit_mean, compute_dtype):
     logits = matmul.dot(h, w, compute_dtype)
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-    out = {"logp": target_logit - lse, "lse": lse}
+    out = {"logp": target_logits(logits, t) - lse, "lse": lse}
     if with_entropy:
         p = jnp.exp(logits - lse[:, None])
         out["entropy"] = lse - jnp.sum(p * logits, axis=-1)

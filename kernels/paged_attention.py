@@ -6,6 +6,7 @@ Layout (one layer; the rollout engine stacks a leading [L] axis):
   v_pages:    [KVH, P, S, D]
   lengths:    [B] int32            valid tokens in the slot, the current one included
   page_table: [B, M] int32         the slot's pages in order; entries past the length are ignored
+                                   (they may hold any value, e.g. -1); pages hold finite values
 The current token sits at position lengths-1; key j is visible iff j < lengths and, with a
 sliding window w, (lengths-1) - j < w. A slot with length 0 (idle) returns zeros.
 Returns [B, H, D] in q's dtype; softmax in float32.
@@ -194,11 +195,15 @@ def pallas(
     if pages_per_block is None:
         pages_per_block = max(1, min(m, 128 // page_size))
 
+    num_pages = k_pages.shape[1]
+
     def page_map(c):
         def index(bi, hi, step, len_ref, table_ref, win_ref):
             first, last = _live_pages(len_ref[bi], win_ref[0], page_size)
             j = jnp.clip(step * pages_per_block + c, first, last)
-            return hi, table_ref[bi * m + j], 0, 0
+            # An idle slot still fetches (and ignores) the page of its first entry, which may
+            # hold any value (-1, P, ...): clamped, so the fetch stays inside the pool.
+            return hi, jnp.clip(table_ref[bi * m + j], 0, num_pages - 1), 0, 0
 
         return index
 

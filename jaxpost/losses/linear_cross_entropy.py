@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxpost.kernels.fused_logprobs import target_logits
 from jaxpost.models import matmul
 
 
@@ -39,8 +40,7 @@ def _chunk_loss(h, w, t, coef, softcap, compute_dtype, uniform):
     """(loss, logits [c, V], lse [c], nll [c]) of one chunk; coef [3, c] = (a, b, c) per token."""
     x = _logits(h, w, softcap, compute_dtype)
     lse = jax.nn.logsumexp(x, axis=-1)
-    target = jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
-    nll = lse - target
+    nll = lse - target_logits(x, t)
     loss = coef[0] * nll + coef[2] * lse * lse
     if uniform:  # label smoothing's term costs another pass over the logits: only when used
         loss = loss + coef[1] * (lse - jnp.mean(x, axis=-1))
@@ -89,7 +89,10 @@ def _loss_fwd(hidden, w, targets, coef, softcap, compute_dtype, chunk, uniform):
         p = jnp.exp(x - lse[:, None])
         scale = cc[0] + cc[1] + 2.0 * cc[2] * lse
         dx = scale[:, None] * p - cc[1][:, None] / vocab  # the last term is 0 without smoothing
-        dx = dx.at[jnp.arange(tc.shape[0]), tc].add(-cc[0])
+        # A target outside [0, V) reads logit 0 (`target_logits`): its one-hot term is dropped
+        # (index V; a negative index would wrap around).
+        col = jnp.where((tc >= 0) & (tc < vocab), tc, vocab)
+        dx = dx.at[jnp.arange(tc.shape[0]), col].add(-cc[0], mode="drop")
         if softcap is not None:
             dx = dx * (1.0 - (x / softcap) ** 2)
         dx = dx.astype(compute_dtype)

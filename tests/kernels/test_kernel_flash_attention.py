@@ -142,6 +142,22 @@ def test_dispatch_auto_uses_reference_on_cpu_and_rejects_unknown_impl():
         flash_attention.flash_attention(q, k, v, impl="mosaic")
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_inputs_neither_path_takes_are_named(impl):
+    q, k, v, _, _ = _inputs(3, 2, 10, 2, 1, 8, packed=False)
+    run = functools.partial(flash_attention.flash_attention, impl=impl)
+    with pytest.raises(ValueError, match=r"segment_ids \(2, 29\); expected \[B, T\] = \[2, 10\]"):
+        run(q, k, v, jnp.zeros((2, 29), jnp.int32))
+    with pytest.raises(ValueError, match=r"q \(2, 10, 2, 8\), k \(2, 6, 1, 8\)"):
+        run(q, k[:, :6], v[:, :6])
+    with pytest.raises(ValueError, match="sliding window needs causal=True"):
+        run(q, k, v, causal=False, sliding_window=4)
+    assert run(q, k, v, causal=False, sliding_window=0).shape == q.shape  # 0: no window
+    if impl == "pallas":
+        with pytest.raises(TypeError, match="scale must be a Python number"):
+            jax.jit(lambda s: run(q, k, v, scale=s))(0.5)
+
+
 @pytest.mark.parametrize(
     "overrides",
     # Gemma-2-like layers (traced per-layer windows under the scan, soft-cap) are covered,

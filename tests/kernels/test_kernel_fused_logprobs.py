@@ -91,6 +91,30 @@ def test_dispatch_and_chunked_agree():
         fused_logprobs.pallas(hidden, w.T, targets)
 
 
+def test_targets_outside_the_vocabulary_read_logit_zero_on_every_path():
+    """An HF-style -100 label (or any id outside [0, V)) gives logp = -lse and no gradient
+    through its one-hot term, in the kernel, the chunked XLA path and the dense reference."""
+    hidden, w, targets, cots = _inputs(4, 12, 16, 100)
+    bad = targets.at[jnp.array([1, 5, 7, 11])].set(jnp.array([-100, -1, 100, 10**6]))
+    ref = _numpy_stats(hidden, w, targets, None)
+    paths = {
+        "pallas": functools.partial(fused_logprobs.pallas, interpret=True),
+        "chunked": functools.partial(fused_logprobs.xla_chunked, chunk=8),
+        "reference": fused_logprobs.reference,
+    }
+    grads = {}
+    for name, fn in paths.items():
+        out, grads[name] = _out_and_grads(fn, hidden, w, bad, cots, None)
+        logp = np.asarray(out["logp"])
+        np.testing.assert_allclose(logp[[1, 5, 7, 11]], -ref["lse"][[1, 5, 7, 11]], rtol=TOL)
+        keep = np.ones(12, bool)
+        keep[[1, 5, 7, 11]] = False
+        np.testing.assert_allclose(logp[keep], ref["logp"][keep], atol=TOL, rtol=TOL)
+    for name in ("chunked", "reference"):
+        for a, b in zip(grads[name], grads["pallas"]):
+            np.testing.assert_allclose(a, b, atol=GRAD_TOL, rtol=GRAD_TOL)
+
+
 def test_bfloat16_compute_matches_reference_in_the_same_precision():
     """compute_dtype=bfloat16 rounds h and W before the float32-accumulated matmul, in both."""
     hidden, w, targets, _ = _inputs(4, 24, 32, 150)

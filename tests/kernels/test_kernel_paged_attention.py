@@ -126,3 +126,21 @@ def test_slot_regions_are_read_in_place_and_match_the_oracle(window):
     np.testing.assert_allclose(kernel, oracle, atol=TOL, rtol=TOL)
     with pytest.raises(ValueError, match="slot_regions: a pool of 20 pages is not 5 slots x 3"):
         paged_attention.reference(q, k_pages, v_pages, lengths, table[:, :3], slot_regions=True)
+
+
+@pytest.mark.parametrize("sentinel", [-1, PAGES, 10**6])
+def test_unused_table_entries_may_hold_any_value(sentinel):
+    """Entries past a slot's length (all of an idle slot's) may hold a sentinel: the kernel
+    never fetches outside the pool (TPU interpret mode checks every block index) and gives the
+    oracle's answer, as does the reference."""
+    q, k_pages, v_pages, lengths, table = _inputs(13, 4, 2)
+    used = (np.arange(MAX_PAGES)[None] * PAGE) < np.asarray(lengths)[:, None]
+    table = jnp.where(used, table, sentinel).astype(jnp.int32)
+    oracle = _numpy_paged(q, k_pages, v_pages, lengths, table, None, None, 0.3)
+    with dispatch.tpu_interpret_mode():
+        got = jax.jit(functools.partial(paged_attention.pallas, scale=0.3))(
+            q, k_pages, v_pages, lengths, table
+        )
+    np.testing.assert_allclose(got, oracle, atol=TOL, rtol=TOL)
+    ref = paged_attention.reference(q, k_pages, v_pages, lengths, table, scale=0.3)
+    np.testing.assert_allclose(ref, oracle, atol=TOL, rtol=TOL)

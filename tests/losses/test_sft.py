@@ -77,18 +77,27 @@ def test_loss_and_head_gradient_match_float64_formula(z, eps):
     )
 
 
-def test_masked_positions_do_not_matter():
+@pytest.mark.parametrize("fill", ["other token", -100, -1, CFG.vocab_size])
+def test_masked_positions_do_not_matter(fill):
+    """Whatever a masked target holds, an HF-style -100 label or any id outside the vocabulary
+    included, the loss and its gradient are those of the masked batch (no NaN, no wrap-around)."""
     rng = np.random.default_rng()
     params, batch = _setup(rng, b=2, t=40)
     other = dict(batch)
     flip = np.asarray(batch["loss_mask"]) == 0
     targets = np.asarray(batch["targets"]).copy()
-    targets[flip] = (targets[flip] + 1) % CFG.vocab_size
+    targets[flip] = (targets[flip] + 1) % CFG.vocab_size if fill == "other token" else fill
     other["targets"] = jnp.asarray(targets)
-    loss = jax.jit(lambda b: sft_loss(CFG, params, b))
-    a, b = loss(batch), loss(other)
+    loss = jax.jit(lambda p, b: sft_loss(CFG, p, b))
+    a, b = loss(params, batch), loss(params, other)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
     assert float(a[1]) == float(np.asarray(batch["loss_mask"]).sum())
+    grad = jax.jit(jax.grad(lambda p, b: sft_loss(CFG, p, b)[0]))
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+        grad(params, batch)["base"],
+        grad(params, other)["base"],
+    )
 
 
 def test_bad_options_and_batch():
