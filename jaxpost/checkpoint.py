@@ -148,6 +148,22 @@ def _decode(value):
     return value
 
 
+def _own_data_state(meta: dict, where) -> Any:
+    """This process's data-iterator state from a checkpoint's meta (one per process)."""
+    states = meta.get("data_states")
+    if states is None:  # written before per-process states: one state, process 0's
+        return _decode(meta.get("data_state"))
+    n = jax.process_count()
+    if len(states) != n and any(x is not None for x in states):
+        raise CheckpointError(
+            f"checkpoint {where} was written by {len(states)} process(es) and this run has {n}: "
+            "each process's position in its shard of the data cannot carry over to another "
+            f"sharding. Resume with {len(states)} process(es), or start a new run (another "
+            "workdir) from this run's exported weights"
+        )
+    return _decode(states[jax.process_index()]) if len(states) == n else None
+
+
 class Checkpointer:
     """Save / restore training checkpoints under `directory` (one sub-directory per step)."""
 
@@ -189,12 +205,19 @@ class Checkpointer:
         extra: dict | None = None,
         wait: bool = False,
     ) -> None:
-        """Start saving `state` (a pytree of arrays) as step `step`; `wait` blocks until on disk."""
+        """Start saving `state` (a pytree of arrays) as step `step`; `wait` blocks until on disk.
+
+        data_state: this process's data-iterator state. Every process's is kept (each reads its
+        own shard of the data), so all processes call `save` at the same steps.
+        """
         if step in self._manager.all_steps():
             return
+        data_states = [
+            json.loads(t) for t in sharding.gather_across_processes(json.dumps(_encode(data_state)))
+        ]
         meta = {
             "step": int(step),
-            "data_state": _encode(data_state),
+            "data_states": data_states,  # by process index
             "config": config,
             "extra": extra or {},
             "tree": describe(state),
@@ -260,6 +283,7 @@ class Checkpointer:
         step = self._resolve_step(step)
         meta = self.read_meta(step)
         where = self.directory / str(step)
+        data_state = _own_data_state(meta, where)
         saved_model = (meta.get("config") or {}).get("model")
         if model_config is not None and saved_model is not None:
             diffs = config_diffs(saved_model, model_config, "model")
@@ -311,7 +335,7 @@ class Checkpointer:
         return Restored(
             step=int(meta["step"]),
             state=state,
-            data_state=_decode(meta.get("data_state")),
+            data_state=data_state,
             config=meta.get("config"),
             extra=meta.get("extra") or {},
         )
@@ -379,16 +403,19 @@ def _orbax_loops_drain():
             asyncio.set_event_loop_policy(previous)
 
 
-def config_diffs(saved: Any, current: Any, prefix: str) -> list[str]:
-    """One line per leaf where two (nested dict) configs differ, named by its dotted path."""
+def config_diffs(
+    saved: Any, current: Any, prefix: str, where=("in the checkpoint", "in this config")
+) -> list[str]:
+    """One line per leaf where two (nested dict) configs differ, named by its dotted path;
+    `where` names the two sides."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current)):
-            out += config_diffs(saved.get(key), current.get(key), f"{prefix}.{key}")
+            out += config_diffs(saved.get(key), current.get(key), f"{prefix}.{key}", where)
         return out
     norm = lambda v: json.loads(json.dumps(v, default=list))
     if norm(saved) != norm(current):
-        return [f"{prefix}: {saved!r} in the checkpoint, {current!r} in this config"]
+        return [f"{prefix}: {saved!r} {where[0]}, {current!r} {where[1]}"]
     return []
 
 

@@ -166,11 +166,12 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def validate(
-    cfg: ml_collections.ConfigDict, num_devices: int | None = None
+    cfg: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1
 ) -> ml_collections.ConfigDict:
     """Check `cfg` against the schema; raise ConfigError listing every problem, else return it.
 
-    num_devices (default: unchecked) resolves a -1 mesh axis and checks batch divisibility.
+    num_devices (default: unchecked) resolves a -1 mesh axis and checks batch divisibility;
+    num_processes checks that the batch axes give each process rows of its own.
     """
     from jaxpost import loops  # the recipe registry; imported here to keep config.py light
 
@@ -179,7 +180,7 @@ def validate(
     if not problems:
         check_arch(cfg, problems)
         check_task_options(cfg, problems)
-        check_values(cfg, problems, num_devices)
+        check_values(cfg, problems, num_devices, num_processes)
         if cfg.algorithm not in loops.RECIPES:
             near = difflib.get_close_matches(cfg.algorithm, sorted(loops.RECIPES), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""

@@ -157,7 +157,7 @@ def check_task_options(cfg, problems: list[str]) -> None:
         )
 
 
-def check_values(cfg, problems: list[str], num_devices: int | None) -> None:
+def check_values(cfg, problems: list[str], num_devices: int | None, num_processes: int = 1) -> None:
     def get(path):
         node = cfg
         for part in path.split("."):
@@ -222,3 +222,10 @@ def check_values(cfg, problems: list[str], num_devices: int | None) -> None:
                 per_micro, sizes, what="micro-batch" if cfg.train.grad_accum > 1 else "batch"
             ):
                 problems.append(f"{name}={batch}: {problem}")
+        blocks = math.prod(sizes.get(a, 1) for a in sharding.batch_mesh_axes())
+        if num_processes > 1 and blocks % num_processes:
+            problems.append(
+                f"mesh {sizes}: the batch axes split each batch into {blocks} block(s), not a "
+                f"multiple of the {num_processes} processes; each process feeds rows of its "
+                "own, so a block that processes share would drop one process's rows"
+            )

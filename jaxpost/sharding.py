@@ -17,7 +17,7 @@ import contextvars
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -242,15 +242,20 @@ def initialize_distributed(
     local_device_ids: Sequence[int] | None = None,
     cpu_collectives: str = "gloo",
     initialization_timeout: int = 300,
+    detect_cluster: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> bool:
     """Start `jax.distributed` when a multi-process run is configured; returns whether it did.
 
     Each setting comes from the argument, else `config` (a mapping such as `config.mesh` with
     coordinator_address / num_processes / process_id), else the environment
-    (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Nothing configured, or
-    num_processes == 1: a no-op (one process). On CPU, cross-process collectives need an
-    implementation: `cpu_collectives` ("gloo" or "mpi") is set before initialising.
-    Must run before any other JAX computation.
+    (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Nothing configured: one process
+    (a no-op), or with `detect_cluster` JAX's own detection of the cluster it runs on (TPU pod
+    slices, SLURM, Open MPI, GKE), as MaxText does. num_processes == 1: a no-op. On CPU,
+    cross-process collectives need an implementation: `cpu_collectives` ("gloo" or "mpi") is set
+    before initialising. announce(line) is told where it connects before it blocks there (up to
+    initialization_timeout seconds for every process to arrive). Must run before any other JAX
+    computation. A setting that cannot work is a ValueError naming it.
     """
     config = config or {}
     address = (
@@ -261,7 +266,22 @@ def initialize_distributed(
     pid = process_id if process_id is not None else config.get("process_id")
     pid = pid if pid is not None else _env_int(ENV_PROCESS_ID)
     if address is None and n is None and pid is None:
-        return False
+        if not detect_cluster:
+            return False
+        if cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+        if announce:
+            announce("jax.distributed: detecting the cluster (no coordinator address configured)")
+        try:
+            jax.distributed.initialize(initialization_timeout=initialization_timeout)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(
+                "a multi-process run needs a coordinator: JAX detected no cluster "
+                f"({str(e).splitlines()[0][:200]}); set coordinator_address, num_processes and "
+                f"process_id (config.mesh or {ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / "
+                f"{ENV_PROCESS_ID})"
+            ) from e
+        return True
     if n is not None and n == 1:
         return False
     if address is None or n is None or pid is None:
@@ -272,6 +292,14 @@ def initialize_distributed(
         )
     if not 0 <= pid < n:
         raise ValueError(f"process_id={pid} out of range for num_processes={n}")
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator_address={address!r}; expected host:port, e.g. 10.0.0.2:1234")
+    if announce:
+        announce(
+            f"jax.distributed: process {pid} of {n}, coordinator {address} (waiting up to "
+            f"{initialization_timeout} s for every process)"
+        )
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(
@@ -307,6 +335,26 @@ def agree_across_processes(value, how: str):
     return _AGREE[how](gathered).item()
 
 
+def gather_across_processes(text: str) -> list[str]:
+    """Every process's `text`, in process order (a host-side collective: every process must call
+    it at the same point). With one process: [text]."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode(), np.uint8)
+    padded = np.zeros(max(1, agree_across_processes(len(data), "max")), np.uint8)
+    padded[: len(data)] = data
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64)))
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(rows[i, : lengths[i]]).decode() for i in range(len(lengths))]
+
+
+def batch_mesh_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the rows of a batch split over (the "batch" rule's)."""
+    return _mesh_axes_for("batch", rules)
+
+
 def batch_rows_problem(
     rows: int, axis_sizes: Mapping[str, int], rules: Rules = DEFAULT_RULES, what: str = "batch"
 ) -> str | None:
@@ -340,6 +388,26 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
 
 
+def _rows_shared_by_processes(mesh: Mesh, rules: Rules) -> str | None:
+    """Why the batch axes do not give each process rows of its own (None if they do). Each
+    process feeds different rows; rows two processes share would take one process's and
+    silently drop the other's (with data = fsdp = 1, half the batch on two processes)."""
+    s = batch_sharding(mesh, 1, rules)
+    blocks = math.prod(mesh.shape[a] for a in jax.tree.leaves(s.spec[0]))
+    owners: dict[int, set[int]] = {}
+    for device, index in s.devices_indices_map((blocks,)).items():
+        owners.setdefault(index[0].start or 0, set()).add(device.process_index)
+    if all(len(p) == 1 for p in owners.values()):
+        return None
+    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _mesh_axes_for("batch", rules))
+    return (
+        f"the batch mesh axes ({axes}) split the batch into {blocks} block(s), which "
+        f"{jax.process_count()} processes must not share: each process feeds rows of its own. "
+        f"Make the batch axes a multiple of the process count (tensor parallelism then stays "
+        "within a process's devices)"
+    )
+
+
 def global_batch(local: Mapping, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
     """Global jax.Arrays [B, ...] from each process's own rows [B_local, ...] (numpy).
 
@@ -348,6 +416,8 @@ def global_batch(local: Mapping, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> di
     across processes); with one process this is B_local and the rows are simply placed.
     B_local must divide evenly over this process's share of the batch axes.
     """
+    if jax.process_count() > 1 and (problem := _rows_shared_by_processes(mesh, rules)):
+        raise ValueError(problem)
     out = {}
     for name, x in local.items():
         x = np.asarray(x)

@@ -13,8 +13,11 @@ command resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -23,7 +26,7 @@ from ml_collections import config_flags
 from jaxpost import config as jconfig
 from jaxpost import config_inputs, host_memory, loops, sharding
 from jaxpost.chat_templates import ChatTemplateError
-from jaxpost.checkpoint import CheckpointError, PreemptionGuard
+from jaxpost.checkpoint import CheckpointError, PreemptionGuard, config_diffs
 from jaxpost.data.sources import DataError, MalformedRow
 from jaxpost.loops import runner
 from jaxpost.loops.offline import NonFiniteLoss, Preempted
@@ -43,9 +46,69 @@ _INPUT_ERRORS = (DataError, MalformedRow, ChatTemplateError, FileNotFoundError)
 
 
 def _init_distributed(cfg) -> None:
-    """jax.distributed from config.mesh (or the JAX_COORDINATOR_ADDRESS... environment)."""
-    if cfg.mesh.multi_process:
-        sharding.initialize_distributed(config=cfg.mesh)
+    """jax.distributed when config.mesh.multi_process: settings from config.mesh, else the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, else JAX's
+    detection of the cluster. Then every process must hold the same config."""
+    env_keys = (sharding.ENV_COORDINATOR, sharding.ENV_NUM_PROCESSES, sharding.ENV_PROCESS_ID)
+    env = [f"{k}={os.environ[k]}" for k in env_keys if os.environ.get(k)]
+    if not cfg.mesh.multi_process:
+        if env and os.environ.get(sharding.ENV_NUM_PROCESSES) != "1":
+            raise jconfig.ConfigError(
+                f"{', '.join(env)} set, but mesh.multi_process=False: this process would train "
+                "alone, in the same workdir as the others; set --config.mesh.multi_process=True "
+                "(or unset them)"
+            )
+        return
+    try:
+        sharding.initialize_distributed(
+            config=cfg.mesh, detect_cluster=True, announce=lambda line: print(line, flush=True)
+        )
+    except ValueError as e:
+        raise jconfig.ConfigError(str(e)) from e
+    if jax.process_count() > 1:
+        _check_same_config(cfg)
+
+
+def _check_same_config(cfg) -> None:
+    """ConfigError unless every process runs the same config (mesh.process_id aside): a host
+    with another seed or learning rate would silently train another model, or hang later in a
+    collective the others do not make."""
+    mine = cfg.to_dict()
+    mine["mesh"].pop("process_id", None)
+    texts = sharding.gather_across_processes(json.dumps(mine, sort_keys=True, default=list))
+    first = json.loads(texts[0])
+    diffs = [
+        line
+        for i, text in enumerate(texts[1:], 1)
+        for line in config_diffs(first, json.loads(text), "config", ("on process 0", f"on {i}"))
+    ]
+    if diffs:
+        more = f"\n  ... and {len(diffs) - 8} more" if len(diffs) > 8 else ""
+        raise jconfig.ConfigError(
+            "the processes of this run have different configs:\n  " + "\n  ".join(diffs[:8]) + more
+        )
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A failed multi-process run exits at once: the normal exit waits (up to
+    5 minutes) at jax.distributed's shutdown barrier for processes that are themselves stuck in
+    a collective this one will never join; gone, it lets them fail fast too."""
+    if code and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _cli(argv: list[str]) -> None:
+    try:
+        code = main(argv, may_relaunch=True)
+    except Exception:
+        if not jax.distributed.is_initialized():
+            raise
+        traceback.print_exc()
+        code = 1
+    _exit(code)
 
 
 def _host_memory(cfg, may_relaunch: bool) -> str:
@@ -75,7 +138,7 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
     host = _host_memory(cfg, may_relaunch)
     try:
         _init_distributed(cfg)
-        jconfig.validate(cfg, num_devices=jax.device_count())
+        jconfig.validate(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
         config_inputs.check(cfg)  # paths and LoRA targets, before anything is written
     except jconfig.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -132,4 +195,4 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv, may_relaunch=True)), flags_parser=_parse_flags)
+    app.run(_cli, flags_parser=_parse_flags)

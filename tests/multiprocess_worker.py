@@ -124,6 +124,43 @@ def agreements() -> dict:
     }
 
 
+def process_checks(ckpt_dir: str) -> dict:
+    """What the run-level guards do here: every process's data state in a checkpoint, texts
+    gathered across processes, batch axes shared by the processes and configs that differ."""
+    import jax
+
+    from jaxpost import config, sharding, train
+    from jaxpost.checkpoint import Checkpointer
+
+    pid = jax.process_index()
+    everywhere = sharding.replicated(sharding.make_mesh(2, jax.device_count() // 2, 1))
+    state = {"w": jax.device_put(np.arange(4.0, dtype=np.float32), everywhere)}
+    with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        ckpt.save(3, state, data_state={"process": pid, "next_index": 72 + pid})
+    with Checkpointer(ckpt_dir) as ckpt:
+        restored = ckpt.restore({"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=everywhere)})
+    replicated_rows = sharding.make_mesh(1, 1, jax.device_count())
+    try:
+        sharding.global_batch({"tokens": np.zeros((2, 4), np.int32)}, replicated_rows)
+        shared = "accepted"
+    except ValueError as e:
+        shared = str(e)
+    cfg = config.defaults()
+    cfg.optimizer.learning_rate = 1e-3 if pid == 0 else 5e-2
+    cfg.mesh.process_id = pid  # differs by design: not compared
+    try:
+        train._check_same_config(cfg)
+        differ = "accepted"
+    except config.ConfigError as e:
+        differ = str(e)
+    return {
+        "data_state": restored.data_state,
+        "gathered": sharding.gather_across_processes("x" * (3 + 5 * pid)),
+        "shared_rows": shared,
+        "different_configs": differ,
+    }
+
+
 def main(argv: list[str]) -> None:
     pid, n, port, local_devices, out = argv
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -143,6 +180,7 @@ def main(argv: list[str]) -> None:
                 "devices": jax.device_count(),
                 "eval": evaluation,
                 "agree": agreements(),
+                "checks": process_checks(f"{out}.ckpt"),
             },
             f,
         )

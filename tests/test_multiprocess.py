@@ -48,3 +48,26 @@ def test_two_processes_match_one_device(tmp_path, launch):
     assert (agree[0]["min"], agree[0]["max"], agree[0]["any"]) == (10, 11, True)
     assert agree[0]["first"] == [0, 1] and agree[0]["should_stop"] is True
     assert len(set(agree[0]["fresh_seeds"])) == 3
+
+    # Each process's data position is kept and comes back to it; a run with another process
+    # count cannot take it over. Texts gather in process order; batch axes that replicate the
+    # rows over the processes and configs that differ are refused on every process.
+    checks = [r["checks"] for r in results]
+    for pid, c in enumerate(checks):
+        assert c["data_state"] == {"process": pid, "next_index": 72 + pid}
+        assert c["gathered"] == ["xxx", "x" * 8]
+        assert (
+            "split the batch into 1 block(s), which 2 processes must not share"
+            in (c["shared_rows"])
+        )
+        assert c["different_configs"] == (
+            "the processes of this run have different configs:\n"
+            "  config.optimizer.learning_rate: 0.001 on process 0, 0.05 on 1"
+        )
+    from jaxpost.checkpoint import Checkpointer, CheckpointError
+
+    with (
+        Checkpointer(f"{out}.ckpt") as ckpt,
+        pytest.raises(CheckpointError, match=r"written by 2 process\(es\) and this run has 1"),
+    ):
+        ckpt.restore({"w": jax.ShapeDtypeStruct((4,), np.float32)})

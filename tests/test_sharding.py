@@ -1,5 +1,9 @@
 """Mesh construction, logical-axis specs, multi-process initialisation and global batches."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -133,3 +137,25 @@ def test_batch_rows_must_split_over_the_batch_axes_and_whole_weights_are_reporte
     shardings = sharding.tree_shardings(tree, axes, mesh)
     with pytest.warns(UserWarning, match=r"1 weight arrays \(0.01 GiB\) are held whole"):
         assert sharding.warn_replicated(tree, shardings, mesh, min_bytes=1 << 20) == ["whole"]
+
+
+def test_distributed_settings_that_cannot_work_are_named():
+    """In a fresh process (initialising jax.distributed is process-wide): an address without a
+    port, and a multi-process run with nothing configured where JAX detects no cluster."""
+    code = (
+        "from jaxpost import sharding\n"
+        "for kwargs in ({'coordinator_address': '127.0.0.1', 'num_processes': 2, "
+        "'process_id': 0}, {'detect_cluster': True}):\n"
+        "    try:\n"
+        "        sharding.initialize_distributed(**kwargs)\n"
+        "    except ValueError as e:\n"
+        "        print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = out.stdout.splitlines()
+    assert lines[0] == "coordinator_address='127.0.0.1'; expected host:port, e.g. 10.0.0.2:1234"
+    assert lines[1].startswith("a multi-process run needs a coordinator: JAX detected no cluster")
+    assert not sharding.initialize_distributed()  # nothing configured: one process, no-op

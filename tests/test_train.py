@@ -139,7 +139,7 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path):
     from jaxpost.checkpoint import Checkpointer
 
     ckpt = Checkpointer(work / "sft" / "checkpoints")
-    assert ckpt.latest_step() == saved and ckpt.read_meta(saved)["data_state"] is not None
+    assert ckpt.latest_step() == saved and ckpt.read_meta(saved)["data_states"][0] is not None
     ckpt.close()
 
     # Resume, and this time die hard (no chance to save) after a later periodic checkpoint.

@@ -248,6 +248,10 @@ def run_offline(
                 # window makes its mean NaN: caught below.
                 if to_log:
                     host = _window_host(window, last_only=("learning_rate",))
+                    # The steps' own token counts are the global batch's (all processes');
+                    # `tokens` counts this process's rows only.
+                    if "tokens" in host:
+                        tokens_since = host["tokens"] * len(window)
                     window = []
                 else:
                     host = _host(metrics)
