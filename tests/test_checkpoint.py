@@ -269,3 +269,14 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested == "SIGTERM" and guard.should_stop()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_each_process_data_state_and_checkpoints_from_before_them():
+    from jaxpost.checkpoint import _own_data_state
+
+    assert _own_data_state({"data_states": [{"next_index": 7}]}, "ck") == {"next_index": 7}
+    # Written before per-process states (one state, process 0's): still read.
+    assert _own_data_state({"data_state": {"next_index": 5}}, "ck") == {"next_index": 5}
+    assert _own_data_state({"data_states": [None, None]}, "ck") is None  # no data position
+    with pytest.raises(CheckpointError, match=r"ck was written by 2 process\(es\) and this run"):
+        _own_data_state({"data_states": [{"i": 1}, {"i": 2}]}, "ck")
