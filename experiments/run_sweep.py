@@ -14,16 +14,19 @@ A sweep definition is a Python file with:
 
 Each point trains in `<out>/runs/<name>` (its log in `train.log`). The runner is resumable: a
 point whose `summary.json` exists is not run again, and an interrupted point resumes from its
-own checkpoints. With SHARE_PRETRAIN the points may only override keys the pretraining stage
-does not read (`lora.*`, `optimizer.learning_rate`, `train.steps`, `export.*`), so every point's
-pretraining would be the same deterministic computation; it runs once and its final checkpoint
-is copied into the other points' work directories, whose pretrain stage then resumes at its
-last step.
+own checkpoints. A SIGTERM to the sweep is passed on to the running trainer, which saves and
+exits (exit code 143). A point that fails is reported and the sweep goes on; the tables hold
+the points that finished and the exit code is 1.
+
+With SHARE_PRETRAIN the points may only override keys the pretraining stage does not read
+(`lora.*`, `optimizer.learning_rate`, `train.steps`, `export.*`), so every point's pretraining
+would be the same deterministic computation; it runs once and its final checkpoint is copied
+into the other points' work directories, whose pretrain stage then resumes at its last step.
 
 Results: `<out>/results.csv` (every override and final metric), `<out>/results.md` (COLUMNS)
-and `<out>/results.png` (PLOT). Result keys: the point's overrides ("lora.rank"), the run's
-summary ("accuracy_before", "accuracy_after", "seconds"), the last logged value of each metric
-per split ("sft/loss", "sft_eval/accuracy"), "trainable_params", "total_params" and
+and `<out>/results.png` (PLOT). Result keys: the point's overrides ("lora.rank"), its "seed",
+the run's summary ("accuracy_before", "accuracy_after", "seconds"), the last logged value of
+each metric per split ("sft/loss", "sft_eval/accuracy"), "trainable_params", "total_params" and
 "trainable_percent".
 """
 
@@ -37,6 +40,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +53,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 class SweepError(Exception):
     """A sweep definition, override or run that cannot proceed; the message says why."""
+
+
+class PointFailed(SweepError):
+    """One point's run failed; the sweep goes on with the others and reports it at the end."""
+
+
+class SweepStopped(SweepError):
+    """The sweep was sent SIGTERM: its running point saved a checkpoint and stopped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +181,21 @@ def seed_pretrain(runs: Path, workdir: Path, spec: dict, log) -> None:
             return
 
 
+_STOPPED = (143, -signal.SIGTERM)  # the trainer's exit code after saving on SIGTERM
+
+
+def _train(command: list[str], out) -> int:
+    """Run one trainer to its end. A SIGTERM to the sweep (a job scheduler, `timeout`, `kill`)
+    is passed on to the trainer, which saves a checkpoint and exits, instead of killing the
+    sweep alone and leaving the trainer running. Ctrl-C reaches both from the terminal."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_point(sweep: Sweep, name: str, overrides: dict, runs: Path, log) -> bool:
     """Train one point unless its result exists; returns whether it ran."""
     workdir = runs / name
@@ -189,10 +216,15 @@ def run_point(sweep: Sweep, name: str, overrides: dict, runs: Path, log) -> bool
     if sweep.share_pretrain:
         seed_pretrain(runs, workdir, spec, log)
     with open(workdir / "train.log", "a") as out:
-        code = subprocess.call(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        code = _train(command, out)
+    if code in _STOPPED:
+        raise SweepStopped(
+            f"stopped by SIGTERM during point {name!r} (it saved a checkpoint); run the same "
+            "command again to resume"
+        )
     if code != 0 or not (workdir / "summary.json").exists():
         tail = (workdir / "train.log").read_text().splitlines()[-15:]
-        raise SweepError(
+        raise PointFailed(
             f"point {name!r} failed (exit code {code}); log {workdir / 'train.log'} ends:\n  "
             + "\n  ".join(tail)
         )
@@ -320,15 +352,28 @@ def run_sweep(
         points = [(n, o) for n, o in points if n in only]
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed = [], []
     for name, point in points:
         overrides = {**sweep.overrides, **(extra or {}), **point}
-        run_point(sweep, name, overrides, runs, log)
-        rows.append({"point": name, **point, **collect(runs / name)})
-    written = write_tables(rows, sweep.columns, out)
-    if sweep.plot:
-        written.append(write_plot(rows, sweep.plot, out / "results.png"))
-    log("results: " + ", ".join(str(p) for p in written))
+        try:
+            run_point(sweep, name, overrides, runs, log)
+        except PointFailed as e:
+            log(f"error: {e}")
+            failed.append(name)
+            continue
+        seed = json.loads((runs / name / "config.json").read_text()).get("seed")
+        rows.append({"point": name, **point, "seed": seed, **collect(runs / name)})
+    if rows:
+        written = write_tables(rows, sweep.columns, out)
+        if sweep.plot:
+            written.append(write_plot(rows, sweep.plot, out / "results.png"))
+        log("results: " + ", ".join(str(p) for p in written))
+    if failed:
+        raise PointFailed(
+            f"{len(failed)} of {len(points)} points failed: {', '.join(failed)} (their logs are "
+            f"above); the results hold the other {len(rows)}. Re-running the sweep runs only "
+            "the failed points again"
+        )
     return rows
 
 
@@ -357,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else REPO / "experiments" / "results" / sweep.name
         only = args.only.split(",") if args.only else None
         run_sweep(sweep, out.absolute(), extra=parse_set(args.set), only=only)
+    except SweepStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 143
+    except PointFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

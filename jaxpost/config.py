@@ -165,6 +165,17 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def _unset_none_strings(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+    """A command line cannot pass None: `--config.data.task=None` arrives as the string 'None'.
+    For the optional string keys (default None) 'None' and '' mean None."""
+    for key, default in schema.items():
+        if isinstance(default, ml_collections.ConfigDict):
+            if isinstance(cfg[key], ml_collections.ConfigDict):
+                _unset_none_strings(cfg[key], default)
+        elif default is None and isinstance(cfg[key], str) and cfg[key].strip() in ("None", ""):
+            cfg[key] = None
+
+
 def validate(
     cfg: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1
 ) -> ml_collections.ConfigDict:
@@ -178,6 +189,7 @@ def validate(
     problems: list[str] = []
     check_keys(cfg, defaults(), problems)
     if not problems:
+        _unset_none_strings(cfg, defaults())
         check_arch(cfg, problems)
         check_task_options(cfg, problems)
         check_values(cfg, problems, num_devices, num_processes)

@@ -135,16 +135,23 @@ def check_arch(cfg, problems: list[str]) -> None:
 
 
 def check_task_options(cfg, problems: list[str]) -> None:
+    """data.task names a built-in task, which accepts data.task_options."""
     options = cfg.data.task_options.to_dict()
-    if not options:
-        return
     if cfg.data.task is None:
-        problems.append(f"data.task_options {sorted(options)} are set but data.task is None")
+        if options:
+            problems.append(f"data.task_options {sorted(options)} are set but data.task is None")
         return
     from jaxpost.data import tasks
 
     if cfg.data.task not in tasks.TASKS:
-        problems.append(f"data.task={cfg.data.task!r}; built-in tasks are {sorted(tasks.TASKS)}")
+        near = difflib.get_close_matches(cfg.data.task, sorted(tasks.TASKS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        problems.append(
+            f"data.task={cfg.data.task!r}; built-in tasks are {sorted(tasks.TASKS)}{hint} "
+            "(None for data files: --config.data.task=None)"
+        )
+        return
+    if not options:
         return
     params = inspect.signature(tasks.get(cfg.data.task).generate_split).parameters
     accepted = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY)
@@ -183,6 +190,12 @@ def check_values(cfg, problems: list[str], num_devices: int | None, num_processe
         problems.append("lora.quantize_base=True (QLoRA) needs lora.enabled=True")
     if cfg.data.task is None and cfg.data.train_path is None:
         problems.append("no training data: set data.task (built-in) or data.train_path")
+    elif cfg.data.task is not None and (cfg.data.train_path or cfg.data.eval_path):
+        given = "data.train_path" if cfg.data.train_path else "data.eval_path"
+        problems.append(
+            f"data.task={cfg.data.task!r} and {given} are both set, and the built-in task would "
+            f"be trained on: to use the file, set --config.data.task=None"
+        )
     elif cfg.data.task is None and cfg.model.hf_path is None:
         problems.append(
             "data.train_path needs a tokenizer: a built-in model (model.arch) only has the "

@@ -146,7 +146,7 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
     t0 = time.perf_counter()
     try:
         run = runner.Run.create(cfg)
-    except _INPUT_ERRORS as e:
+    except (*_INPUT_ERRORS, jconfig.ConfigError, runner.WorkdirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run.log(f"host memory: {host}")

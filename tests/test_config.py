@@ -152,6 +152,27 @@ def test_file_data_with_a_built_in_model_has_no_tokenizer():
     assert "data.train_path needs a tokenizer" in _problems(cfg)
 
 
+def test_a_task_and_a_data_file_are_not_both_taken():
+    """A built-in task with a data file would silently train on the task: refused, naming how
+    to unset the task from the command line (where None arrives as the string 'None')."""
+    cfg = _cfg()
+    cfg.data.train_path = "train.jsonl"
+    msg = _problems(cfg)
+    assert "data.task='arithmetic' and data.train_path are both set" in msg
+    assert "--config.data.task=None" in msg
+    cfg.data.task = "None"  # as `--config.data.task=None` sets it
+    cfg.model.hf_path = "/some/model"
+    jconfig.validate(cfg)
+    assert cfg.data.task is None
+
+
+def test_an_unknown_task_is_named_before_anything_runs():
+    cfg = _cfg()
+    cfg.data.task = "arithmetc"
+    msg = _problems(cfg)
+    assert "data.task='arithmetc'; built-in tasks are ['arithmetic']; did you mean" in msg
+
+
 # What the config points at on disk (`config_inputs.check`) -----------------------------------
 
 

@@ -138,6 +138,56 @@ def test_two_point_sweep(tmp_path, capsys, monkeypatch):
     )
 
 
+def test_a_failed_point_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    definition = _write(
+        tmp_path,
+        'BASE = "configs/quickstart.py:test"\n'
+        'POINTS = [("bad", {"lora.rank": 0}), ("ok", {"lora.rank": 2})]\n',
+    )
+    out = tmp_path / "sweep"
+    argv = [str(definition), "--out", str(out)] + [a for s in FAST for a in ("--set", s)]
+    assert run_sweep.main(argv) == 1
+    said = capsys.readouterr()
+    assert "point 'bad' failed (exit code 2)" in said.out and "lora.rank=0 must be > 0" in said.out
+    assert "1 of 2 points failed: bad" in said.err
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["point"], r["seed"]) for r in rows] == [("ok", "0")]
+
+
+def test_sigterm_to_the_sweep_stops_its_trainer_after_a_checkpoint(tmp_path):
+    """A scheduler's SIGTERM reaches the running trainer, which saves and exits; the sweep
+    exits 143 and leaves no trainer behind holding the work directory."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "sweep"
+    sets = [
+        a for s in FAST + ["train.steps=100000", "checkpoint.every=100000"] for a in ("--set", s)
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    sweep = subprocess.Popen(
+        [sys.executable, str(REPO / "experiments" / "run_sweep.py"), str(RANK_SWEEP), "--out",
+         str(out), "--base", "configs/quickstart.py:test", "--only", "rank1", *sets],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log = out / "runs" / "rank1" / "train.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and "[sft] step" in log.read_text()):
+        assert sweep.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=120) == 143
+    assert "stopped by SIGTERM during point 'rank1'" in sweep.stderr.read()
+    assert "saved checkpoint" in log.read_text() or (out / "runs" / "rank1" / "sft").exists()
+    with open(out / "runs" / "rank1" / ".lock") as lock:  # no trainer holds it any more
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_collect_takes_the_last_record_of_each_step(tmp_path):
     """A resumed run appends to metrics.jsonl: the record written last for a step stands, and
     the latest step of each split is the final value."""

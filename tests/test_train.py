@@ -412,3 +412,13 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (exported / name).is_file(), name
     assert models.load_hf(exported)[0] == models.load_hf(model)[0]
+
+
+def test_a_second_run_in_the_same_work_directory_is_refused(tmp_path):
+    from jaxpost.loops.runner import WorkdirInUse, lock_workdir
+
+    held = lock_workdir(tmp_path / "w")
+    with pytest.raises(WorkdirInUse, match=rf"{tmp_path / 'w'} is in use by another run \(pid "):
+        lock_workdir(tmp_path / "w")
+    held.close()  # the run ends: the directory is free again
+    lock_workdir(tmp_path / "w").close()

@@ -10,8 +10,11 @@ printed before and after the recipe's stage.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -39,29 +42,37 @@ class Run:
     writer: MetricsWriter
     guard: PreemptionGuard | None = None
     summary: dict = dataclasses.field(default_factory=dict)
+    lock: Any = None  # the work directory's lock file (`lock_workdir`), held until close()
 
     @classmethod
     def create(cls, cfg: ml_collections.ConfigDict) -> Run:
         workdir = Path(cfg.workdir).absolute()
-        writer = MetricsWriter(
-            workdir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard
-        )
-        writer.echo(f"work directory: {workdir}")
-        if jax.process_index() == 0:
-            (workdir / "config.json").write_text(jconfig.to_json(cfg))
-        mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-        task, tokenizer = data_setup.task_and_tokenizer(cfg)
-        model_cfg, params = load_model(cfg, mesh)
-        if tokenizer.vocab_size > model_cfg.vocab_size:
-            raise jconfig.ConfigError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                f"{model_cfg.vocab_size}; raise model.arch.vocab_size"
+        # One process of a multi-process run holds it: its processes share the directory.
+        lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+        try:
+            writer = MetricsWriter(
+                workdir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard
             )
+            writer.echo(f"work directory: {workdir}")
+            if jax.process_index() == 0:
+                (workdir / "config.json").write_text(jconfig.to_json(cfg))
+            mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+            task, tokenizer = data_setup.task_and_tokenizer(cfg)
+            model_cfg, params = load_model(cfg, mesh)
+            if tokenizer.vocab_size > model_cfg.vocab_size:
+                raise jconfig.ConfigError(
+                    f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                    f"is {model_cfg.vocab_size}; raise model.arch.vocab_size"
+                )
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
         writer.echo(
             f"model: {model_cfg.model_type} {model_cfg.num_params() / 1e6:.2f}M parameters; "
             f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s)"
         )
-        return cls(cfg, workdir, mesh, model_cfg, params, tokenizer, task, writer)
+        return cls(cfg, workdir, mesh, model_cfg, params, tokenizer, task, writer, lock=lock)
 
     def log(self, message: str) -> None:
         if jax.process_index() == 0:  # one copy of each line, as the metrics are written
@@ -69,6 +80,9 @@ class Run:
 
     def close(self) -> None:
         self.writer.close()
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases its lock
+            self.lock = None
 
     def finish(self, seconds: float) -> None:
         """Write the summary and the curves' plot, print where everything is."""
@@ -85,6 +99,34 @@ class Run:
             )
         self.log(f"done in {seconds:.0f} s; artifacts in {self.workdir}")
         self.close()
+
+
+class WorkdirInUse(RuntimeError):
+    """Another run holds the work directory."""
+
+
+def lock_workdir(workdir: Path):
+    """An exclusive lock on `workdir/.lock` (the open file: closing it, or the process ending
+    in any way, releases it). Two runs writing one directory corrupt each other's checkpoints
+    (e.g. a sweep's trainer left running when the sweep was killed, and the sweep re-run), so a
+    second run is refused, naming the holder."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise WorkdirInUse(
+            f"work directory {workdir} is in use by another run ({holder}); wait for it to end, "
+            "or pass another --config.workdir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
 
 
 def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[models.ModelConfig, dict]:
