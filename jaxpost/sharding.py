@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 import warnings
@@ -343,9 +344,9 @@ def gather_across_processes(text: str) -> list[str]:
     from jax.experimental import multihost_utils
 
     data = np.frombuffer(text.encode(), np.uint8)
-    padded = np.zeros(max(1, agree_across_processes(len(data), "max")), np.uint8)
-    padded[: len(data)] = data
     lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(data), np.int64)))
+    padded = np.zeros(max(1, int(lengths.max())), np.uint8)  # equal shapes on every process
+    padded[: len(data)] = data
     rows = np.asarray(multihost_utils.process_allgather(padded))
     return [bytes(rows[i, : lengths[i]]).decode() for i in range(len(lengths))]
 
@@ -388,6 +389,7 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
 
 
+@functools.lru_cache(maxsize=16)  # called for every batch; the answer depends on these alone
 def _rows_shared_by_processes(mesh: Mesh, rules: Rules) -> str | None:
     """Why the batch axes do not give each process rows of its own (None if they do). Each
     process feeds different rows; rows two processes share would take one process's and
@@ -416,7 +418,8 @@ def global_batch(local: Mapping, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> di
     across processes); with one process this is B_local and the rows are simply placed.
     B_local must divide evenly over this process's share of the batch axes.
     """
-    if jax.process_count() > 1 and (problem := _rows_shared_by_processes(mesh, rules)):
+    frozen = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)  # hashable
+    if jax.process_count() > 1 and (problem := _rows_shared_by_processes(mesh, frozen)):
         raise ValueError(problem)
     out = {}
     for name, x in local.items():
