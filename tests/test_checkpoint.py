@@ -152,10 +152,10 @@ def test_corrupt_arrays_are_a_clear_error(tmp_path):
 def test_a_failed_restore_leaves_no_reads_behind():
     """Orbax closes its restore loop at the first failed read. The loop given to it cancels and
     finishes the other reads first, so none of them prints a traceback after the error."""
-    from jaxpost.checkpoint import _orbax_loops_drain
+    from jaxpost.orbax_restore_loop import draining_restore_loops
 
     reports = []
-    with _orbax_loops_drain():
+    with draining_restore_loops():
         loop = asyncio.new_event_loop()
     loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
     started, cancelled = [], []
