@@ -25,20 +25,12 @@ if "JAXPOST_CACHE_DIR" not in os.environ:
 
 # Multi-process runs -----------------------------------------------------------------------------
 
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cli_helpers import ROOT, free_port  # noqa: E402
 
 
 def launch_processes(worker: Path, args, num_processes: int = 2, timeout: float = 240) -> list:
@@ -49,7 +41,7 @@ def launch_processes(worker: Path, args, num_processes: int = 2, timeout: float 
     JAX_PLATFORMS (each sets its own device count). Fails naming every process that did not
     exit 0, with the tail of its output. Returns each process's output.
     """
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     procs = [

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+from cli_helpers import QUICKSTART, free_port
+
 ARGS = [
     f"--config={QUICKSTART}:test",
     "--config.pretrain.steps=0",
@@ -28,16 +27,10 @@ ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(workdir: Path, *args: str, num_processes: int = 2) -> list[subprocess.Popen]:
     """The CLI as `num_processes` processes of one job (one CPU device each), the coordinator
     and process ids from the JAX_* environment, as a cluster launcher sets them."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(num_processes):
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import QUICKSTART, ROOT
 
 from jaxpost import host_memory, nf4
 from jaxpost.optim import make_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.py")
 # A short single-stage LoRA SFT run: enough steps that a kill lands mid-run.
 SHORT = [
     f"--config={QUICKSTART}:test",
