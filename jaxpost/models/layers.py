@@ -109,7 +109,8 @@ class Linear(nn.Module):
         if factors:  # few rows, or dropout on the LoRA input: the low-rank product added
             a, b = factors
             xd = nn.Dropout(self.lora_dropout, deterministic=False)(x) if dropout else x
-            y = y + matmul.low_rank(xd, a, b, self.lora_scale, self.dtype)
+            lora_term = matmul.low_rank_rounded if kernel is None else matmul.low_rank
+            y = y + lora_term(xd, a, b, self.lora_scale, self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias",

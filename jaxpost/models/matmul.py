@@ -220,6 +220,25 @@ def low_rank(x, a, b, scale: float, compute_dtype) -> jax.Array:
     return _low_rank(x.astype(compute_dtype), a, b, float(scale), compute_dtype)
 
 
+def low_rank_rounded(x, a, b, scale: float, compute_dtype) -> jax.Array:
+    """`low_rank`'s value for inference beside a transposed kernel (`dot_t`, the decode layout):
+    the operands and x a rounded to compute_dtype as there, multiplied as float32.
+
+    The products of rounded operands are exact in float32 and both sum in float32, so this is
+    `low_rank` up to summation order. The decode layout hands these dots activations that XLA
+    keeps transposed ([K, M], from `dot_t`'s [N, M] products), and XLA:CPU computes a bfloat16 x
+    bfloat16 -> float32 dot contracting such an operand on a path that does not implement it
+    ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"); its float32 dot takes
+    any layout. The LoRA factors are rank r, so the float32 products cost little.
+    """
+    compute_dtype = jnp.dtype(compute_dtype)
+    if compute_dtype == jnp.float32:
+        return low_rank(x, a, b, scale, compute_dtype)
+    rounded = lambda t: t.astype(compute_dtype).astype(jnp.float32)
+    xa = jnp.dot(rounded(x), rounded(a), preferred_element_type=jnp.float32)
+    return scale * jnp.dot(rounded(xa), rounded(b), preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _low_rank(x, a, b, scale, compute_dtype):
     return _low_rank_fwd(x, a, b, scale, compute_dtype)[0]

@@ -1,6 +1,7 @@
 """`rollout.generate`, the one-call rollout API: an engine sized from the prompts and
-sampling parameters (power-of-two sizes), cached across calls so an RL loop's repeated
-rollouts neither rebuild nor recompile it, and a `driver.Driver` run over it."""
+sampling parameters (power-of-two sizes), cached across calls (a larger engine serves smaller
+calls) so an RL loop's repeated rollouts neither rebuild nor recompile it, and a
+`driver.Driver` run over it."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def generate(
 
     sampling_params: one for all prompts or one per prompt. params may be plain or
     {"base", "lora"}; `lora` (a `lora.LoraParams`, or its plain factor tree) overrides. Pass a
-    prebuilt `engine` to control its sizes; otherwise an engine cached from an earlier call
-    with the same sizes is reused (its params swapped in), so repeated calls do not recompile.
+    prebuilt `engine` to control its sizes (params may then be its own loaded weights,
+    `engine.params`); otherwise an engine cached from an earlier call at least as large (prompt
+    and completion lengths rounded up to powers of two) is reused with its params swapped in,
+    so repeated calls compile only when they need a larger engine than any so far.
     Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
     Each result has .tokens, .logprobs (raw model log-probs unless SamplingParams.logprobs is
     "processed"), .finish_reason and .seed. A prompt longer than the model's
@@ -68,7 +71,12 @@ def generate(
         max_prefill = min(prefill_bucket(max(longest, 1), 1 << 30), limit)
         # Positions past the model's range are not generated (vLLM's max_model_len).
         max_len = min(max_prefill + prefill_bucket(max_new, 1 << 30, min_bucket=1), limit)
-        key = (repr(cfg), slots, max_len, max_prefill, page_size, steps_per_call, mesh)
+        same = (repr(cfg), slots, page_size, steps_per_call, mesh)
+        # Any cached engine at least this large serves these prompts (its prefill compiles per
+        # prompt-length bucket and a decode step attends only the columns live slots use), so a
+        # loop whose lengths vary reuses one engine instead of cycling through several.
+        fits = [k for k in _ENGINES if k[0] == same and k[1] >= max_len and k[2] >= max_prefill]
+        key = min(fits, key=lambda k: (k[1], k[2])) if fits else (same, max_len, max_prefill)
         engine = _ENGINES.pop(key, None)
         if engine is None:
             engine = Engine(
@@ -86,7 +94,7 @@ def generate(
         _ENGINES[key] = engine
         while len(_ENGINES) > _MAX_CACHED_ENGINES:
             del _ENGINES[next(iter(_ENGINES))]  # least recently used
-    if not loaded:
+    if not loaded and not (params is engine.params and lora is None):  # not its own weights
         engine.update_params(params, lora=lora)
     outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
     return [c for per_prompt in outs for c in per_prompt]

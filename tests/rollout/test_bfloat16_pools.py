@@ -178,3 +178,32 @@ def test_bfloat16_decode_loop_copies_no_pool_and_no_embedding_table(tie):
         hlo = generate.lower(*args).compile().as_text()
         assert _materialised(hlo, pool) == []
         assert _materialised(hlo, table) == []
+
+
+@pytest.mark.parametrize("decode_layout", [False, True])
+def test_bfloat16_lora_decodes_in_either_layout(params, decode_layout):
+    """A bfloat16 model with a LoRA adapter, in the transposed decode layout too (whose LoRA
+    products once reached XLA:CPU's unimplemented bfloat16 x bfloat16 -> float32 dot): greedy
+    tokens are the dense forward's argmax, log-probs the trainer's."""
+    from jaxpost import lora
+    from jaxpost.losses import token_logprobs
+
+    targets = ("layers/attn/(q|v)/kernel", "layers/mlp/down/kernel")
+    adapter = lora.init(CFG, params, rank=4, alpha=8.0, targets=targets)
+    adapter = test_engine.randomized(adapter, jax.random.key(7), 0.3)
+    engine = rollout.Engine(
+        CFG, params, lora=adapter, slots=2, max_len=48, max_prefill_length=16, page_size=4,
+        steps_per_call=4, decode_layout=decode_layout,
+    )  # fmt: skip
+    prompts = [[1, 2, 3, 4, 5], [7, 9, 11]]
+    sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
+    outs = rollout.generate(CFG, engine.params, prompts, sp, engine=engine)
+    both = {"base": params, "lora": adapter}
+    for prompt, out in zip(prompts, outs):
+        seq = jnp.asarray([prompt + out.tokens], jnp.int32)
+        logits = models.forward(CFG, params, seq, lora=adapter)[0]
+        greedy = np.asarray(jnp.argmax(logits[len(prompt) - 1 : -1], -1)).tolist()
+        assert out.tokens == greedy
+        batch = {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
+        trainer = np.asarray(token_logprobs(CFG, both, batch)["logp"][0, len(prompt) - 1 :])
+        np.testing.assert_allclose(out.logprobs, trainer, atol=2e-2, rtol=0)

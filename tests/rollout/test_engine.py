@@ -200,6 +200,30 @@ def test_lora_greedy_with_per_layer_pools_and_weights(params):
     outs = rollout.generate(cfg, {"base": params, "lora": adapter}, prompts, sp, engine=engine)
     for prompt, out in zip(prompts, outs):
         assert out.tokens == full_forward_greedy(params, prompt, 8, adapter)
+    # The engine's own loaded weights back (per-layer trees here) are taken as they are.
+    again = rollout.generate(cfg, engine.params, prompts, sp, engine=engine)
+    assert [o.tokens for o in again] == [o.tokens for o in outs]
+
+
+def test_generate_reuses_a_cached_engine_at_least_as_large(params):
+    """An RL loop whose prompt lengths vary: a smaller call reuses the larger cached engine
+    (no new engine: its pools and compiled programs serve it) and gets the model's tokens."""
+    api._ENGINES.clear()
+    rng = np.random.default_rng()
+    sp = rollout.SamplingParams(max_new_tokens=6, temperature=0.0)
+    long_prompts = _prompts(rng, 2, lo=40, hi=50)
+    rollout.generate(CFG, params, long_prompts, sp, slots=2, page_size=4)
+    (engine,) = api._ENGINES.values()
+    for length in (3, 12, 20):
+        prompts = _prompts(rng, 2, lo=length, hi=length + 1)
+        outs = rollout.generate(CFG, params, prompts, sp, slots=2, page_size=4)
+        assert list(api._ENGINES.values()) == [engine]
+        for prompt, out in zip(prompts, outs):
+            assert out.tokens == full_forward_greedy(params, prompt, 6)
+    # A call needing a larger engine than any cached one builds it.
+    rollout.generate(CFG, params, long_prompts, dataclasses.replace(sp, max_new_tokens=40),
+                     slots=2, page_size=4)  # fmt: skip
+    assert len(api._ENGINES) == 2
 
 
 def test_tensor_parallel_decode_gives_the_same_tokens(params):
