@@ -45,8 +45,9 @@ def generate(
     so repeated calls compile only when they need a larger engine than any so far.
     Returns a flat list, prompt-major: prompt 0's n samples, then prompt 1's, ...
     Each result has .tokens, .logprobs (raw model log-probs unless SamplingParams.logprobs is
-    "processed"), .finish_reason and .seed. A prompt longer than the model's
-    max_position_embeddings is refused; a completion that would pass it ends there ("length").
+    "processed"), .finish_reason and .seed. Prompt and completion stay within the model's
+    max_position_embeddings: a prompt that fills them is refused, a completion that would pass
+    them ends there ("length").
     """
     if sampling_params is None:
         sampling_params = SamplingParams()
@@ -60,7 +61,14 @@ def generate(
     # Checked before sizing an engine from them (the driver checks lengths against the engine).
     limit = cfg.max_position_embeddings
     prompts = [
-        validate_prompt(p, i, limit, cfg.vocab_size, "the model's max_position_embeddings")
+        # vLLM's max_model_len: prompt + completion within the positions, one at least generated.
+        validate_prompt(
+            p,
+            i,
+            limit - 1,
+            cfg.vocab_size,
+            f"the longest that leaves a position to generate (max_position_embeddings={limit})",
+        )  # fmt: skip
         for i, p in enumerate(prompts)
     ]
     loaded = False  # whether `params` are already the engine's weights

@@ -291,8 +291,11 @@ def test_bad_inputs_raise_clear_errors(params):
     # The model's position range bounds prompt and completion (vLLM's max_model_len): a longer
     # prompt is refused, a completion reaching it ends there.
     short = CFG.replace(max_position_embeddings=24)
-    with pytest.raises(ValueError, match="prompt 0 has 25 tokens; the model's max_position_emb"):
-        rollout.generate(short, params, [[1] * 25])
+    with pytest.raises(ValueError, match=r"prompt 0 has 24 tokens; the longest that leaves a "
+                       r"position to generate \(max_position_embeddings=24\) is 23"):  # fmt: skip
+        rollout.generate(short, params, [[1] * 24])
+    out = rollout.generate(short, params, [[1] * 23], rollout.SamplingParams(max_new_tokens=9))
+    assert len(out[0].tokens) == 1 and out[0].finish_reason == "length"
     out = rollout.generate(short, params, [[1] * 20], rollout.SamplingParams(max_new_tokens=9))
     assert len(out[0].tokens) == 4 and out[0].finish_reason == "length"
     engine = rollout.Engine(CFG, params, slots=2, max_len=64, max_prefill_length=16)
