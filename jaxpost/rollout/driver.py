@@ -109,6 +109,12 @@ class Driver:
             validate_prompt(r.prompt, i, eng.max_prefill_length, self.vocab)
             for i, r in enumerate(requests)
         ]
+        for i, r in enumerate(requests):  # an id no token can equal would never end a sample
+            bad = [e for e in r.sampling.eos_token_ids if self.vocab and not 0 <= e < self.vocab]
+            if bad:
+                raise ValueError(
+                    f"request {i}: eos_token_ids {bad} are outside the vocabulary [0, {self.vocab})"
+                )
         # Requests without a seed get fresh ones, one per request (its n samples share it).
         fresh = iter(fresh_seeds(sum(r.sampling.seed is None for r in requests)))
         seeds = [next(fresh) if r.sampling.seed is None else r.sampling.seed for r in requests]

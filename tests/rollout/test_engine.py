@@ -303,6 +303,9 @@ def test_bad_inputs_raise_clear_errors(params):
         rollout.generate(CFG, params, [[1] * 17], engine=engine)
     with pytest.raises(ValueError, match=r"token id 999; expected ids in \[0, 160\)"):
         rollout.generate(CFG, params, [[1, 999]], engine=engine)
+    with pytest.raises(ValueError, match=r"request 0: eos_token_ids \[999, -1\] are outside"):
+        sp = rollout.SamplingParams(eos_token_ids=(3, 999, -1))
+        rollout.generate(CFG, params, [[1, 2]], sp, engine=engine)
     with pytest.raises(TypeError, match="prompt 1 is not a flat sequence of integer token ids"):
         rollout.generate(CFG, params, [[1, 2], [1.5, 2.0]], engine=engine)
     with pytest.raises(TypeError, match="prompt 0 is int 1, not a sequence of token ids"):
