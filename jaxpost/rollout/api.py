@@ -68,7 +68,7 @@ def generate(
             limit - 1,
             cfg.vocab_size,
             f"the longest that leaves a position to generate (max_position_embeddings={limit})",
-        )  # fmt: skip
+        )
         for i, p in enumerate(prompts)
     ]
     loaded = False  # whether `params` are already the engine's weights
