@@ -418,9 +418,10 @@ def global_batch(local: Mapping, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> di
     across processes); with one process this is B_local and the rows are simply placed.
     B_local must divide evenly over this process's share of the batch axes.
     """
-    frozen = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)  # hashable
-    if jax.process_count() > 1 and (problem := _rows_shared_by_processes(mesh, frozen)):
-        raise ValueError(problem)
+    if jax.process_count() > 1:
+        frozen = tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)  # hashable
+        if problem := _rows_shared_by_processes(mesh, frozen):
+            raise ValueError(problem)
     out = {}
     for name, x in local.items():
         x = np.asarray(x)
