@@ -11,8 +11,10 @@ HF Linear weights are [out, in]; ours are [in, out] (see `jaxpost.models.transfo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,27 +37,26 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _open_weights(path: Path) -> dict[str, safetensors_io.SafetensorsFile]:
-    """Tensor name -> the file holding it, for a single file or a sharded checkpoint."""
-    index_path = path / INDEX_FILE
-    if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_path}: not a safetensors index (needs 'weight_map')") from e
-        files = {
-            f: safetensors_io.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))
-        }
-        out = {}
-        for name, fname in weight_map.items():
-            if name not in files[fname].entries:
-                raise ValueError(f"{index_path} maps tensor {name!r} to {fname}, which lacks it")
-            out[name] = files[fname]
-        return out
+    """Tensor name -> the file holding it, for a single file or a sharded checkpoint. A
+    directory holding both reads model.safetensors, as transformers does."""
     single = path / SINGLE_FILE
-    if not single.exists():
+    if single.exists():
+        f = safetensors_io.SafetensorsFile(single)
+        return dict.fromkeys(f.entries, f)
+    index_path = path / INDEX_FILE
+    if not index_path.exists():
         raise FileNotFoundError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-    f = safetensors_io.SafetensorsFile(single)
-    return dict.fromkeys(f.entries, f)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path}: not a safetensors index (needs 'weight_map')") from e
+    files = {f: safetensors_io.SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+    out = {}
+    for name, fname in weight_map.items():
+        if name not in files[fname].entries:
+            raise ValueError(f"{index_path} maps tensor {name!r} to {fname}, which lacks it")
+        out[name] = files[fname]
+    return out
 
 
 class _Source:
@@ -179,8 +180,26 @@ def hf_leaves(cfg: ModelConfig) -> tuple[Any, list[HFLeaf]]:
     return abstract, [HFLeaf(leaf_path(p), tuple(x.shape), cfg) for p, x in flat]
 
 
+def _stores_its_own_head(sources: dict[str, _Source], rows: int = 4096) -> bool:
+    """Whether a checkpoint holds an lm_head.weight that is not a copy of its embedding
+    (compared exactly, a block of rows at a time, as transformers' torch.equal)."""
+    head, embedding = sources.get("lm_head.weight"), sources.get("model.embed_tokens.weight")
+    if head is None or embedding is None or head.shape != embedding.shape:
+        return head is not None
+    for start in range(0, head.shape[0], rows):
+        block = (slice(start, start + rows),)
+        a, b = head.read(block), embedding.read(block)
+        if a.dtype != b.dtype:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+        if not np.array_equal(a, b):
+            return True
+    return False
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of an HF model directory."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (an HF model directory was expected)")
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
@@ -214,6 +233,14 @@ def load_hf(
         canonical = _text_model_name(name) if multimodal else name
         if canonical is not None:
             sources[canonical] = _Source(file, name)
+    if cfg.tie_embeddings and _stores_its_own_head(sources):
+        warnings.warn(
+            f"{path}: config.json ties the LM head to the embedding, but the checkpoint stores "
+            "an lm_head.weight that differs from it; loading the stored head untied, as "
+            "transformers does (set tie_word_embeddings=false in config.json to silence this)",
+            stacklevel=2,
+        )
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
     abstract, leaves = hf_leaves(cfg)
 
     expected = {}
@@ -228,10 +255,8 @@ def load_hf(
         )
     ignorable = lambda n: (
         n.endswith(_IGNORED_SUFFIXES)
-        or (
-            # transformers re-ties a stored lm_head over the embedding
-            n == "lm_head.weight" and cfg.tie_embeddings
-        )
+        # a stored copy of the tied head (checked equal above), as torch exports write it
+        or (n == "lm_head.weight" and cfg.tie_embeddings)
     )
     unexpected = [sources[n] for n in sources if n not in expected and not ignorable(n)]
     if unexpected:

@@ -46,7 +46,13 @@ _GEMMA3_TEXT_DEFAULTS = {
     "query_pre_attn_scalar": 256,
     "sliding_window": 4096,
 }
+# head_dim when config.json leaves it out: these families' config classes default to a fixed
+# size, not hidden_size // num_attention_heads (the others' default).
+_HEAD_DIM_DEFAULTS = {"qwen3": 128, "gemma": 256, "gemma2": 256}
 _LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
+# Families whose transformers models have no sliding window: a layer_types or sliding_window
+# key that a conversion left in their config.json is ignored, as transformers ignores it.
+_NO_WINDOW = ("llama", "gemma")
 # Fields compared when checking that a ModelConfig survives the trip to an HF config and back.
 _MATH_FIELDS = tuple(
     f.name
@@ -114,6 +120,8 @@ def _yarn(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
 
 def _layer_types(hf: dict[str, Any], family: str, num_layers: int) -> tuple[str, ...] | None:
     """Per-layer 'global' / 'local', or None when no layer has a sliding window."""
+    if family in _NO_WINDOW:
+        return None
     if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         return None  # transformers drops the window entirely without use_sliding_window
     names = hf.get("layer_types")
@@ -187,8 +195,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if family == "gemma3_text":
         # Released Gemma 3 configs omit fields that equal transformers' defaults.
         hf = {**_GEMMA3_TEXT_DEFAULTS, **hf}
-    if family == "mistral":
-        # MistralConfig's default window (v0.2 and later configs write null: no window).
+    if family in ("mistral", "gemma2"):
+        # Their config classes' default window (Mistral v0.2 and later configs write null: none).
         hf = {"sliding_window": 4096, **hf}
         if hf.get("attention_bias"):
             raise ValueError("attention_bias=True is not supported for mistral (no biases)")
@@ -207,7 +215,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     layers = int(hf["num_hidden_layers"])
-    head_dim = hf.get("head_dim") or hidden // heads
+    head_dim = hf.get("head_dim") or _HEAD_DIM_DEFAULTS.get(family) or hidden // heads
     if family == "gemma3_text":
         nested = hf.get("rope_parameters") or {}
         full = dict(nested.get("full_attention") or {})

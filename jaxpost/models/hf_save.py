@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -75,7 +76,8 @@ def save_hf(
     token ids (bos / eos / pad_token_id) kept, so `generate` on the saved model stops where the
     original's does.
     """
-    path = Path(path).absolute()
+    # A symlink to a directory is saved through: its target gets the new checkpoint.
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path).absolute()
     hf_config = config_to_hf(cfg)
     if source is not None:
         source = Path(source)
@@ -147,16 +149,30 @@ def _write_checkpoint(path: Path, shards: list[list], hf_config: dict, source) -
         raise
 
 
+# The model's weight files as transformers names them (single file or shards); a save replaces
+# these, and other .safetensors files (an adapter, optimizer state) are left alone.
+_MODEL_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
 def _is_weights_or_config(name: str) -> bool:
-    return name.endswith(".safetensors") or name in ("config.json", INDEX_FILE)
+    return bool(_MODEL_WEIGHTS.fullmatch(name)) or name in ("config.json", INDEX_FILE)
+
+
+def _old_shards(old: Path) -> set[str]:
+    """The weight files an existing directory's index names (its shards, whatever their names)."""
+    try:
+        return set(json.loads((old / INDEX_FILE).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _carry_over(old: Path, new: Path) -> None:
     """Copy the files of an existing checkpoint dir that a save does not rewrite."""
     if not old.is_dir():
         raise ValueError(f"{old} exists and is not a directory; cannot save a checkpoint there")
+    replaced = _old_shards(old)
     for entry in old.iterdir():
-        if _is_weights_or_config(entry.name):
+        if _is_weights_or_config(entry.name) or entry.name in replaced:
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / entry.name, symlinks=True)
@@ -164,8 +180,19 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
 
 
-# Weight files of other formats a source directory may hold: never copied beside new weights.
-_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx")
+# Weight files (any safetensors, other formats) a source directory may hold: never copied
+# beside new weights.
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".h5",
+    ".msgpack",
+    ".ckpt",
+    ".gguf",
+    ".onnx",
+)
 
 
 def _copy_companions(source: Path, new: Path) -> None:

@@ -229,7 +229,7 @@ def test_mistral_window_every_layer_null_or_default():
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
-        ({"layer_types": ["chunked_attention"] * 32}, "chunked_attention"),
+        ({"model_type": "mistral", "layer_types": ["chunked_attention"] * 32}, "chunked_"),
     ],
 )
 def test_unsupported_config_is_named(change, message):
