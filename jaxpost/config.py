@@ -82,10 +82,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 0
     c.optimizer.min_lr_ratio = 0.0  # cosine / linear decay end at learning_rate * this
     c.optimizer.weight_decay = 0.0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.grad_clip_norm = 1.0
+    # None: the optimizer's own default (jaxpost.optim.DEFAULTS: AdamW 0.9 / 0.999 / 1e-8, Lion
+    # 0.9 / 0.99, Adafactor eps 1e-30, SGD momentum b1 = 0); a key the optimizer does not use
+    # (e.g. b2 for sgd) is refused.
+    c.optimizer.b1 = _fieldref(None, float)
+    c.optimizer.b2 = _fieldref(None, float)
+    c.optimizer.eps = _fieldref(None, float)
+    c.optimizer.grad_clip_norm = 1.0  # <= 0 or None: no clipping
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxpost import sharding
+from jaxpost import optim, sharding
 from jaxpost.config_builders import model_config
 from jaxpost.models.config import ModelConfig
 
@@ -41,13 +41,13 @@ POSITIVE = (
     "mesh.data",
     "mesh.tensor",
     "optimizer.learning_rate",
+    "pretrain.learning_rate",
     "lora.alpha",
 )
 NON_NEGATIVE = (
     "train.eval_every",
     "pretrain.steps",
     "optimizer.warmup_steps",
-    "optimizer.weight_decay",
     "seed",
     "data.num_eval_examples",
 )
@@ -201,8 +201,18 @@ def check_values(cfg, problems: list[str], num_devices: int | None, num_processe
             "data.train_path needs a tokenizer: a built-in model (model.arch) only has the "
             "built-in task's (data.task); set model.hf_path to train an HF model with its own"
         )
-    if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
-        problems.append(f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio} must be in [0, 1]")
+    o = cfg.optimizer
+    if o.name in optim.OPTIMIZERS:  # an unknown name is reported with the choices above
+        # (the learning rates are checked above, as POSITIVE)
+        hyper = optim.OptimizerConfig(
+            name=o.name,
+            weight_decay=o.weight_decay,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            min_lr_ratio=o.min_lr_ratio,
+        )
+        problems.extend(f"optimizer.{p}" for p in optim.hyperparameter_problems(hyper))
     if cfg.optimizer.warmup_steps > cfg.train.steps:
         problems.append(
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds "

@@ -26,22 +26,62 @@ SCHEDULES = ("cosine", "linear", "constant")
 class OptimizerConfig:
     """Optimizer hyper-parameters; field names match `config.optimizer`.
 
-    b1 is SGD's momentum (0 = plain SGD). weight_decay is decoupled (AdamW / Lion style) and
-    skips norms, biases and 1-D leaves (`decay_mask`). max_grad_norm <= 0 or None disables
-    clipping. min_lr_ratio: the cosine / linear schedules end at learning_rate * min_lr_ratio.
+    b1, b2, eps: None takes the optimizer's own default (`DEFAULTS`: torch's AdamW, the Lion
+    paper's b2 = 0.99, Adafactor's eps = 1e-30); a value the optimizer has no use for is refused.
+    b1 is SGD's momentum (torch.optim.SGD's, default 0) and Adafactor's (HF's beta1, default
+    none). weight_decay skips norms, biases and 1-D leaves (`decay_mask`); it is decoupled and
+    scaled by the learning rate (p -= lr * weight_decay * p, as torch's AdamW and HF's
+    Adafactor) for every optimizer but SGD, where it is torch.optim.SGD's L2 term (added to the
+    gradient, so it passes through the momentum). max_grad_norm <= 0 or None disables clipping.
+    min_lr_ratio: the cosine / linear schedules end at learning_rate * min_lr_ratio.
     """
 
     name: str = "adamw"
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: float | None = None
+    b2: float | None = None
+    eps: float | None = None
     warmup_steps: int = 0
     schedule: str = "cosine"
     total_steps: int = 1000
     max_grad_norm: float | None = 1.0
     min_lr_ratio: float = 0.0
+
+
+# Each optimizer's defaults for the hyper-parameters left None; a key it lacks, it does not use.
+# Adafactor's second-moment decay is not a constant b2 but 1 - t^-0.8 (Shazeer & Stern 2018).
+DEFAULTS: dict[str, dict[str, float]] = {
+    "adamw": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+    "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+    "adafactor": {"b1": 0.0, "eps": 1e-30},
+    "lion": {"b1": 0.9, "b2": 0.99},
+    "sgd": {"b1": 0.0},
+}
+
+
+def hyperparameter_problems(c: OptimizerConfig) -> list[str]:
+    """What is wrong with c, one message per problem (empty when nothing is)."""
+    if c.name not in OPTIMIZERS:
+        return [f"optimizer name={c.name!r}; expected one of {', '.join(OPTIMIZERS)}"]
+    problems = []
+    if not math.isfinite(c.learning_rate) or c.learning_rate < 0:
+        problems.append(f"learning_rate={c.learning_rate} must be finite and >= 0")
+    if not math.isfinite(c.weight_decay) or c.weight_decay < 0:
+        problems.append(f"weight_decay={c.weight_decay} must be finite and >= 0")
+    for key in ("b1", "b2", "eps"):
+        value = getattr(c, key)
+        if value is None:
+            continue
+        if key not in DEFAULTS[c.name]:
+            problems.append(f"{key}={value} is not used by {c.name}; leave it None")
+        elif key == "eps" and not (math.isfinite(value) and value >= 0):
+            problems.append(f"eps={value} must be finite and >= 0")
+        elif key != "eps" and not 0.0 <= value < 1.0:
+            problems.append(f"{key}={value} must be in [0, 1)")
+    if not 0.0 <= c.min_lr_ratio <= 1.0:
+        problems.append(f"min_lr_ratio={c.min_lr_ratio} must be in [0, 1]")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,16 +116,25 @@ def make_schedule(
             f"warmup_steps={warmup_steps}, total_steps={total_steps}; expected warmup_steps >= 0 "
             "and total_steps > 0"
         )
+    if warmup_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}: the learning rate "
+            "would never reach its peak"
+        )
     peak, end = float(learning_rate), float(learning_rate) * float(min_lr_ratio)
     decay_steps = max(total_steps - warmup_steps, 1)
 
     def lr(step):
         s = jnp.asarray(step, jnp.float32)
-        p = jnp.clip((s - warmup_steps) / decay_steps, 0.0, 1.0)
+        # The fraction of the decay still ahead, from integer step counts: near the end of a
+        # long run, 1 - p in float32 would lose most of its digits.
+        left = jnp.asarray(total_steps - jnp.asarray(step, jnp.int32), jnp.float32) / decay_steps
+        left = jnp.clip(left, 0.0, 1.0)
         if schedule == "cosine":
-            value = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * p))
+            # (1 + cos(pi p)) / 2 written as sin^2(pi (1 - p) / 2): exact where it nears 0.
+            value = end + (peak - end) * jnp.sin(0.5 * math.pi * left) ** 2
         elif schedule == "linear":
-            value = peak + (end - peak) * p
+            value = end + (peak - end) * left
         else:
             value = jnp.full_like(s, peak)
         if warmup_steps > 0:
@@ -115,9 +164,9 @@ def decay_mask(params: Any) -> Any:
 def make_optimizer(config: OptimizerConfig | None = None, **kwargs) -> Optimizer:
     """The optimizer named by `config.name` (or kwargs), with clipping, schedule and decay mask.
 
-    Names: adamw (adam is the same with its weight_decay), adafactor (optax's factored second
-    moments; learning_rate is absolute, not relative to parameter scale), lion, sgd (b1 is the
-    momentum, 0 for none).
+    Names: adamw (adam is the same with its weight_decay), adafactor (factored second moments;
+    learning_rate is absolute, not relative to parameter scale), lion, sgd. Hyper-parameters
+    out of range, or set for an optimizer that has no use for them, are a ValueError.
     """
     if config is None:
         known = {f.name for f in dataclasses.fields(OptimizerConfig)}
@@ -128,27 +177,34 @@ def make_optimizer(config: OptimizerConfig | None = None, **kwargs) -> Optimizer
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
     c = config
-    if c.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name={c.name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    problems = hyperparameter_problems(c)
+    if problems:
+        raise ValueError("; ".join(problems))
+    h = {
+        **DEFAULTS[c.name],
+        **{k: v for k in ("b1", "b2", "eps") if (v := getattr(c, k)) is not None},
+    }
     lr = make_schedule(c.learning_rate, c.schedule, c.warmup_steps, c.total_steps, c.min_lr_ratio)
     wd = float(c.weight_decay)
     if c.name in ("adamw", "adam"):
-        tx = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=wd, mask=decay_mask)
+        tx = optax.adamw(lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=wd, mask=decay_mask)
     elif c.name == "adafactor":
-        tx = optax.adafactor(
-            lr,
-            weight_decay_rate=wd or None,
-            weight_decay_mask=decay_mask,
-            eps=max(c.eps, 1e-30),
-            # learning_rate is the step size itself, as for the other optimizers (HF's
-            # scale_parameter=False), not a fraction of each parameter's RMS.
-            multiply_by_parameter_scale=False,
-        )
+        # optax.adafactor adds its decay after the learning rate (p -= wd * p); this chain scales
+        # it by the rate as HF's Adafactor does. learning_rate is the step size itself, as for
+        # the other optimizers (HF's scale_parameter=False), not a fraction of each
+        # parameter's RMS; updates are clipped to RMS 1 (HF's clip_threshold).
+        parts = [optax.scale_by_factored_rms(epsilon=h["eps"]), optax.clip_by_block_rms(1.0)]
+        if h["b1"]:
+            parts.append(optax.ema(h["b1"], debias=False, accumulator_dtype=jnp.float32))
+        if wd:
+            parts.append(optax.add_decayed_weights(wd, decay_mask))
+        parts.append(optax.scale_by_learning_rate(lr))
+        tx = optax.chain(*parts)
     elif c.name == "lion":
-        tx = optax.lion(lr, b1=c.b1, b2=c.b2, weight_decay=wd, mask=decay_mask)
+        tx = optax.lion(lr, b1=h["b1"], b2=h["b2"], weight_decay=wd, mask=decay_mask)
     else:
         parts = [optax.add_decayed_weights(wd, decay_mask)] if wd else []
-        parts.append(optax.sgd(lr, momentum=c.b1 or None))
+        parts.append(optax.sgd(lr, momentum=h["b1"] or None))
         tx = optax.chain(*parts)
     if c.max_grad_norm is not None and c.max_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), tx)
