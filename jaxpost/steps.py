@@ -160,11 +160,13 @@ def train_step(
             body, init, (micro, jnp.arange(grad_accum))
         )
     denom = jnp.where(weight > 0, weight, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, train_part)
+    grads = jax.tree.map(lambda g: g / denom, grads)  # float32, however the weights are stored
+    grad_norm = optax.tree.norm(grads)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_part)
     updates, opt_state = optimizer.update(grads, state.opt_state, train_part)
     new_train = optax.apply_updates(train_part, updates)
     metrics = _normalise(loss_sum, weight, aux)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
     metrics["tokens"] = _token_count(batch)
     schedule = getattr(optimizer, "schedule", None)
     if schedule is not None:

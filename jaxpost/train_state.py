@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -198,6 +199,7 @@ def init_train_state(
     sharding.warn_replicated(abstract_params, shard, mesh)
     params = jax.tree.map(_place, params, shard)
     train_part, _ = split_trainable(params, trainable)
+    warn_low_precision_training(train_part)
     train_shard, _ = split_trainable(shard, trainable)
     abstract_opt = jax.eval_shape(optimizer.init, train_part)
     opt_shard = _opt_state_shardings(abstract_opt, train_part, train_shard, mesh)
@@ -205,6 +207,30 @@ def init_train_state(
     rep = sharding.replicated(mesh)
     step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), keys()[1]), out_shardings=(rep, rep))()
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def warn_low_precision_training(train_part) -> list[str]:
+    """Warn when trained weights are 16-bit floats, and return their dtypes. With no float32
+    master copy an update smaller than half the spacing of neighbouring values is lost (for
+    bfloat16 about 0.4% of the weight: an audit measured 94% of a 1e-5 AdamW step's weights
+    unchanged). HF Trainer over a bfloat16 model behaves the same; MaxText keeps float32."""
+    low = sorted(
+        {
+            str(x.dtype)
+            for x in jax.tree.leaves(train_part)
+            if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32
+        }
+    )
+    if low:
+        warnings.warn(
+            f"training {'/'.join(low)} parameters directly: there is no float32 master copy, so "
+            "updates smaller than half a unit in the last place round away (for bfloat16 about "
+            "0.4% of a weight, most updates at fine-tuning learning rates); for mixed precision "
+            "keep the parameters float32 and compute in bfloat16 (config: model.dtype=float32 "
+            "with model.compute_dtype=bfloat16)",
+            stacklevel=3,
+        )
+    return low
 
 
 def _place(x, s):

@@ -2,6 +2,7 @@
 optimizer state, decay masks, schedules and optimizers."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -350,3 +351,29 @@ def test_evaluation_means_are_over_all_tokens_of_all_batches():
     empty = {**halves[0], "loss_mask": np.zeros_like(halves[0]["loss_mask"])}
     assert all(math.isnan(got_k) for k, got_k in evaluate(eval_step, state, [empty]).items()
                if k != "tokens")  # fmt: skip
+
+
+def test_training_16_bit_weights_warns_and_reports_float32_metrics():
+    """Full fine-tuning of bfloat16 weights keeps no float32 master copy (an audit measured 94%
+    of a 1e-5 AdamW step's weights unchanged): the state says so when it is built, and the
+    metrics stay float32 (grad_norm was bfloat16)."""
+    cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
+    base = models.init(cfg, jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+    opt = steps.make_optimizer(name="adamw", learning_rate=1e-3, total_steps=2)
+    with pytest.warns(UserWarning, match="training bfloat16 parameters directly"):
+        state = steps.init_train_state(
+            cfg, {"base": base, "lora": None}, opt, ONE, trainable="full"
+        )
+    step = steps.make_train_step(cfg, sft_loss, opt, ONE, trainable="full")
+    _, metrics = step(state, _packed_batch(np.random.default_rng(0)))
+    assert all(v.dtype == jnp.float32 for v in metrics.values() if v.dtype.kind == "f"), metrics
+
+    # LoRA over the same bfloat16 base trains float32 factors: no warning.
+    lp = lora.init(cfg, models.init(cfg, jax.random.key(0)), rank=2, alpha=4, key=jax.random.key(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps.init_train_state(
+            cfg, {"base": models.init(cfg, jax.random.key(0)), "lora": lp}, opt, ONE,
+            trainable="lora",
+        )  # fmt: skip
