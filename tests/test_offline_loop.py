@@ -1,6 +1,7 @@
 """The offline loop alone (a toy optax step): exact resume after a crash, preemption save."""
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +170,20 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, data, capsys
         "  optimizer.learning_rate: 0.05 in the checkpoint, 0.01 in this config\n"
         "  train.steps: 6 in the checkpoint, 9 in this config"
     ) in out
+
+
+def test_throughput_leaves_out_saving(tmp_path, data, monkeypatch):
+    """tokens_per_sec of the step after a save does not count the save's time (an audit saw a
+    window holding a save report 1/20 of the others)."""
+    pause = 0.6
+    original = Checkpointer.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(pause)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    _run(tmp_path, data)  # saves at steps 3, 6 and 9; logs every step
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seconds = {r["step"]: 8 * 5 / r["tokens_per_sec"] for r in records}  # 8 rows x 5 tokens
+    assert seconds[4] < pause / 3 and seconds[7] < pause / 3, seconds

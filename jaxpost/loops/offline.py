@@ -266,11 +266,14 @@ def run_offline(
                 writer.write(step, host, split=settings.name)
                 loss = host.get("loss")
             progress.update(tokens, loss)
+            # Evaluation and saving are kept out of the throughput: their time is added to
+            # the window's start (not a restart of the window, whose tokens stay counted).
+            paused = time.perf_counter()
             if settings.eval_every and step % settings.eval_every == 0:
                 run_eval(step)
-                t_last = time.perf_counter()  # keep evaluation out of the throughput
             if to_save:
                 save(step, wait=step == settings.steps)
+            t_last += time.perf_counter() - paused
             if stop:
                 save(step, wait=True)
                 raise Preempted(guard.requested or "signal", step, checkpointer.directory)
