@@ -40,7 +40,6 @@ POSITIVE = (
     "checkpoint.keep_last",
     "mesh.data",
     "mesh.tensor",
-    "optimizer.learning_rate",
     "pretrain.learning_rate",
     "lora.alpha",
 )
@@ -201,18 +200,9 @@ def check_values(cfg, problems: list[str], num_devices: int | None, num_processe
             "data.train_path needs a tokenizer: a built-in model (model.arch) only has the "
             "built-in task's (data.task); set model.hf_path to train an HF model with its own"
         )
-    o = cfg.optimizer
-    if o.name in optim.OPTIMIZERS:  # an unknown name is reported with the choices above
-        # (the learning rates are checked above, as POSITIVE)
-        hyper = optim.OptimizerConfig(
-            name=o.name,
-            weight_decay=o.weight_decay,
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            min_lr_ratio=o.min_lr_ratio,
-        )
-        problems.extend(f"optimizer.{p}" for p in optim.hyperparameter_problems(hyper))
+    if cfg.optimizer.name in optim.OPTIMIZERS:  # an unknown name is reported with the choices
+        optimizer = optim.config_from(cfg.optimizer)
+        problems.extend(f"optimizer.{p}" for p in optim.hyperparameter_problems(optimizer))
     if cfg.optimizer.warmup_steps > cfg.train.steps:
         problems.append(
             f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds "

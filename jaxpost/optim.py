@@ -60,13 +60,32 @@ DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+def config_from(o, total_steps: int = 1000, learning_rate: float | None = None) -> OptimizerConfig:
+    """The OptimizerConfig of `config.optimizer` (an ml_collections section, where clipping is
+    `grad_clip_norm`) for a stage of total_steps, at learning_rate (default: the section's).
+    The warmup is capped at the stage: a stage shorter than it warms up throughout."""
+    return OptimizerConfig(
+        name=o.name,
+        learning_rate=o.learning_rate if learning_rate is None else learning_rate,
+        weight_decay=o.weight_decay,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        warmup_steps=min(o.warmup_steps, total_steps),
+        schedule=o.schedule,
+        total_steps=total_steps,
+        max_grad_norm=o.grad_clip_norm,
+        min_lr_ratio=o.min_lr_ratio,
+    )
+
+
 def hyperparameter_problems(c: OptimizerConfig) -> list[str]:
     """What is wrong with c, one message per problem (empty when nothing is)."""
     if c.name not in OPTIMIZERS:
         return [f"optimizer name={c.name!r}; expected one of {', '.join(OPTIMIZERS)}"]
     problems = []
-    if not math.isfinite(c.learning_rate) or c.learning_rate < 0:
-        problems.append(f"learning_rate={c.learning_rate} must be finite and >= 0")
+    if not math.isfinite(c.learning_rate) or c.learning_rate <= 0:
+        problems.append(f"learning_rate={c.learning_rate} must be finite and > 0")
     if not math.isfinite(c.weight_decay) or c.weight_decay < 0:
         problems.append(f"weight_decay={c.weight_decay} must be finite and >= 0")
     for key in ("b1", "b2", "eps"):

@@ -132,7 +132,7 @@ def test_sgd_is_torch_sgd():
         ({"b1": 1.5}, r"b1=1.5 must be in \[0, 1\)"),
         ({"b2": 1.0}, r"b2=1.0 must be in \[0, 1\)"),  # Adam's first update would be NaN
         ({"eps": -1.0}, "eps=-1.0 must be finite and >= 0"),
-        ({"learning_rate": -1e-3}, "learning_rate=-0.001 must be finite and >= 0"),
+        ({"learning_rate": -1e-3}, "learning_rate=-0.001 must be finite and > 0"),
         ({"weight_decay": -0.1}, "weight_decay=-0.1 must be finite and >= 0"),
         ({"min_lr_ratio": 2.0}, r"min_lr_ratio=2.0 must be in \[0, 1\]"),
         ({"warmup_steps": 50, "total_steps": 10}, "warmup_steps=50 exceeds total_steps=10"),
@@ -150,12 +150,14 @@ def test_config_names_bad_optimizer_keys():
     cfg.optimizer.b2 = 0.95
     cfg.optimizer.b1 = 1.0
     cfg.pretrain.learning_rate = -3e-3  # trained by gradient ascent before this was checked
+    cfg.optimizer.learning_rate = 0.0
     with pytest.raises(jconfig.ConfigError) as err:
         jconfig.validate(cfg)
     for problem in (
         "optimizer.b1=1.0 must be in [0, 1)",
         "optimizer.b2=0.95 is not used by sgd; leave it None",
         "pretrain.learning_rate=-0.003 must be > 0",
+        "optimizer.learning_rate=0.0 must be finite and > 0",
     ):
         assert problem in str(err.value)
 

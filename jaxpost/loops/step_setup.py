@@ -10,9 +10,8 @@ import dataclasses
 from typing import Any
 
 import jax
-import ml_collections
 
-from jaxpost import steps
+from jaxpost import optim, steps
 from jaxpost.loops import Recipe
 
 
@@ -24,27 +23,10 @@ class Built:
     abstract_state: Any
 
 
-def optimizer_kwargs(cfg: ml_collections.ConfigDict, steps_total: int, learning_rate: float):
-    o = cfg.optimizer
-    return dict(
-        name=o.name,
-        learning_rate=learning_rate,
-        schedule=o.schedule,
-        warmup_steps=min(o.warmup_steps, steps_total),
-        total_steps=steps_total,
-        weight_decay=o.weight_decay,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        max_grad_norm=o.grad_clip_norm,
-        min_lr_ratio=o.min_lr_ratio,
-    )
-
-
 def build(cfg, model_cfg, mesh, recipe: Recipe, base, lora_params, *, num_steps, learning_rate):
     """Train state (fresh, sharded over `mesh`) and the steps for one stage."""
     trainable = "full" if lora_params is None else "lora"
-    optimizer = steps.make_optimizer(**optimizer_kwargs(cfg, num_steps, learning_rate))
+    optimizer = steps.make_optimizer(optim.config_from(cfg.optimizer, num_steps, learning_rate))
     loss_fn = recipe.loss_fn()
     state = steps.init_train_state(
         model_cfg,
