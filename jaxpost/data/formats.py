@@ -47,14 +47,25 @@ def _check_messages(value: Any, field: str, need_assistant: bool) -> None:
         raise MalformedRow(f"{field!r} has no assistant message, so nothing would be trained")
 
 
-def _check_text_or_messages(row: dict, field: str) -> None:
+def _check_text_or_messages(row: dict, field: str, need_assistant: bool = False) -> None:
     value = row[field]
     if isinstance(value, list):
-        _check_messages(value, field, need_assistant=False)
+        _check_messages(value, field, need_assistant)
     elif not isinstance(value, str):
         raise MalformedRow(
             f"{field!r} must be a string or a list of messages, got {type(value).__name__}"
         )
+
+
+def has_content_parts(row: dict) -> bool:
+    """Whether a message of the row has content given as a list of parts (which many chat
+    templates, written for strings, cannot render)."""
+    return any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        for value in row.values()
+        if isinstance(value, list)
+        for m in value
+    )
 
 
 def template_kwargs(row: dict) -> dict[str, Any]:
@@ -102,7 +113,8 @@ def validate(row: dict, fmt: str) -> None:
             raise MalformedRow(f"'answer' must be a string or an int, got {type(answer).__name__}")
     else:
         for key in REQUIRED[fmt]:
-            _check_text_or_messages(row, key)
+            # What follows the prompt is what is trained: as messages, an assistant turn.
+            _check_text_or_messages(row, key, need_assistant=key != "prompt")
 
 
 def _as_messages(value: str | list, role: str) -> list[dict]:
@@ -111,6 +123,8 @@ def _as_messages(value: str | list, role: str) -> list[dict]:
 
 def _with_bos(tokenizer, ids: list[int]) -> list[int]:
     # Models trained without BOS before raw text (e.g. Qwen) say so with add_bos_default=False.
+    # Text that already starts with BOS (its string was in the row) keeps the one it has, where
+    # TRL's tokenizer call adds a second.
     bos = getattr(tokenizer, "bos_id", None)
     wanted = getattr(tokenizer, "add_bos_default", True)
     if bos is None or not wanted or (ids and ids[0] == bos):
@@ -161,9 +175,17 @@ def encode_pair(
             n_prompt = len(tokenizer.encode_chat(prompt_msgs, add_generation_prompt=False, **tv)[0])
             mask = [0] * min(n_prompt, len(mask)) + list(mask[n_prompt:])
         return list(ids), [int(m) for m in mask]
-    p = _with_bos(tokenizer, tokenizer.encode(prompt))
-    c = _with_eos(tokenizer, tokenizer.encode(completion))
-    return p + c, [0] * len(p) + [1] * len(c)
+    # Prompt and completion are one text, tokenized once, as TRL does: a prompt that ends inside
+    # a pre-token (a trailing space, half a word) merges with the completion's first characters
+    # there. The completion starts where that encoding parts from the prompt's own (TRL's
+    # common_prefix_length); what the prompt alone ends with past that point is not trained on.
+    ids = _with_eos(tokenizer, _with_bos(tokenizer, tokenizer.encode(prompt + completion)))
+    if not completion_only:
+        return _every_token(ids)
+    prompt_ids = _with_bos(tokenizer, tokenizer.encode(prompt))
+    n = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(prompt_ids))
+    n = min(n, len(ids))
+    return ids, [0] * n + [1] * (len(ids) - n)
 
 
 def _every_token(ids) -> tuple[list[int], list[int]]:
@@ -226,7 +248,11 @@ def truncate(
         keep = slice(0, max_length) if policy == "truncate_right" else slice(n - max_length, n)
         ids, trained = list(ids)[keep], list(trained)[keep]
     if not any(trained[1:]):
-        raise Dropped("no trained tokens left after truncation")
+        raise Dropped(
+            "no trained tokens left after truncation"
+            if len(ids) < n
+            else "no trained tokens (e.g. an empty text, or a completion of only its end token)"
+        )
     return list(ids), list(trained)
 
 

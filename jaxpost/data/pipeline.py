@@ -204,7 +204,10 @@ class Pipeline:
             raise
         except (ValueError, KeyError, TypeError) as e:
             # e.g. a role the chat template rejects: say which row, keep the tokenizer's reason
-            raise DataError(f"{where}: could not tokenize the row: {e}") from e
+            hint = ""
+            if isinstance(e, TypeError) and formats.has_content_parts(row):
+                hint = " (a message's content is a list of parts; this chat template takes strings)"
+            raise DataError(f"{where}: could not tokenize the row: {e}{hint}") from e
         except formats.Dropped as e:
             self.dropped[where] = e.reason
             if len(self.dropped) >= len(self._shard):

@@ -113,6 +113,16 @@ def test_prompt_answer_ends_with_generation_cue():
         ),
         ("messages", {"messages": [{"role": "user", "content": "1"}]}, "no assistant message"),
         ("messages", {"messages": "hi"}, "non-empty list of messages"),
+        (  # what follows the prompt is trained: as messages it needs an assistant turn
+            "prompt_completion",
+            {"prompt": "a", "completion": [{"role": "user", "content": "b"}]},
+            "'completion' has no assistant message",
+        ),
+        (
+            "preference",
+            {"prompt": "a", "chosen": "b", "rejected": [{"role": "tool", "content": "c"}]},
+            "'rejected' has no assistant message",
+        ),
     ],
 )
 def test_validation_names_the_field(fmt, row, message):
@@ -145,8 +155,11 @@ def test_truncation_policies():
     with pytest.raises(formats.Dropped, match="longer than max_length"):
         formats.Encoder(TOK, "prompt_completion", 30, truncation="drop")(row, "r")
     # cutting off the whole completion leaves nothing to train: dropped, not silently kept
-    with pytest.raises(formats.Dropped, match="no trained tokens"):
+    with pytest.raises(formats.Dropped, match="no trained tokens left after truncation"):
         formats.Encoder(TOK, "prompt_completion", 16, truncation="truncate_right")(row, "r")
+    # a row with nothing to train in the first place is not said to be truncated
+    with pytest.raises(formats.Dropped, match=r"^no trained tokens \(e.g. an empty text"):
+        formats.truncate([1, 2, 3], [0, 0, 0], 16, "error", "r")
 
 
 def test_prompt_answer_too_long():

@@ -7,7 +7,8 @@ import pytest
 import transformers
 
 from jaxpost import tokenizer
-from jaxpost.data import Pipeline
+from jaxpost.data import Pipeline, formats
+from jaxpost.data.sources import DataError
 from jaxpost.data.tasks import arithmetic
 
 
@@ -167,3 +168,48 @@ def test_tool_calls_tools_and_template_kwargs_reach_the_template_as_in_transform
     no_calls = [{"role": "user", "content": "1"}, {"role": "assistant", "content": None}]
     with pytest.raises(Exception, match=r"messages\[1\] \(role 'assistant'\) is missing 'content'"):
         formats.validate({"messages": no_calls}, "messages")
+
+
+@pytest.mark.parametrize(
+    "prompt, completion",
+    [
+        ("12+3= ", "15"),  # the trailing space merges with the completion: 'Ġ' + '1' -> 'Ġ1'
+        ("1", "2+3"),  # half a number: '1' + '2' -> '12'
+        ("12+3 =", " 15"),  # a token boundary: nothing merges
+    ],
+)
+def test_raw_prompt_completion_tokenizes_as_trl(hf_dir, prompt, completion):
+    """data.chat_template=False: TRL's SFTTrainer tokenizes prompt + completion + EOS as one
+    text and trains from where that encoding parts from the prompt's own (its
+    common_prefix_length); with completion_only_loss=False every token. Reference: the same
+    rule over transformers' tokenizer (prompt and completion were encoded apart here, which
+    changed the tokens at the join and trained 'Ġ' as prompt)."""
+    tok = tokenizer.load(hf_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    joint = hf(prompt + completion + hf.eos_token)["input_ids"]
+    alone = hf(prompt)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(alone, joint)) if a != b), len(alone))
+    row = {"prompt": prompt, "completion": completion}
+    for completion_only, first_trained in ((True, n), (False, 1)):
+        enc = formats.Encoder(
+            tok, "prompt_completion", 64, chat_template=False, completion_only_loss=completion_only
+        )
+        ex = enc(row, "mem row 1")
+        assert ex["tokens"].tolist() == joint
+        # loss_mask[i] trains target i = token i + 1
+        want = [0.0] * (first_trained - 1) + [1.0] * (len(joint) - first_trained) + [0.0]
+        assert ex["loss_mask"].tolist() == want, (completion_only, n)
+
+
+def test_content_parts_a_template_cannot_render_are_named(hf_dir):
+    """Content as a list of parts passes validation (some templates render parts); a template
+    written for strings then fails, and the error says that is why."""
+    tok = tokenizer.load(hf_dir)
+    parts = [{"type": "text", "text": "12+3"}]
+    row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "15"}]}
+    pipe = Pipeline(
+        [row], tok, format="messages", max_length=64, batch_size=1, process_index=0,
+        process_count=1,
+    )  # fmt: skip
+    with pytest.raises(DataError, match="row 1: could not tokenize .* a list of parts; this chat"):
+        next(pipe.iterator())
