@@ -35,6 +35,7 @@ POSITIVE = (
     "train.eval_batches",
     "pretrain.batch_size",
     "data.max_length",
+    "data.num_packing_bins",
     "data.num_train_examples",
     "checkpoint.every",
     "checkpoint.keep_last",

@@ -30,6 +30,12 @@ import numpy as np
 from jaxpost.data import formats, packing
 from jaxpost.data.sources import DataError, MalformedRow, open_source
 
+# More open rows fill better (`python benchmarks/packing_efficiency.py`): 2,000 examples of
+# uniform length up to the row's filled 84.0% of the slots with 8 rows open, 88.6% with 32,
+# 90.0% with 64, 92.7% with 256 (TRL's best-fit-decreasing over the whole set: 98.0%);
+# lognormal lengths 94.3 / 97.1 / 97.7 / 98.7% (99.8%). Open rows cost only their buffers.
+MIN_PACKING_BINS = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -39,8 +45,9 @@ class PipelineConfig:
     completion_only_loss: train on completions / assistant turns only (False: every token).
     packing: pack sequence formats (messages, prompt_completion, text); prompt_answer batches
     are always padded prompts, whatever this says. num_packing_bins: rows the first-fit packer
-    fills at once (default batch_size). drop_remainder: drop a final partial batch (finite
-    epochs), so every batch has the same shape and nothing recompiles. even_shards: every
+    fills at once (default: batch_size, at least MIN_PACKING_BINS). drop_remainder: drop a
+    final partial batch (finite epochs), so every batch has the same shape and nothing
+    recompiles. even_shards: every
     process reads len // process_count rows (the remainder is left out), so processes stay in
     step for training; False deals out every row (shards differ by at most one), for an
     evaluation that must see each row once and pads the difference (`loops.data_setup`).
@@ -244,7 +251,7 @@ class Pipeline:
                 it,
                 c.max_length,
                 pad_id=pad_id,
-                num_packing_bins=c.num_packing_bins or c.batch_size,
+                num_packing_bins=c.num_packing_bins or max(c.batch_size, MIN_PACKING_BINS),
                 seed=c.seed,
                 shuffle_bins=c.shuffle,
             )

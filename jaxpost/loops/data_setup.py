@@ -58,6 +58,7 @@ def _pipeline_config(cfg, rows: int, **split_specific) -> PipelineConfig:
         max_length=cfg.data.max_length,
         batch_size=rows,
         packing=cfg.data.packing,
+        num_packing_bins=cfg.data.num_packing_bins,
         truncation=cfg.data.truncation,
         skip_malformed=cfg.data.skip_malformed,
         chat_template=cfg.data.chat_template,
