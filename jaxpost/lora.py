@@ -327,7 +327,7 @@ def save_peft(
     cfg: ModelConfig,
     lora: LoraParams,
     path: str | os.PathLike,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike | None = None,
 ) -> None:
     """Write an HF PEFT LoRA adapter directory that `peft.PeftModel.from_pretrained` loads.
 

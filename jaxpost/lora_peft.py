@@ -41,7 +41,7 @@ def save_peft(
     cfg: ModelConfig,
     lora: LoraParams,
     path: str | os.PathLike,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike | None = None,
 ) -> None:
     """Write an HF PEFT LoRA adapter directory that `peft.PeftModel.from_pretrained` loads.
 
@@ -61,10 +61,11 @@ def save_peft(
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    base = base_model_name_or_path or lora.base_model_name_or_path
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or lora.base_model_name_or_path,
+        "base_model_name_or_path": None if base is None else os.fspath(base),
         "r": lora.rank,
         "lora_alpha": alpha,
         "use_rslora": lora.use_rslora,
