@@ -164,6 +164,10 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train_part)
     updates, opt_state = optimizer.update(grads, state.opt_state, train_part)
+    # A batch with no trained token has no gradient: the weights stay as they are (AdamW's
+    # momentum alone would still move them; TRL's loss would be 0 / 0). The optimizer's state
+    # takes the step as a zero gradient, so its count keeps to the schedule's.
+    updates = jax.tree.map(lambda u: jnp.where(weight > 0, u, jnp.zeros_like(u)), updates)
     new_train = optax.apply_updates(train_part, updates)
     metrics = _normalise(loss_sum, weight, aux)
     metrics["grad_norm"] = grad_norm

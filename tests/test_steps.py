@@ -377,3 +377,25 @@ def test_training_16_bit_weights_warns_and_reports_float32_metrics():
             cfg, {"base": models.init(cfg, jax.random.key(0)), "lora": lp}, opt, ONE,
             trainable="lora",
         )  # fmt: skip
+
+
+def test_a_batch_without_trained_tokens_leaves_the_weights():
+    """No trained token, no gradient: the weights stay exactly as they are (an audit saw AdamW's
+    momentum move them by 6.7e-4 at lr 1e-3), the schedule keeps counting, and the next real
+    batch trains as usual."""
+    rng = np.random.default_rng(4)
+    params = _params(rng, "full")
+    opt = steps.make_optimizer(name="adamw", learning_rate=1e-3, weight_decay=0.1, total_steps=5)
+    state = steps.init_train_state(CFG, params, opt, ONE, trainable="full")
+    step = steps.make_train_step(CFG, sft_loss, opt, ONE, trainable="full")
+    batch = _packed_batch(rng)
+    state, _ = step(state, batch)
+    before = _copy(state.params)
+    empty = {**batch, "loss_mask": np.zeros_like(batch["loss_mask"])}
+    state, metrics = step(state, empty)
+    assert float(metrics["tokens"]) == 0 and float(metrics["grad_norm"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, _copy(state.params), before)
+    assert int(state.step) == 2
+    state, metrics = step(state, batch)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state.params, before)
+    assert max(jax.tree.leaves(moved)) > 1e-4 and np.isfinite(float(metrics["loss"]))
