@@ -98,8 +98,16 @@ def _micro_batches(batch: dict, k: int) -> dict:
 
 
 def _token_count(batch: dict) -> jax.Array:
+    """Trained tokens: the loss's weight under the loss mask."""
     if "loss_mask" in batch:
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    return jnp.asarray(batch["tokens"].size, jnp.float32)
+
+
+def _input_token_count(batch: dict) -> jax.Array:
+    """Input tokens, padding (segment 0) left out: what throughput counts, as HF's Trainer."""
+    if "segment_ids" in batch:
+        return jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))
     return jnp.asarray(batch["tokens"].size, jnp.float32)
 
 
@@ -122,8 +130,8 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` (leading dim = global batch). Pure; jit it with
     `make_train_step`. Metrics: loss (global token mean), grad_norm (before clipping),
-    learning_rate (applied in this update), tokens (sum of loss_mask), loss_sum, weight_sum and
-    the loss's aux sums divided by weight_sum."""
+    learning_rate (applied in this update), tokens (trained: sum of loss_mask), input_tokens
+    (every non-padding token), loss_sum, weight_sum and the loss's aux sums / weight_sum."""
     rng, step_rng = jax.random.split(state.rng)
     train_part, frozen = split_trainable(state.params, trainable)
 
@@ -172,6 +180,7 @@ def train_step(
     metrics = _normalise(loss_sum, weight, aux)
     metrics["grad_norm"] = grad_norm
     metrics["tokens"] = _token_count(batch)
+    metrics["input_tokens"] = _input_token_count(batch)
     schedule = getattr(optimizer, "schedule", None)
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)

@@ -176,11 +176,16 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, except that an override of a key the config does not have
-    (`--config.train.step=100`) is a one-line error, exit code 2, with ml_collections' own
-    suggestion of the nearest key, instead of a traceback out of the flag parser."""
+    """absl's flag parsing, except that a bad override is a one-line `error:`, exit code 2, as
+    every other config error: a value of the wrong type (`--config.train.steps=ten`; absl says
+    "FATAL Flags parsing error" and exits 1), or a key the config does not have
+    (`--config.train.step=100`, with ml_collections' own suggestion of the nearest key, instead
+    of a traceback out of the flag parser)."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:
         inner = e  # ml_collections raises AttributeError(KeyError(message))
         while isinstance(inner, BaseException) and inner.args:

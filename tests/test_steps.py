@@ -167,7 +167,8 @@ def test_lora_step_compiles_once_keeps_base_and_optimizes_only_lora():
         state, metrics = train_step(state, batch)
         if i == 0:
             np.testing.assert_allclose(metrics["loss"], before["loss"], rtol=1e-6)
-        assert float(metrics["tokens"]) == batch["loss_mask"].sum()
+        assert float(metrics["tokens"]) == batch["loss_mask"].sum()  # trained
+        assert float(metrics["input_tokens"]) == np.count_nonzero(batch["segment_ids"])  # all
         want = i / 3 if i < 3 else 0.5 * (1 + math.cos(math.pi * (i - 3) / 2))  # HF warmup
         np.testing.assert_allclose(metrics["learning_rate"], 1e-2 * want, rtol=1e-6)
     jax.block_until_ready(state)

@@ -281,6 +281,14 @@ def test_cli_rejects_an_override_of_a_missing_key(tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad").exists()
+    # A value of the wrong type too: absl's own "FATAL Flags parsing error" exited 1.
+    proc = _run(tmp_path / "bad", f"--config={QUICKSTART}:test", "--config.train.steps=ten",
+                check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: flag --config.train.steps=ten: invalid literal for int() with base 10: 'ten'"
+    )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_qlora_config_trains_through_the_cli(tmp_path):

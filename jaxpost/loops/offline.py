@@ -94,11 +94,11 @@ def _window_host(window: list[dict], last_only: tuple[str, ...]) -> dict[str, fl
 
 
 def _tokens(batch: dict) -> int:
-    mask = batch.get("loss_mask")
-    if mask is None:
-        mask = batch.get("segment_ids")
-    if mask is not None:
-        return int(np.count_nonzero(np.asarray(mask)))
+    """The batch's input tokens, padding left out: what throughput counts (HF's Trainer and TRL
+    count every input token, not only the trained ones that the `tokens` metric counts)."""
+    segments = batch.get("segment_ids")
+    if segments is not None:
+        return int(np.count_nonzero(np.asarray(segments)))
     return int(np.size(batch["tokens"]))
 
 
@@ -249,9 +249,9 @@ def run_offline(
                 if to_log:
                     host = _window_host(window, last_only=("learning_rate",))
                     # The steps' own token counts are the global batch's (all processes');
-                    # `tokens` counts this process's rows only.
-                    if "tokens" in host:
-                        tokens_since = host["tokens"] * len(window)
+                    # `_tokens` counts this process's rows only.
+                    if "input_tokens" in host:
+                        tokens_since = host["input_tokens"] * len(window)
                     window = []
                 else:
                     host = _host(metrics)
