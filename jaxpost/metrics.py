@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jax
@@ -75,6 +76,34 @@ class MetricsWriter:
             shown = {k: v for k, v in scalars.items() if not k.endswith("_sum")}
             body = "  ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
             self.echo(f"[{split}] step {step}: {body}")
+
+    def forget_after(self, step: int, splits: Iterable[str]) -> int:
+        """Drop the JSONL records of `splits` logged after `step`: those of an attempt that died
+        past its last checkpoint, which the resumed run logs again (each step once in the file).
+        A line cut short by the kill goes too. Returns how many lines were dropped. TensorBoard
+        keeps its events (its purge_step would reach every split's, and the stages' steps
+        overlap)."""
+        if not self.enabled or self._jsonl is None:
+            return 0
+        splits = set(splits)
+
+        def stale(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return True
+            return record.get("split") in splits and record.get("step", 0) > step
+
+        path = self.jsonl_path
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if not stale(line)]
+        if len(keep) < len(lines):
+            self._jsonl.close()
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in keep))
+            os.replace(tmp, path)
+            self._jsonl = open(path, "a")  # noqa: SIM115
+        return len(lines) - len(keep)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -98,9 +98,19 @@ def test_resume_after_crash_reproduces_losses(tmp_path, data):
     full = _run(tmp_path / "full", data)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "crash", data, crash_at=8)  # dies during step 8, after the step-6 save
+    # A line the kill cut short is dropped too.
+    with open(tmp_path / "crash" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "split": "tr')
     resumed = _run(tmp_path / "crash", data)
     assert sorted(resumed) == list(range(1, 10))
     assert resumed == full  # bitwise: same batches, same state
+    # Steps 7 (logged before the crash, after the step-6 save) is logged once, not twice.
+    assert _logged_steps(tmp_path / "crash") == list(range(1, 10))
+
+
+def _logged_steps(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
 
 
 class _Signalled(PreemptionGuard):
@@ -122,6 +132,19 @@ def test_preemption_saves_then_resumes_exactly(tmp_path, data):
     with Checkpointer(tmp_path / "pre" / "ckpt") as ckpt:
         assert ckpt.latest_step() == 4
     assert _run(tmp_path / "pre", data) == full
+
+
+def test_a_stop_logs_its_window_and_the_resumed_run_starts_a_new_one(tmp_path, data):
+    """log_every=5, SIGTERM during step 7: the steps since the step-5 log are logged at 7 (they
+    were lost), and the resumed run logs 10 as the mean of 8-10."""
+    every = _run(tmp_path / "every", data, steps=10)
+    with pytest.raises(Preempted, match="saved checkpoint at step 7"):
+        _run(tmp_path / "pre", data, steps=10, log_every=5, guard=_Signalled(at=7))
+    resumed = _run(tmp_path / "pre", data, steps=10, log_every=5)
+    assert _logged_steps(tmp_path / "pre") == [5, 7, 10]
+    for step, first in ((5, 1), (7, 6), (10, 8)):
+        want = np.mean([every[s] for s in range(first, step + 1)])
+        assert resumed[step] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("log_every", [1, 100])

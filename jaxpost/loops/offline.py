@@ -185,6 +185,8 @@ def run_offline(
                 f"[{settings.name}] the config changed since that checkpoint:\n  "
                 + "\n  ".join(changed)
             )
+    # Records an earlier attempt logged past the step resumed from are logged again below.
+    writer.forget_after(start, (settings.name, f"{settings.name}_eval"))
     if start >= settings.steps:
         return state
 
@@ -240,9 +242,10 @@ def run_offline(
             window.append(metrics)
             tokens_since += tokens
             loss = None
-            to_log = step % settings.log_every == 0 or step == settings.steps
-            to_save = step % settings.checkpoint_every == 0 or step == settings.steps
             stop = guard.should_stop()  # once per step: a collective under several processes
+            # A stop logs the steps since the last log too: the resumed run starts a new window.
+            to_log = step % settings.log_every == 0 or step == settings.steps or stop
+            to_save = step % settings.checkpoint_every == 0 or step == settings.steps
             if to_log or to_save or stop:
                 # A host sync; every step saved is checked first. A NaN anywhere in a logged
                 # window makes its mean NaN: caught below.
