@@ -190,11 +190,16 @@ def check_values(cfg, problems: list[str], num_devices: int | None, num_processe
         problems.append("lora.quantize_base=True (QLoRA) needs lora.enabled=True")
     if cfg.data.task is None and cfg.data.train_path is None:
         problems.append("no training data: set data.task (built-in) or data.train_path")
-    elif cfg.data.task is not None and (cfg.data.train_path or cfg.data.eval_path):
-        given = "data.train_path" if cfg.data.train_path else "data.eval_path"
+    elif cfg.data.task is not None and cfg.data.train_path:
         problems.append(
-            f"data.task={cfg.data.task!r} and {given} are both set, and the built-in task would "
-            f"be trained on: to use the file, set --config.data.task=None"
+            f"data.task={cfg.data.task!r} and data.train_path are both set, and the built-in "
+            "task would be trained on: to use the file, set --config.data.task=None"
+        )
+    elif cfg.data.task is not None and cfg.data.eval_path:
+        problems.append(
+            f"data.eval_path is set with data.task={cfg.data.task!r}, whose own held-out split "
+            "would be evaluated: to train and evaluate on files, set --config.data.task=None "
+            "and --config.data.train_path"
         )
     elif cfg.data.task is None and cfg.model.hf_path is None:
         problems.append(

@@ -37,6 +37,21 @@ __all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES"]
 BUILTIN_TEMPLATES = chat_templates.BUILTIN_TEMPLATES
 
 
+# The files of a tokenizer directory, as `transformers`' tokenizer save_pretrained writes them
+# (vocab.json / merges.txt: slow BPE tokenizers'): what travels with an exported adapter.
+FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
 def _read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}

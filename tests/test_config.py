@@ -164,6 +164,12 @@ def test_a_task_and_a_data_file_are_not_both_taken():
     cfg.model.hf_path = "/some/model"
     jconfig.validate(cfg)
     assert cfg.data.task is None
+    # A held-out file alone: unsetting the task would leave nothing to train on; say both.
+    cfg = _cfg()
+    cfg.data.eval_path = "eval.jsonl"
+    msg = _problems(cfg)
+    assert "data.eval_path is set with data.task='arithmetic'" in msg
+    assert "set --config.data.task=None and --config.data.train_path" in msg
 
 
 def test_an_unknown_task_is_named_before_anything_runs():

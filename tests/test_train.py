@@ -419,6 +419,15 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (exported / name).is_file(), name
     assert models.load_hf(exported)[0] == models.load_hf(model)[0]
+    # Readable as any directory the run makes (it was 0700, a temporary directory's mode).
+    assert (
+        exported.stat().st_mode & 0o777 == (work / "export" / "peft_adapter").stat().st_mode & 0o777
+    )
+    # The adapter carries the tokenizer, as TRL's save_model writes it.
+    adapter = sorted(p.name for p in (work / "export" / "peft_adapter").iterdir())
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert tokenizer_files <= {p.name for p in model.iterdir()}
+    assert adapter == sorted({"adapter_config.json", "adapter_model.safetensors"} | tokenizer_files)
 
 
 def test_a_second_run_in_the_same_work_directory_is_refused(tmp_path):

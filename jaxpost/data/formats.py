@@ -100,7 +100,12 @@ def validate(row: dict, fmt: str) -> None:
     _check_template_kwargs(row)
     for key in REQUIRED[fmt]:
         if key not in row:
-            raise MalformedRow(f"{key!r} is missing; expected keys {', '.join(REQUIRED[fmt])}")
+            # TRL tells the format from the keys; here it is data.format: say which would fit.
+            fits = [f for f, keys in REQUIRED.items() if f != fmt and all(k in row for k in keys)]
+            hint = f" (the row has the keys of format {fits[0]!r}: data.format)" if fits else ""
+            raise MalformedRow(
+                f"{key!r} is missing; expected keys {', '.join(REQUIRED[fmt])}{hint}"
+            )
     if fmt == "messages":
         _check_messages(row["messages"], "messages", need_assistant=True)
     elif fmt == "text":

@@ -14,6 +14,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import ml_collections
 from jaxpost import config as jconfig
 from jaxpost import lora as jlora
 from jaxpost import models, nf4, sharding
+from jaxpost import tokenizer as jtokenizer
 from jaxpost.checkpoint import Checkpointer, PreemptionGuard
 from jaxpost.loops import Recipe, data_setup, evaluation, step_setup
 from jaxpost.loops.offline import LoopSettings, run_offline
@@ -325,6 +327,11 @@ def export(run: Run, base: dict, lora_params) -> None:
             out / "peft_adapter",
             base_model_name_or_path=cfg.model.hf_path,
         )
+        if cfg.model.hf_path is not None and jax.process_index() == 0:
+            # As TRL's save_model: the tokenizer beside the adapter, so the directory serves.
+            for name in jtokenizer.FILES:
+                if (Path(cfg.model.hf_path) / name).is_file():
+                    shutil.copy2(Path(cfg.model.hf_path) / name, out / "peft_adapter" / name)
         run.log(f"LoRA adapter (PEFT format): {out / 'peft_adapter'}")
         run.summary["peft_adapter"] = str(out / "peft_adapter")
     if cfg.export.merged_hf:

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -123,7 +122,10 @@ SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 def _write_checkpoint(path: Path, shards: list[list], hf_config: dict, source) -> None:
     """Build the checkpoint in a temporary sibling directory, then rename it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    # Made as any directory is (the umask's mode; mkdtemp's 0700 kept other users, a serving
+    # container among them, out of the renamed checkpoint).
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         if len(shards) == 1:
             safetensors_io.write(tmp / SINGLE_FILE, shards[0])

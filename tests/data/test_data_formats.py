@@ -102,6 +102,12 @@ def test_prompt_answer_ends_with_generation_cue():
     "fmt,row,message",
     [
         ("messages", {"msgs": []}, "'messages' is missing; expected keys messages"),
+        (
+            "messages",
+            {"prompt": "a", "completion": "b"},
+            "'messages' is missing; expected keys messages (the row has the keys of format "
+            "'prompt_completion': data.format)",
+        ),
         ("preference", {"prompt": "a", "rejected": "b"}, "'chosen' is missing"),
         ("text", {"text": 3}, "'text' must be a string, got int"),
         ("prompt_completion", {"prompt": "a", "completion": None}, "'completion' must be"),
