@@ -62,8 +62,10 @@ def test_quickstart_runs_and_learns(executed):
     assert results["backend"] == "cpu"
     # Full training from random init must lower the loss well below its start (ln 32 ~ 3.47).
     assert results["pretrain_loss_last"] < 0.8 * results["pretrain_loss_first"], results
-    # LoRA starts exactly at the pretrained model (B = 0) and keeps lowering the loss.
-    assert results["lora_loss_last"] < results["lora_loss_first"], results
+    # LoRA starts exactly at the pretrained model (B = 0) and keeps lowering the loss: the mean
+    # over its last 5 steps below that over its first 5 (by ~0.05 over seeds 3-5; one batch's
+    # loss against another's moved by as much as 0.03 either way).
+    assert results["lora_loss_end"] < results["lora_loss_start"] - 0.01, results
     for key in ("accuracy_before", "accuracy_after"):
         assert 0.0 <= results[key] <= 1.0, (key, results[key])
     # r=16 on 7 linears x 2 layers: (in + out) * r per module.
