@@ -94,7 +94,7 @@ class MetricsWriter:
                 return True
             return record.get("split") in splits and record.get("step", 0) > step
 
-        path = self.jsonl_path
+        path = self.jsonl_path.resolve()  # a symlinked file is rewritten where it points
         lines = path.read_text().splitlines(keepends=True)
         keep = [line for line in lines if not stale(line)]
         if len(keep) < len(lines):
@@ -102,7 +102,7 @@ class MetricsWriter:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in keep))
             os.replace(tmp, path)
-            self._jsonl = open(path, "a")  # noqa: SIM115
+            self._jsonl = open(self.jsonl_path, "a")  # noqa: SIM115
         return len(lines) - len(keep)
 
     def close(self) -> None:

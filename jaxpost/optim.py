@@ -1,10 +1,10 @@
 """Optimizers, learning-rate schedules and weight-decay masks for the train steps.
 
-`make_optimizer(name=..., learning_rate=..., ...)` takes plain keyword arguments (or an
-`OptimizerConfig`), so `make_optimizer(**config.optimizer)` works from an ml_collections
-ConfigDict. The result is an optax transformation (gradient clipping by global norm, then the
-optimizer with its schedule and decay mask) that also carries the schedule, so the step can
-report the learning rate it applied.
+`make_optimizer(name=..., learning_rate=..., ...)` takes plain keyword arguments or an
+`OptimizerConfig` (`config_from(config.optimizer, total_steps)` maps the config section). The
+result is an optax transformation (gradient clipping by global norm, then the optimizer with
+its schedule and decay mask) that also carries the schedule, so the step can report the
+learning rate it applied.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimizer hyper-parameters; field names match `config.optimizer`.
+    """Optimizer hyper-parameters (`config_from` maps `config.optimizer` onto them: its
+    grad_clip_norm is max_grad_norm here, and total_steps is the stage's length).
 
     b1, b2, eps: None takes the optimizer's own default (`DEFAULTS`: torch's AdamW, the Lion
     paper's b2 = 0.99, Adafactor's eps = 1e-30); a value the optimizer has no use for is refused.
@@ -163,14 +164,79 @@ def make_schedule(
     return lr
 
 
+def _keys(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def _layer_axes(path) -> int:
+    """1 for a per-layer leaf of a scanned model (a leading [L] axis stacks the layers' arrays),
+    else 0: an update rule written for one layer's array maps over that axis."""
+    return 1 if "layers" in _keys(path) else 0
+
+
 def _decays(path, leaf) -> bool:
-    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    keys = _keys(path)
     if keys and keys[-1] in ("bias", "scale"):
         return False
     if any(k.endswith("norm") for k in keys):
         return False
-    stacked = 1 if "layers" in keys else 0  # layer leaves carry a leading [L] axis
-    return leaf.ndim - stacked >= 2
+    return leaf.ndim - _layer_axes(path) >= 2
+
+
+class AdafactorState(NamedTuple):
+    count: jax.Array
+    moments: Any  # per leaf {"row", "col"} (a matrix, factored) or {"full"} (other leaves)
+
+
+def scale_by_adafactor(eps: float = 1e-30, decay_rate: float = 0.8, clip_threshold: float = 1.0):
+    """HF's Adafactor update before the learning rate (Shazeer & Stern 2018): second moments
+    factored into row and column means for every matrix (each layer's own, the stacked [L] axis
+    mapped over), kept whole for vectors, decayed by 1 - t^-decay_rate; the update g / sqrt(v)
+    clipped to RMS clip_threshold per layer's array. optax's scale_by_factored_rms factors only
+    arrays at least 128 on both sides (so not LoRA's [in, r] factors) and clips a stacked leaf
+    over all its layers at once."""
+
+    def moments(path, p):
+        if p.ndim - _layer_axes(path) >= 2:
+            return {
+                "row": jnp.zeros(p.shape[:-1], jnp.float32),
+                "col": jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32),
+            }
+        return {"full": jnp.zeros(p.shape, jnp.float32)}
+
+    def init(params):
+        count = jnp.zeros((), jnp.int32)
+        return AdafactorState(count, jax.tree_util.tree_map_with_path(moments, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = state.count + 1
+        beta = 1.0 - count.astype(jnp.float32) ** -decay_rate
+
+        def one(path, g, m):
+            g32 = g.astype(jnp.float32)
+            sq = g32 * g32 + eps
+            if "row" in m:
+                row = beta * m["row"] + (1 - beta) * jnp.mean(sq, axis=-1)
+                col = beta * m["col"] + (1 - beta) * jnp.mean(sq, axis=-2)
+                r = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))
+                u = g32 * r[..., :, None] * jax.lax.rsqrt(col)[..., None, :]
+                new = {"row": row, "col": col}
+            else:
+                full = beta * m["full"] + (1 - beta) * sq
+                u, new = g32 * jax.lax.rsqrt(full), {"full": full}
+            own = tuple(range(_layer_axes(path), u.ndim))  # one layer's array
+            rms = jnp.sqrt(jnp.mean(u * u, axis=own, keepdims=True))
+            u = u / jnp.maximum(rms / clip_threshold, 1.0)
+            return {"u": u.astype(g.dtype), "m": new}
+
+        out = jax.tree_util.tree_map_with_path(one, grads, state.moments)
+        is_out = lambda x: isinstance(x, dict) and set(x) == {"u", "m"}
+        updates = jax.tree.map(lambda o: o["u"], out, is_leaf=is_out)
+        new_moments = jax.tree.map(lambda o: o["m"], out, is_leaf=is_out)
+        return updates, AdafactorState(count, new_moments)
+
+    return optax.GradientTransformation(init, update)
 
 
 def decay_mask(params: Any) -> Any:
@@ -208,11 +274,10 @@ def make_optimizer(config: OptimizerConfig | None = None, **kwargs) -> Optimizer
     if c.name in ("adamw", "adam"):
         tx = optax.adamw(lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], weight_decay=wd, mask=decay_mask)
     elif c.name == "adafactor":
-        # optax.adafactor adds its decay after the learning rate (p -= wd * p); this chain scales
-        # it by the rate as HF's Adafactor does. learning_rate is the step size itself, as for
-        # the other optimizers (HF's scale_parameter=False), not a fraction of each
-        # parameter's RMS; updates are clipped to RMS 1 (HF's clip_threshold).
-        parts = [optax.scale_by_factored_rms(epsilon=h["eps"]), optax.clip_by_block_rms(1.0)]
+        # HF's Adafactor with scale_parameter=False: learning_rate is the step size itself, as
+        # for the other optimizers, not a fraction of each parameter's RMS; the decay is scaled
+        # by the rate (p -= lr * wd * p; optax.adafactor adds wd * p after the rate).
+        parts = [scale_by_adafactor(eps=h["eps"])]
         if h["b1"]:
             parts.append(optax.ema(h["b1"], debias=False, accumulator_dtype=jnp.float32))
         if wd:

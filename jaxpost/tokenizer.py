@@ -32,15 +32,17 @@ from jaxpost import chat_templates
 from jaxpost.chat_templates import ChatTemplateError
 from jaxpost.tokenizer_backends import Backend, HFBackend, Offsets, SentencePieceBackend
 
-__all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES"]
+__all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES", "FILES"]
 
 BUILTIN_TEMPLATES = chat_templates.BUILTIN_TEMPLATES
 
 
 # The files of a tokenizer directory, as `transformers`' tokenizer save_pretrained writes them
-# (vocab.json / merges.txt: slow BPE tokenizers'): what travels with an exported adapter.
+# (vocab.json / merges.txt: slow BPE tokenizers'), and generation_config.json, whose end-of-turn
+# ids `load` adds to eos_ids: what travels with an exported adapter.
 FILES = (
     "tokenizer.json",
+    "generation_config.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",

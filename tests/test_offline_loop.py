@@ -178,6 +178,10 @@ def test_data_running_out_stops_saves_and_resumes(tmp_path, data):
     with Checkpointer(tmp_path / "short" / "ckpt") as ckpt:
         assert ckpt.latest_step() == 5
     assert losses == {k: v for k, v in _run(tmp_path / "full", data).items() if k <= 5}
+    # Logging every 4 steps: the step after the last log is logged when the data runs out.
+    sparse = _run(tmp_path / "sparse", data, limit=5, log_every=4)
+    assert _logged_steps(tmp_path / "sparse") == [4, 5]
+    assert sparse[5] == pytest.approx(losses[5], rel=1e-6)
 
 
 def test_resuming_with_a_changed_config_says_what_changed(tmp_path, data, capsys):
@@ -210,3 +214,18 @@ def test_throughput_leaves_out_saving(tmp_path, data, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     seconds = {r["step"]: 8 * 5 / r["tokens_per_sec"] for r in records}  # 8 rows x 5 tokens
     assert seconds[4] < pause / 3 and seconds[7] < pause / 3, seconds
+
+
+def test_forgetting_records_keeps_a_symlinked_file_a_symlink(tmp_path):
+    target = tmp_path / "shared" / "metrics.jsonl"
+    target.parent.mkdir()
+    target.write_text("".join(json.dumps({"step": i, "split": "sft"}) + "\n" for i in (1, 2, 3)))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(target)
+    writer = MetricsWriter(run, tensorboard=False, stdout=False)
+    assert writer.forget_after(1, ("sft",)) == 2
+    writer.write(2, {"loss": 1.0}, split="sft")
+    writer.close()
+    assert (run / "metrics.jsonl").is_symlink()
+    assert [json.loads(line)["step"] for line in target.read_text().splitlines()] == [1, 2]

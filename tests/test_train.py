@@ -423,9 +423,11 @@ def test_bad_rows_of_a_chat_jsonl_through_the_cli(tmp_path):
     assert (
         exported.stat().st_mode & 0o777 == (work / "export" / "peft_adapter").stat().st_mode & 0o777
     )
-    # The adapter carries the tokenizer, as TRL's save_model writes it.
+    # The adapter carries the tokenizer (and the generation config, whose end-of-turn ids
+    # tokenizer.load reads), as TRL's save_model writes the tokenizer.
     adapter = sorted(p.name for p in (work / "export" / "peft_adapter").iterdir())
-    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                       "generation_config.json"}  # fmt: skip
     assert tokenizer_files <= {p.name for p in model.iterdir()}
     assert adapter == sorted({"adapter_config.json", "adapter_model.safetensors"} | tokenizer_files)
 

@@ -94,8 +94,8 @@ def _window_host(window: list[dict], last_only: tuple[str, ...]) -> dict[str, fl
 
 
 def _tokens(batch: dict) -> int:
-    """The batch's input tokens, padding left out: what throughput counts (HF's Trainer and TRL
-    count every input token, not only the trained ones that the `tokens` metric counts)."""
+    """This process's input tokens, padding left out (`steps` counts the global batch's as the
+    `input_tokens` metric, which the logged throughput uses): the progress bar's rate."""
     segments = batch.get("segment_ids")
     if segments is not None:
         return int(np.count_nonzero(np.asarray(segments)))
@@ -216,6 +216,33 @@ def run_offline(
     # a logged metric is their mean (the loss as transformers' Trainer logs it, not the logged
     # step's alone), except the learning rate, which is the logged step's.
     window: list[dict] = []
+
+    def check_and_log(step: int, metrics: dict, to_log: bool) -> float | None:
+        """A host sync before a log or a save: the window's means (to_log) or the step's own
+        metrics, checked finite (a NaN anywhere in a window makes its mean NaN) so no state
+        after a NaN is saved, then logged with the window's throughput. Returns the loss."""
+        nonlocal window, t_last, tokens_since
+        if to_log:
+            host = _window_host(window, last_only=("learning_rate",))
+            # The steps' own token counts are the global batch's (all processes');
+            # `_tokens` counts this process's rows only.
+            if "input_tokens" in host:
+                tokens_since = host["input_tokens"] * len(window)
+            window = []
+        else:
+            host = _host(metrics)
+        if not _finite(host):
+            writer.write(step, host, split=settings.name)
+            checkpointer.wait()
+            raise NonFiniteLoss(step, host, saved[-1], checkpointer.directory)
+        if not to_log:
+            return None
+        now = time.perf_counter()
+        host["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
+        t_last, tokens_since = now, 0
+        writer.write(step, host, split=settings.name)
+        return host.get("loss")
+
     last = settings.steps  # the last step run: earlier when the data runs out
     try:
         for step in range(start + 1, settings.steps + 1):
@@ -235,6 +262,8 @@ def run_offline(
                     f"[{settings.name}] the data ran out after step {last} of {settings.steps} "
                     "(data.num_epochs); stopping here"
                 )
+                if window:  # the steps since the last log: checked before the save, logged
+                    check_and_log(last, window[-1], to_log=True)
                 save(last, wait=True)
                 break
             tokens = _tokens(batch)
@@ -246,28 +275,8 @@ def run_offline(
             # A stop logs the steps since the last log too: the resumed run starts a new window.
             to_log = step % settings.log_every == 0 or step == settings.steps or stop
             to_save = step % settings.checkpoint_every == 0 or step == settings.steps
-            if to_log or to_save or stop:
-                # A host sync; every step saved is checked first. A NaN anywhere in a logged
-                # window makes its mean NaN: caught below.
-                if to_log:
-                    host = _window_host(window, last_only=("learning_rate",))
-                    # The steps' own token counts are the global batch's (all processes');
-                    # `_tokens` counts this process's rows only.
-                    if "input_tokens" in host:
-                        tokens_since = host["input_tokens"] * len(window)
-                    window = []
-                else:
-                    host = _host(metrics)
-                if not _finite(host):
-                    writer.write(step, host, split=settings.name)
-                    checkpointer.wait()
-                    raise NonFiniteLoss(step, host, saved[-1], checkpointer.directory)
-            if to_log:
-                now = time.perf_counter()
-                host["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
-                writer.write(step, host, split=settings.name)
-                loss = host.get("loss")
+            if to_log or to_save:
+                loss = check_and_log(step, metrics, to_log)
             progress.update(tokens, loss)
             # Evaluation and saving are kept out of the throughput: their time is added to
             # the window's start (not a restart of the window, whose tokens stay counted).

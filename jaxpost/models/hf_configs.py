@@ -198,8 +198,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if family in ("mistral", "gemma2"):
         # Their config classes' default window (Mistral v0.2 and later configs write null: none).
         hf = {"sliding_window": 4096, **hf}
-        if hf.get("attention_bias"):
-            raise ValueError("attention_bias=True is not supported for mistral (no biases)")
+    if family == "mistral" and hf.get("attention_bias"):
+        raise ValueError("attention_bias=True is not supported for mistral (no biases)")
     if family not in ARCHITECTURES:
         raise ValueError(
             f"model_type={family!r} is not supported; expected one of {sorted(ARCHITECTURES)}"

@@ -118,6 +118,9 @@ def test_config_class_defaults_for_absent_keys(family, config_class):
     if family == "gemma2":
         assert ours.sliding_window == theirs.sliding_window == 4096
         assert ours.layer_types == ("local", "global")
+        # Gemma 2 may carry attention biases (Mistral may not): still loaded.
+        biased = models.config_from_hf({"model_type": family, **hf, "attention_bias": True})
+        assert biased.qkv_bias and biased.o_bias
 
 
 @pytest.fixture
