@@ -19,8 +19,8 @@ from jaxpost.config_builders import model_config
 from jaxpost.models.config import ModelConfig
 
 CHOICES: dict[str, tuple] = {
-    "optimizer.name": ("adamw", "adam", "adafactor", "lion", "sgd"),
-    "optimizer.schedule": ("cosine", "linear", "constant"),
+    "optimizer.name": optim.OPTIMIZERS,
+    "optimizer.schedule": optim.SCHEDULES,
     "data.format": ("messages", "prompt_completion", "text", "preference", "prompt_answer"),
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": (None, "float32", "bfloat16"),

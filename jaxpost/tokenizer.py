@@ -22,6 +22,8 @@ ignores it for BPE models too).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from jaxpost import chat_templates
 from jaxpost.chat_templates import ChatTemplateError
 from jaxpost.tokenizer_backends import Backend, HFBackend, Offsets, SentencePieceBackend
 
-__all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES", "FILES"]
+__all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES", "FILES", "copy_files"]
 
 BUILTIN_TEMPLATES = chat_templates.BUILTIN_TEMPLATES
 
@@ -52,6 +54,16 @@ FILES = (
     "vocab.json",
     "merges.txt",
 )
+
+
+def copy_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer `FILES` that `source` holds into `dest`; returns their names."""
+    copied = []
+    for name in FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(dest) / name)
+            copied.append(name)
+    return copied
 
 
 def _read_json(file: Path) -> dict[str, Any]:

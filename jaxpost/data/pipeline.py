@@ -47,10 +47,10 @@ class PipelineConfig:
     are always padded prompts, whatever this says. num_packing_bins: rows the first-fit packer
     fills at once (default: batch_size, at least MIN_PACKING_BINS). drop_remainder: drop a
     final partial batch (finite epochs), so every batch has the same shape and nothing
-    recompiles. even_shards: every
-    process reads len // process_count rows (the remainder is left out), so processes stay in
-    step for training; False deals out every row (shards differ by at most one), for an
-    evaluation that must see each row once and pads the difference (`loops.data_setup`).
+    recompiles. even_shards: every process reads len // process_count rows (the remainder is
+    left out), so processes stay in step for training; False deals out every row (shards
+    differ by at most one), for an evaluation that must see each row once and pads the
+    difference (`loops.data_setup`).
     process_index / process_count: default jax.process_index() / jax.process_count()."""
 
     format: str = "messages"

@@ -14,7 +14,6 @@ import fcntl
 import functools
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -329,9 +328,7 @@ def export(run: Run, base: dict, lora_params) -> None:
         )
         if cfg.model.hf_path is not None and jax.process_index() == 0:
             # As TRL's save_model: the tokenizer beside the adapter, so the directory serves.
-            for name in jtokenizer.FILES:
-                if (Path(cfg.model.hf_path) / name).is_file():
-                    shutil.copy2(Path(cfg.model.hf_path) / name, out / "peft_adapter" / name)
+            jtokenizer.copy_files(cfg.model.hf_path, out / "peft_adapter")
         run.log(f"LoRA adapter (PEFT format): {out / 'peft_adapter'}")
         run.summary["peft_adapter"] = str(out / "peft_adapter")
     if cfg.export.merged_hf:
