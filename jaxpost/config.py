@@ -115,7 +115,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.format = "messages"
     c.data.max_length = 256
     c.data.packing = True
-    # Rows the first-fit packer fills at once, per process; None: the batch's rows, at least 64
+    # Rows the best-fit packer keeps open, per process; None: the batch's rows, at least 64
     # (more open rows waste less: jaxpost.data.pipeline.MIN_PACKING_BINS).
     c.data.num_packing_bins = _fieldref(None, int)
     # Plain-string prompt / completion rows: True wraps them as user / assistant turns of the

@@ -4,13 +4,20 @@ Both produce rows of the train-step batch format, length T = max_length:
   tokens [T] int32, targets [T] int32, loss_mask [T] float32,
   segment_ids [T] int32 (1.. per example in the row, 0 = padding),
   positions [T] int32 (restarting at 0 for each example; 0 on padding).
-Packing is grain's first-fit packer (`grain.experimental.FirstFitPackIterDataset`), whose state
-is part of the iterator's checkpointable state.
+
+Packing is a streaming best fit over a set of open rows (`BestFitPacker`): each example goes to
+the open row it fills most tightly; when it fits none and every row is open, the fullest row is
+emitted and the example opens a new one. Grain's packers (`grain.experimental.FirstFit...`,
+`BestFit...`) instead emit every open row once one example does not fit, so all of them leave
+with the slack of a half-filled set: over 64 rows, 2,000 examples of uniform length filled 90.0%
+(first fit) / 90.7% (best fit) of the slots against 96.8% here, and TRL's best-fit-decreasing
+over the whole set 98.0% (`python benchmarks/packing_efficiency.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -23,32 +30,163 @@ def _padding(pad_id: int, prefix: str = "") -> dict:
 
 
 def pack(
-    ds: grain.IterDataset,
-    seq_len: int,
-    *,
-    pad_id: int,
-    num_packing_bins: int,
-    seed: int = 0,
-    shuffle_bins: bool = True,
+    ds: grain.IterDataset, seq_len: int, *, pad_id: int, num_packing_bins: int
 ) -> grain.IterDataset:
     """Sequence examples (each no longer than seq_len) -> packed rows of length seq_len."""
-    packed = grain.experimental.FirstFitPackIterDataset(
-        ds,
-        length_struct={k: seq_len for k in SEQUENCE_FEATURES},
-        num_packing_bins=num_packing_bins,
-        seed=seed,
-        shuffle_bins=shuffle_bins,
-        padding_struct=_padding(pad_id),
-    )
-    return packed.map(_rename_packed)
+    return BestFitPacker(ds, seq_len, pad_id=pad_id, num_bins=num_packing_bins)
 
 
-def _rename_packed(row: dict) -> dict:
-    # The packer emits <feature>_segment_ids / <feature>_positions for every feature; they agree.
-    out = {k: row[k] for k in SEQUENCE_FEATURES}
-    out["segment_ids"] = row["tokens_segment_ids"].astype(np.int32)
-    out["positions"] = row["tokens_positions"].astype(np.int32)
-    return out
+class BestFitPacker(grain.IterDataset):
+    """Rows of seq_len tokens packed by a streaming best fit over `num_bins` open rows.
+
+    A row is emitted when it is full, when it is the fullest of `num_bins` open rows and the
+    next example fits none of them, when `max_wait` examples have been read since it opened
+    (default 8 x num_bins, which bounds the replay a restore does), or, fullest first, when the
+    examples run out. The iterator's state is JSON: the parent's state before the oldest example
+    still in an open row, and which of the examples read since then sit in which open row; a
+    restore re-reads those (at most max_wait) and rebuilds the rows.
+    """
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        seq_len: int,
+        *,
+        pad_id: int,
+        num_bins: int,
+        max_wait: int | None = None,
+    ):
+        super().__init__(parent)
+        if num_bins < 1:
+            raise ValueError(f"num_packing_bins must be at least 1, got {num_bins}")
+        self._args = dict(
+            seq_len=seq_len, pad_id=pad_id, num_bins=num_bins, max_wait=max_wait or 8 * num_bins
+        )
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _BestFitIterator(self._parent.__iter__(), **self._args)
+
+    def __str__(self) -> str:
+        return f"BestFitPacker(seq_len={self._args['seq_len']}, num_bins={self._args['num_bins']})"
+
+
+class _Row:
+    """An open row: the examples in it, by their index in the parent's stream."""
+
+    def __init__(self):
+        self.used = 0
+        self.members: list[int] = []
+        self.examples: list[dict] = []
+
+    def add(self, index: int, example: dict) -> None:
+        self.used += len(example["tokens"])
+        self.members.append(index)
+        self.examples.append(example)
+
+
+class _BestFitIterator(grain.DatasetIterator):
+    def __init__(self, parent, *, seq_len: int, pad_id: int, num_bins: int, max_wait: int):
+        super().__init__(parent)
+        self._seq_len, self._pad_id = seq_len, pad_id
+        self._num_bins, self._max_wait = num_bins, max_wait
+        self._reset(0)
+
+    def _reset(self, read: int) -> None:
+        self._read = read  # examples taken from the parent so far
+        self._open: list[_Row] = []
+        # The parent's state before each example still in an open row (what get_state needs),
+        # and before the next one to read (the state when no row is open).
+        self._states: dict[int, Any] = {read: self._parent.get_state()}
+
+    def __next__(self) -> dict:
+        while True:
+            if self._open and self._read - min(r.members[0] for r in self._open) > self._max_wait:
+                return self._emit(min(self._open, key=lambda r: r.members[0]))
+            before = self._parent.get_state()
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                if not self._open:
+                    raise
+                return self._emit(max(self._open, key=lambda r: r.used))
+            index = self._read
+            self._read += 1
+            self._states[index] = before
+            example = {k: np.asarray(example[k]) for k in SEQUENCE_FEATURES}
+            n = len(example["tokens"])
+            if n > self._seq_len:
+                raise ValueError(f"example of {n} tokens does not fit in a row of {self._seq_len}")
+            room = [r for r in self._open if r.used + n <= self._seq_len]
+            if room:
+                row = max(room, key=lambda r: r.used)  # the tightest fit
+                row.add(index, example)
+                if row.used == self._seq_len:
+                    return self._emit(row)
+                continue
+            full = (
+                max(self._open, key=lambda r: r.used) if len(self._open) >= self._num_bins else None
+            )
+            row = _Row()
+            row.add(index, example)
+            self._open.append(row)
+            if full is not None:
+                return self._emit(full)
+
+    def _emit(self, row: _Row) -> dict:
+        self._open.remove(row)
+        for index in row.members:
+            del self._states[index]
+        out = {}
+        for k, fill in _padding(self._pad_id).items():
+            out[k] = np.full((self._seq_len,), fill, row.examples[0][k].dtype)
+        seg = np.zeros((self._seq_len,), np.int32)
+        pos = np.zeros((self._seq_len,), np.int32)
+        start = 0
+        for s, example in enumerate(row.examples, 1):
+            n = len(example["tokens"])
+            for k in SEQUENCE_FEATURES:
+                out[k][start : start + n] = example[k]
+            seg[start : start + n] = s
+            pos[start : start + n] = np.arange(n)
+            start += n
+        out["segment_ids"], out["positions"] = seg, pos
+        return out
+
+    def get_state(self) -> dict:
+        anchor = min((r.members[0] for r in self._open), default=self._read)
+        if anchor == self._read:
+            self._states[self._read] = self._parent.get_state()
+        return {
+            "packer": "best_fit",
+            "parent": self._states[anchor],
+            "anchor": anchor,
+            "read": self._read,
+            "open_rows": [r.members for r in self._open],
+        }
+
+    def set_state(self, state: dict) -> None:
+        if state.get("packer") != "best_fit":
+            raise ValueError(
+                "the data-iterator state was written by another packer (grain's first fit, "
+                "before jaxpost packed by best fit); resume from that checkpoint with the "
+                "version that wrote it, or start a fresh run"
+            )
+        self._parent.set_state(state["parent"])
+        anchor, read = state["anchor"], state["read"]
+        self._reset(anchor)
+        where = {i: n for n, members in enumerate(state["open_rows"]) for i in members}
+        rows = [_Row() for _ in state["open_rows"]]
+        for index in range(anchor, read):
+            before = self._parent.get_state()
+            example = next(self._parent)
+            if index in where:
+                self._states[index] = before
+                rows[where[index]].add(
+                    index, {k: np.asarray(example[k]) for k in SEQUENCE_FEATURES}
+                )
+        self._read = read
+        self._open = rows
+        self._states[read] = self._parent.get_state()
 
 
 def pad_example(example: dict, seq_len: int, pad_id: int, prefix: str = "") -> dict:

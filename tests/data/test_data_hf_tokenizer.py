@@ -35,7 +35,7 @@ def test_messages_with_hf_tokenizer(hf_dir):
         process_index=0,
         process_count=1,
     )
-    examples = {}  # first-fit packing reorders examples, so they are matched by content
+    examples = {}  # packing reorders examples, so they are matched by content
     for b in pipe.iterator():
         for r in range(b["tokens"].shape[0]):
             for s in range(1, int(b["segment_ids"][r].max()) + 1):

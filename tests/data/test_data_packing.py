@@ -1,13 +1,16 @@
 """Packing: packed rows, padded rows and each example run alone give the same per-token loss."""
 
 import functools
+import json
 
+import grain
 import jax
 import numpy as np
 import pytest
 
 from jaxpost import models
 from jaxpost.data import Pipeline, packing_efficiency
+from jaxpost.data.packing import SEQUENCE_FEATURES, BestFitPacker
 from jaxpost.data.tasks import arithmetic
 
 from tiny_models import tiny_config
@@ -117,3 +120,110 @@ def test_packed_row_layout():
             assert b["loss_mask"][r][sel[-1]] == 0
         pad = seg == 0
         assert np.all(b["tokens"][r][pad] == TOK.pad_id) and np.all(b["loss_mask"][r][pad] == 0)
+
+
+def _numbered(lengths):
+    """Examples whose every token is the example's index (to find them in packed rows)."""
+    return [
+        {k: np.full(n, i, np.float32 if k == "loss_mask" else np.int32) for k in SEQUENCE_FEATURES}
+        for i, n in enumerate(lengths)
+    ]
+
+
+def _best_fit_rows(examples, seq_len, bins, **kw):
+    ds = grain.MapDataset.source(examples).to_iter_dataset()
+    return BestFitPacker(ds, seq_len, pad_id=-1, num_bins=bins, **kw)
+
+
+def _reference_best_fit(lengths, seq_len, bins, max_wait):
+    """Plain Python: rows as lists of example indices, in the order they leave."""
+    open_rows, out = [], []  # open: [used, [indices]]
+
+    def leave(r):
+        open_rows.remove(r)
+        out.append(r[1])
+
+    for i, n in enumerate(lengths):
+        old = [r for r in open_rows if i - r[1][0] > max_wait]  # read i examples so far
+        while old:
+            leave(min(old, key=lambda r: r[1][0]))
+            old = [r for r in open_rows if i - r[1][0] > max_wait]
+        room = [r for r in open_rows if r[0] + n <= seq_len]
+        if room:
+            r = max(room, key=lambda r: r[0])
+            r[0] += n
+            r[1].append(i)
+            if r[0] == seq_len:
+                leave(r)
+            continue
+        full = max(open_rows, key=lambda r: r[0]) if len(open_rows) >= bins else None
+        open_rows.append([n, [i]])
+        if full:
+            leave(full)
+    while open_rows:
+        leave(max(open_rows, key=lambda r: r[0]))
+    return out
+
+
+def test_best_fit_packer_keeps_every_example_and_fills_as_a_reference():
+    """Every example lands once, whole and in order inside its row; the rows match a plain
+    Python best fit over the same open rows (the fullest row leaves when an example fits none);
+    and it fills more slots than grain's first fit, which emits all open rows at once."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 129, 1500)
+    rows = list(_best_fit_rows(_numbered(lengths), 128, 16))
+    seen = []
+    for row in rows:
+        seg, pos, tok = row["segment_ids"], row["positions"], row["tokens"]
+        assert np.all(tok[seg == 0] == -1) and np.all(row["loss_mask"][seg == 0] == 0)
+        for s in range(1, seg.max() + 1):
+            sel = np.flatnonzero(seg == s)
+            i = int(tok[sel[0]])
+            assert np.all(tok[sel] == i) and len(sel) == lengths[i]
+            np.testing.assert_array_equal(pos[sel], np.arange(len(sel)))
+            seen.append(i)
+    assert sorted(seen) == list(range(len(lengths)))
+
+    got = [[int(row["tokens"][row["segment_ids"] == s][0]) for s in range(1, row["segment_ids"].max() + 1)] for row in rows]  # fmt: skip  # noqa: E501
+    assert got == _reference_best_fit(lengths.tolist(), 128, 16, max_wait=8 * 16)
+
+    fill = lengths.sum() / (len(rows) * 128)
+    ds = grain.MapDataset.source(_numbered(lengths)).to_iter_dataset()
+    first_fit = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=dict.fromkeys(SEQUENCE_FEATURES, 128), num_packing_bins=16
+    )
+    assert fill > 0.93 and fill > lengths.sum() / (len(list(first_fit)) * 128) + 0.05
+
+
+@pytest.mark.parametrize("max_wait", [None, 5])
+def test_best_fit_packer_resumes_anywhere(max_wait):
+    """A state taken after any row (through JSON) resumes to the same remaining rows; with a
+    short max_wait rows leave once that many examples were read since they opened."""
+    lengths = np.random.default_rng(1).integers(1, 65, 300)
+    examples = _numbered(lengths)
+    rows = list(_best_fit_rows(examples, 64, 8, max_wait=max_wait))
+    for cut in range(len(rows) + 1):
+        it = iter(_best_fit_rows(examples, 64, 8, max_wait=max_wait))
+        for _ in range(cut):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        if max_wait:
+            assert state["read"] - state["anchor"] <= max_wait + 1
+        resumed = iter(_best_fit_rows(examples, 64, 8, max_wait=max_wait))
+        resumed.set_state(state)
+        rest = list(resumed)
+        assert len(rest) == len(rows) - cut
+        for a, b in zip(rest, rows[cut:], strict=True):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_best_fit_packer_refuses_bad_input():
+    it = iter(_best_fit_rows(_numbered([3, 9]), 8, 4))
+    with pytest.raises(ValueError, match="example of 9 tokens does not fit in a row of 8"):
+        next(it)
+    old = {"parent": {"next_index": 0}, "next_row": 0, "counter": 0}  # grain's first-fit state
+    with pytest.raises(ValueError, match="written by another packer"):
+        iter(_best_fit_rows(_numbered([3]), 8, 4)).set_state(old)
+    with pytest.raises(ValueError, match="num_packing_bins must be at least 1"):
+        _best_fit_rows(_numbered([3]), 8, 0)

@@ -244,7 +244,7 @@ def test_tokenizer_rejection_names_the_row():
 
 
 def test_packer_keeps_more_rows_open_than_a_batch():
-    """The first-fit packer fills at least 64 rows at once (MIN_PACKING_BINS) whatever the
+    """The packer keeps at least 64 rows open (MIN_PACKING_BINS) whatever the
     batch: more open rows leave fewer slots empty. Examples of 2 to 96 tokens in 96-token
     rows; a batch of 4 rows open at a time (the old default) filled fewer."""
     rng = np.random.default_rng(0)
