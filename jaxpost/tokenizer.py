@@ -3,7 +3,8 @@
 `load(path)` reads a local directory (or one tokenizer file) holding `tokenizer.json` (the
 `tokenizers` library; preferred when both exist, as in `transformers`) or `tokenizer.model`
 (SentencePiece), plus whichever of `tokenizer_config.json`, `special_tokens_map.json`,
-`generation_config.json`, `chat_template.jinja`, `chat_template.json` are present.
+`generation_config.json`, `chat_template.jinja`, `additional_chat_templates/`,
+`chat_template.json` are present.
 
 Text is tokenized the way `transformers` tokenizes it: special-token strings in the text (e.g. the
 `<|im_start|>` a chat template writes) become their ids, and the rest goes through the model. For
@@ -56,13 +57,23 @@ FILES = (
 )
 
 
+# transformers' named chat templates besides the default one: <name>.jinja files.
+TEMPLATES_DIR = "additional_chat_templates"
+
+
 def copy_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer `FILES` that `source` holds into `dest`; returns their names."""
+    """Copy the tokenizer `FILES` (and `TEMPLATES_DIR`) that `source` holds into `dest`;
+    returns their names."""
     copied = []
     for name in FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, Path(dest) / name)
             copied.append(name)
+    if (Path(source) / TEMPLATES_DIR).is_dir():
+        shutil.copytree(
+            Path(source) / TEMPLATES_DIR, Path(dest) / TEMPLATES_DIR, dirs_exist_ok=True
+        )
+        copied.append(TEMPLATES_DIR)
     return copied
 
 
@@ -116,7 +127,10 @@ class Tokenizer:
         else 0. Padding is always masked out, so the id only has to be a valid token.
       vocab_size: number of ids the tokenizer can produce (including added tokens); the model's
         embedding may be larger (padded).
-      chat_template: jinja source of the chat template, or None.
+      chat_template: jinja source of the default chat template, or None.
+      chat_templates: every named template the files hold ({"default": ..., "tool_use": ...}),
+        chosen as `transformers` does: `chat_template=<name>` picks one, and a call with
+        `tools` uses "tool_use" when there is one.
       add_bos_default: whether the model expects BOS before raw text: `add_bos_token` in
         tokenizer_config.json, else whether tokenizer.json's post-processor adds BOS, else True
         for SentencePiece models (False when there is no BOS token).
@@ -130,7 +144,7 @@ class Tokenizer:
         extra_eos_ids: Sequence[int] = (),
         pad_id: int | None = None,
         add_bos_default: bool,
-        chat_template: str | None,
+        chat_template: str | Mapping[str, str] | None,
         name: str,
     ):
         self._backend = backend
@@ -151,7 +165,10 @@ class Tokenizer:
         self.pad_id: int = next(i for i in (pad, pad_id, self.eos_id, 0) if i is not None)
         self.vocab_size: int = backend.vocab_size
         self.add_bos_default = bool(add_bos_default and self.bos_id is not None)
-        self.chat_template = chat_template
+        if isinstance(chat_template, str):
+            chat_template = {"default": chat_template}
+        self.chat_templates: dict[str, str] = dict(chat_template or {})
+        self.chat_template = self.chat_templates.get("default")
 
     def _special_id(self, key: str) -> int | None:
         token = self.special_tokens.get(key)
@@ -202,15 +219,25 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(int(token_id))
 
-    def _template(self, chat_template: str | None) -> str:
+    def _template(self, chat_template: str | None, tools: Any) -> str:
+        named = self.chat_templates
         if chat_template is not None:
+            if chat_template in named:
+                return named[chat_template]
             return chat_templates.resolve_template(chat_template)
-        if self.chat_template is None:
+        if tools is not None and "tool_use" in named:
+            return named["tool_use"]
+        if "default" in named:
+            return named["default"]
+        if named:
             raise ChatTemplateError(
-                f"{self.name} has no chat template; pass chat_template= one of "
-                f"{sorted(BUILTIN_TEMPLATES)} or jinja source to load() or to this call"
+                f"{self.name} has chat templates {sorted(named)} and none named 'default'; "
+                "pass chat_template= one of those names"
             )
-        return self.chat_template
+        raise ChatTemplateError(
+            f"{self.name} has no chat template; pass chat_template= one of "
+            f"{sorted(BUILTIN_TEMPLATES)} or jinja source to load() or to this call"
+        )
 
     def _render(
         self,
@@ -220,7 +247,7 @@ class Tokenizer:
         template_kwargs: Mapping[str, Any],
         with_spans: bool,
     ) -> tuple[str, list[tuple[int, int]]]:
-        source = self._template(chat_template)
+        source = self._template(chat_template, template_kwargs.get("tools"))
         messages = chat_templates.validate_messages(messages)
         variables = {**self.special_tokens, **template_kwargs}
         if with_spans and not chat_templates.has_generation_tags(source):
@@ -240,7 +267,8 @@ class Tokenizer:
         """Renders a conversation with the chat template; ids ([T]) instead when `tokenize`.
 
         messages: dicts with 'role' (one of chat_templates.KNOWN_ROLES) and 'content'.
-        chat_template: overrides the tokenizer's template: a built-in name or jinja source.
+        chat_template: overrides the tokenizer's template: the name of one of its templates
+          (`chat_templates`), a built-in name or jinja source.
         template_kwargs: extra template variables (tools=..., enable_thinking=...).
         The template writes BOS itself when the model wants it, so none is added here.
         """
@@ -291,24 +319,34 @@ def _find_files(path: Path) -> tuple[Path, Path]:
     )
 
 
-def _chat_template_from_files(directory: Path, config: Mapping[str, Any]) -> str | None:
-    # transformers >= 4.43 saves the template next to the config; older files keep it inline.
-    jinja_file = directory / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
-    template = _read_json(directory / "chat_template.json").get("chat_template")
+def _chat_templates_from_files(directory: Path, config: Mapping[str, Any]) -> dict[str, str]:
+    """{name: jinja source}, as `transformers`' tokenizer finds them: chat_template.jinja (the
+    default) and additional_chat_templates/*.jinja when present, else tokenizer_config.json's
+    template (a string, or a list of named ones). chat_template.json, the multimodal processor's
+    file, which the tokenizer does not read, is used only when there is nothing else."""
+    templates = {}
+    if (directory / "chat_template.jinja").is_file():
+        templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    extra = directory / TEMPLATES_DIR
+    for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
+        templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    if templates:
+        return templates
+    template = config.get("chat_template")
     if template is None:
-        template = config.get("chat_template")
+        template = _read_json(directory / "chat_template.json").get("chat_template")
     if isinstance(template, list):
         # Several named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        if "default" not in named:
-            raise ValueError(
-                f"{directory}: chat_template lists templates {sorted(map(str, named))} but none "
-                "is named 'default'"
-            )
-        template = named["default"]
-    if template is not None and not isinstance(template, str):
+        return {
+            str(t.get("name")): _template_source(directory, t.get("template"))
+            for t in template
+            if isinstance(t, dict)
+        }
+    return {} if template is None else {"default": _template_source(directory, template)}
+
+
+def _template_source(directory: Path, template: Any) -> str:
+    if not isinstance(template, str):
         raise ValueError(
             f"{directory}: chat_template is a {type(template).__name__}; expected a jinja string"
         )
@@ -370,10 +408,10 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
     else:
         add_bos_default = True  # SentencePiece LLMs (Llama 2, Gemma) are trained with BOS
 
-    template = (
-        chat_templates.resolve_template(chat_template)
+    templates = (
+        {"default": chat_templates.resolve_template(chat_template)}
         if chat_template is not None
-        else _chat_template_from_files(directory, config)
+        else _chat_templates_from_files(directory, config)
     )
     pad_ids = _id_list(generation.get("pad_token_id"))
     return Tokenizer(
@@ -382,6 +420,6 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
         extra_eos_ids=_id_list(generation.get("eos_token_id")),
         pad_id=pad_ids[0] if pad_ids else None,
         add_bos_default=add_bos_default,
-        chat_template=template,
+        chat_template=templates,
         name=str(path),
     )

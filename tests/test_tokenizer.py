@@ -464,6 +464,41 @@ def test_sentencepiece_added_tokens_beyond_vocab(sp_dir, tmp_path, rng):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == replies
 
 
+TOOL_USE = "TOOLS {% for t in tools or [] %}{{ t.name }}{% endfor %}: {{ messages[0].content }}"
+
+
+def test_chat_template_files_are_found_as_transformers_finds_them(bpe_dir, tmp_path):
+    """chat_template.jinja and additional_chat_templates/*.jinja over tokenizer_config.json's
+    template, which is read before chat_template.json (the processor's file, that transformers'
+    tokenizer never reads); each case against AutoTokenizer on the same files."""
+    import transformers
+
+    shutil.copy(os.path.join(bpe_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    chat = [{"role": "user", "content": "hi"}]
+    config = {"eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+
+    def both(**kwargs):
+        ours = tokenizer.load(tmp_path).apply_chat_template(chat, **kwargs)
+        hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+        return ours, hf.apply_chat_template(chat, tokenize=False, **kwargs)
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "JSON"}))
+    assert tokenizer.load(tmp_path).apply_chat_template(chat) == "JSON"  # nothing else
+    config["chat_template"] = "CONFIG"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert both() == ("CONFIG", "CONFIG")
+    (tmp_path / "chat_template.jinja").write_text("JINJA")
+    (tmp_path / tokenizer.TEMPLATES_DIR).mkdir()
+    (tmp_path / tokenizer.TEMPLATES_DIR / "tool_use.jinja").write_text(TOOL_USE)
+    assert both() == ("JINJA", "JINJA")
+    assert both(tools=[{"name": "f"}]) == ("TOOLS f: hi", "TOOLS f: hi")
+    export = tmp_path / "export"
+    export.mkdir()
+    assert tokenizer.TEMPLATES_DIR in tokenizer.copy_files(tmp_path, export)
+    assert tokenizer.load(export).chat_templates == tokenizer.load(tmp_path).chat_templates
+
+
 def test_config_variants(bpe_dir, tmp_path):
     """AddedToken dicts, special_tokens_map.json, named chat templates, generation_config ids."""
     shutil.copy(os.path.join(bpe_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
@@ -472,7 +507,7 @@ def test_config_variants(bpe_dir, tmp_path):
         "add_bos_token": False,
         "pad_token": "<pad>",  # not in the vocabulary: ignored, generation_config's id is used
         "chat_template": [
-            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "tool_use", "template": TOOL_USE},
             {"name": "default", "template": CHATML_PLAIN},
         ],
         "added_tokens_decoder": {"300": _added("<|new|>")},
@@ -489,10 +524,15 @@ def test_config_variants(bpe_dir, tmp_path):
     assert tok.pad_id == 2
     assert tok.chat_template == CHATML_PLAIN
     assert tok.vocab_size == 301 and tok.encode("a<|new|>")[-1] == 300
-    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS"}]
+    # As transformers chooses: tools select "tool_use", a name selects that template.
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tools=[{"name": "f"}]) == "TOOLS f: hi"
+    assert tok.apply_chat_template(chat, chat_template="tool_use") == "TOOLS : hi"
+    assert tok.apply_chat_template(chat).endswith("<|im_start|>user\nhi<|im_end|>\n")
+    config["chat_template"] = [{"name": "tool_use", "template": TOOL_USE}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="none is named 'default'"):
-        tokenizer.load(tmp_path)
+    with pytest.raises(ValueError, match=r"templates \['tool_use'\] and none named 'default'"):
+        tokenizer.load(tmp_path).apply_chat_template(chat)
     config.update(chat_template=None, added_tokens_decoder={"305": _added("<|new|>")})
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="added token '<\\|new\\|>' id 305, .* assigns it id 300"):
