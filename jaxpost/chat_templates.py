@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -307,10 +308,13 @@ def assistant_spans_by_prefix(
     For assistant message i, the reply starts where `messages[:i]` rendered with a generation prompt
     ends, and ends where `messages[:i+1]` rendered without one ends, minus trailing whitespace:
     so the span holds the reply and the end-of-turn text the template appends (`<|im_end|>`), not
-    the newline separating turns. Both renderings must be prefixes of the full rendering; a
-    template that rewrites earlier turns as the conversation grows (e.g. dropping past reasoning)
-    is an error, since its per-turn text is not defined: give such templates `{% generation %}`
-    blocks.
+    the newline separating turns.
+
+    Some templates render a turn differently once the conversation goes on: Qwen3's drops past
+    reasoning and writes an empty `<think>` block only into the last reply, and its generation
+    prompt without thinking (`<think>\n\n</think>\n\n`) never appears before an earlier reply.
+    There the reply is located in the full rendering itself (`_rewritten_turn`), so every token
+    the model sees is the one it sees at inference and the span holds what that turn writes.
     """
     full, _ = render(source, messages, add_generation_prompt, variables)
     spans = []
@@ -319,18 +323,65 @@ def assistant_spans_by_prefix(
             continue
         head, _ = render(source, messages[:i], True, variables)
         upto, _ = render(source, messages[: i + 1], False, variables)
-        for part, what in ((head, "prompt before"), (upto, "conversation up to")):
-            if not full.startswith(part):
-                raise ChatTemplateError(
-                    f"cannot locate assistant message {i}: the rendered {what} it is not a prefix "
-                    "of the rendered conversation (the template changes earlier turns as the "
-                    "conversation grows); use a template with {% generation %} blocks, or train "
-                    "on every token (data.completion_only_loss=False)"
-                )
-        end = len(upto.rstrip())
-        if end < len(head):
+        if full.startswith(head) and full.startswith(upto):
+            span = len(head), len(upto.rstrip())
+        else:
+            span = _rewritten_turn(source, messages, i, add_generation_prompt, variables, full)
+        if span[1] < span[0]:
             raise ChatTemplateError(
                 f"cannot locate assistant message {i}: the template renders nothing for it"
             )
-        spans.append((len(head), end))
+        spans.append(span)
     return full, spans
+
+
+# Appended to a reply to find where the template writes its end (see _rewritten_turn).
+_MARK = "\u2063jaxpost\u2063"
+
+
+def _rewritten_turn(
+    source: str,
+    messages: list[dict[str, Any]],
+    i: int,
+    add_generation_prompt: bool,
+    variables: Mapping[str, Any],
+    full: str,
+) -> tuple[int, int]:
+    """The span of assistant message i in `full` when the template renders that turn (or the
+    generation prompt before it) differently in a longer conversation.
+
+    The turns before it must render as they do in `full`. The reply starts where the generation
+    prompt and `full` part (the role header they share), as TRL splits a prompt from a
+    completion whose prompt is not a prefix. It ends where `full` and the same
+    conversation with a mark appended to this reply part, followed by the end-of-turn text
+    (tool calls, `<|im_end|>`) the template writes after the reply when it ends the
+    conversation, which `full` must hold there too.
+    """
+    before, _ = render(source, messages[:i], False, variables)
+    content = messages[i].get("content")
+    content = "" if content is None else content  # a reply of tool calls only
+    problem = None
+    if not full.startswith(before):
+        problem = "the conversation before it renders differently once it goes on"
+    elif not isinstance(content, str):
+        problem = "its content is given as parts, so its end cannot be marked"
+    if problem is None:
+        marked = [*messages[:i], {**messages[i], "content": content + _MARK}, *messages[i + 1 :]]
+        full_marked, _ = render(source, marked, add_generation_prompt, variables)
+        reply_end = len(os.path.commonprefix([full, full_marked]))
+        head, _ = render(source, messages[:i], True, variables)
+        # (an empty reply ends where it starts, though the prompt and a tool call share a "<")
+        start = min(len(os.path.commonprefix([head, full])), reply_end)
+        upto, _ = render(source, messages[: i + 1], False, variables)
+        upto_marked, _ = render(source, marked[: i + 1], False, variables)
+        close = upto[len(os.path.commonprefix([upto, upto_marked])) :].rstrip()
+        if start < len(before):
+            problem = "its reply is not where the generation prompt ends"
+        elif not full.startswith(close, reply_end):
+            problem = f"the end of its turn ({close!r}) does not follow its reply"
+        else:
+            return start, reply_end + len(close)
+    raise ChatTemplateError(
+        f"cannot locate assistant message {i}: {problem}; use a template with "
+        "{% generation %} blocks, or train on every token (data.completion_only_loss=False)"
+    )

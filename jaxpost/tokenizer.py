@@ -293,7 +293,9 @@ class Tokenizer:
         token, and on all other messages. Spans come from the template's `{% generation %}`
         blocks when it has them (the TRL / `transformers` convention, giving the same mask as
         `apply_chat_template(..., return_assistant_tokens_mask=True)`), otherwise from rendering
-        the conversation incrementally (see `chat_templates.assistant_spans_by_prefix`). A token
+        the conversation incrementally (see `chat_templates.assistant_spans_by_prefix`; a turn
+        that a template writes differently once the conversation goes on, such as Qwen3's, is
+        found in the whole conversation's text, which is the text trained). A token
         that straddles a span boundary is in the mask.
         """
         text, spans = self._render(

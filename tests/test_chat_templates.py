@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -63,12 +64,12 @@ def _conversation(rng: random.Random, system: bool, end_with_assistant: bool) ->
     return messages if end_with_assistant else messages[:-1]
 
 
-def _reference(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def _reference(template: str, messages: list[dict], add_generation_prompt: bool, **kw) -> str:
     rendered, _ = render_jinja_template(
         conversations=[messages],
         chat_template=template,
         add_generation_prompt=add_generation_prompt,
-        **VARIABLES,
+        **{**VARIABLES, **kw},
     )
     return rendered[0]
 
@@ -168,3 +169,70 @@ def test_generation_block_outside_top_level_is_an_error():
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(ChatTemplateError, match="move it to the template's top level"):
         chat_templates.render(source, messages, False, {})
+
+
+# Qwen3's published template (Qwen/Qwen3-8B tokenizer_config.json): it drops past reasoning,
+# writes a <think> block into the last reply only, and prompts `<think>\n\n</think>\n\n` when
+# thinking is off, so a turn renders differently once the conversation goes on.
+QWEN3_PUBLISHED = (Path(__file__).parent / "templates" / "qwen3.jinja").read_text()
+_CALL = {"function": {"name": "f", "arguments": {"x": 1}}}
+_CALL_TEXT = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+
+
+@pytest.mark.parametrize(
+    "messages, thinking, replies",
+    [
+        (  # past reasoning dropped; the last reply keeps its own
+            ["u1", "<think>\nr1\n</think>\n\na1", "u2", "<think>\nr2\n</think>\n\na2"],
+            None,
+            ["a1", "<think>\nr2\n</think>\n\na2"],
+        ),
+        (["u1", "a1", "u2", "a2"], None, ["a1", "<think>\n\n</think>\n\na2"]),
+        (["u1", "a1", "u2", "a2"], False, ["a1", "a2"]),  # the prompt holds the empty block
+        (  # a tool call with no text, its result, the answer
+            ["u1", (None, _CALL), ("tool", "3"), "a2"],
+            None,
+            [_CALL_TEXT, "<think>\n\n</think>\n\na2"],
+        ),
+        (
+            [("system", "s"), "u1", ("ok", _CALL), ("tool", "3"), "a2", "u3", "a3"],
+            False,
+            ["ok\n" + _CALL_TEXT, "a2", "a3"],
+        ),
+    ],
+)
+def test_spans_of_a_template_that_rewrites_earlier_turns(messages, thinking, replies):
+    """Each reply's span is what the template writes for that turn in the whole conversation
+    (the text the model sees), up to and including <|im_end|>, whatever it rewrites."""
+    conversation, role = [], "user"
+    for m in messages:
+        if isinstance(m, tuple) and m[0] in ("system", "tool"):
+            conversation.append({"role": m[0], "content": m[1]})
+            continue
+        message = {"role": role, "content": m if isinstance(m, str) else m[0]}
+        if isinstance(m, tuple):
+            message["tool_calls"] = [m[1]]
+        conversation.append(message)
+        role = "assistant" if role == "user" else "user"
+        if isinstance(m, tuple):
+            role = "assistant"  # the tool's result comes next, then the assistant again
+    variables = {**VARIABLES, **({} if thinking is None else {"enable_thinking": thinking})}
+    messages = chat_templates.validate_messages(conversation)
+    text, spans = chat_templates.assistant_spans_by_prefix(
+        QWEN3_PUBLISHED, messages, False, variables
+    )
+    assert text == _reference(QWEN3_PUBLISHED, conversation, False, **variables)
+    assert [text[a:b] for a, b in spans] == [r + "<|im_end|>" for r in replies]
+
+
+def test_a_template_that_rewrites_every_turn_is_an_error():
+    """Turns numbered from the end change as the conversation grows: no span is defined."""
+    template = (
+        "{% for m in messages %}[{{ messages|length - loop.index0 }}]{{ m.content }}"
+        "{% endfor %}{% if add_generation_prompt %}[a]{% endif %}"
+    )
+    messages = chat_templates.validate_messages(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 2
+    )
+    with pytest.raises(ChatTemplateError, match="assistant message 1: the conversation before"):
+        chat_templates.assistant_spans_by_prefix(template, messages, False, VARIABLES)

@@ -203,8 +203,9 @@ def encode_sft(
     """(ids, trained) for the sequence formats messages / prompt_completion / text.
 
     completion_only=False trains every token and locates no assistant turns, so it works with
-    any chat template, including those whose turns cannot be located (templates that rewrite
-    earlier turns, such as Qwen3's dropping past reasoning)."""
+    any chat template, including one whose turns cannot be located (`encode_chat` finds them
+    even where a template rewrites earlier turns, as Qwen3's drops past reasoning, but not
+    where it rewrites the turns before them)."""
     tv = template_kwargs(row)
     if fmt == "messages":
         if not completion_only:
