@@ -81,7 +81,10 @@ REWRITING_TEMPLATE = (
 )
 
 
-def test_template_rewriting_earlier_turns_trains_every_token_when_asked(hf_dir):
+def test_template_rewriting_earlier_turns_masks_each_reply_or_trains_every_token(hf_dir):
+    """A template that writes an empty <think> block into replies after the last user turn only
+    (as Qwen3's): each reply is trained as the whole conversation renders it; with
+    completion_only_loss=False every token is."""
     tok = tokenizer.load(hf_dir, chat_template=REWRITING_TEMPLATE)
     messages = [
         {"role": "user", "content": "12+3"},
@@ -92,8 +95,9 @@ def test_template_rewriting_earlier_turns_trains_every_token_when_asked(hf_dir):
     common = dict(max_length=128, batch_size=1, packing=False, process_index=0, process_count=1)
     common.update(shuffle=False, num_epochs=1)
     rows = [{"messages": messages}]
-    with pytest.raises(Exception, match="completion_only_loss=False"):
-        next(Pipeline(rows, tok, format="messages", **common).iterator())
+    batch = next(Pipeline(rows, tok, format="messages", **common).iterator())
+    trained = batch["targets"][0][batch["loss_mask"][0] > 0].tolist()
+    assert tok.decode(trained) == "15<|im_end|><think>\n\n</think>\n\n2<|im_end|>"
     batch = next(
         Pipeline(rows, tok, format="messages", completion_only_loss=False, **common).iterator()
     )
