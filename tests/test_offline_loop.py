@@ -229,3 +229,24 @@ def test_forgetting_records_keeps_a_symlinked_file_a_symlink(tmp_path):
     writer.close()
     assert (run / "metrics.jsonl").is_symlink()
     assert [json.loads(line)["step"] for line in target.read_text().splitlines()] == [1, 2]
+
+
+def test_logged_means_leave_out_steps_that_trained_no_token():
+    """A step without trained tokens (all prompt, say) has no loss or gradient: its zeros stay
+    out of the logged loss / grad_norm means, while the token counts keep it."""
+    from jaxpost.loops.offline import _window_host
+
+    def step(loss, weight, lr):
+        return {
+            "loss": jnp.float32(loss), "grad_norm": jnp.float32(loss / 2),
+            "weight_sum": jnp.float32(weight), "tokens": jnp.float32(weight),
+            "input_tokens": jnp.float32(64), "learning_rate": jnp.float32(lr),
+        }  # fmt: skip
+
+    host = _window_host(
+        [step(2.0, 10, 1.0), step(0.0, 0, 2.0), step(4.0, 30, 3.0)], ("learning_rate",)
+    )
+    assert host["loss"] == 3.0 and host["grad_norm"] == 1.5
+    assert host["tokens"] == pytest.approx(40 / 3) and host["input_tokens"] == 64
+    assert host["learning_rate"] == 3.0
+    assert _window_host([step(0.0, 0, 1.0)] * 2, ())["loss"] == 0.0

@@ -82,14 +82,22 @@ def _host(metrics: dict) -> dict[str, float]:
     return out
 
 
+# Metrics that count a step's tokens; every other one is a mean over the step's trained tokens
+# (loss, accuracy, ...) or its gradient (grad_norm), which a step without any has none of.
+_COUNTS = ("tokens", "input_tokens", "loss_sum", "weight_sum")
+
+
 def _window_host(window: list[dict], last_only: tuple[str, ...]) -> dict[str, float]:
     """The last step's metrics with each one not in `last_only` replaced by its mean over the
-    steps of `window` (one host transfer for all of them)."""
+    steps of `window` (one host transfer for all of them). Per-token means leave out the steps
+    that trained no token (their loss of 0 is not a loss), unless no step trained one."""
     steps = [_host(m) for m in jax.device_get(window)]
+    trained = [m for m in steps if m.get("weight_sum", 1.0) > 0] or steps
     out = dict(steps[-1])
     for k in out:
-        if k not in last_only and all(k in m for m in steps):
-            out[k] = float(np.mean([m[k] for m in steps]))
+        over = steps if k in _COUNTS else trained
+        if k not in last_only and all(k in m for m in over):
+            out[k] = float(np.mean([m[k] for m in over]))
     return out
 
 
