@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
+import re
 import signal
 import threading
 from pathlib import Path
@@ -133,6 +135,12 @@ def checksums(tree) -> dict[str, list[int]]:
     }
 
 
+def fingerprint(tree) -> str:
+    """A short digest of a pytree's values (its `checksums`), the same on any mesh."""
+    text = json.dumps(checksums(tree), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _encode(value):
     """Data-iterator states may be bytes (Grain); JSON keeps them base64-encoded."""
     if isinstance(value, bytes):
@@ -160,6 +168,23 @@ def _own_data_state(meta: dict, where) -> Any:
             "workdir) from this run's exported weights"
         )
     return _decode(states[jax.process_index()]) if len(states) == n else None
+
+
+# Model config keys that change how the model computes, not its weights: a resume may change
+# them (mixed precision switched on or off), and the change is listed, not refused.
+COMPUTE_ONLY_MODEL_KEYS = ("model.compute_dtype",)
+
+
+def _likely_cause(problems: list[str]) -> str:
+    if all(p.startswith("opt_state") for p in problems):
+        return "another optimizer?"
+    return "another model or another LoRA shape?"
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message without TensorStore's trailing details (a bound-method repr)."""
+    text = (str(e).splitlines() or [""])[0]
+    return re.sub(r"\s*\[?See full TensorStore details.*$", "", text)[:300]
 
 
 class Checkpointer:
@@ -221,22 +246,37 @@ class Checkpointer:
             "tree": describe(state),
             "checksums": checksums(state),
         }
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        try:  # (this first finishes an earlier asynchronous save, whose failure shows here)
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - disk full, permissions: one clear error
+            raise self._save_failed(e) from e
         if wait:
             self.wait()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, e: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: "
+            f"{_first_line(e)}); the checkpoints saved before it are intact: free space or fix "
+            "the directory's permissions, then run again to resume from the latest"
+        )
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -256,7 +296,8 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} is corrupt or incomplete: its metadata "
-                f"cannot be read ({type(e).__name__}: {e})"
+                f"cannot be read ({type(e).__name__}: {_first_line(e)}); move that step "
+                "directory away to resume from the checkpoint before it"
             ) from e
         return meta
 
@@ -284,7 +325,11 @@ class Checkpointer:
         data_state = _own_data_state(meta, where)
         saved_model = (meta.get("config") or {}).get("model")
         if model_config is not None and saved_model is not None:
-            diffs = config_diffs(saved_model, model_config, "model")
+            diffs = [
+                d
+                for d in config_diffs(saved_model, model_config, "model")
+                if not d.startswith(COMPUTE_ONLY_MODEL_KEYS)
+            ]
             if diffs:
                 raise CheckpointError(
                     f"checkpoint {where} was written for a different model:\n  "
@@ -293,8 +338,8 @@ class Checkpointer:
         problems = _mismatches(meta["tree"], describe(abstract_state))
         if problems:
             raise CheckpointError(
-                f"checkpoint {where} does not match this run's state (another model or another "
-                "LoRA shape?):\n  " + "\n  ".join(problems)
+                f"checkpoint {where} does not match this run's state ({_likely_cause(problems)}):"
+                "\n  " + "\n  ".join(problems)
             )
         target = jax.tree.map(_abstract_key_data, abstract_state)
         target = jax.tree.map(
@@ -309,7 +354,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to read the arrays is corruption
             raise CheckpointError(
                 f"checkpoint {where} is corrupt or incomplete: its arrays cannot be read "
-                f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); move that step "
+                f"({type(e).__name__}: {_first_line(e)}); move that step "
                 "directory away to resume from the checkpoint before it"
             ) from e
         saved_sums = meta.get("checksums")  # absent from checkpoints written before checksums

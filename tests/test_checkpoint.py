@@ -127,6 +127,39 @@ def test_other_model_config_names_the_fields(tmp_path):
         _restore(
             tmp_path, _abstract(state), model_config={"arch": {"hidden_size": 32, "num_layers": 2}}
         )
+    # Mixed precision on or off changes how the model computes, not its weights: allowed.
+    arch = {"hidden_size": 64, "num_layers": 2}
+    restored = _restore(
+        tmp_path, _abstract(state), model_config={"arch": arch, "compute_dtype": "bfloat16"}
+    )
+    assert int(restored.state["step"]) == 0
+
+
+def test_another_optimizer_is_named_as_the_likely_cause(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, _state(0), wait=True)
+    other = _state(0)
+    other["opt_state"] = {"mu": other["opt_state"]["mu"], "nu": other["opt_state"]["mu"]}
+    with pytest.raises(CheckpointError, match=r"\(another optimizer\?\):\n  opt_state/nu"):
+        _restore(tmp_path, _abstract(other))
+
+
+def test_a_failed_save_is_one_clear_error_and_keeps_the_saved_steps(tmp_path, monkeypatch):
+    """A full disk: Orbax's error (TensorStore's, with a bound-method repr on its end) becomes a
+    CheckpointError naming the directory and the cause; the steps saved before stay."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(4, _state(0))
+        full = ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "w/0": No space left on device '
+            "[os_error_code='28'] [See full TensorStore details: <bound method x of y>]\nmore"
+        )
+        monkeypatch.setattr(ckpt._manager, "save", lambda *a, **k: (_ for _ in ()).throw(full))
+        with pytest.raises(CheckpointError) as info:
+            ckpt.save(8, _state(1))
+        assert ckpt.all_steps() == [4]
+    msg = str(info.value)
+    assert f"saving a checkpoint in {tmp_path} failed" in msg and "No space left" in msg
+    assert "TensorStore details" not in msg and "more" not in msg
 
 
 def test_missing_leaf_is_named(tmp_path):
@@ -254,7 +287,7 @@ def test_corrupt_metadata_is_a_clear_error(tmp_path):
         state = _state(0)
         ckpt.save(4, state, wait=True)
     (tmp_path / "4" / "meta" / "metadata").write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt or incomplete: its metadata"):
+    with pytest.raises(CheckpointError, match="its metadata cannot be read .*; move that step"):
         _restore(tmp_path, _abstract(state))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
 from jaxpost.loops.offline import LoopSettings, NonFiniteLoss, Preempted, run_offline
 from jaxpost.metrics import MetricsWriter
 
@@ -60,7 +60,9 @@ def _step(state, batch):
     return {"w": optax.apply_updates(state["w"], updates), "opt": opt}, {"loss": loss}
 
 
-def _run(tmp, data, steps=9, crash_at=None, guard=None, log_every=1, config=None, **stream):
+def _run(
+    tmp, data, steps=9, crash_at=None, guard=None, log_every=1, config=None, origin=None, **stream
+):
     x, y = data
     state = {"w": jnp.zeros((x.shape[1],)), "opt": OPT.init(jnp.zeros((x.shape[1],)))}
     writer = MetricsWriter(tmp, tensorboard=False, stdout=False)
@@ -77,6 +79,7 @@ def _run(tmp, data, steps=9, crash_at=None, guard=None, log_every=1, config=None
                 writer=writer,
                 guard=guard or PreemptionGuard(),
                 config_dict=config,
+                origin=origin,
             )
     finally:
         writer.close()
@@ -156,6 +159,34 @@ def test_a_nan_loss_stops_before_anything_is_saved(tmp_path, data, log_every):
     assert err.value.step == (5 if log_every == 1 else 6)
     with Checkpointer(tmp_path / "nan" / "ckpt") as ckpt:
         assert ckpt.all_steps() == [3]
+
+
+def test_a_nan_before_any_checkpoint_says_the_stage_starts_over(tmp_path, data):
+    with pytest.raises(NonFiniteLoss, match="No checkpoint of this stage was saved yet") as err:
+        _run(tmp_path / "nan", data, nan_from=1)
+    assert "last checkpoint is step 0" not in str(err.value)
+
+
+def test_a_resume_from_other_starting_weights_or_another_pipeline_is_refused(
+    tmp_path, data, monkeypatch, capsys
+):
+    """A checkpoint trained from other starting weights (a longer earlier stage) is not
+    continued; a data state the pipeline cannot take is a CheckpointError, not grain's KeyError;
+    a change of compute dtype only is allowed and listed."""
+    model = {"arch": "tiny", "compute_dtype": None}
+    _run(tmp_path / "r", data, steps=6, origin={"weights": "a"}, config={"model": model})
+    with pytest.raises(CheckpointError, match=r"other starting weights .*\(\{'weights': 'a'\}"):
+        _run(tmp_path / "r", data, origin={"weights": "b"}, config={"model": model})
+    bf16 = {"model": {**model, "compute_dtype": "bfloat16"}}
+    _run(tmp_path / "r", data, origin={"weights": "a"}, config=bf16)
+    assert "model.compute_dtype: None in the checkpoint, 'bfloat16'" in capsys.readouterr().out
+
+    def foreign(self, state):
+        raise KeyError("next_index")
+
+    monkeypatch.setattr(ArrayStream, "set_state", foreign)
+    with pytest.raises(CheckpointError, match="does not fit this run's data pipeline .*KeyError"):
+        _run(tmp_path / "r", data, steps=12, origin={"weights": "a"}, config=bf16)
 
 
 def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log(tmp_path, data):

@@ -221,6 +221,36 @@ def test_restore_on_a_different_mesh_and_bad_checkpoints(tmp_path):
     assert len(corrupt.stderr.strip().splitlines()) == 1, corrupt.stderr[:2000]
 
 
+def test_a_stage_resumed_over_a_longer_earlier_stage_is_refused(tmp_path):
+    """A finished pretrain + SFT run re-run with more pretraining: the SFT checkpoints were
+    trained from the old base, so continuing them would keep the old model (an audit saw the
+    export unchanged, silently); the run stops, naming the directory to move away."""
+    from jaxpost.checkpoint import CheckpointError
+
+    work = tmp_path / "stages"
+    short = dict(
+        pretrain__steps=2, train__steps=2, checkpoint__every=2, checkpoint__keep_every=None
+    )
+    _run_in_process(_config(work, **short))
+    _run_in_process(_config(work, **short))  # the same run again: nothing to do, no error
+    with pytest.raises(CheckpointError, match=r"\[sft\] the checkpoints in .*sft/checkpoints were"):
+        _run_in_process(_config(work, **{**short, "pretrain__steps": 3}))
+    shutil.rmtree(work / "sft" / "checkpoints")
+    _run_in_process(_config(work, **{**short, "pretrain__steps": 3}))
+
+
+def test_an_unusable_work_directory_is_one_error_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _run(tmp_path / "file" / "run", *SHORT, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: cannot use the work directory '{tmp_path / 'file' / 'run'}'")
+    )
+    assert "Traceback" not in proc.stderr
+
+
 def _arch(**changes):
     from jaxpost import config as jconfig
 

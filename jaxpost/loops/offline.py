@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard, config_diffs
+from jaxpost.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, config_diffs
 from jaxpost.metrics import MetricsWriter, Progress
 
 
@@ -40,12 +40,19 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, step: int, metrics: dict, last_saved: int, directory):
         values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
-        super().__init__(
-            f"step {step}: {values}; stopped without saving this state. The last checkpoint is "
-            f"step {last_saved} in {directory}. Lower the learning rate or check the data, then "
-            "run again to resume from it; if the run had just resumed, that checkpoint may be "
-            "damaged: move its step directory away to resume from the one before."
-        )
+        if last_saved:
+            where = (
+                f"The last checkpoint is step {last_saved} in {directory}. Lower the learning "
+                "rate or check the data, then run again to resume from it; if the run had just "
+                "resumed, that checkpoint may be damaged: move its step directory away to "
+                "resume from the one before."
+            )
+        else:
+            where = (
+                "No checkpoint of this stage was saved yet. Lower the learning rate or check "
+                "the data, then run again: it starts this stage from the beginning."
+            )
+        super().__init__(f"step {step}: {values}; stopped without saving this state. {where}")
         self.step = step
 
 
@@ -161,6 +168,7 @@ def run_offline(
     eval_batches: Callable[[], Iterator[dict]] | None = None,
     config_dict: dict | None = None,
     on_eval: Callable[[Any, int], dict[str, float]] | None = None,
+    origin: dict | None = None,
 ):
     """Train for `settings.steps` steps, resuming from `checkpointer`'s latest step if present.
 
@@ -168,20 +176,41 @@ def run_offline(
     ShapeDtypeStructs with shardings (defaults to state's), the restore target.
     eval_batches: a fresh iterator of eval batches per evaluation. on_eval(state, step) adds
     metrics computed outside the loss (e.g. task accuracy from generation).
+    origin: what the run starts from that its state does not hold (the fingerprint of frozen
+    base weights, of the weights a stage starts from); saved with each checkpoint, and a
+    checkpoint saved from another origin is refused rather than continued on the wrong base.
     Returns the final train state.
     """
     start = 0
     if checkpointer.latest_step() is not None:
         target = abstract_state if abstract_state is not None else jax.eval_shape(lambda: state)
         restored = checkpointer.restore(target, model_config=(config_dict or {}).get("model"))
+        saved_origin = restored.extra.get("origin")
+        if origin is not None and saved_origin is not None and saved_origin != origin:
+            raise CheckpointError(
+                f"[{settings.name}] the checkpoints in {checkpointer.directory} were trained from "
+                f"other starting weights than this run's ({saved_origin} then, {origin} now: an "
+                "earlier stage trained further, or the model path holds other weights); "
+                "resuming would continue the old run. Move that directory away (or use another "
+                "workdir) to train this stage from the new weights"
+            )
         state, start = restored.state, restored.step
         if restored.data_state is not None:
-            batches.set_state(restored.data_state)
+            try:
+                batches.set_state(restored.data_state)
+            except Exception as e:  # noqa: BLE001 - grain raises KeyError etc. on a foreign state
+                raise CheckpointError(
+                    f"[{settings.name}] the data-iterator state of checkpoint step {start} in "
+                    f"{checkpointer.directory} does not fit this run's data pipeline "
+                    f"({type(e).__name__}: {e}): data.packing or data.format changed since, or "
+                    "another jaxpost version wrote it. Resume with the settings that wrote it, "
+                    "or use another workdir"
+                ) from e
         writer.echo(f"[{settings.name}] resumed from step {start} ({checkpointer.directory})")
         changed = [
             d
+            # (a changed model is an error raised by restore, but for how it computes)
             for section in sorted(set(restored.config or {}) | set(config_dict or {}))
-            if section != "model"  # a changed model is an error, raised by restore
             for d in config_diffs(
                 (restored.config or {}).get(section), (config_dict or {}).get(section), section
             )
@@ -203,7 +232,12 @@ def run_offline(
     def save(step: int, wait: bool = False) -> None:
         if saved[-1] != step:
             checkpointer.save(
-                step, state, data_state=batches.get_state(), config=config_dict, wait=wait
+                step,
+                state,
+                data_state=batches.get_state(),
+                config=config_dict,
+                extra={"origin": origin} if origin is not None else None,
+                wait=wait,
             )
             saved.append(step)
         elif wait:

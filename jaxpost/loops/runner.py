@@ -25,7 +25,7 @@ from jaxpost import config as jconfig
 from jaxpost import lora as jlora
 from jaxpost import models, nf4, sharding
 from jaxpost import tokenizer as jtokenizer
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard
+from jaxpost.checkpoint import Checkpointer, PreemptionGuard, fingerprint
 from jaxpost.loops import Recipe, data_setup, evaluation, step_setup
 from jaxpost.loops.offline import LoopSettings, run_offline
 from jaxpost.metrics import MetricsWriter, plot_curves
@@ -242,6 +242,8 @@ def train_stage(
             ),
             config_dict=json.loads(json.dumps(stage_config, default=list)),
             on_eval=on_eval,
+            # A stage resumed over another base (say a pretrain stage run longer) is refused.
+            origin={"weights": fingerprint(base)},
         )
     finally:
         checkpointer.close()
