@@ -181,10 +181,19 @@ def _likely_cause(problems: list[str]) -> str:
     return "another model or another LoRA shape?"
 
 
+_OS_ERRORS = re.compile(
+    r"No space left on device|Permission denied|Read-only file system|Disk quota exceeded"
+)
+
+
 def _first_line(e: Exception) -> str:
-    """An exception's message without TensorStore's trailing details (a bound-method repr)."""
+    """An exception's message without TensorStore's trailing details (a bound-method repr),
+    cut short, with the operating system's reason first when it names one."""
     text = (str(e).splitlines() or [""])[0]
-    return re.sub(r"\s*\[?See full TensorStore details.*$", "", text)[:300]
+    text = re.sub(r"\s*\[?See full TensorStore details.*$", "", text)
+    reason = _OS_ERRORS.search(text)
+    short = text if len(text) <= 300 else text[:300] + "..."
+    return f"{reason.group(0)}: {short}" if reason and reason.start() > 200 else short
 
 
 class Checkpointer:
