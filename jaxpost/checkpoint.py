@@ -21,6 +21,7 @@ two items: "state" (any pytree of arrays: params, optimizer state, RNG keys, ste
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -70,7 +71,7 @@ def describe(tree) -> dict[str, list]:
     return out
 
 
-def _mismatches(saved: dict[str, list], target: dict[str, list], limit: int = 8) -> list[str]:
+def _mismatches(saved: dict[str, list], target: dict[str, list]) -> list[str]:
     lines = []
     # Parameters first: they name the model / LoRA difference; optimizer leaves follow.
     for path in sorted(set(saved) | set(target), key=lambda p: (not p.startswith("params/"), p)):
@@ -83,9 +84,11 @@ def _mismatches(saved: dict[str, list], target: dict[str, list], limit: int = 8)
                 f"{path}: checkpoint has shape {saved[path][0]} {saved[path][1]}, "
                 f"this run expects {target[path][0]} {target[path][1]}"
             )
-    if len(lines) > limit:
-        lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
     return lines
+
+
+def _first(lines: list[str], limit: int = 8) -> list[str]:
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def _keys_to_data(tree):
@@ -191,9 +194,9 @@ def _first_line(e: Exception) -> str:
     cut short, with the operating system's reason first when it names one."""
     text = (str(e).splitlines() or [""])[0]
     text = re.sub(r"\s*\[?See full TensorStore details.*$", "", text)
-    reason = _OS_ERRORS.search(text)
-    short = text if len(text) <= 300 else text[:300] + "..."
-    return f"{reason.group(0)}: {short}" if reason and reason.start() > 200 else short
+    reason, limit = _OS_ERRORS.search(text), 300
+    short = text if len(text) <= limit else text[:limit] + "..."
+    return f"{reason.group(0)}: {short}" if reason and reason.end() > limit else short
 
 
 class Checkpointer:
@@ -275,25 +278,39 @@ class Checkpointer:
             raise self._save_failed(e) from e
 
     def _save_failed(self, e: Exception) -> CheckpointError:
+        cause = _first_line(e)
+        fix = (
+            "free space or fix the directory's permissions, then run again to resume from the "
+            "latest"
+            if isinstance(e, OSError) or _OS_ERRORS.search(str(e))
+            else "run again to resume from the latest"
+        )
         return CheckpointError(
-            f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: "
-            f"{_first_line(e)}); the checkpoints saved before it are intact: free space or fix "
-            "the directory's permissions, then run again to resume from the latest"
+            f"saving a checkpoint in {self.directory} failed ({type(e).__name__}: {cause}); "
+            f"the checkpoints saved before it are intact: {fix}"
         )
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
-            self._manager.close()
+            # Orbax's close waits again; a failed save is the wait's error, raised above.
+            with contextlib.suppress(Exception):
+                self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         # Closed on an error too, so a failed save or restore leaves no Orbax manager (and its
-        # background threads) open.
-        self.close()
+        # background threads) open; a save failing as well does not replace that error.
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError:
+            pass
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON side of a checkpoint (step, data state, config, tree description, extras)."""
@@ -348,7 +365,7 @@ class Checkpointer:
         if problems:
             raise CheckpointError(
                 f"checkpoint {where} does not match this run's state ({_likely_cause(problems)}):"
-                "\n  " + "\n  ".join(problems)
+                "\n  " + "\n  ".join(_first(problems))
             )
         target = jax.tree.map(_abstract_key_data, abstract_state)
         target = jax.tree.map(

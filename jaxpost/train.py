@@ -146,11 +146,13 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
     t0 = time.perf_counter()
     try:
         run = runner.Run.create(cfg)
-    except (*_INPUT_ERRORS, jconfig.ConfigError, runner.WorkdirInUse) as e:
+    except (
+        *_INPUT_ERRORS,
+        jconfig.ConfigError,
+        runner.WorkdirInUse,
+        runner.WorkdirUnusable,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only or full disk, a path through a file
-        print(f"error: cannot use the work directory {cfg.workdir!r}: {e}", file=sys.stderr)
         return 2
     run.log(f"host memory: {host}")
     recipe = loops.RECIPES[cfg.algorithm]

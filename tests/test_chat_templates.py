@@ -189,6 +189,8 @@ _CALL_TEXT = '<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
         ),
         (["u1", "a1", "u2", "a2"], None, ["a1", "<think>\n\n</think>\n\na2"]),
         (["u1", "a1", "u2", "a2"], False, ["a1", "a2"]),  # the prompt holds the empty block
+        # replies that start as the thinking-off prompt goes on (its "<think>"): whole
+        (["u1", "<b>bold</b>", "u2", "<thinking"], False, ["<b>bold</b>", "<thinking"]),
         (  # a tool call with no text, its result, the answer
             ["u1", (None, _CALL), ("tool", "3"), "a2"],
             None,

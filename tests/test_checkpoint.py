@@ -139,9 +139,11 @@ def test_another_optimizer_is_named_as_the_likely_cause(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(5, _state(0), wait=True)
     other = _state(0)
-    other["opt_state"] = {"mu": other["opt_state"]["mu"], "nu": other["opt_state"]["mu"]}
-    with pytest.raises(CheckpointError, match=r"\(another optimizer\?\):\n  opt_state/nu"):
+    mu = other["opt_state"]["mu"]
+    other["opt_state"] = {"mu": mu, **{f"nu{i}": mu for i in range(10)}}  # past the 8 listed
+    with pytest.raises(CheckpointError, match=r"\(another optimizer\?\):\n  opt_state/nu0") as e:
         _restore(tmp_path, _abstract(other))
+    assert "... and 2 more" in str(e.value)
 
 
 def test_a_failed_save_is_one_clear_error_and_keeps_the_saved_steps(tmp_path, monkeypatch):
@@ -153,13 +155,20 @@ def test_a_failed_save_is_one_clear_error_and_keeps_the_saved_steps(tmp_path, mo
             f'RESOURCE_EXHAUSTED: Error writing "w/0" in {"x" * 400}: No space left on device '
             "[os_error_code='28'] [See full TensorStore details: <bound method x of y>]\nmore"
         )
-        monkeypatch.setattr(ckpt._manager, "save", lambda *a, **k: (_ for _ in ()).throw(full))
+        fail = {"with": full}
+        monkeypatch.setattr(
+            ckpt._manager, "save", lambda *a, **k: (_ for _ in ()).throw(fail["with"])
+        )
         with pytest.raises(CheckpointError) as info:
             ckpt.save(8, _state(1))
-        assert ckpt.all_steps() == [4]
+        fail["with"] = TypeError("Object of type set is not JSON serializable")
+        with pytest.raises(CheckpointError) as other:
+            ckpt.save(8, _state(1))
     msg = str(info.value)
     assert f"saving a checkpoint in {tmp_path} failed (ValueError: No space left" in msg
-    assert "TensorStore details" not in msg and "more" not in msg
+    assert "TensorStore details" not in msg and "more" not in msg and "free space" in msg
+    assert "not JSON serializable" in str(other.value) and "free space" not in str(other.value)
+    _assert_tree_equal(_restore(tmp_path, _abstract(_state(0))).state, _state(0))  # step 4 intact
 
 
 def test_missing_leaf_is_named(tmp_path):
@@ -313,3 +322,20 @@ def test_each_process_data_state_and_checkpoints_from_before_them():
     assert _own_data_state({"data_states": [None, None]}, "ck") is None  # no data position
     with pytest.raises(CheckpointError, match=r"ck was written by 2 process\(es\) and this run"):
         _own_data_state({"data_states": [{"i": 1}, {"i": 2}]}, "ck")
+
+
+def test_a_failing_close_does_not_hide_the_error_in_flight(tmp_path, monkeypatch):
+    """Closing after another error (a preemption, a NaN) finishes the pending save; if that fails
+    too, the first error still propagates (its exit code is the run's)."""
+    ckpt = Checkpointer(tmp_path)
+
+    def broken():
+        raise ValueError("No space left on device")
+
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", broken)
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt:
+            raise KeyboardInterrupt
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        with ckpt:
+            pass

@@ -203,9 +203,9 @@ def encode_sft(
     """(ids, trained) for the sequence formats messages / prompt_completion / text.
 
     completion_only=False trains every token and locates no assistant turns, so it works with
-    any chat template, including one whose turns cannot be located (`encode_chat` finds them
-    even where a template rewrites earlier turns, as Qwen3's drops past reasoning, but not
-    where it rewrites the turns before them)."""
+    any chat template. (`encode_chat` locates a reply even where the template writes it
+    differently once the conversation goes on, as Qwen3's drops past reasoning; it cannot
+    where the template rewrites the turns before the reply, and raises.)"""
     tv = template_kwargs(row)
     if fmt == "messages":
         if not completion_only:

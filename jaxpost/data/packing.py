@@ -10,7 +10,7 @@ the open row it fills most tightly; when it fits none and every row is open, the
 emitted and the example opens a new one. Grain's packers (`grain.experimental.FirstFit...`,
 `BestFit...`) instead emit every open row once one example does not fit, so all of them leave
 with the slack of a half-filled set: over 64 rows, 2,000 examples of uniform length filled 90.0%
-(first fit) / 90.7% (best fit) of the slots against 96.8% here, and TRL's best-fit-decreasing
+(first fit) / 90.7% (best fit) of the slots against 96.6% here, and TRL's best-fit-decreasing
 over the whole set 98.0% (`python benchmarks/packing_efficiency.py`).
 """
 
@@ -44,7 +44,7 @@ class BestFitPacker(grain.IterDataset):
     (default 8 x num_bins, which bounds the replay a restore does), or, fullest first, when the
     examples run out. The iterator's state is JSON: the parent's state before the oldest example
     still in an open row, and which of the examples read since then sit in which open row; a
-    restore re-reads those (at most max_wait) and rebuilds the rows.
+    restore re-reads those (at most max_wait + 1) and rebuilds the rows.
     """
 
     def __init__(
@@ -59,9 +59,8 @@ class BestFitPacker(grain.IterDataset):
         super().__init__(parent)
         if num_bins < 1:
             raise ValueError(f"num_packing_bins must be at least 1, got {num_bins}")
-        self._args = dict(
-            seq_len=seq_len, pad_id=pad_id, num_bins=num_bins, max_wait=max_wait or 8 * num_bins
-        )
+        max_wait = 8 * num_bins if max_wait is None else max_wait
+        self._args = dict(seq_len=seq_len, pad_id=pad_id, num_bins=num_bins, max_wait=max_wait)
 
     def __iter__(self) -> grain.DatasetIterator:
         return _BestFitIterator(self._parent.__iter__(), **self._args)
@@ -71,9 +70,11 @@ class BestFitPacker(grain.IterDataset):
 
 
 class _Row:
-    """An open row: the examples in it, by their index in the parent's stream."""
+    """An open row: its examples, their indices in the parent's stream, and the parent's state
+    before the first of them (where a restore starts reading when this row is the oldest)."""
 
-    def __init__(self):
+    def __init__(self, start_state: Any):
+        self.start_state = start_state
         self.used = 0
         self.members: list[int] = []
         self.examples: list[dict] = []
@@ -89,53 +90,48 @@ class _BestFitIterator(grain.DatasetIterator):
         super().__init__(parent)
         self._seq_len, self._pad_id = seq_len, pad_id
         self._num_bins, self._max_wait = num_bins, max_wait
-        self._reset(0)
+        self._read = 0  # examples taken from the parent so far
+        self._open: list[_Row] = []  # in the order they opened: the oldest first
 
-    def _reset(self, read: int) -> None:
-        self._read = read  # examples taken from the parent so far
-        self._open: list[_Row] = []
-        # The parent's state before each example still in an open row (what get_state needs),
-        # and before the next one to read (the state when no row is open).
-        self._states: dict[int, Any] = {read: self._parent.get_state()}
+    def _next_example(self) -> tuple[Any, dict]:
+        """(the parent's state before it, the next example); StopIteration at the end."""
+        before = self._parent.get_state()
+        example = next(self._parent)
+        self._read += 1
+        return before, {k: np.asarray(example[k]) for k in SEQUENCE_FEATURES}
 
     def __next__(self) -> dict:
         while True:
-            if self._open and self._read - min(r.members[0] for r in self._open) > self._max_wait:
-                return self._emit(min(self._open, key=lambda r: r.members[0]))
-            before = self._parent.get_state()
+            if self._open and self._read - self._open[0].members[0] > self._max_wait:
+                return self._emit(self._open[0])
             try:
-                example = next(self._parent)
+                before, example = self._next_example()
             except StopIteration:
                 if not self._open:
                     raise
                 return self._emit(max(self._open, key=lambda r: r.used))
-            index = self._read
-            self._read += 1
-            self._states[index] = before
-            example = {k: np.asarray(example[k]) for k in SEQUENCE_FEATURES}
-            n = len(example["tokens"])
+            index, n = self._read - 1, len(example["tokens"])
             if n > self._seq_len:
                 raise ValueError(f"example of {n} tokens does not fit in a row of {self._seq_len}")
             room = [r for r in self._open if r.used + n <= self._seq_len]
+            row = max(room, key=lambda r: r.used) if room else _Row(before)  # the tightest fit
+            row.add(index, example)
+            if row.used == self._seq_len:
+                return self._emit(row) if room else self._rows_of(row)
             if room:
-                row = max(room, key=lambda r: r.used)  # the tightest fit
-                row.add(index, example)
-                if row.used == self._seq_len:
-                    return self._emit(row)
                 continue
             full = (
                 max(self._open, key=lambda r: r.used) if len(self._open) >= self._num_bins else None
             )
-            row = _Row()
-            row.add(index, example)
             self._open.append(row)
             if full is not None:
                 return self._emit(full)
 
     def _emit(self, row: _Row) -> dict:
         self._open.remove(row)
-        for index in row.members:
-            del self._states[index]
+        return self._rows_of(row)
+
+    def _rows_of(self, row: _Row) -> dict:
         out = {}
         for k, fill in _padding(self._pad_id).items():
             out[k] = np.full((self._seq_len,), fill, row.examples[0][k].dtype)
@@ -153,40 +149,38 @@ class _BestFitIterator(grain.DatasetIterator):
         return out
 
     def get_state(self) -> dict:
-        anchor = min((r.members[0] for r in self._open), default=self._read)
-        if anchor == self._read:
-            self._states[self._read] = self._parent.get_state()
+        oldest = self._open[0] if self._open else None
         return {
             "packer": "best_fit",
-            "parent": self._states[anchor],
-            "anchor": anchor,
+            "parent": oldest.start_state if oldest else self._parent.get_state(),
+            "anchor": oldest.members[0] if oldest else self._read,
             "read": self._read,
             "open_rows": [r.members for r in self._open],
         }
 
     def set_state(self, state: dict) -> None:
-        if state.get("packer") != "best_fit":
+        if not isinstance(state, dict) or state.get("packer") != "best_fit":
             raise ValueError(
-                "the data-iterator state was written by another packer (grain's first fit, "
-                "before jaxpost packed by best fit); resume from that checkpoint with the "
-                "version that wrote it, or start a fresh run"
+                "the data-iterator state was not written by the best-fit packer (but by an "
+                "older jaxpost's first-fit packer, or with data.packing=False); resume with "
+                "the version and settings that wrote it, or start a fresh run"
             )
         self._parent.set_state(state["parent"])
-        anchor, read = state["anchor"], state["read"]
-        self._reset(anchor)
+        self._read = state["anchor"]
         where = {i: n for n, members in enumerate(state["open_rows"]) for i in members}
-        rows = [_Row() for _ in state["open_rows"]]
-        for index in range(anchor, read):
-            before = self._parent.get_state()
-            example = next(self._parent)
-            if index in where:
-                self._states[index] = before
-                rows[where[index]].add(
-                    index, {k: np.asarray(example[k]) for k in SEQUENCE_FEATURES}
-                )
-        self._read = read
+        rows: list[_Row | None] = [None] * len(state["open_rows"])
+        while self._read < state["read"]:
+            before, example = self._next_example()
+            n = where.get(self._read - 1)
+            if n is not None:
+                rows[n] = rows[n] or _Row(before)
+                rows[n].add(self._read - 1, example)
+        if any(r is None or r.used > self._seq_len for r in rows):
+            raise ValueError(
+                f"the data-iterator state holds rows longer than {self._seq_len} tokens "
+                "(data.max_length was lowered since it was written?)"
+            )
         self._open = rows
-        self._states[read] = self._parent.get_state()
 
 
 def pad_example(example: dict, seq_len: int, pad_id: int, prefix: str = "") -> dict:

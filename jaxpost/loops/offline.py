@@ -89,9 +89,9 @@ def _host(metrics: dict) -> dict[str, float]:
     return out
 
 
-# Metrics that count a step's tokens; every other one is a mean over the step's trained tokens
-# (loss, accuracy, ...) or its gradient (grad_norm), which a step without any has none of.
-_COUNTS = ("tokens", "input_tokens", "loss_sum", "weight_sum")
+# Metrics that count or sum over a step's tokens; every other one is a mean over its trained
+# tokens (loss, accuracy, ...) or its gradient (grad_norm), which a step without any has none of.
+_COUNTS = frozenset({"tokens", "input_tokens", "loss_sum", "weight_sum"})
 
 
 def _window_host(window: list[dict], last_only: tuple[str, ...]) -> dict[str, float]:
@@ -132,7 +132,7 @@ def evaluate(eval_step: Callable, state, batches: Iterable[dict]) -> dict[str, f
         metrics = _host(eval_step(state, batch))
         weight = metrics.get("weight_sum")
         for k, v in metrics.items():
-            if weight is not None and k not in _SUMMED_EVAL_METRICS:
+            if weight is not None and k not in _COUNTS:
                 v = v * weight  # back to this batch's sum
             totals[k] = totals.get(k, 0.0) + v
         n += 1
@@ -150,8 +150,25 @@ def evaluate(eval_step: Callable, state, batches: Iterable[dict]) -> dict[str, f
     return {k: v for k, v in out.items() if k not in ("loss_sum", "weight_sum")}
 
 
-# Eval-step metrics that are per-batch sums (everything else is a sum / weight_sum).
-_SUMMED_EVAL_METRICS = frozenset({"loss_sum", "weight_sum", "tokens"})
+def _check_origin(name: str, directory, extra: dict, origin, writer) -> None:
+    """CheckpointError if the checkpoint (`extra`) was trained from other starting weights."""
+    if origin is None:
+        return
+    saved = extra.get("origin")
+    if saved is None:
+        writer.echo(
+            f"[{name}] the latest checkpoint in {directory} predates the record of "
+            "a stage's starting weights: that they are this run's cannot be checked"
+        )
+    elif saved != origin:
+        then, now = (", ".join(f"{k} {v}" for k, v in o.items()) for o in (saved, origin))
+        raise CheckpointError(
+            f"[{name}] the checkpoints in {directory} were trained from other "
+            f"starting weights than this run's ({then} then, {now} now: an earlier stage ran "
+            "longer or with other settings, or the model path holds other weights); resuming "
+            "would continue the old run. Move that directory away (or use another workdir) to "
+            "train this stage from the new weights"
+        )
 
 
 def run_offline(
@@ -184,16 +201,9 @@ def run_offline(
     start = 0
     if checkpointer.latest_step() is not None:
         target = abstract_state if abstract_state is not None else jax.eval_shape(lambda: state)
+        # (another model or LoRA shape is named by restore first: it changes the weights too)
         restored = checkpointer.restore(target, model_config=(config_dict or {}).get("model"))
-        saved_origin = restored.extra.get("origin")
-        if origin is not None and saved_origin is not None and saved_origin != origin:
-            raise CheckpointError(
-                f"[{settings.name}] the checkpoints in {checkpointer.directory} were trained from "
-                f"other starting weights than this run's ({saved_origin} then, {origin} now: an "
-                "earlier stage trained further, or the model path holds other weights); "
-                "resuming would continue the old run. Move that directory away (or use another "
-                "workdir) to train this stage from the new weights"
-            )
+        _check_origin(settings.name, checkpointer.directory, restored.extra, origin, writer)
         state, start = restored.state, restored.step
         if restored.data_state is not None:
             try:
@@ -202,9 +212,9 @@ def run_offline(
                 raise CheckpointError(
                     f"[{settings.name}] the data-iterator state of checkpoint step {start} in "
                     f"{checkpointer.directory} does not fit this run's data pipeline "
-                    f"({type(e).__name__}: {e}): data.packing or data.format changed since, or "
-                    "another jaxpost version wrote it. Resume with the settings that wrote it, "
-                    "or use another workdir"
+                    f"({type(e).__name__}: {e}): data.packing or data.max_length changed since, "
+                    "or another jaxpost version wrote it. Resume with the settings that wrote "
+                    "it, or use another workdir"
                 ) from e
         writer.echo(f"[{settings.name}] resumed from step {start} ({checkpointer.directory})")
         changed = [

@@ -48,15 +48,21 @@ class Run:
     @classmethod
     def create(cls, cfg: ml_collections.ConfigDict) -> Run:
         workdir = Path(cfg.workdir).absolute()
-        # One process of a multi-process run holds it: its processes share the directory.
-        lock = lock_workdir(workdir) if jax.process_index() == 0 else None
         try:
-            writer = MetricsWriter(
-                workdir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard
-            )
+            # One process of a multi-process run holds it: its processes share the directory.
+            lock = lock_workdir(workdir) if jax.process_index() == 0 else None
+        except OSError as e:  # read-only, a path through a file, no permission
+            raise WorkdirUnusable(f"cannot use the work directory {str(workdir)!r}: {e}") from e
+        try:
+            try:
+                writer = MetricsWriter(
+                    workdir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard
+                )
+                if jax.process_index() == 0:
+                    (workdir / "config.json").write_text(jconfig.to_json(cfg))
+            except OSError as e:
+                raise WorkdirUnusable(f"cannot use the work directory {str(workdir)!r}: {e}") from e
             writer.echo(f"work directory: {workdir}")
-            if jax.process_index() == 0:
-                (workdir / "config.json").write_text(jconfig.to_json(cfg))
             mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
             task, tokenizer = data_setup.task_and_tokenizer(cfg)
             model_cfg, params = load_model(cfg, mesh)
@@ -104,6 +110,10 @@ class Run:
 
 class WorkdirInUse(RuntimeError):
     """Another run holds the work directory."""
+
+
+class WorkdirUnusable(RuntimeError):
+    """The work directory cannot be created or written (read-only, a path through a file)."""
 
 
 def lock_workdir(workdir: Path):
@@ -224,7 +234,7 @@ def train_stage(
     )
     stage_config = cfg.to_dict()
     stage_config["stage"] = name
-    try:
+    with checkpointer:  # closed on an error too, without a failed save hiding that error
         state = run_offline(
             settings,
             train_step=built.train_step,
@@ -245,8 +255,6 @@ def train_stage(
             # A stage resumed over another base (say a pretrain stage run longer) is refused.
             origin={"weights": fingerprint(base)},
         )
-    finally:
-        checkpointer.close()
     stats = data_setup.stats(batches)
     if stats:
         run.summary.setdefault("data", {})[name] = stats

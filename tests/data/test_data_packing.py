@@ -156,6 +156,9 @@ def _reference_best_fit(lengths, seq_len, bins, max_wait):
             if r[0] == seq_len:
                 leave(r)
             continue
+        if n == seq_len:  # a full row on its own leaves at once, taking no open slot
+            out.append([i])
+            continue
         full = max(open_rows, key=lambda r: r[0]) if len(open_rows) >= bins else None
         open_rows.append([n, [i]])
         if full:
@@ -223,7 +226,12 @@ def test_best_fit_packer_refuses_bad_input():
     with pytest.raises(ValueError, match="example of 9 tokens does not fit in a row of 8"):
         next(it)
     old = {"parent": {"next_index": 0}, "next_row": 0, "counter": 0}  # grain's first-fit state
-    with pytest.raises(ValueError, match="written by another packer"):
+    with pytest.raises(ValueError, match="not written by the best-fit packer"):
         iter(_best_fit_rows(_numbered([3]), 8, 4)).set_state(old)
+    it = iter(_best_fit_rows(_numbered([5, 4, 12, 9]), 16, 2))
+    assert next(it)["segment_ids"].max() == 1  # the 12 leaves; 5 + 4 and 9 stay open
+    shorter = iter(_best_fit_rows(_numbered([5, 4, 12, 9]), 8, 2))
+    with pytest.raises(ValueError, match="rows longer than 8 tokens .*max_length was lowered"):
+        shorter.set_state(it.get_state())
     with pytest.raises(ValueError, match="num_packing_bins must be at least 1"):
         _best_fit_rows(_numbered([3]), 8, 0)
