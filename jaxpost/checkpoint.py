@@ -304,13 +304,11 @@ class Checkpointer:
     def __exit__(self, exc_type, *_) -> None:
         # Closed on an error too, so a failed save or restore leaves no Orbax manager (and its
         # background threads) open; a save failing as well does not replace that error.
-        if exc_type is None:
-            self.close()
-            return
         try:
             self.close()
         except CheckpointError:
-            pass
+            if exc_type is None:
+                raise
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON side of a checkpoint (step, data state, config, tree description, extras)."""

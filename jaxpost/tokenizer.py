@@ -144,7 +144,7 @@ class Tokenizer:
         extra_eos_ids: Sequence[int] = (),
         pad_id: int | None = None,
         add_bos_default: bool,
-        chat_template: str | Mapping[str, str] | None,
+        chat_templates: Mapping[str, str],
         name: str,
     ):
         self._backend = backend
@@ -165,10 +165,11 @@ class Tokenizer:
         self.pad_id: int = next(i for i in (pad, pad_id, self.eos_id, 0) if i is not None)
         self.vocab_size: int = backend.vocab_size
         self.add_bos_default = bool(add_bos_default and self.bos_id is not None)
-        if isinstance(chat_template, str):
-            chat_template = {"default": chat_template}
-        self.chat_templates: dict[str, str] = dict(chat_template or {})
-        self.chat_template = self.chat_templates.get("default")
+        self.chat_templates: dict[str, str] = dict(chat_templates)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.chat_templates.get("default")
 
     def _special_id(self, key: str) -> int | None:
         token = self.special_tokens.get(key)
@@ -422,6 +423,6 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
         extra_eos_ids=_id_list(generation.get("eos_token_id")),
         pad_id=pad_ids[0] if pad_ids else None,
         add_bos_default=add_bos_default,
-        chat_template=templates,
+        chat_templates=templates,
         name=str(path),
     )

@@ -48,19 +48,17 @@ class Run:
     @classmethod
     def create(cls, cfg: ml_collections.ConfigDict) -> Run:
         workdir = Path(cfg.workdir).absolute()
-        try:
-            # One process of a multi-process run holds it: its processes share the directory.
-            lock = lock_workdir(workdir) if jax.process_index() == 0 else None
-        except OSError as e:  # read-only, a path through a file, no permission
-            raise WorkdirUnusable(f"cannot use the work directory {str(workdir)!r}: {e}") from e
+        lock = None
         try:
             try:
+                # One process of a multi-process run holds it: its processes share the directory.
+                lock = lock_workdir(workdir) if jax.process_index() == 0 else None
                 writer = MetricsWriter(
                     workdir, jsonl=cfg.metrics.jsonl, tensorboard=cfg.metrics.tensorboard
                 )
                 if jax.process_index() == 0:
                     (workdir / "config.json").write_text(jconfig.to_json(cfg))
-            except OSError as e:
+            except OSError as e:  # read-only, a path through a file, no permission
                 raise WorkdirUnusable(f"cannot use the work directory {str(workdir)!r}: {e}") from e
             writer.echo(f"work directory: {workdir}")
             mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
