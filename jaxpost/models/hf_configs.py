@@ -275,7 +275,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     )
 
 
-def _math_view(cfg: ModelConfig) -> dict[str, Any]:
+def math_view(cfg: ModelConfig) -> dict[str, Any]:
     """The fields that define the function the model computes, with equivalent spellings merged."""
     view = {name: getattr(cfg, name) for name in _MATH_FIELDS}
     view["query_pre_attn_scalar"] = cfg.attention_scale
@@ -356,7 +356,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf["rope_theta"] = cfg.rope_theta
         if cfg.rope_scaling is not None:
             hf["rope_scaling"] = hf["rope_parameters"]
-    mine, back = _math_view(cfg), _math_view(config_from_hf(hf, cfg.param_dtype))
+    mine, back = math_view(cfg), math_view(config_from_hf(hf, cfg.param_dtype))
     lost = [
         f"{name}={mine[name]!r} (as {family}: {back[name]!r})"
         for name in _MATH_FIELDS

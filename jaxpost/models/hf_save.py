@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import jax
@@ -22,7 +23,7 @@ from jax.experimental import multihost_utils
 from jaxpost.models import safetensors_io
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.hf import INDEX_FILE, SINGLE_FILE, HFLeaf, hf_leaves, leaf_path
-from jaxpost.models.hf_configs import config_to_hf
+from jaxpost.models.hf_configs import config_from_hf, config_to_hf, math_view
 
 
 def _check_params(cfg: ModelConfig, params: dict, leaves: list[HFLeaf]) -> list[jax.Array]:
@@ -73,7 +74,10 @@ def save_hf(
     source: the HF checkpoint directory the model came from. Its other files (tokenizer,
     generation_config.json, chat template) are copied alongside, and its config.json's special
     token ids (bos / eos / pad_token_id) kept, so `generate` on the saved model stops where the
-    original's does.
+    original's does. The source config.json's other entries that `ModelConfig` does not model
+    (`use_cache`, `initializer_range`, dropout rates, `pretraining_tp`, ...) are kept too, as
+    `save_pretrained` keeps them, unless one would change the model cfg describes (a
+    `rope_scaling` the fine-tuned config dropped): those are left out with a warning naming them.
     """
     # A symlink to a directory is saved through: its target gets the new checkpoint.
     path = Path(path).resolve() if Path(path).is_symlink() else Path(path).absolute()
@@ -82,8 +86,9 @@ def save_hf(
         source = Path(source)
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"source={str(source)!r} is not an HF checkpoint directory")
-        original = json.loads((source / "config.json").read_text())
-        hf_config.update({k: original[k] for k in SPECIAL_TOKEN_KEYS if k in original})
+        hf_config = _with_source_entries(
+            hf_config, json.loads((source / "config.json").read_text()), source
+        )
     _, leaves = hf_leaves(cfg)
     arrays = _check_params(cfg, params, leaves)
     tensors = []
@@ -117,6 +122,39 @@ def save_hf(
 
 # config.json entries that describe the tokenizer, not the model: kept from a `source`.
 SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Source config.json entries a save writes afresh (or that transformers sets when loading).
+_NOT_CARRIED = ("transformers_version", "torch_dtype", "dtype", "_name_or_path")
+
+
+def _with_source_entries(hf_config: dict, original: dict, source: Path) -> dict:
+    """hf_config plus the source config's entries it lacks, each kept only if the config still
+    describes the same model with it (config_from_hf's view of the math is unchanged)."""
+    out = dict(hf_config)
+    out.update({k: original[k] for k in SPECIAL_TOKEN_KEYS if k in original})
+    if original.get("model_type") == "gemma3" and isinstance(original.get("text_config"), dict):
+        original = original["text_config"]  # saved as its language model, gemma3_text
+    elif original.get("model_type") != hf_config["model_type"]:
+        return out  # another family's entries would not mean the same thing here
+    math = math_view(config_from_hf(hf_config))
+    left_out = []
+    for key, value in original.items():
+        if key in out or key in _NOT_CARRIED or key.startswith("_"):
+            continue
+        try:
+            same = math_view(config_from_hf({**out, key: value})) == math
+        except (ValueError, TypeError, KeyError):
+            same = False
+        if same:
+            out[key] = value
+        else:
+            left_out.append(key)
+    if left_out:
+        warnings.warn(
+            f"save_hf: config.json entries of source={str(source)!r} left out because the saved "
+            f"model differs there: {', '.join(sorted(left_out))}",
+            stacklevel=3,
+        )
+    return out
 
 
 def _write_checkpoint(path: Path, shards: list[list], hf_config: dict, source) -> None:

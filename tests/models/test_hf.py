@@ -3,8 +3,10 @@ mapping (both RoPE spellings), published parameter counts, and every input error
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import warnings
 
 import hf_tiny
 import jax
@@ -309,6 +311,61 @@ def test_save_with_source_keeps_tokenizer_generation_config_and_token_ids(tmp_pa
     with pytest.raises(FileNotFoundError, match="not an HF checkpoint directory"):
         models.save_hf(cfg, params, tmp_path / "x", source=tmp_path / "nowhere")
     assert not (tmp_path / "x").exists()
+
+
+def test_save_with_source_keeps_the_config_entries_the_model_does_not_change(tmp_path):
+    source = tmp_path / "hf"
+    hf_tiny.build("llama", seed=6).save_pretrained(source)
+    entries = json.loads((source / "config.json").read_text())
+    entries.update(
+        initializer_range=0.123, use_cache=False, pretraining_tp=1, my_lab_note="run 7",
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, transformers_version="4.0.0",
+    )  # fmt: skip
+    (source / "config.json").write_text(json.dumps(entries))
+    cfg, params = models.load_hf(source)
+    assert cfg.rope_scaling["factor"] == 2.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out of the same model's config
+        models.save_hf(cfg, params, tmp_path / "same", source=source)
+    written = json.loads((tmp_path / "same" / "config.json").read_text())
+    assert (written["initializer_range"], written["use_cache"], written["pretraining_tp"]) == (
+        0.123, False, 1,
+    )  # fmt: skip
+    assert written["my_lab_note"] == "run 7" and "transformers_version" not in written
+    assert models.load_hf(tmp_path / "same")[0] == cfg
+
+    # A fine-tuned config without the scaling: the source's rope_scaling would bring it back.
+    plain = dataclasses.replace(cfg, rope_scaling=None)
+    with pytest.warns(UserWarning, match="left out because the saved model differs there: rope_s"):
+        models.save_hf(plain, params, tmp_path / "plain", source=source)
+    written = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "rope_scaling" not in written and written["initializer_range"] == 0.123
+    assert models.load_hf(tmp_path / "plain")[0] == plain
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert reloaded.config.initializer_range == 0.123 and reloaded.config.use_cache is False
+
+
+def test_save_with_a_multimodal_gemma3_source_keeps_its_text_config_entries(tmp_path):
+    text_only = tmp_path / "text"
+    hf_tiny.build("gemma3_text", seed=2).save_pretrained(text_only)
+    cfg, params = models.load_hf(text_only)
+    text = json.loads((text_only / "config.json").read_text())
+    source = tmp_path / "multimodal"
+    source.mkdir()
+    wrapped = {
+        "model_type": "gemma3", "text_config": {**text, "initializer_range": 0.05},
+        "vision_config": {"hidden_size": 8}, "eos_token_id": [1, 106], "image_token_index": 9,
+    }  # fmt: skip
+    (source / "config.json").write_text(json.dumps(wrapped))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models.save_hf(cfg, params, tmp_path / "out", source=source)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "gemma3_text" and written["initializer_range"] == 0.05
+    assert written["eos_token_id"] == [1, 106]
+    assert not {"text_config", "vision_config", "image_token_index"} & set(written)
+    assert models.load_hf(tmp_path / "out")[0] == cfg
 
 
 def test_save_rejects_params_not_matching_config(llama_dir, tmp_path):
