@@ -15,7 +15,9 @@ two items: "state" (any pytree of arrays: params, optimizer state, RNG keys, ste
 * Restore takes an abstract target (ShapeDtypeStructs with shardings), so a checkpoint saved on one
   mesh restores onto another. The saved tree description is compared with the target first: a
   checkpoint of another model or another LoRA shape is an error naming the differing leaves.
-* `PreemptionGuard` turns SIGTERM / SIGINT into a flag the loop polls, so it can save and exit.
+
+The tree description and the checksums come from `jaxpost.checksums`; `jaxpost.preemption` turns
+SIGTERM / SIGINT into a flag the loop polls to save a checkpoint and exit.
 """
 
 from __future__ import annotations
@@ -23,21 +25,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import hashlib
 import json
 import re
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxpost import sharding
+from jaxpost.checksums import abstract_key_data, checksums, describe, is_prng_key, keys_to_data
 from jaxpost.orbax_restore_loop import draining_restore_loops
 
 
@@ -52,23 +50,6 @@ class Restored:
     data_state: Any
     config: dict | None
     extra: dict
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def describe(tree) -> dict[str, list]:
-    """{leaf path: [shape, dtype]} of a pytree of arrays or ShapeDtypeStructs."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        dtype = "prng_key" if _is_key(leaf) else str(np.dtype(leaf.dtype))
-        out[_path_str(path)] = [list(leaf.shape), dtype]
-    return out
 
 
 def _mismatches(saved: dict[str, list], target: dict[str, list]) -> list[str]:
@@ -89,59 +70,6 @@ def _mismatches(saved: dict[str, list], target: dict[str, list]) -> list[str]:
 
 def _first(lines: list[str], limit: int = 8) -> list[str]:
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
-def _keys_to_data(tree):
-    """Typed PRNG keys -> their uint32 key data (what Orbax stores)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def _abstract_key_data(x):
-    if not _is_key(x):
-        return x
-    data = jax.eval_shape(jax.random.key_data, x)
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """x's bits as uint32 words: 32-bit values as they are, 8- and 16-bit ones widened, 64-bit
-    ones as two words (a trailing axis of 2)."""
-    if x.dtype == jnp.bool_ or jnp.dtype(x.dtype).itemsize not in (1, 2, 4, 8):
-        return x.astype(jnp.uint32)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
-    return jax.lax.bitcast_convert_type(x, unsigned[jnp.dtype(x.dtype).itemsize]).astype(jnp.uint32)
-
-
-@jax.jit
-def _checksums(tree):
-    """Per leaf [sum of its words, sum of word * (flat index + 1)], both mod 2^32: any one
-    flipped bit changes the first, a moved or swapped value the second. Flat indices come from
-    iotas, not a reshape, so a sharded leaf is never gathered; the sums are collectives."""
-
-    def one(x):
-        w = _words(x)
-        index, stride = jnp.zeros(w.shape, jnp.uint32), 1
-        for axis in reversed(range(w.ndim)):
-            iota = jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis)
-            index, stride = index + iota * jnp.uint32(stride), stride * w.shape[axis] % 2**32
-        return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (index + 1), dtype=jnp.uint32)])
-
-    return jax.tree.map(one, tree)
-
-
-def checksums(tree) -> dict[str, list[int]]:
-    """{leaf path: [two uint32 checksums]} of a pytree of arrays (typed keys as their data)."""
-    sums = jax.device_get(_checksums(_keys_to_data(tree)))
-    return {
-        _path_str(path): [int(v) for v in leaf]
-        for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]
-    }
-
-
-def fingerprint(tree) -> str:
-    """A short digest of a pytree's values (its `checksums`), the same on any mesh."""
-    text = json.dumps(checksums(tree), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _encode(value):
@@ -262,7 +190,7 @@ class Checkpointer:
             self._manager.save(
                 int(step),
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_keys_to_data(state)), meta=ocp.args.JsonSave(meta)
+                    state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta)
                 ),
                 force=True,
             )
@@ -365,7 +293,7 @@ class Checkpointer:
                 f"checkpoint {where} does not match this run's state ({_likely_cause(problems)}):"
                 "\n  " + "\n  ".join(_first(problems))
             )
-        target = jax.tree.map(_abstract_key_data, abstract_state)
+        target = jax.tree.map(abstract_key_data, abstract_state)
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             target,
@@ -394,7 +322,7 @@ class Checkpointer:
                 )
         state = jax.tree.map(
             lambda like, x: (
-                jax.random.wrap_key_data(x, impl=like.dtype._impl) if _is_key(like) else x
+                jax.random.wrap_key_data(x, impl=like.dtype._impl) if is_prng_key(like) else x
             ),
             abstract_state,
             out["state"],
@@ -422,41 +350,3 @@ def config_diffs(
     if norm(saved) != norm(current):
         return [f"{prefix}: {saved!r} {where[0]}, {current!r} {where[1]}"]
     return []
-
-
-class PreemptionGuard:
-    """Within the context, SIGTERM and SIGINT set `requested` instead of killing the process.
-
-    The training loop polls `requested` after each step, saves a checkpoint and exits; a second
-    signal of the same kind falls through to the previous handler (a stuck run can still be
-    interrupted).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self) -> PreemptionGuard:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def should_stop(self) -> bool:
-        """True on every process once any process got a signal (multi-process runs agree)."""
-        return bool(sharding.agree_across_processes(self.requested is not None, "any"))

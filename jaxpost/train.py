@@ -26,10 +26,11 @@ from ml_collections import config_flags
 from jaxpost import config as jconfig
 from jaxpost import config_inputs, host_memory, loops, sharding
 from jaxpost.chat_templates import ChatTemplateError
-from jaxpost.checkpoint import CheckpointError, PreemptionGuard, config_diffs
+from jaxpost.checkpoint import CheckpointError, config_diffs
 from jaxpost.data.sources import DataError, MalformedRow
 from jaxpost.loops import runner
 from jaxpost.loops.offline import NonFiniteLoss, Preempted
+from jaxpost.preemption import PreemptionGuard
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/NAME.py[:variant], e.g. configs/quickstart.py:test", lock_config=True

@@ -108,7 +108,7 @@ def agreements() -> dict:
     import jax
 
     from jaxpost import sharding
-    from jaxpost.checkpoint import PreemptionGuard
+    from jaxpost.preemption import PreemptionGuard
     from jaxpost.rollout import state
 
     pid = jax.process_index()

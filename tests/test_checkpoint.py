@@ -14,7 +14,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpost import sharding
-from jaxpost.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, _is_key
+from jaxpost.checkpoint import Checkpointer, CheckpointError
+from jaxpost.checksums import is_prng_key
+from jaxpost.preemption import PreemptionGuard
 
 
 def _state(seed: int, hidden: int = 16, rank: int = 4):
@@ -31,7 +33,7 @@ def _state(seed: int, hidden: int = 16, rank: int = 4):
 
 
 def _assert_tree_equal(a, b):
-    plain = lambda x: jax.random.key_data(x) if _is_key(x) else x
+    plain = lambda x: jax.random.key_data(x) if is_prng_key(x) else x
     a, b = jax.tree.map(plain, a), jax.tree.map(plain, b)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
@@ -255,7 +257,7 @@ def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):
 
 
 def test_checksums_see_every_bit_and_position_not_the_layout():
-    from jaxpost.checkpoint import checksums
+    from jaxpost.checksums import checksums
 
     rng = np.random.default_rng(0)
     leaves = {

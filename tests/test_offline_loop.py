@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxpost.checkpoint import Checkpointer, CheckpointError, PreemptionGuard
+from jaxpost.checkpoint import Checkpointer, CheckpointError
 from jaxpost.loops.offline import LoopSettings, NonFiniteLoss, Preempted, run_offline
 from jaxpost.metrics import MetricsWriter
+from jaxpost.preemption import PreemptionGuard
 
 OPT = optax.adam(0.05)
 

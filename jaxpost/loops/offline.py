@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from jaxpost.checkpoint import Checkpointer, CheckpointError, PreemptionGuard, config_diffs
+from jaxpost.checkpoint import Checkpointer, CheckpointError, config_diffs
 from jaxpost.metrics import MetricsWriter, Progress
+from jaxpost.preemption import PreemptionGuard
 
 
 class Preempted(Exception):  # noqa: N818 - a control-flow signal, not a failure

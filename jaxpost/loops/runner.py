@@ -25,10 +25,12 @@ from jaxpost import config as jconfig
 from jaxpost import lora as jlora
 from jaxpost import models, nf4, sharding
 from jaxpost import tokenizer as jtokenizer
-from jaxpost.checkpoint import Checkpointer, PreemptionGuard, fingerprint
+from jaxpost.checkpoint import Checkpointer
+from jaxpost.checksums import fingerprint
 from jaxpost.loops import Recipe, data_setup, evaluation, step_setup
 from jaxpost.loops.offline import LoopSettings, run_offline
 from jaxpost.metrics import MetricsWriter, plot_curves
+from jaxpost.preemption import PreemptionGuard
 
 
 @dataclasses.dataclass
