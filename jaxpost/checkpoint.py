@@ -36,7 +36,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxpost import sharding
 from jaxpost.checksums import abstract_key_data, checksums, describe, is_prng_key, keys_to_data
-from jaxpost.orbax_restore_loop import draining_restore_loops
+from jaxpost.orbax_loops import draining_orbax_loops
 
 
 class CheckpointError(RuntimeError):
@@ -151,6 +151,10 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        # Until close: Orbax's restore and background-save loops finish what a failed array
+        # read or write abandons, instead of printing a traceback for each leftover.
+        self._loops = contextlib.ExitStack()
+        self._loops.enter_context(draining_orbax_loops())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -225,6 +229,7 @@ class Checkpointer:
             # Orbax's close waits again; a failed save is the wait's error, raised above.
             with contextlib.suppress(Exception):
                 self._manager.close()
+            self._loops.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -299,10 +304,9 @@ class Checkpointer:
             target,
         )
         try:
-            with draining_restore_loops():
-                out = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-                )
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
         except Exception as e:  # noqa: BLE001 - any failure to read the arrays is corruption
             raise CheckpointError(
                 f"checkpoint {where} is corrupt or incomplete: its arrays cannot be read "

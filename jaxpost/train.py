@@ -130,11 +130,21 @@ def _host_memory(cfg, may_relaunch: bool) -> str:
     return f"{pages}; keep freed memory: {kept}"
 
 
+def _orbax_error_without_traceback(record) -> bool:
+    """Orbax logs a failed background save (a full disk) at each layer it passes, each with
+    a traceback of the same error, about 300 lines; the run then reports that error as one
+    `error:` line. Its records keep their first lines here (the traceback with --verbosity)."""
+    if "/orbax/" in record.pathname.replace(os.sep, "/") and record.exc_info:
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def main(argv: list[str], may_relaunch: bool = False) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax / JAX info logs drown the metrics
+        logging.get_absl_logger().addFilter(_orbax_error_without_traceback)
     cfg = _CONFIG.value
     host = _host_memory(cfg, may_relaunch)
     try:

@@ -196,10 +196,10 @@ def test_corrupt_arrays_are_a_clear_error(tmp_path):
 def test_a_failed_restore_leaves_no_reads_behind():
     """Orbax closes its restore loop at the first failed read. The loop given to it cancels and
     finishes the other reads first, so none of them prints a traceback after the error."""
-    from jaxpost.orbax_restore_loop import draining_restore_loops
+    from jaxpost.orbax_loops import draining_orbax_loops
 
     reports = []
-    with draining_restore_loops():
+    with draining_orbax_loops():
         loop = asyncio.new_event_loop()
     loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
     started, cancelled = [], []
@@ -233,6 +233,34 @@ def test_a_failed_restore_leaves_no_reads_behind():
     other.close()
     with pytest.raises(RuntimeError, match="Event loop is closed"):
         other.call_soon_threadsafe(print, "late")
+
+
+def test_checkpointers_hold_the_draining_loops_while_open(tmp_path):
+    """Orbax's background saves run on loops their threads create: an open Checkpointer keeps
+    new loops draining ones. Holders may overlap and close in any order; the ordinary policy
+    comes back after the last."""
+    from jaxpost.orbax_loops import _DrainingEventLoop
+
+    def new_loop_type():
+        loop = asyncio.new_event_loop()
+        loop.close()
+        return type(loop)
+
+    ordinary = new_loop_type()
+    assert ordinary is not _DrainingEventLoop
+    first = Checkpointer(tmp_path / "a")
+    second = Checkpointer(tmp_path / "b")
+    assert new_loop_type() is _DrainingEventLoop
+    found = []
+    thread = threading.Thread(target=lambda: found.append(new_loop_type()))
+    thread.start(), thread.join()
+    assert found == [_DrainingEventLoop]  # a background thread's loop too
+    first.close()
+    assert new_loop_type() is _DrainingEventLoop  # the second is still open
+    first.close()  # closing twice releases once
+    assert new_loop_type() is _DrainingEventLoop
+    second.close()
+    assert new_loop_type() is ordinary
 
 
 def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):

@@ -251,6 +251,34 @@ def test_an_unusable_work_directory_is_one_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+# Runs the CLI with writes past a file size failing (EFBIG) as on a full disk: SIGXFSZ
+# ignored, so the write is an error rather than a killed process; both survive the exec.
+_SMALL_FILES = (
+    "import os, resource, signal, sys\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'jaxpost.train', *sys.argv[1:]])\n"
+)
+
+
+def test_a_failing_background_save_is_one_error_line(tmp_path):
+    """A background (async) save that cannot write its arrays: the run stops with exit 3 and one
+    `error:` line, without the tracebacks Orbax's threads printed (about 25, 20 of them
+    "Event loop is closed", before the draining loops and the CLI's log filter)."""
+    work = tmp_path / "run"
+    args = [*SHORT, "--config.train.steps=8", "--config.checkpoint.every=4"]
+    proc = subprocess.run(  # the metrics fit in 100 kB, a checkpoint's arrays do not
+        [sys.executable, "-c", _SMALL_FILES, *args, f"--config.workdir={work}"],
+        env=_env(1), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: saving a checkpoint in {work / 'sft' / 'checkpoints'} failed")
+    assert "checkpoints saved before it are intact" in last
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "Event loop is closed" not in proc.stderr
+
+
 def _arch(**changes):
     from jaxpost import config as jconfig
 
