@@ -1,11 +1,15 @@
 """Metric writers for a training run: stdout, JSONL, TensorBoard, a progress bar and a PNG plot.
 
 Only process 0 writes (the metrics are global means already). One JSONL record per logged step:
-`{"step": 12, "split": "train", "loss": ..., ...}`; TensorBoard tags are `split/name`.
+`{"step": 12, "split": "train", "loss": ..., ...}`. TensorBoard gets one run per split
+(`<workdir>/tensorboard/<split>/`) with the metric names as tags, so a stage's train and eval
+curves share a chart, and a resumed split purges what an earlier attempt logged past the step
+it resumes from (each split's own run: the stages' steps overlap).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -13,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,6 +29,9 @@ def _scalar(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return out
+
+
+_writers_opened = itertools.count()
 
 
 class MetricsWriter:
@@ -43,16 +51,27 @@ class MetricsWriter:
         self.stdout = stdout
         self.echo = echo or (lambda line: print(line, flush=True))
         self._jsonl = None
-        self._tb = None
+        self.tensorboard = tensorboard and self.enabled
+        self._tb: dict[str, Any] = {}  # split -> its SummaryWriter, opened at its first record
+        self._purge: dict[str, int] = {}  # split -> the step its next writer purges from
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         if jsonl:
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
-        if tensorboard:
+
+    def _tb_writer(self, split: str):
+        if split not in self._tb:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            # Event files are named by the second they open in; the suffix keeps a writer
+            # reopened within one second from overwriting the last one's file, and sorts after it.
+            self._tb[split] = SummaryWriter(
+                str(self.workdir / "tensorboard" / split),
+                purge_step=self._purge.pop(split, None),
+                filename_suffix=f".{os.getpid()}.{next(_writers_opened):04d}",
+            )
+        return self._tb[split]
 
     @property
     def jsonl_path(self) -> Path:
@@ -67,10 +86,11 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
-        if self._tb is not None:
+        if self.tensorboard:
+            tb = self._tb_writer(split)
             for name, value in scalars.items():
-                self._tb.add_scalar(f"{split}/{name}", value, int(step))
-            self._tb.flush()
+                tb.add_scalar(name, value, int(step))
+            tb.flush()
         if self.stdout:
             # Sums are for exact aggregation (JSONL); the console shows the means.
             shown = {k: v for k, v in scalars.items() if not k.endswith("_sum")}
@@ -78,14 +98,23 @@ class MetricsWriter:
             self.echo(f"[{split}] step {step}: {body}")
 
     def forget_after(self, step: int, splits: Iterable[str]) -> int:
-        """Drop the JSONL records of `splits` logged after `step`: those of an attempt that died
-        past its last checkpoint, which the resumed run logs again (each step once in the file).
-        A line cut short by the kill goes too. Returns how many lines were dropped. TensorBoard
-        keeps its events (its purge_step would reach every split's, and the stages' steps
-        overlap)."""
-        if not self.enabled or self._jsonl is None:
+        """Drop the records of `splits` logged after `step`: those of an attempt that died past
+        its last checkpoint, which the resumed run logs again (each step once in the file).
+        A JSONL line cut short by the kill goes too; each split's TensorBoard run gets a purge
+        from step + 1 (TensorBoard then hides the earlier attempt's later events). Returns how
+        many JSONL lines were dropped."""
+        if not self.enabled:
             return 0
         splits = set(splits)
+        if self.tensorboard:
+            for split in splits:
+                if split in self._tb:  # (a writer purges only when it opens)
+                    self._tb.pop(split).close()
+                self._purge[split] = int(step) + 1
+                if (self.workdir / "tensorboard" / split).is_dir():
+                    self._tb_writer(split)  # purge now: the split may log nothing more
+        if self._jsonl is None:
+            return 0
 
         def stale(line: str) -> bool:
             try:
@@ -109,9 +138,9 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tb in self._tb.values():
+            tb.close()
+        self._tb.clear()
 
 
 def _fmt(v: float) -> str:

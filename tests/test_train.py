@@ -108,7 +108,9 @@ def test_quickstart_test_variant(tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
     assert (work / "training_curves.png").stat().st_size > 1000
-    assert list((work / "tensorboard").glob("events.out.tfevents.*"))
+    runs = {p.name for p in (work / "tensorboard").iterdir()}  # one per split
+    assert {"pretrain", "sft", "sft_eval"} <= runs, runs
+    assert list((work / "tensorboard" / "sft").glob("events.out.tfevents.*"))
     adapter = json.loads((work / "export" / "peft_adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 16 and adapter["use_rslora"]
     # The SFT stage's last update (0-based step 5 of 6, 1 warmup step) on the cosine schedule

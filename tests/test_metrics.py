@@ -1,0 +1,53 @@
+"""MetricsWriter: the JSONL records and TensorBoard runs of a run that is resumed after dying
+past its last checkpoint, read back with TensorBoard's own event reader."""
+
+from __future__ import annotations
+
+import json
+
+from tensorboard.backend.event_processing import event_accumulator
+
+from jaxpost.metrics import MetricsWriter
+
+
+def _scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    acc = event_accumulator.EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [(e.step, round(e.value, 6)) for e in acc.Scalars(tag)]
+
+
+def test_a_resumed_split_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
+    first = MetricsWriter(tmp_path, stdout=False)
+    for step in range(1, 7):  # two stages with overlapping steps, then an eval
+        first.write(step, {"loss": 10.0 + step}, split="pretrain")
+        first.write(step, {"loss": 1.0 + step, "grad_norm": 0.5}, split="sft")
+    first.write(3, {"loss": 2.5}, split="sft_eval")
+    first.write(6, {"loss": 2.6}, split="sft_eval")
+    first.close()  # the attempt dies after step 6; its last checkpoint is step 3
+
+    second = MetricsWriter(tmp_path, stdout=False)
+    assert second.forget_after(3, ("sft", "sft_eval")) == 4  # sft 4, 5, 6 and eval 6
+    for step in (4, 5):
+        second.write(step, {"loss": 100.0 + step, "grad_norm": 0.25}, split="sft")
+    second.close()
+
+    tb = tmp_path / "tensorboard"
+    assert sorted(p.name for p in tb.iterdir()) == ["pretrain", "sft", "sft_eval"]
+    assert _scalars(tb / "sft", "loss") == [(1, 2.0), (2, 3.0), (3, 4.0), (4, 104.0), (5, 105.0)]
+    assert [s for s, _ in _scalars(tb / "sft", "grad_norm")] == [1, 2, 3, 4, 5]
+    assert _scalars(tb / "sft_eval", "loss") == [(3, 2.5)]
+    assert _scalars(tb / "pretrain", "loss") == [(s, 10.0 + s) for s in range(1, 7)]  # untouched
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sft = [(r["step"], r["loss"]) for r in records if r["split"] == "sft"]
+    assert sft == [(1, 2.0), (2, 3.0), (3, 4.0), (4, 104.0), (5, 105.0)]
+
+
+def test_a_writer_already_open_for_a_split_is_reopened_to_purge(tmp_path):
+    """forget_after on a split this writer has logged to (a stage re-run in one process)."""
+    writer = MetricsWriter(tmp_path, stdout=False)
+    for step in range(1, 5):
+        writer.write(step, {"loss": float(step)}, split="sft")
+    writer.forget_after(2, ["sft"])
+    writer.write(3, {"loss": 30.0}, split="sft")
+    writer.close()
+    assert _scalars(tmp_path / "tensorboard" / "sft", "loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
