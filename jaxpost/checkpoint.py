@@ -148,13 +148,18 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
-        # Until close: Orbax's restore and background-save loops finish what a failed array
-        # read or write abandons, instead of printing a traceback for each leftover.
+        # Until close: Orbax's restore and background-save loops (the manager's own start-up
+        # cleanup's too) finish what a failed array read or write abandons, instead of printing
+        # a traceback for each leftover.
         self._loops = contextlib.ExitStack()
         self._loops.enter_context(draining_orbax_loops())
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta")
+            )
+        except BaseException:
+            self._loops.close()
+            raise
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

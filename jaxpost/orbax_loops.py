@@ -3,15 +3,16 @@
 Orbax runs a restore, and each background save, on a fresh event loop and closes it at the
 first failed array read or write (a corrupt file, a full disk), with the others still pending;
 each leftover then prints a traceback around the caller's one-line error (see
-`_DrainingEventLoop`). Inside `draining_orbax_loops()` new loops finish them first.
-`jaxpost.checkpoint.Checkpointer` holds it while it is open, so its saves' background threads
-get such loops too.
+`_DrainingEventLoop`). Inside `draining_orbax_loops()` the loops Orbax creates finish them
+first; nobody else's loops change. `jaxpost.checkpoint.Checkpointer` holds it while it is open,
+so its saves' background threads get such loops too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import warnings
 
@@ -58,34 +59,74 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
             super().call_exception_handler(context)
 
 
-class _DrainingLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    _loop_factory = _DrainingEventLoop
+def _called_from_orbax() -> bool:
+    """Whether the code asking asyncio for a new loop (past asyncio's own frames) is Orbax's."""
+    frame = sys._getframe(2)  # past this function and the policy's new_event_loop
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("asyncio"):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__", "").startswith("orbax.")
+
+
+def _policy_class():
+    """A policy that hands Orbax `_DrainingEventLoop`s and leaves everything else to the policy
+    it replaces (every other caller's new loops, each thread's current loop), so user code's
+    own asyncio loops are never affected. Made on first use: Python 3.14 deprecates the base."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        base = asyncio.AbstractEventLoopPolicy
+
+    class OrbaxDrainingPolicy(base):
+        def __init__(self, previous):
+            self.previous = previous
+
+        def new_event_loop(self):
+            if _called_from_orbax():
+                return _DrainingEventLoop()
+            return self.previous.new_event_loop()
+
+        def get_event_loop(self):
+            return self.previous.get_event_loop()
+
+        def set_event_loop(self, loop):
+            self.previous.set_event_loop(loop)
+
+        # Child-process watchers (Unix, Python < 3.14) stay the previous policy's too.
+        def get_child_watcher(self):
+            return self.previous.get_child_watcher()
+
+        def set_child_watcher(self, watcher):
+            return self.previous.set_child_watcher(watcher)
+
+    return OrbaxDrainingPolicy
 
 
 _lock = threading.Lock()
 _holders = 0
-_previous: asyncio.AbstractEventLoopPolicy | None = None
+_previous = None  # the policy in place before the first holder
 
 
-def _set_policy(policy) -> None:
-    with warnings.catch_warnings():  # Python 3.14 deprecates loop policies; 3.10-3.13 do not
+def _policy(value=None):
+    """The process's event-loop policy; with `value`, set it (quiet on Python 3.14)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        asyncio.set_event_loop_policy(policy)
+        if value is None:
+            return asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(value)
+        return value
 
 
 @contextlib.contextmanager
 def draining_orbax_loops():
-    """Loops created inside this context, by any thread, are `_DrainingEventLoop`s.
+    """Inside this context the loops Orbax creates, in any thread, are `_DrainingEventLoop`s;
+    every other loop is the previous policy's, as before.
 
     Holders may overlap (two open checkpointers, a restore inside one) and leave in any order:
-    the process's previous policy comes back when the last one leaves."""
+    the previous policy comes back when the last one leaves."""
     global _holders, _previous
     with _lock:
         if _holders == 0:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                _previous = asyncio.get_event_loop_policy()
-            _set_policy(_DrainingLoopPolicy())
+            _previous = _policy()
+            _policy(_policy_class()(_previous))
         _holders += 1
     try:
         yield
@@ -93,5 +134,6 @@ def draining_orbax_loops():
         with _lock:
             _holders -= 1
             if _holders == 0:
-                _set_policy(_previous)
+                if not sys.is_finalizing():  # (a holder collected at exit: nothing to restore)
+                    _policy(_previous)
                 _previous = None

@@ -133,8 +133,13 @@ def _host_memory(cfg, may_relaunch: bool) -> str:
 def _orbax_error_without_traceback(record) -> bool:
     """Orbax logs a failed background save (a full disk) at each layer it passes, each with
     a traceback of the same error, about 300 lines; the run then reports that error as one
-    `error:` line. Its records keep their first lines here (the traceback with --verbosity)."""
+    `error:` line. Here an Orbax record's traceback becomes its exception's first line, added
+    to the message (set --verbosity to see the tracebacks)."""
     if "/orbax/" in record.pathname.replace(os.sep, "/") and record.exc_info:
+        error = record.exc_info[1]
+        if error is not None:
+            first = (str(error).splitlines() or [""])[0][:300]
+            record.msg, record.args = f"{record.getMessage()} ({type(error).__name__}: {first})", ()
         record.exc_info = record.exc_text = None
     return True
 

@@ -194,15 +194,14 @@ def test_corrupt_arrays_are_a_clear_error(tmp_path):
 
 
 def test_a_failed_restore_leaves_no_reads_behind():
-    """Orbax closes its restore loop at the first failed read. The loop given to it cancels and
-    finishes the other reads first, so none of them prints a traceback after the error."""
+    """Orbax closes its restore loop at the first failed read. The loop it gets inside
+    draining_orbax_loops cancels and finishes the other reads first, so none of them prints a
+    traceback after the error (run here through Orbax's own run_sync, as a restore runs)."""
+    from orbax.checkpoint._src import asyncio_utils
+
     from jaxpost.orbax_loops import draining_orbax_loops
 
-    reports = []
-    with draining_orbax_loops():
-        loop = asyncio.new_event_loop()
-    loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
-    started, cancelled = [], []
+    reports, started, cancelled, loops = [], [], [], []
 
     async def read(i):
         started.append(i)
@@ -213,54 +212,70 @@ def test_a_failed_restore_leaves_no_reads_behind():
             raise
 
     async def restore():
+        loop = asyncio.get_running_loop()
+        loops.append(loop)
+        loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
         for i in range(3):
             loop.create_task(read(i))
         loop.create_task(asyncio.sleep(60))  # never runs before the failure
         await asyncio.sleep(0)
         raise ValueError("corrupt")
 
-    with pytest.raises(ValueError, match="corrupt"):
-        loop.run_until_complete(restore())
-    loop.close()  # what Orbax does next
-    assert started == sorted(cancelled) == [0, 1, 2] and asyncio.all_tasks(loop) == set()
+    with draining_orbax_loops(), pytest.raises(ValueError, match="corrupt"):
+        asyncio_utils.run_sync(restore())  # a fresh loop, closed by Orbax after the failure
+    (loop,) = loops
+    assert loop.is_closed() and started == sorted(cancelled) == [0, 1, 2]
+    assert asyncio.all_tasks(loop) == set()
     # A result TensorStore delivers from its thread after the close is dropped, not raised.
     thread = threading.Thread(target=loop.call_soon_threadsafe, args=(print, "late"))
     thread.start(), thread.join()
     assert reports == []
-    # The policy is back: loops outside a restore are ordinary.
-    other = asyncio.new_event_loop()
-    assert type(other) is not type(loop)
-    other.close()
-    with pytest.raises(RuntimeError, match="Event loop is closed"):
-        other.call_soon_threadsafe(print, "late")
 
 
-def test_checkpointers_hold_the_draining_loops_while_open(tmp_path):
-    """Orbax's background saves run on loops their threads create: an open Checkpointer keeps
-    new loops draining ones. Holders may overlap and close in any order; the ordinary policy
-    comes back after the last."""
+async def _running_loop():
+    return asyncio.get_running_loop()
+
+
+def test_checkpointers_give_orbax_draining_loops_and_leave_other_loops_alone(tmp_path):
+    """An open Checkpointer makes the loops Orbax creates (its restores, its background saves'
+    threads) draining ones; user code's loops and each thread's current loop are untouched.
+    Holders may overlap and close in any order; the ordinary policy comes back after the last."""
+    from orbax.checkpoint._src import asyncio_utils
+
     from jaxpost.orbax_loops import _DrainingEventLoop
 
-    def new_loop_type():
+    def orbax_loop_type():
+        return type(asyncio_utils.run_sync(_running_loop()))
+
+    def user_loop_type():
         loop = asyncio.new_event_loop()
         loop.close()
         return type(loop)
 
-    ordinary = new_loop_type()
-    assert ordinary is not _DrainingEventLoop
-    first = Checkpointer(tmp_path / "a")
-    second = Checkpointer(tmp_path / "b")
-    assert new_loop_type() is _DrainingEventLoop
-    found = []
-    thread = threading.Thread(target=lambda: found.append(new_loop_type()))
-    thread.start(), thread.join()
-    assert found == [_DrainingEventLoop]  # a background thread's loop too
-    first.close()
-    assert new_loop_type() is _DrainingEventLoop  # the second is still open
-    first.close()  # closing twice releases once
-    assert new_loop_type() is _DrainingEventLoop
-    second.close()
-    assert new_loop_type() is ordinary
+    ordinary = user_loop_type()
+    assert orbax_loop_type() is ordinary is not _DrainingEventLoop
+    mine = asyncio.new_event_loop()
+    asyncio.set_event_loop(mine)
+    try:
+        first = Checkpointer(tmp_path / "a")
+        second = Checkpointer(tmp_path / "b")
+        assert asyncio.get_event_loop() is mine  # the thread's current loop is still the user's
+        # (Orbax's own run_sync clears it, with or without jaxpost: set it again after.)
+        assert orbax_loop_type() is _DrainingEventLoop and user_loop_type() is ordinary
+        found = []
+        thread = threading.Thread(target=lambda: found.append(orbax_loop_type()))
+        thread.start(), thread.join()
+        assert found == [_DrainingEventLoop]  # a background thread's Orbax loop too
+        first.close()
+        assert orbax_loop_type() is _DrainingEventLoop  # the second is still open
+        first.close()  # closing twice releases once
+        assert orbax_loop_type() is _DrainingEventLoop
+        asyncio.set_event_loop(mine)
+        second.close()
+        assert asyncio.get_event_loop() is mine and orbax_loop_type() is ordinary
+    finally:
+        asyncio.set_event_loop(None)
+        mine.close()
 
 
 def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):

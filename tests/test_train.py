@@ -281,6 +281,31 @@ def test_a_failing_background_save_is_one_error_line(tmp_path):
     assert "Event loop is closed" not in proc.stderr
 
 
+def test_orbax_error_records_keep_their_cause_in_place_of_the_traceback():
+    """An error Orbax logs and survives (a checkpoint it could not remove) keeps its cause."""
+    import logging
+
+    from jaxpost import train
+
+    def record(path):
+        rec = logging.LogRecord(
+            "absl", logging.ERROR, path, 172, "Failed to remove checkpoint (%s)", ("/w/4",), None
+        )
+        try:
+            raise FileNotFoundError(2, "No such file or directory")
+        except FileNotFoundError:
+            rec.exc_info = sys.exc_info()
+        assert train._orbax_error_without_traceback(rec)  # kept, changed in place
+        return logging.Formatter().format(rec)
+
+    orbax = record("/venv/site-packages/orbax/checkpoint/_src/path/storage_backend.py")
+    assert orbax == (
+        "Failed to remove checkpoint (/w/4) (FileNotFoundError: [Errno 2] No such file or "
+        "directory)"
+    )
+    assert "Traceback" in record("/venv/site-packages/grain/x.py")  # others as they were
+
+
 def _arch(**changes):
     from jaxpost import config as jconfig
 

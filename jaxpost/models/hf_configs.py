@@ -73,12 +73,12 @@ def _rope(spec: dict[str, Any], hf: dict[str, Any], theta_default: float, where:
     if kind == "linear":
         return theta, {"type": "linear", "factor": float(spec["factor"])}
     if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        keys = ("factor", "low_freq_factor", "high_freq_factor")
         missing = [k for k in keys if k not in spec]
         if missing:
             raise ValueError(f"{where} of rope_type 'llama3' lacks {missing}")
         scaling = {"type": "llama3", **{k: float(spec[k]) for k in keys}}
-        scaling["original_max_position_embeddings"] = int(spec["original_max_position_embeddings"])
+        scaling["original_max_position_embeddings"] = int(_original_context(spec, hf))
         return theta, scaling
     if kind == "yarn":
         return theta, _yarn(spec, hf)
@@ -88,13 +88,24 @@ def _rope(spec: dict[str, Any], hf: dict[str, Any], theta_default: float, where:
     )
 
 
-def _yarn(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig.rope_scaling for YaRN, with transformers' defaults and precedence resolved."""
+def _original_context(spec: dict[str, Any], hf: dict[str, Any]):
+    """The pre-training context of llama3 / YaRN scaling as transformers 5.x resolves it: a
+    top-level `original_max_position_embeddings` first (Phi-3 / DeepSeek-V3 configs keep it
+    there), then the RoPE dict's, then max_position_embeddings."""
     original = hf.get("original_max_position_embeddings") or spec.get(
         "original_max_position_embeddings", hf.get("max_position_embeddings")
     )
     if original is None:
-        raise ValueError("yarn rope scaling needs original_max_position_embeddings")
+        raise ValueError(
+            f"rope_type {spec.get('rope_type', spec.get('type'))!r} needs "
+            "original_max_position_embeddings"
+        )
+    return original
+
+
+def _yarn(spec: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig.rope_scaling for YaRN, with transformers' defaults and precedence resolved."""
+    original = _original_context(spec, hf)
     factor = spec.get("factor")
     if factor is None:  # DeepSeek-V3 style: the ratio of the two context lengths
         factor = float(hf["max_position_embeddings"]) / float(original)

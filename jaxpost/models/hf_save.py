@@ -122,7 +122,9 @@ def save_hf(
 
 # config.json entries that describe the tokenizer, not the model: kept from a `source`.
 SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-# Source config.json entries a save writes afresh (or that transformers sets when loading).
+# Source config.json entries not carried over: the weights' dtype (a save writes `dtype`, the
+# saved params'), the transformers release that wrote the source, and transformers' own
+# loading-time entries.
 _NOT_CARRIED = ("transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
@@ -132,8 +134,13 @@ def _with_source_entries(hf_config: dict, original: dict, source: Path) -> dict:
     out = dict(hf_config)
     out.update({k: original[k] for k in SPECIAL_TOKEN_KEYS if k in original})
     if original.get("model_type") == "gemma3" and isinstance(original.get("text_config"), dict):
-        original = original["text_config"]  # saved as its language model, gemma3_text
-    elif original.get("model_type") != hf_config["model_type"]:
+        original = {"model_type": "gemma3_text", **original["text_config"]}  # its language model
+    if original.get("model_type") != hf_config["model_type"]:
+        warnings.warn(
+            f"save_hf: source={str(source)!r} is a {original.get('model_type')!r} config and the "
+            f"saved model a {hf_config['model_type']!r}: only its special token ids are kept",
+            stacklevel=3,
+        )
         return out  # another family's entries would not mean the same thing here
     math = math_view(config_from_hf(hf_config))
     left_out = []

@@ -5,7 +5,7 @@ API; `Engine` + `Driver` are the pieces underneath. `jaxpost.rollout.jetstream_a
 `jetstream`) presents the engine to JetStream's own orchestrator.
 """
 
-from jaxpost.rollout.api import generate
+from jaxpost.rollout.api import clear_cache, generate
 from jaxpost.rollout.driver import Driver
 from jaxpost.rollout.engine import Engine
 from jaxpost.rollout.page_allocator import PageAllocator, PagesExhausted, SlotRegionAllocator
@@ -27,6 +27,7 @@ __all__ = [
     "Request",
     "SamplingParams",
     "StepResult",
+    "clear_cache",
     "generate",
     "prefill_bucket",
 ]

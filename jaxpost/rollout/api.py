@@ -106,3 +106,10 @@ def generate(
         engine.update_params(params, lora=lora)
     outs = Driver(engine).run([Request(p, s) for p, s in zip(prompts, sps)], progress=progress)
     return [c for per_prompt in outs for c in per_prompt]
+
+
+def clear_cache() -> None:
+    """Drop the engines `generate` keeps (their compiled steps, their copy of the weights and
+    their KV pages): e.g. before training a model just sampled from, whose engine would
+    otherwise hold a second copy of it until the next `generate`."""
+    _ENGINES.clear()

@@ -313,6 +313,30 @@ def test_save_with_source_keeps_tokenizer_generation_config_and_token_ids(tmp_pa
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("where", ["top level", "absent"])
+def test_llama3_pretraining_context_as_the_transformers_model_uses_it(tmp_path, where):
+    """transformers' model takes a top-level original_max_position_embeddings (Phi-3 /
+    DeepSeek-V3 configs keep it there) over the RoPE dict's, and max_position_embeddings when
+    neither has one; jaxpost's logits follow (the dict's 16 against 128 moves them by ~1)."""
+    hf_tiny.build("llama", seed=6).save_pretrained(tmp_path)
+    entries = json.loads((tmp_path / "config.json").read_text())
+    if where == "top level":
+        entries["original_max_position_embeddings"] = 128
+    else:
+        del entries["rope_parameters"]["original_max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(entries))
+    cfg, params = models.load_hf(tmp_path)
+    assert cfg.rope_scaling["original_max_position_embeddings"] == (
+        128 if where == "top level" else entries["max_position_embeddings"]
+    )
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
+    ids = _ids(7, (1, 48))
+    ours = np.asarray(models.forward(cfg, params, jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, _hf_logits(theirs, ids), atol=2e-5)
+
+
 def test_save_with_source_keeps_the_config_entries_the_model_does_not_change(tmp_path):
     source = tmp_path / "hf"
     hf_tiny.build("llama", seed=6).save_pretrained(source)
@@ -366,6 +390,15 @@ def test_save_with_a_multimodal_gemma3_source_keeps_its_text_config_entries(tmp_
     assert written["eos_token_id"] == [1, 106]
     assert not {"text_config", "vision_config", "image_token_index"} & set(written)
     assert models.load_hf(tmp_path / "out")[0] == cfg
+
+    # Another family saved with this source: its token ids only, and a warning.
+    hf_tiny.build("qwen3", seed=1).save_pretrained(tmp_path / "qwen3")
+    other_cfg, other_params = models.load_hf(tmp_path / "qwen3")
+    with pytest.warns(UserWarning, match="is a 'gemma3_text' config and the saved model a 'qwen3'"):
+        models.save_hf(other_cfg, other_params, tmp_path / "mixed", source=source)
+    written = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert written["eos_token_id"] == [1, 106] and "query_pre_attn_scalar" not in written
+    assert "initializer_range" not in written
 
 
 def test_save_rejects_params_not_matching_config(llama_dir, tmp_path):

@@ -2,6 +2,8 @@
 tensor-parallel decode, input validation."""
 
 import dataclasses
+import gc
+import weakref
 
 import jax
 import numpy as np
@@ -224,6 +226,12 @@ def test_generate_reuses_a_cached_engine_at_least_as_large(params):
     rollout.generate(CFG, params, long_prompts, dataclasses.replace(sp, max_new_tokens=40),
                      slots=2, page_size=4)  # fmt: skip
     assert len(api._ENGINES) == 2
+    # clear_cache lets them go (weights, KV pages, compiled steps): nothing else holds them.
+    ref = weakref.ref(engine)
+    del engine
+    rollout.clear_cache()
+    gc.collect()
+    assert not api._ENGINES and ref() is None
 
 
 def test_tensor_parallel_decode_gives_the_same_tokens(params):
