@@ -220,9 +220,11 @@ def test_data_running_out_stops_saves_and_resumes(tmp_path, data):
 
 def test_resuming_with_a_changed_config_says_what_changed(tmp_path, data, capsys):
     config = {"model": {"width": 5}, "optimizer": {"learning_rate": 0.05}, "train": {"steps": 6}}
-    _run(tmp_path / "run", data, steps=6, config=config)
+    _run(tmp_path / "run", data, steps=6, config={**config, "workdir": str(tmp_path / "run")})
     assert "config changed" not in capsys.readouterr().out
+    # The work directory spelled another way (here relative) is not a change.
     longer = {**config, "train": {"steps": 9}, "optimizer": {"learning_rate": 0.01}}
+    longer["workdir"] = "run"
     _run(tmp_path / "run", data, steps=9, config=longer)
     out = capsys.readouterr().out
     assert "[train] resumed from step 6" in out
@@ -231,6 +233,7 @@ def test_resuming_with_a_changed_config_says_what_changed(tmp_path, data, capsys
         "  optimizer.learning_rate: 0.05 in the checkpoint, 0.01 in this config\n"
         "  train.steps: 6 in the checkpoint, 9 in this config"
     ) in out
+    assert "workdir" not in out
 
 
 def test_throughput_leaves_out_saving(tmp_path, data, monkeypatch):

@@ -222,6 +222,9 @@ def run_offline(
             d
             # (a changed model is an error raised by restore, but for how it computes)
             for section in sorted(set(restored.config or {}) | set(config_dict or {}))
+            # The checkpoint was found in this run's work directory: another spelling of it
+            # (relative, a symlink, the directory moved) is the same run.
+            if section != "workdir"
             for d in config_diffs(
                 (restored.config or {}).get(section), (config_dict or {}).get(section), section
             )
