@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sys
 import threading
 import warnings
@@ -67,6 +68,7 @@ def _called_from_orbax() -> bool:
     return frame is not None and frame.f_globals.get("__name__", "").startswith("orbax.")
 
 
+@functools.cache
 def _policy_class():
     """A policy that hands Orbax `_DrainingEventLoop`s and leaves everything else to the policy
     it replaces (every other caller's new loops, each thread's current loop), so user code's
