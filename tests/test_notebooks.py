@@ -127,9 +127,17 @@ def test_hf_lora_sft_notebook(tmp_path, variant):
         "MAX_NEW_TOKENS = 12\nSEED = 1"
     )
     if variant == "qlora_own_jsonl":
+        # TRL's two conversational forms, a blank line, and one row over MAX_LENGTH (cut from the
+        # right by the default TRUNCATION).
         rows = tasks.get("arithmetic").generate_split(5, 300, "train")
         system = {"role": "system", "content": "Show your work."}
-        lines = [json.dumps({"messages": [system, *r["messages"]]}) for r in rows]
+        lines = []
+        for i, r in enumerate(rows):
+            prompt, reply = [system, r["messages"][0]], [r["messages"][1]]
+            if i == 7:
+                reply = [{"role": "assistant", "content": "1+1=2 " * 60}]
+            row = {"prompt": prompt, "completion": reply} if i % 3 else {"messages": prompt + reply}
+            lines.append(json.dumps(row) + ("\n" if i == 20 else ""))
         (tmp_path / "mine.jsonl").write_text("\n".join(lines) + "\n")
         parameters += f"\nTRAIN_JSONL = {str(tmp_path / 'mine.jsonl')!r}"
     results = _execute(HF_LORA_SFT, parameters)
@@ -148,7 +156,7 @@ def test_hf_lora_sft_notebook(tmp_path, variant):
     if qlora:
         assert results["accuracy_before"] is None and results["peft_max_abs_diff"] is None
         assert not (work / "hf_model").exists()
-        assert len((work / "train_part.jsonl").read_text().splitlines()) == 300 - 8
+        assert results["training_rows"] == 300 - 8 and results["rows_cut"] == 1
     else:
         assert 0.0 <= results["accuracy_before"] <= 1.0 and 0.0 <= results["accuracy_after"] <= 1
         assert results["peft_max_abs_diff"] < 1e-4 and results["merged_max_abs_diff"] < 1e-4
