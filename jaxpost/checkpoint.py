@@ -323,10 +323,9 @@ class Checkpointer:
             got = checksums(out["state"])
             damaged = sorted(p for p in saved_sums if got.get(p) != saved_sums[p])
             if damaged:
-                more = f" and {len(damaged) - 8} more" if len(damaged) > 8 else ""
                 raise CheckpointError(
                     f"checkpoint {where} is corrupt: {len(damaged)} array(s) read back differ "
-                    f"from what was saved ({', '.join(damaged[:8])}{more}); move that step "
+                    f"from what was saved ({', '.join(_first(damaged))}); move that step "
                     "directory away to resume from the checkpoint before it"
                 )
         state = jax.tree.map(

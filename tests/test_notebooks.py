@@ -127,8 +127,8 @@ def test_hf_lora_sft_notebook(tmp_path, variant):
         "MAX_NEW_TOKENS = 12\nSEED = 1"
     )
     if variant == "qlora_own_jsonl":
-        # TRL's two conversational forms, a blank line, and one row over MAX_LENGTH (cut from the
-        # right by the default TRUNCATION).
+        # TRL's conversational prompt / completion rows, a blank line, and one row over
+        # MAX_LENGTH (cut from the right by the default TRUNCATION).
         rows = tasks.get("arithmetic").generate_split(5, 300, "train")
         system = {"role": "system", "content": "Show your work."}
         lines = []
@@ -136,7 +136,7 @@ def test_hf_lora_sft_notebook(tmp_path, variant):
             prompt, reply = [system, r["messages"][0]], [r["messages"][1]]
             if i == 7:
                 reply = [{"role": "assistant", "content": "1+1=2 " * 60}]
-            row = {"prompt": prompt, "completion": reply} if i % 3 else {"messages": prompt + reply}
+            row = {"prompt": prompt, "completion": reply}
             lines.append(json.dumps(row) + ("\n" if i == 20 else ""))
         (tmp_path / "mine.jsonl").write_text("\n".join(lines) + "\n")
         parameters += f"\nTRAIN_JSONL = {str(tmp_path / 'mine.jsonl')!r}"

@@ -87,7 +87,7 @@ def save_hf(
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"source={str(source)!r} is not an HF checkpoint directory")
         hf_config = _with_source_entries(
-            hf_config, json.loads((source / "config.json").read_text()), source
+            cfg, hf_config, json.loads((source / "config.json").read_text()), source
         )
     _, leaves = hf_leaves(cfg)
     arrays = _check_params(cfg, params, leaves)
@@ -128,9 +128,9 @@ SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _NOT_CARRIED = ("transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
-def _with_source_entries(hf_config: dict, original: dict, source: Path) -> dict:
-    """hf_config plus the source config's entries it lacks, each kept only if the config still
-    describes the same model with it (config_from_hf's view of the math is unchanged)."""
+def _with_source_entries(cfg: ModelConfig, hf_config: dict, original: dict, source: Path) -> dict:
+    """hf_config (cfg's) plus the source config's entries it lacks, each kept only if the config
+    still describes cfg's model with it (config_from_hf's view of the math is cfg's)."""
     out = dict(hf_config)
     out.update({k: original[k] for k in SPECIAL_TOKEN_KEYS if k in original})
     if original.get("model_type") == "gemma3" and isinstance(original.get("text_config"), dict):
@@ -142,7 +142,7 @@ def _with_source_entries(hf_config: dict, original: dict, source: Path) -> dict:
             stacklevel=3,
         )
         return out  # another family's entries would not mean the same thing here
-    math = math_view(config_from_hf(hf_config))
+    math = math_view(cfg)  # = hf_config's: config_to_hf checked that
     left_out = []
     for key, value in original.items():
         if key in out or key in _NOT_CARRIED or key.startswith("_"):
