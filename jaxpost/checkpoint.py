@@ -151,6 +151,7 @@ class Checkpointer:
         # Until close: Orbax's restore and background-save loops (the manager's own start-up
         # cleanup's too) finish what a failed array read or write abandons, instead of printing
         # a traceback for each leftover.
+        self._in_flight = False  # a save started since the last wait
         self._loops = contextlib.ExitStack()
         self._loops.enter_context(draining_orbax_loops())
         try:
@@ -205,14 +206,27 @@ class Checkpointer:
             )
         except Exception as e:  # noqa: BLE001 - disk full, permissions: one clear error
             raise self._save_failed(e) from e
+        self._in_flight = True
         if wait:
             self.wait()
 
     def wait(self) -> None:
+        self._in_flight = False
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             raise self._save_failed(e) from e
+
+    def check_for_errors(self) -> None:
+        """CheckpointError if a background save has failed since it started; does not wait.
+
+        Called after every train step, so a save that cannot write (a full disk) stops the run
+        a step later, not at the next save, which may be thousands of steps on."""
+        # A failed write ends Orbax's finalize thread, which reports only when waited on (its
+        # check_for_errors reads another thread's error); once that thread is done, waiting
+        # costs nothing.
+        if self._in_flight and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def _save_failed(self, e: Exception) -> CheckpointError:
         cause = _first_line(e)

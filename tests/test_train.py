@@ -264,11 +264,12 @@ _SMALL_FILES = (
 
 
 def test_a_failing_background_save_is_one_error_line(tmp_path):
-    """A background (async) save that cannot write its arrays: the run stops with exit 3 and one
-    `error:` line, without the tracebacks Orbax's threads printed (about 25, 20 of them
-    "Event loop is closed", before the draining loops and the CLI's log filter)."""
+    """A background (async) save that cannot write its arrays: the run stops within steps of it
+    with exit 3 and one `error:` line, without the tracebacks Orbax's threads printed (about 25,
+    20 of them "Event loop is closed", before the draining loops and the CLI's log filter)."""
     work = tmp_path / "run"
-    args = [*SHORT, "--config.train.steps=8", "--config.checkpoint.every=4"]
+    args = [*SHORT, "--config.train.steps=300", "--config.checkpoint.every=100",
+            "--config.train.log_every=5"]  # fmt: skip
     proc = subprocess.run(  # the metrics fit in 100 kB, a checkpoint's arrays do not
         [sys.executable, "-c", _SMALL_FILES, *args, f"--config.workdir={work}"],
         env=_env(1), capture_output=True, text=True, timeout=600,
@@ -279,6 +280,9 @@ def test_a_failing_background_save_is_one_error_line(tmp_path):
     assert "checkpoints saved before it are intact" in last
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert "Event loop is closed" not in proc.stderr
+    # The failure stops the run steps after the save at 100 started, not at the next save (200).
+    logged = [json.loads(line)["step"] for line in (work / "metrics.jsonl").open()]
+    assert 100 <= max(logged) < 150, logged[-5:]
 
 
 def test_orbax_error_records_keep_their_cause_in_place_of_the_traceback():

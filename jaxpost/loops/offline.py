@@ -324,6 +324,7 @@ def run_offline(
                 break
             tokens = _tokens(batch)
             state, metrics = train_step(state, batch)
+            checkpointer.check_for_errors()  # a failed background save stops the run here
             window.append(metrics)
             tokens_since += tokens
             loss = None
