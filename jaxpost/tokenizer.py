@@ -22,9 +22,6 @@ ignores it for BPE models too).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,72 +31,28 @@ import numpy as np
 from jaxpost import chat_templates
 from jaxpost.chat_templates import ChatTemplateError
 from jaxpost.tokenizer_backends import Backend, HFBackend, Offsets, SentencePieceBackend
-
-__all__ = ["Tokenizer", "load", "ChatTemplateError", "BUILTIN_TEMPLATES", "FILES", "copy_files"]
-
-BUILTIN_TEMPLATES = chat_templates.BUILTIN_TEMPLATES
-
-
-# The files of a tokenizer directory, as `transformers`' tokenizer save_pretrained writes them
-# (vocab.json / merges.txt: slow BPE tokenizers'), and generation_config.json, whose end-of-turn
-# ids `load` adds to eos_ids: what travels with an exported adapter.
-FILES = (
-    "tokenizer.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
+from jaxpost.tokenizer_files import (
+    FILES,
+    TEMPLATES_DIR,
+    chat_templates_from_files,
+    copy_files,
+    find_files,
+    id_list,
+    read_json,
+    token_str,
 )
 
+__all__ = [
+    "Tokenizer",
+    "load",
+    "ChatTemplateError",
+    "BUILTIN_TEMPLATES",
+    "FILES",
+    "TEMPLATES_DIR",
+    "copy_files",
+]
 
-# transformers' named chat templates besides the default one: <name>.jinja files.
-TEMPLATES_DIR = "additional_chat_templates"
-
-
-def copy_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
-    """Copy the tokenizer `FILES` (and `TEMPLATES_DIR`) that `source` holds into `dest`;
-    returns their names."""
-    copied = []
-    for name in FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(dest) / name)
-            copied.append(name)
-    if (Path(source) / TEMPLATES_DIR).is_dir():
-        shutil.copytree(
-            Path(source) / TEMPLATES_DIR, Path(dest) / TEMPLATES_DIR, dirs_exist_ok=True
-        )
-        copied.append(TEMPLATES_DIR)
-    return copied
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _token_str(value: Any) -> str | None:
-    """A special token from a config: a string, or an AddedToken dict with 'content'."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+BUILTIN_TEMPLATES = chat_templates.BUILTIN_TEMPLATES
 
 
 def _spans_to_mask(offsets: Offsets, spans: Iterable[tuple[int, int]]) -> list[int]:
@@ -306,56 +259,6 @@ class Tokenizer:
         return ids, _spans_to_mask(offsets, spans)
 
 
-def _find_files(path: Path) -> tuple[Path, Path]:
-    """(directory holding the configs, tokenizer file) for a directory or a tokenizer file."""
-    if path.is_file():
-        return path.parent, path
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer path {path} does not exist")
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (path / name).is_file():
-            return path, path / name
-    found = sorted(p.name for p in path.iterdir())[:20]
-    raise FileNotFoundError(
-        f"{path} holds neither tokenizer.json (HF tokenizers) nor tokenizer.model "
-        f"(SentencePiece); it contains {found}"
-    )
-
-
-def _chat_templates_from_files(directory: Path, config: Mapping[str, Any]) -> dict[str, str]:
-    """{name: jinja source}, as `transformers`' tokenizer finds them: chat_template.jinja (the
-    default) and additional_chat_templates/*.jinja when present, else tokenizer_config.json's
-    template (a string, or a list of named ones). chat_template.json, the multimodal processor's
-    file, which the tokenizer does not read, is used only when there is nothing else."""
-    templates = {}
-    if (directory / "chat_template.jinja").is_file():
-        templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    extra = directory / TEMPLATES_DIR
-    for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else ():
-        templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
-    if templates:
-        return templates
-    template = config.get("chat_template")
-    if template is None:
-        template = _read_json(directory / "chat_template.json").get("chat_template")
-    if isinstance(template, list):
-        # Several named templates: [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        return {
-            str(t.get("name")): _template_source(directory, t.get("template"))
-            for t in template
-            if isinstance(t, dict)
-        }
-    return {} if template is None else {"default": _template_source(directory, template)}
-
-
-def _template_source(directory: Path, template: Any) -> str:
-    if not isinstance(template, str):
-        raise ValueError(
-            f"{directory}: chat_template is a {type(template).__name__}; expected a jinja string"
-        )
-    return template
-
-
 # tokenizer_config.json classes whose tokenizer.json pipeline transformers 5 rebuilds as Llama's
 # (`HFBackend.use_llama_pipeline`); other classes' files are read as they are.
 LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
@@ -369,14 +272,14 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
     Special tokens come from tokenizer_config.json, then special_tokens_map.json, then (for
     SentencePiece) the model's own BOS/EOS/pad pieces; generation_config.json adds EOS ids.
     """
-    directory, file = _find_files(Path(path))
-    config = _read_json(directory / "tokenizer_config.json")
-    token_map = _read_json(directory / "special_tokens_map.json")
-    generation = _read_json(directory / "generation_config.json")
+    directory, file = find_files(Path(path))
+    config = read_json(directory / "tokenizer_config.json")
+    token_map = read_json(directory / "special_tokens_map.json")
+    generation = read_json(directory / "generation_config.json")
 
     added: dict[int, tuple[str, bool]] = {}
     for key, entry in config.get("added_tokens_decoder", {}).items():
-        content = _token_str(entry)
+        content = token_str(entry)
         if content is not None:
             added[int(key)] = (content, bool(entry.get("special", True)))
 
@@ -395,7 +298,7 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
 
     special: dict[str, str | None] = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        special[key] = _token_str(config.get(key)) or _token_str(token_map.get(key))
+        special[key] = token_str(config.get(key)) or token_str(token_map.get(key))
     if isinstance(backend, SentencePieceBackend):
         sp = backend.sp
         for key, piece_id in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
@@ -414,13 +317,13 @@ def load(path: str | Path, chat_template: str | None = None) -> Tokenizer:
     templates = (
         {"default": chat_templates.resolve_template(chat_template)}
         if chat_template is not None
-        else _chat_templates_from_files(directory, config)
+        else chat_templates_from_files(directory, config)
     )
-    pad_ids = _id_list(generation.get("pad_token_id"))
+    pad_ids = id_list(generation.get("pad_token_id"))
     return Tokenizer(
         backend,
         special_tokens=special,
-        extra_eos_ids=_id_list(generation.get("eos_token_id")),
+        extra_eos_ids=id_list(generation.get("eos_token_id")),
         pad_id=pad_ids[0] if pad_ids else None,
         add_bos_default=add_bos_default,
         chat_templates=templates,
