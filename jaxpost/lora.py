@@ -333,7 +333,9 @@ def save_peft(
 
     adapter_model.safetensors holds, per layer i and module,
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (float32) and
-    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig.
+    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig. A local
+    multimodal Gemma 3 base (`base_model_name_or_path`) gets its own layer names
+    (model.language_model.layers), where peft finds its language model.
     """
     from jaxpost import lora_peft  # it imports this module
 

@@ -31,10 +31,33 @@ from jaxpost.models.config import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# Where the decoder layers sit among the modules of the HF model peft wraps: a text-only causal
+# LM's, and a multimodal Gemma 3's (Gemma3ForConditionalGeneration, as transformers >= 4.52
+# names it), whose language model jaxpost loads and trains.
+TEXT_LAYERS = "model.layers"
+MULTIMODAL_LAYERS = "model.language_model.layers"
 _KEY = re.compile(
-    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-    r"\.lora_([AB])\.weight"
+    r"base_model\.model\.(model\.(?:language_model\.)?layers)\.(\d+)\."
+    r"(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.lora_([AB])\.weight"
 )
+# init_lora_weights values with which peft changes the base weights when it loads the adapter
+# (PiSSA, OLoRA, CorDA and LoftQ take their initial factors out of the base), or runs another
+# forward (MiCA): such an adapter means something else on the unchanged base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
+
+
+def layers_prefix(base_model_name_or_path: str | os.PathLike | None) -> str:
+    """TEXT_LAYERS, or MULTIMODAL_LAYERS when the base is a local multimodal Gemma 3 directory
+    (model_type "gemma3"). A hub id cannot be looked at offline: its adapter is written for a
+    text-only model."""
+    config = Path(base_model_name_or_path or "") / "config.json"
+    if base_model_name_or_path is None or not config.is_file():
+        return TEXT_LAYERS
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return TEXT_LAYERS
+    return MULTIMODAL_LAYERS if model_type == "gemma3" else TEXT_LAYERS
 
 
 def save_peft(
@@ -47,21 +70,30 @@ def save_peft(
 
     adapter_model.safetensors holds, per layer i and module,
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (float32) and
-    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig. Under several
-    processes (`jax.distributed`) every process must call it (factors sharded over them are
-    gathered); process 0 writes.
+    ....lora_B.weight [out, r]; adapter_config.json the matching LoraConfig. For a local
+    multimodal Gemma 3 base the layers are model.language_model.layers.{i} and target_modules
+    a regex over them, so that peft adapts the language model only (not the vision tower's
+    modules of the same names). Under several processes (`jax.distributed`) every process must
+    call it (factors sharded over them are gathered); process 0 writes.
     """
     check(cfg, lora)
+    base = base_model_name_or_path or lora.base_model_name_or_path
+    layers = layers_prefix(base)
     tensors = {}
     for block, module in lora.modules:
         factors = lora.params["layers"][block][module]
         a, b = (_to_host(factors[k]) for k in ("a", "b"))
         for i in range(cfg.num_layers):
-            prefix = f"base_model.model.model.layers.{i}.{HF_MODULES[(block, module)]}"
+            prefix = f"base_model.model.{layers}.{i}.{HF_MODULES[(block, module)]}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
-    base = base_model_name_or_path or lora.base_model_name_or_path
+    hf_modules = sorted(HF_MODULES[m] for m in lora.modules)
+    targets = (
+        sorted(m.split(".")[1] for m in hf_modules)
+        if layers == TEXT_LAYERS
+        else rf"{re.escape(layers)}\.\d+\.(?:{'|'.join(map(re.escape, hf_modules))})"
+    )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -70,7 +102,7 @@ def save_peft(
         "lora_alpha": alpha,
         "use_rslora": lora.use_rslora,
         "lora_dropout": lora.dropout,
-        "target_modules": sorted(HF_MODULES[m].split(".")[1] for m in lora.modules),
+        "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -118,10 +150,10 @@ _UNSUPPORTED = {
 }
 
 
-def _peft_targets(target_modules, n_layers: int) -> set[tuple[int, str]]:
+def _peft_targets(target_modules, n_layers: int, layers: str) -> set[tuple[int, str]]:
     """(layer, HF module name) pairs that PEFT's target_modules selects among ours."""
     names = [(i, hf) for i in range(n_layers) for hf in HF_MODULES.values()]
-    full = lambda i, hf: f"model.layers.{i}.{hf}"
+    full = lambda i, hf: f"{layers}.{i}.{hf}"
     if target_modules == "all-linear":
         return set(names)
     if isinstance(target_modules, str):
@@ -134,6 +166,31 @@ def _peft_targets(target_modules, n_layers: int) -> set[tuple[int, str]]:
     }
 
 
+def _check_adapter_files(path: Path) -> None:
+    """FileNotFoundError naming what is missing, and what the directory holds instead."""
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (a PEFT adapter directory)")
+    if (path / CONFIG_FILE).is_file() and (path / "adapter_model.bin").is_file():
+        raise FileNotFoundError(
+            f"{path} holds adapter_model.bin (a PyTorch pickle) and no {WEIGHTS_FILE}; jaxpost "
+            "reads safetensors only: save the adapter again with peft's "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    named = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}"))
+    missing = CONFIG_FILE if not (path / CONFIG_FILE).is_file() else WEIGHTS_FILE
+    raise FileNotFoundError(
+        f"{path / missing} not found: {path} is not a PEFT adapter directory"
+        + (
+            f"; it holds named adapters in {named} (peft saves a non-default adapter name "
+            "in a subdirectory): pass one of them"
+            if named
+            else ""
+        )
+    )
+
+
 def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> LoraParams:
     """Read an HF PEFT LoRA adapter directory (save_peft's or peft's save_pretrained output).
 
@@ -142,11 +199,14 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
     """
     path = Path(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (config_path, weights_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: {path} is not a PEFT adapter directory")
-    config = json.loads(config_path.read_text())
+    _check_adapter_files(path)
     where = str(config_path)
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; expected 'LORA'")
     for option, neutral in _UNSUPPORTED.items():
@@ -155,7 +215,16 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
             raise ValueError(
                 f"{where}: {option}={value!r} is not supported; expected {neutral[0]!r}"
             )
-    rank, alpha = config.get("r"), config.get("lora_alpha")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r}: peft changes the base model's weights when "
+            "it loads this adapter, and jaxpost adds the factors to the base as it is. Save it "
+            "as a plain LoRA adapter with peft: model.save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=<the adapter as initialised>)"
+        )
+    # Absent entries take LoraConfig's defaults (r=8, lora_alpha=8), as peft reads them.
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     dropout = float(config.get("lora_dropout") or 0.0)
     validate_hparams(rank, alpha if alpha is not None else -1, dropout)
 
@@ -166,27 +235,29 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
     }
     found: dict[tuple[int, str, str], np.ndarray] = {}
     unexpected = []
+    first = next((m for m in map(_KEY.fullmatch, weights) if m), None)
+    layers = first.group(1) if first else TEXT_LAYERS  # one layout for every tensor
     for name, array in weights.items():
         m = _KEY.fullmatch(name)
-        if m is None or int(m.group(1)) >= cfg.num_layers:
+        if m is None or m.group(1) != layers or int(m.group(2)) >= cfg.num_layers:
             unexpected.append(name)
         else:
-            found[(int(m.group(1)), m.group(2), m.group(3))] = array
+            found[(int(m.group(2)), m.group(3), m.group(4))] = array
     if unexpected:
         raise ValueError(
             f"{weights_path}: unexpected tensor {unexpected[0]!r}"
             + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
-            + f"; expected base_model.model.model.layers.{{0..{cfg.num_layers - 1}}}."
+            + f"; expected base_model.model.{layers}.{{0..{cfg.num_layers - 1}}}."
             "{self_attn.[qkvo]_proj|mlp.(gate|up|down)_proj}.lora_[AB].weight"
         )
-    selected = _peft_targets(config.get("target_modules"), cfg.num_layers)
+    selected = _peft_targets(config.get("target_modules"), cfg.num_layers, layers)
     in_weights = {(i, hf) for i, hf, _ in found}
     modules = sorted({hf for _, hf in selected | in_weights})
     for i in range(cfg.num_layers):
         for hf in modules:
             for ab in "AB":
                 if (i, hf, ab) not in found:
-                    name = f"base_model.model.model.layers.{i}.{hf}.lora_{ab}.weight"
+                    name = f"base_model.model.{layers}.{i}.{hf}.lora_{ab}.weight"
                     why = (
                         "jaxpost adapts a module in every layer or in none"
                         if (i, hf) not in selected
@@ -196,7 +267,7 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
     extra = sorted(in_weights - selected)
     if extra:
         raise ValueError(
-            f"{weights_path}: holds factors for model.layers.{extra[0][0]}.{extra[0][1]}, "
+            f"{weights_path}: holds factors for {layers}.{extra[0][0]}.{extra[0][1]}, "
             f"which target_modules={config.get('target_modules')!r} does not select"
         )
 
@@ -214,7 +285,7 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
                 t = found[(i, hf, ab)]
                 if t.shape != want:
                     raise ValueError(
-                        f"{weights_path}: model.layers.{i}.{hf}.lora_{ab}.weight has shape "
+                        f"{weights_path}: {layers}.{i}.{hf}.lora_{ab}.weight has shape "
                         f"{t.shape}, expected {want} (r={rank} from {CONFIG_FILE}, "
                         f"{cfg.model_type} dims from the model config)"
                     )

@@ -369,6 +369,80 @@ def test_peft_adapter_loads_in_jaxpost(hf_pair, tmp_path, target_modules):
     )
 
 
+def test_multimodal_gemma3_adapters_apply_in_both_directions(tmp_path):
+    """jaxpost trains a Gemma3ForConditionalGeneration's language model: its adapter must name
+    the layers where that model keeps them (model.language_model.layers), and target them only
+    there, or peft drops every factor with a warning and adapts the vision tower instead; and a
+    peft adapter made on that model loads into jaxpost."""
+    from models import hf_tiny
+
+    path = tmp_path / "gemma3"
+    hf_tiny.build_gemma3_multimodal(seed=0).save_pretrained(path)
+    cfg, params = models.load_hf(path)
+    tokens = _tokens(15, (2, 16)) % (hf_tiny.VOCAB - 3)  # no image tokens
+    base = lambda: transformers.Gemma3ForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager"
+    ).eval()  # fmt: skip
+
+    lp = randomized(lora.init(cfg, params, rank=4, alpha=8), jax.random.key(16), 0.05)
+    lora.save_peft(cfg, lp, tmp_path / "ours", base_model_name_or_path=path)
+    theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    adapted = [n for n, _ in theirs.named_parameters() if "lora_B" in n]
+    assert len(adapted) == 7 * cfg.num_layers
+    assert all(".language_model.layers." in n for n in adapted), adapted[:3]
+    ours = forward(cfg, params, tokens, lora=lp)
+    assert np.max(np.abs(ours - forward(cfg, params, tokens))) > 0.1  # the adapter matters
+    np.testing.assert_allclose(ours, _hf_logits(theirs, tokens), atol=1e-4, rtol=0)
+
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)",
+        init_lora_weights=False,  # B random too
+        task_type="CAUSAL_LM",
+    )
+    made = peft.get_peft_model(base(), config).eval()
+    made.save_pretrained(tmp_path / "peft")
+    back = lora.load_peft(cfg, tmp_path / "peft")
+    assert len(back.modules) == 3
+    np.testing.assert_allclose(
+        forward(cfg, params, tokens, lora=back), _hf_logits(made, tokens), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_whose_base_peft_changes_are_refused_and_their_converted_form_loads(
+    hf_pair, tmp_path, init
+):
+    """PiSSA / OLoRA: peft takes the initial factors out of the base when it loads such an
+    adapter, so the factors alone on the unchanged base give another model (logits 1.4-1.8
+    apart, audit 32). Refused, naming peft's conversion; the converted adapter matches."""
+    family, path, cfg, params = hf_pair
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init
+    )
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "initial")
+    torch.manual_seed(17)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path / "trained")
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*weight_conversion"):
+        lora.load_peft(cfg, tmp_path / "trained")
+    model.save_pretrained(
+        tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
+    tokens = _tokens(18, (2, 16))
+    lp = lora.load_peft(cfg, tmp_path / "converted")
+    np.testing.assert_allclose(
+        forward(cfg, params, tokens, lora=lp), _hf_logits(model, tokens), atol=1e-4, rtol=0
+    )
+
+
 # load_peft errors ----------------------------------------------------------------------------
 
 
@@ -464,6 +538,34 @@ def test_load_peft_weight_errors(adapter, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
         lora.load_peft(CFG, empty)
+
+
+def test_load_peft_file_errors_say_what_the_directory_holds(adapter, tmp_path):
+    named = tmp_path / "named"
+    (named / "mine").mkdir(parents=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / f).rename(named / "mine" / f)
+    with pytest.raises(FileNotFoundError, match=r"named adapters in \['mine'\]"):
+        lora.load_peft(CFG, named)
+    assert lora.load_peft(CFG, named / "mine").rank == 4
+
+    pickled = named / "mine"
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin .*safe_serialization=True"):
+        lora.load_peft(CFG, pickled)
+    (pickled / "adapter_model.bin").rename(pickled / "adapter_model.safetensors")
+
+    (pickled / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"mine/adapter_config.json is not valid JSON"):
+        lora.load_peft(CFG, pickled)
+
+
+def test_load_peft_takes_lora_config_defaults_for_absent_entries(adapter):
+    """peft's LoraConfig defaults (r=8, lora_alpha=8) for entries a hand-written config omits."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert lora.load_peft(CFG, adapter).alpha == 8.0
 
 
 def test_save_peft_rejects_mismatched_factors(params, tmp_path):
