@@ -95,9 +95,16 @@ def _round_to_code(scaled: jax.Array, code: np.ndarray) -> jax.Array:
 def _blockwise_scale(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     """x [n_blocks * block] -> (x / block absmax clipped to [-1, 1], absmax [n_blocks])."""
     blocks = x.reshape(-1, block)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)
-    # Multiply by the reciprocal as bitsandbytes does, so the codes agree bit for bit.
-    inv = 1.0 / jnp.maximum(absmax, 1e-38)
+    # A NaN weight makes its block's maximum NaN, and so (through the mean offset of the
+    # maxima) every dequantized weight, as in bitsandbytes; XLA's max would skip it.
+    absmax = jnp.where(
+        jnp.isnan(blocks).any(axis=-1), jnp.nan, jnp.max(jnp.abs(blocks), axis=-1)
+    )  # fmt: skip
+    # Multiply by the reciprocal as bitsandbytes does, so the codes agree bit for bit. A block
+    # of zeros (or of subnormals, which XLA:CPU flushes to zero) gets code 0 and dequantizes
+    # to exactly 0.
+    normal = absmax >= jnp.finfo(jnp.float32).tiny
+    inv = jnp.where(normal, 1.0 / jnp.where(normal, absmax, 1.0), 0.0)
     return jnp.clip(blocks * inv[:, None], -1.0, 1.0).reshape(-1), absmax
 
 

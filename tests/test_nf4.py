@@ -121,6 +121,24 @@ def test_leading_axes_are_quantized_per_slice():
     assert nf4.dequantize(stacked, (3, 40, 50), jnp.bfloat16).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("tiny", [0.0, 1e-40])
+def test_zero_blocks_dequantize_to_zero_and_a_nan_spreads(tiny):
+    """A block of zeros (a pruned head's rows; subnormals flush to zero on XLA:CPU) gets
+    bitsandbytes' zero code 0x77 and dequantizes to exactly 0 (its reciprocal maximum was
+    inf, and the block came back as +absmax, audit 32). A NaN weight spreads to the whole
+    tensor through the maxima's mean, as in bitsandbytes, not to a finite code."""
+    w = _gaussian(3, (128, 64))
+    w[16:32] = tiny  # whole 64-blocks
+    q = nf4.quantize(jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(q["codes"])[16 * 32 : 32 * 32], 0x77)
+    deq = np.asarray(nf4.dequantize(q, w.shape))
+    np.testing.assert_array_equal(deq[16:32], 0.0)
+    assert np.abs(deq - w).max() < 0.2 * np.abs(w).max()  # the rest as before
+
+    w[100, 5] = np.nan
+    assert np.isnan(np.asarray(nf4.dequantize(nf4.quantize(jnp.asarray(w)), w.shape))).all()
+
+
 def test_quantize_and_dequantize_errors():
     with pytest.raises(TypeError, match="floating-point array, got int32"):
         nf4.quantize(jnp.zeros((4, 64), jnp.int32))
