@@ -147,6 +147,11 @@ _UNSUPPORTED = {
     "exclude_modules": (None, [], ""),
     "alora_invocation_tokens": (None, []),
     "layer_replication": (None, []),
+    "use_bdlora": (None, False),
+    "arrow_config": (None, {}),
+    "kasa_config": (None, {}),
+    "monteclora_config": (None, {}),
+    "velora_config": (None, {}),
 }
 
 
@@ -243,6 +248,12 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
             unexpected.append(name)
         else:
             found[(int(m.group(2)), m.group(3), m.group(4))] = array
+    beyond = [int(m.group(2)) for m in map(_KEY.fullmatch, unexpected) if m]
+    if unexpected and len(beyond) == len(unexpected):
+        raise ValueError(
+            f"{weights_path}: the adapter has factors for layer {max(beyond)} and the model "
+            f"has {cfg.num_layers} layers: an adapter for another model?"
+        )
     if unexpected:
         raise ValueError(
             f"{weights_path}: unexpected tensor {unexpected[0]!r}"

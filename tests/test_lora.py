@@ -479,6 +479,7 @@ def _edit_weights(path, fn):
         ({"bias": "lora_only"}, "bias='lora_only' is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save=.* is not supported"),
         ({"layers_to_transform": [0]}, "layers_to_transform=.* is not supported"),
+        ({"use_bdlora": {"target_modules_bd_a": ["q_proj"]}}, "use_bdlora=.* is not supported"),
         ({"r": 0}, "rank=0"),
         ({"r": 8}, r"lora_A.weight has shape \(4, 32\), expected \(8, 32\)"),
         ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, "missing tensor .*k_proj.lora_A"),
@@ -524,7 +525,7 @@ def test_load_peft_weight_errors(adapter, tmp_path_factory):
         t["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 32))
 
     _edit_weights(adapter, layer3)
-    with pytest.raises(ValueError, match=r"unexpected tensor .*layers.3.self_attn.q_proj"):
+    with pytest.raises(ValueError, match=r"factors for layer 3 and the model has 2 layers"):
         lora.load_peft(CFG, adapter)
 
     def wrong_out(t):
