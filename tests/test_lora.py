@@ -247,6 +247,16 @@ def hf_pair(request, tmp_path_factory):
     return request.param, path, cfg, params
 
 
+def _move_factors(model: peft.PeftModel, seed: int, scale: float) -> None:
+    """Every LoRA factor of `model` moved by Gaussian noise, as training would; eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(scale * torch.randn_like(p))
+    model.eval()
+
+
 def _peft_model(path, adapter_dir) -> peft.PeftModel:
     base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
     return peft.PeftModel.from_pretrained(base.eval(), adapter_dir).eval()
@@ -341,12 +351,7 @@ def test_peft_adapter_loads_in_jaxpost(hf_pair, tmp_path, target_modules):
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(base, config)
-    torch.manual_seed(12)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-    model.eval()
+    _move_factors(model, seed=12, scale=0.1)
     model.save_pretrained(tmp_path / "adapter")
 
     # PEFT saves factors in the model's dtype; a bfloat16 adapter reads as its float32 values.
@@ -424,12 +429,7 @@ def test_adapters_whose_base_peft_changes_are_refused_and_their_converted_form_l
     )
     model = peft.get_peft_model(base, config)
     model.save_pretrained(tmp_path / "initial")
-    torch.manual_seed(17)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    _move_factors(model, seed=17, scale=0.05)
     model.save_pretrained(tmp_path / "trained")
     with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*weight_conversion"):
         lora.load_peft(cfg, tmp_path / "trained")
