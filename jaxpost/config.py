@@ -29,11 +29,18 @@ from jaxpost.config_builders import (  # re-exported: configs/*.py use them as j
     model_config,
     parse_arg,
 )
-from jaxpost.config_checks import check_arch, check_keys, check_task_options, check_values
+from jaxpost.config_checks import (
+    NONE_ALLOWED,
+    check_arch,
+    check_keys,
+    check_task_options,
+    check_values,
+)
 
 __all__ = [
     "ARCH_PRESETS",
     "ConfigError",
+    "NONE_ALLOWED",
     "arch",
     "builtin_task",
     "defaults",
@@ -108,7 +115,8 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.task = _fieldref(None, str)  # a built-in task from jaxpost.data.tasks
-    # Keyword arguments of the task's generate_split (e.g. max_digits for arithmetic).
+    # Keyword arguments of the task's generate_split (e.g. max_digits for arithmetic; on the
+    # command line --config.data.task_options.max_digits=2).
     c.data.task_options = ml_collections.ConfigDict()
     c.data.train_path = _fieldref(None, str)
     c.data.eval_path = _fieldref(None, str)

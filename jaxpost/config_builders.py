@@ -90,7 +90,13 @@ def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
         elif default is None:
             out[name] = value
         else:
-            out[name] = type(default)(value)
+            try:
+                out[name] = type(default)(value)
+            except ValueError:
+                raise ConfigError(
+                    f"config variant {name}={value!r}: expected {type(default).__name__} "
+                    f"(default {default!r})"
+                ) from None
     return out
 
 

@@ -53,6 +53,11 @@ NON_NEGATIVE = (
 )
 
 
+# Keys with a non-None default that also take None (`--config.K=None`); every key whose default
+# is None takes it too.
+NONE_ALLOWED = ("optimizer.grad_clip_norm",)
+
+
 def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     """{"a.b": field} with FieldReferences left in place (their declared types matter)."""
     out = {}
@@ -100,7 +105,7 @@ def check_keys(cfg, schema, problems: list[str]) -> None:
             continue
         want, value = _expected_type(expected), ref.get()
         if value is None:
-            if expected.get() is not None:
+            if expected.get() is not None and path not in NONE_ALLOWED:
                 problems.append(f"{path} is None; expected a {_type_name(want)}")
             continue
         ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))

@@ -13,8 +13,11 @@ command resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -196,15 +199,81 @@ def main(argv: list[str], may_relaunch: bool = False) -> int:
     return 0
 
 
+_OVERRIDE = re.compile(r"--config\.([\w.]+)(?:=(.*))?", re.DOTALL)
+_TASK_OPTIONS = "data.task_options."
+
+
+def _take_overrides(argv: list[str]) -> tuple[list[str], dict[str, object]]:
+    """The overrides absl's config flag cannot apply, taken out of argv: `--config.K=None` (a
+    typed key's parser rejects the string, and None is what optional keys document) and
+    `--config.data.task_options.NAME=VALUE` (the task's options have no schema entries to
+    override; VALUE a Python literal, else the string). The last override of a key wins."""
+    rest, taken = [], {}
+    i = 0
+    while i < len(argv):
+        m = _OVERRIDE.fullmatch(argv[i]) if i else None
+        key, value, width = (m.group(1), m.group(2), 1) if m else (None, None, 1)
+        if m and value is None and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, width = argv[i + 1], 2  # the two-argument form: --config.K VALUE
+        if m and (value == "None" or key.startswith(_TASK_OPTIONS)):
+            taken[key] = value
+        else:
+            taken.pop(key, None)  # a later ordinary override of the same key wins
+            rest += argv[i : i + width]
+        i += width
+    return rest, taken
+
+
+def _apply_overrides(cfg, taken: dict[str, object]) -> None:
+    for key, value in taken.items():
+        if key.startswith(_TASK_OPTIONS):
+            name = key[len(_TASK_OPTIONS) :]
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # a plain string
+            with cfg.data.task_options.unlocked():
+                cfg.data.task_options[name] = value
+            continue
+        parent, _, leaf = key.rpartition(".")
+        try:
+            section = functools.reduce(getattr, parent.split("."), cfg) if parent else cfg
+            default = functools.reduce(getattr, key.split("."), jconfig.defaults())
+            section[leaf]  # noqa: B018 - the key must exist
+        except (AttributeError, KeyError):
+            raise jconfig.ConfigError(f"--config.{key}=None: no such config key") from None
+        if default is not None and key not in jconfig.NONE_ALLOWED:
+            raise jconfig.ConfigError(
+                f"--config.{key}=None: {key} takes a value of type {type(default).__name__} "
+                f"(default {default!r}); None is not one of its values"
+            )
+        section[leaf] = None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, except that a bad override is a one-line `error:`, exit code 2, as
     every other config error: a value of the wrong type (`--config.train.steps=ten`; absl says
-    "FATAL Flags parsing error" and exits 1), or a key the config does not have
+    "FATAL Flags parsing error" and exits 1), a key the config does not have
     (`--config.train.step=100`, with ml_collections' own suggestion of the nearest key, instead
-    of a traceback out of the flag parser)."""
+    of a traceback out of the flag parser), or a config variant the file refuses.
+    `_take_overrides`' overrides are applied after the config file's."""
+    argv, taken = _take_overrides(argv)
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if taken:
+            _apply_overrides(_CONFIG.value, taken)
+        return rest
     except flags.Error as e:
+        text = str(e)
+        if "Error whilst parsing config file" in text and "Traceback" in text:
+            # The config file raised (a variant it refuses): its exception, not the traceback
+            # ml_collections puts in the message.
+            error = jconfig.ConfigError
+            text = text.strip().splitlines()[-1]
+            text = text.removeprefix(f"{error.__module__}.{error.__qualname__}: ")
+        print(f"error: {text}", file=sys.stderr)
+        sys.exit(2)
+    except jconfig.ConfigError as e:  # an override `_take_overrides` took
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as e:

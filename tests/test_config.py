@@ -135,6 +135,41 @@ def test_parse_arg_variants_and_typo():
         jconfig.parse_arg("szie=small", cpu=False, size="tiny")
 
 
+def test_parse_arg_names_a_variant_of_the_wrong_type():
+    with pytest.raises(jconfig.ConfigError, match=r"variant rank='abc': expected int \(default 16"):
+        jconfig.parse_arg("cpu,rank=abc", cpu=False, rank=16)
+
+
+def test_command_line_none_and_task_options():
+    """`--config.K=None` sets every key the schema lets be None (the flag parser of a typed key
+    refused the string 'None': eval_batches, num_epochs, b1, grad_clip_norm, targets), and
+    `--config.data.task_options.NAME=VALUE` sets a task option (no schema key to override)."""
+    from jaxpost import train
+
+    argv = ["prog", "--config=c.py:test", "--config.train.eval_batches=None",
+            "--config.data.num_epochs", "None", "--config.optimizer.b1=None",
+            "--config.optimizer.grad_clip_norm=None", "--config.lora.targets=None",
+            "--config.data.task_options.max_digits=2", "--config.data.task_options.ops=+-",
+            "--config.train.steps=None", "--config.train.steps=5"]  # fmt: skip
+    rest, taken = train._take_overrides(argv)
+    assert rest == ["prog", "--config=c.py:test", "--config.train.steps=5"]  # the last wins
+    cfg = _cfg()
+    cfg.train.eval_batches, cfg.data.num_epochs, cfg.optimizer.b1 = 2, 1, 0.8
+    cfg.lora.targets = ("q",)
+    cfg.lock()
+    train._apply_overrides(cfg, taken)
+    assert cfg.train.eval_batches is None and cfg.data.num_epochs is None
+    assert cfg.optimizer.b1 is None and cfg.optimizer.grad_clip_norm is None
+    assert cfg.lora.targets is None
+    assert cfg.data.task_options.to_dict() == {"max_digits": 2, "ops": "+-"}
+    jconfig.validate(cfg)
+
+    with pytest.raises(jconfig.ConfigError, match=r"train.steps takes a value of type int"):
+        train._apply_overrides(cfg, {"train.steps": "None"})
+    with pytest.raises(jconfig.ConfigError, match="train.stepz=None: no such config key"):
+        train._apply_overrides(cfg, {"train.stepz": "None"})
+
+
 def test_task_options_checked_against_the_task():
     cfg = _cfg()
     cfg.data.task_options.max_digits = 2

@@ -195,7 +195,7 @@ def test_a_resume_from_other_starting_weights_or_another_pipeline_is_refused(
 def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log(tmp_path, data):
     """As transformers' Trainer logs it: with log_every=4 over 9 steps, the records at steps 4,
     8 and 9 hold the means of steps 1-4, 5-8 and 9 of the same run logged every step (each
-    logged metric is such a mean; the learning rate is the logged step's)."""
+    logged metric is such a mean but the learning rate and grad_norm, the logged step's)."""
     every = _run(tmp_path / "every", data)
     sparse = _run(tmp_path / "sparse", data, log_every=4)
     assert sorted(sparse) == [4, 8, 9]
@@ -271,7 +271,7 @@ def test_forgetting_records_keeps_a_symlinked_file_a_symlink(tmp_path):
 def test_logged_means_leave_out_steps_that_trained_no_token():
     """A step without trained tokens (all prompt, say) has no loss or gradient: its zeros stay
     out of the logged loss / grad_norm means, while the token counts keep it."""
-    from jaxpost.loops.offline import _window_host
+    from jaxpost.loops.offline import LAST_STEP_METRICS, _window_host
 
     def step(loss, weight, lr):
         return {
@@ -287,3 +287,7 @@ def test_logged_means_leave_out_steps_that_trained_no_token():
     assert host["tokens"] == pytest.approx(40 / 3) and host["input_tokens"] == 64
     assert host["learning_rate"] == 3.0
     assert _window_host([step(0.0, 0, 1.0)] * 2, ())["loss"] == 0.0
+    # What the loop logs: the learning rate and grad_norm of the logged step, as the Trainer.
+    logged = _window_host([step(2.0, 10, 1.0), step(4.0, 30, 3.0)], LAST_STEP_METRICS)
+    assert logged["grad_norm"] == 2.0 and logged["learning_rate"] == 3.0
+    assert logged["loss"] == 3.0

@@ -378,6 +378,17 @@ def test_cli_rejects_an_override_of_a_missing_key(tmp_path):
         "error: flag --config.train.steps=ten: invalid literal for int() with base 10: 'ten'"
     )
     assert not (tmp_path / "bad").exists()
+    # A config file's variant of the wrong type, and None for a key that takes none.
+    for args, message in [
+        ([f"--config={ROOT / 'configs' / 'sft_lora.py'}:cpu,rank=abc"],
+         "error: config variant rank='abc': expected int (default 16)"),
+        ([f"--config={QUICKSTART}:test", "--config.train.steps=None"],
+         "error: --config.train.steps=None: train.steps takes a value of type int (default"),
+    ]:  # fmt: skip
+        proc = _run(tmp_path / "bad", *args, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_qlora_config_trains_through_the_cli(tmp_path):

@@ -95,6 +95,11 @@ def _host(metrics: dict) -> dict[str, float]:
 _COUNTS = frozenset({"tokens", "input_tokens", "loss_sum", "weight_sum"})
 
 
+# Logged as the logged step's own value, as transformers' Trainer logs them; every other metric
+# is the mean over the steps since the previous log.
+LAST_STEP_METRICS = ("learning_rate", "grad_norm")
+
+
 def _window_host(window: list[dict], last_only: tuple[str, ...]) -> dict[str, float]:
     """The last step's metrics with each one not in `last_only` replaced by its mean over the
     steps of `window` (one host transfer for all of them). Per-token means leave out the steps
@@ -270,7 +275,7 @@ def run_offline(
     t_last, tokens_since = time.perf_counter(), 0
     # The metrics of the steps since the last log, still on device (no host sync per step):
     # a logged metric is their mean (the loss as transformers' Trainer logs it, not the logged
-    # step's alone), except the learning rate, which is the logged step's.
+    # step's alone), except LAST_STEP_METRICS.
     window: list[dict] = []
 
     def check_and_log(step: int, metrics: dict, to_log: bool) -> float | None:
@@ -279,7 +284,7 @@ def run_offline(
         after a NaN is saved, then logged with the window's throughput. Returns the loss."""
         nonlocal window, t_last, tokens_since
         if to_log:
-            host = _window_host(window, last_only=("learning_rate",))
+            host = _window_host(window, last_only=LAST_STEP_METRICS)
             # The steps' own token counts are the global batch's (all processes');
             # `_tokens` counts this process's rows only.
             if "input_tokens" in host:
