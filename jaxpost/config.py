@@ -139,6 +139,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.truncation = "error"
     c.data.num_train_examples = 20000  # rows generated for a built-in task's train split
     c.data.num_eval_examples = 200  # a built-in task's held-out examples; 0: no evaluation
+    # Draws a built-in task's problems (train and held-out splits). Apart from `seed`, so that
+    # runs over several seeds evaluate on the same held-out problems.
+    c.data.task_seed = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

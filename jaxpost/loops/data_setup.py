@@ -39,7 +39,7 @@ def _source(cfg, split: str):
     if cfg.data.task is not None:
         n = cfg.data.num_train_examples if split == "train" else cfg.data.num_eval_examples
         options = json.dumps(cfg.data.task_options.to_dict(), sort_keys=True)
-        return list(_task_rows(cfg.data.task, cfg.seed, n, split, options)) if n else None
+        return list(_task_rows(cfg.data.task, cfg.data.task_seed, n, split, options)) if n else None
     return cfg.data.train_path if split == "train" else cfg.data.eval_path
 
 
