@@ -112,6 +112,18 @@ def test_resume_after_crash_reproduces_losses(tmp_path, data):
     assert _logged_steps(tmp_path / "crash") == list(range(1, 10))
 
 
+def test_a_resume_between_logs_logs_the_means_of_the_run_that_did_not_stop(tmp_path, data):
+    """Checkpoints every 3 steps, logs every 4: the step-6 checkpoint carries steps 5-6, so the
+    resumed run's step-8 record is the mean of steps 5-8 as in the run that did not stop (it was
+    the mean of 7-8 alone)."""
+    full = _run(tmp_path / "full", data, log_every=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "crash", data, crash_at=8, log_every=4)
+    resumed = _run(tmp_path / "crash", data, log_every=4)
+    assert sorted(resumed) == [4, 8, 9]
+    assert resumed == full  # bitwise
+
+
 def _logged_steps(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["step"] for line in lines]

@@ -204,13 +204,16 @@ def run_offline(
     checkpoint saved from another origin is refused rather than continued on the wrong base.
     Returns the final train state.
     """
-    start = 0
+    start, carried = 0, []
     if checkpointer.latest_step() is not None:
         target = abstract_state if abstract_state is not None else jax.eval_shape(lambda: state)
         # (another model or LoRA shape is named by restore first: it changes the weights too)
         restored = checkpointer.restore(target, model_config=(config_dict or {}).get("model"))
         _check_origin(settings.name, checkpointer.directory, restored.extra, origin, writer)
         state, start = restored.state, restored.step
+        # The steps between the last log and the checkpoint: the first log after the resume is
+        # their mean with the steps after, as the run that did not stop logged it.
+        carried = list(restored.extra.get("log_window", []))
         if restored.data_state is not None:
             try:
                 batches.set_state(restored.data_state)
@@ -250,12 +253,15 @@ def run_offline(
 
     def save(step: int, wait: bool = False) -> None:
         if saved[-1] != step:
+            extra = {"origin": origin} if origin is not None else {}
+            if window:  # steps not logged yet (checkpoint.every is not a multiple of log_every)
+                extra["log_window"] = [_host(m) for m in window]
             checkpointer.save(
                 step,
                 state,
                 data_state=batches.get_state(),
                 config=config_dict,
-                extra={"origin": origin} if origin is not None else None,
+                extra=extra,
                 wait=wait,
             )
             saved.append(step)
@@ -275,21 +281,21 @@ def run_offline(
     t_last, tokens_since = time.perf_counter(), 0
     # The metrics of the steps since the last log, still on device (no host sync per step):
     # a logged metric is their mean (the loss as transformers' Trainer logs it, not the logged
-    # step's alone), except LAST_STEP_METRICS.
-    window: list[dict] = []
+    # step's alone), except LAST_STEP_METRICS. A resumed run starts with the carried steps'.
+    window: list[dict] = list(carried)
 
     def check_and_log(step: int, metrics: dict, to_log: bool) -> float | None:
         """A host sync before a log or a save: the window's means (to_log) or the step's own
         metrics, checked finite (a NaN anywhere in a window makes its mean NaN) so no state
         after a NaN is saved, then logged with the window's throughput. Returns the loss."""
-        nonlocal window, t_last, tokens_since
+        nonlocal window, carried, t_last, tokens_since
         if to_log:
             host = _window_host(window, last_only=LAST_STEP_METRICS)
             # The steps' own token counts are the global batch's (all processes');
             # `_tokens` counts this process's rows only.
-            if "input_tokens" in host:
-                tokens_since = host["input_tokens"] * len(window)
-            window = []
+            if "input_tokens" in host:  # over the steps this process timed
+                tokens_since = host["input_tokens"] * (len(window) - len(carried))
+            window, carried = [], []
         else:
             host = _host(metrics)
         if not _finite(host):
