@@ -162,6 +162,25 @@ def state_shardings(
 # Initialisation ----------------------------------------------------------------------------------
 
 
+def quantize_base(
+    cfg: ModelConfig,
+    base: dict,
+    mesh: Mesh,
+    targets=None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> dict:
+    """`nf4.quantize_base` of a base laid out over `mesh`, under jit with the NF4 tree's own
+    shardings as out_shardings: each device quantizes its shard of every kernel and keeps its
+    shard of the codes. (Eagerly, XLA gathered each kernel and left the whole NF4 base on every
+    device until the train state re-placed it: under fsdp=8, 8x the codes' share per device.)"""
+    quantize = lambda b: nf4.quantize_base(cfg, b, targets=targets)
+    abstract = jax.eval_shape(quantize, base)
+    axes = param_logical_axes(cfg, {"base": abstract})["base"]
+    return jax.jit(quantize, out_shardings=sharding.tree_shardings(abstract, axes, mesh, rules))(
+        base
+    )
+
+
 def init_train_state(
     cfg: ModelConfig,
     params: dict | Callable[[jax.Array], dict],

@@ -308,3 +308,29 @@ def test_qlora_forward_sharded_over_a_mesh(tiny_params):
     with sharding.use_mesh(mesh):
         sharded = forward(TINY, placed, tokens, lora=placed_lora)
     np.testing.assert_allclose(sharded, forward(TINY, qparams, tokens, lora=lp), atol=1e-5)
+
+
+def test_quantizing_a_sharded_base_keeps_each_device_to_its_share(tiny_params):
+    """The CLI's QLoRA path: a base loaded over fsdp=8 is quantized where it lies, each device
+    keeping 1/8 of the codes (eagerly, every device held them all, audit 33), and the values
+    equal quantizing on one device (the maxima's mean, reduced in another order, to 1 ulp)."""
+    from jaxpost import train_state
+
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    axes = models.logical_axes(TINY)
+    base = jax.device_put(tiny_params, sharding.tree_shardings(tiny_params, axes, mesh))
+    quantized = train_state.quantize_base(TINY, base, mesh)
+    reference = nf4.quantize_base(TINY, tiny_params)
+    up = quantized["layers"]["mlp"]["up"][nf4.KERNEL_KEY]
+    for leaf in (up["codes"], up["absmax_codes"]):  # [L, blocks]: the bulk of the NF4 base
+        assert {s.data.shape for s in leaf.addressable_shards} == {
+            (leaf.shape[0], leaf.shape[1] // 8)
+        }
+    for name in ("q", "o"):
+        got = quantized["layers"]["attn"][name][nf4.KERNEL_KEY]
+        want = reference["layers"]["attn"][name][nf4.KERNEL_KEY]
+        np.testing.assert_array_equal(got["codes"], want["codes"])
+        shape = tiny_params["layers"]["attn"][name]["kernel"].shape
+        np.testing.assert_allclose(
+            nf4.dequantize_kernel(got, shape), nf4.dequantize_kernel(want, shape), atol=1e-7
+        )

@@ -23,7 +23,7 @@ import ml_collections
 
 from jaxpost import config as jconfig
 from jaxpost import lora as jlora
-from jaxpost import models, nf4, sharding
+from jaxpost import models, sharding, train_state
 from jaxpost import tokenizer as jtokenizer
 from jaxpost.checkpoint import Checkpointer
 from jaxpost.checksums import fingerprint
@@ -294,7 +294,7 @@ def run_recipe(run: Run, recipe: Recipe) -> None:
 
     lora_params = None
     if cfg.lora.quantize_base:
-        base = nf4.quantize_base(run.model_cfg, base, targets=cfg.lora.targets)
+        base = train_state.quantize_base(run.model_cfg, base, run.mesh, cfg.lora.targets)
     if cfg.lora.enabled:
         lora_params = jlora.init(
             run.model_cfg,
