@@ -129,7 +129,13 @@ def logits_from_hidden(
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    x = bits.take(params["embedder"]["embedding"], tokens, axis=0).astype(cfg.dtype)
+    # The table whole over the weight-only (fsdp) axes before the lookup, as FSDP gathers any
+    # weight before its use: rows looked up from a table split over the embedding dimension come
+    # out split that way, and reaching the activations' batch split from there is a reshard the
+    # partitioner does only by replicating [B, T, D] ("involuntary full rematerialization" with
+    # fsdp and tensor > 1), in the forward and in the gradient.
+    table = constrain(params["embedder"]["embedding"], ("vocab", None))
+    x = bits.take(table, tokens, axis=0).astype(cfg.dtype)
     if cfg.embed_scale:
         # Gemma rounds the normalizer to the compute dtype before multiplying.
         x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)
