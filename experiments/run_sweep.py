@@ -1,43 +1,48 @@
 """Run a sweep of `python -m jaxpost.train` runs and tabulate / plot their final metrics.
 
   python experiments/run_sweep.py experiments/lora_rank_sweep.py [--out DIR] [--base SPEC]
-      [--set key=value ...] [--only name,name]
+      [--set key=value ...] [--only name,name] [--seeds 0,1,2]
 
 A sweep definition is a Python file with:
   NAME = "lora_rank_sweep"                      # default output directory experiments/results/NAME
   BASE = "configs/quickstart.py"                # the --config spec every point starts from
   OVERRIDES = {"lora.alpha": 32.0}              # --config.key=value for every point
   POINTS = [("rank1", {"lora.rank": 1}), ...]   # named override dicts, run in this order
-  SHARE_PRETRAIN = True                         # optional: one pretraining for all points
+  SEEDS = [0, 1, 2]                             # optional: each point once per --config.seed
+  SHARE_PRETRAIN = True                         # optional: one pretraining (per seed) for all
   COLUMNS = {"rank": "lora.rank", ...}          # optional: markdown header -> result key
   PLOT = {"x": "lora.rank", "y": ["accuracy_after"], "logx": True, "baseline": "accuracy_before"}
 
-Each point trains in `<out>/runs/<name>` (its log in `train.log`). The runner is resumable: a
-point whose `summary.json` exists is not run again, and an interrupted point resumes from its
-own checkpoints. A SIGTERM to the sweep is passed on to the running trainer, which saves and
-exits (exit code 143). A point that fails is reported and the sweep goes on; the tables hold
-the points that finished and the exit code is 1.
+Each point trains in `<out>/runs/<name>` (its log in `train.log`); with SEEDS (or --seeds, which
+replaces them) once per seed, as --config.seed=N, in `<out>/runs/<name>/seed<N>`. A run whose
+`summary.json` exists is not run again, an interrupted one resumes from its checkpoints, and a
+SIGTERM to the sweep reaches the running trainer, which saves and exits (exit code 143). A run
+that fails is reported and the sweep goes on (exit code 1). `<out>/sweep.json` records NAME: a
+sweep of another NAME is refused in that --out rather than replacing its tables.
 
 With SHARE_PRETRAIN the points may only override keys the pretraining stage does not read
-(`lora.*`, `optimizer.learning_rate`, `train.steps`, `export.*`), so every point's pretraining
-would be the same deterministic computation; it runs once and its final checkpoint is copied
-into the other points' work directories, whose pretrain stage then resumes at its last step.
+(SHAREABLE), so every point's pretraining would be the same deterministic computation; it runs
+once per seed and its final checkpoint is copied into the other runs of that seed, whose
+pretrain stage then resumes at its last step.
 
-Results: `<out>/results.csv` (every override and final metric), `<out>/results.md` (COLUMNS)
-and `<out>/results.png` (PLOT). Result keys: the point's overrides ("lora.rank"), its "seed",
-the run's summary ("accuracy_before", "accuracy_after", "seconds"), the last logged value of
-each metric per split ("sft/loss", "sft_eval/accuracy"), "trainable_params", "total_params" and
-"trainable_percent".
+After each invocation the results are rebuilt from every run of the definition that finished in
+this --out (with --only, the earlier ones too) with the settings it would be launched with now:
+`results.csv` (a row per run: overrides, seed, final metrics), `results.md` (COLUMNS; with several
+seeds a row per point, numbers as `mean ± std` over seeds plus a `seeds` column, and the runs'
+rows in `results_by_seed.md`) and `results.png` (PLOT; error bars = std over seeds). Result keys:
+the point's overrides ("lora.rank"), "seed", the run's summary ("accuracy_after", "seconds"), the
+last logged value of each metric per split ("sft/loss", "sft_eval/accuracy"), "trainable_params",
+"total_params" and "trainable_percent" (as PEFT's print_trainable_parameters: 100 * trainable /
+(base + adapter parameters); 100 for full fine-tuning).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib.util
+import itertools
 import json
-import math
 import re
 import shutil
 import signal
@@ -45,6 +50,12 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+# The results module sits beside this file, which runs as a script from any working directory
+# and is loaded by the tests from its path, so neither puts experiments/ on the import path.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sweep_results  # noqa: E402
+from sweep_results import Run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAREABLE = ("lora.", "export.", "optimizer.learning_rate", "train.steps")
@@ -56,7 +67,7 @@ class SweepError(Exception):
 
 
 class PointFailed(SweepError):
-    """One point's run failed; the sweep goes on with the others and reports it at the end."""
+    """One run failed; the sweep goes on with the others and reports it at the end."""
 
 
 class SweepStopped(SweepError):
@@ -72,6 +83,38 @@ class Sweep:
     share_pretrain: bool = False
     columns: dict[str, str] | None = None
     plot: dict[str, Any] | None = None
+    seeds: list[int] | None = None
+    definition: str = ""  # the definition file, recorded in <out>/sweep.json
+
+
+def check_seeds(seeds: Any, where: str) -> list[int]:
+    """A non-empty list of distinct integers, or a SweepError naming `where` they came from."""
+    if not isinstance(seeds, list | tuple) or not seeds:
+        raise SweepError(f"{where}: expected a non-empty list of integer seeds, got {seeds!r}")
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool)]
+    if bad:
+        raise SweepError(f"{where}: seeds {bad} are not integers")
+    dupes = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dupes:
+        raise SweepError(f"{where}: seeds {dupes} appear more than once")
+    return list(seeds)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds 0,1,2 -> [0, 1, 2]."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SweepError(
+            f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2"
+        ) from None
+    return check_seeds(seeds, "--seeds")
+
+
+def _display_path(path: Path) -> str:
+    """Relative to the repository when inside it, so a committed sweep.json is portable."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def load_definition(path: str | Path) -> Sweep:
@@ -93,6 +136,7 @@ def load_definition(path: str | Path) -> Sweep:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SweepError(f"{path}: point names {dupes} appear more than once")
+    seeds = getattr(module, "SEEDS", None)
     sweep = Sweep(
         name=getattr(module, "NAME", path.stem),
         base=module.BASE,
@@ -101,6 +145,8 @@ def load_definition(path: str | Path) -> Sweep:
         share_pretrain=bool(getattr(module, "SHARE_PRETRAIN", False)),
         columns=getattr(module, "COLUMNS", None),
         plot=getattr(module, "PLOT", None),
+        seeds=None if seeds is None else check_seeds(seeds, f"{path}: SEEDS"),
+        definition=_display_path(path),
     )
     if sweep.share_pretrain:
         for name, overrides in points:
@@ -165,19 +211,18 @@ def _pretrain_checkpoint(workdir: Path) -> Path | None:
 
 
 def seed_pretrain(runs: Path, workdir: Path, spec: dict, log) -> None:
-    """Copy a finished pretraining of a compatible point into `workdir` (see SHARE_PRETRAIN)."""
+    """Copy a finished pretraining of a compatible run into `workdir` (see SHARE_PRETRAIN). The
+    seed is not SHAREABLE, so only a run of the same seed is compatible."""
     if (workdir / "pretrain").exists():
         return
-    for donor in sorted(p for p in runs.iterdir() if p.is_dir() and p != workdir):
-        donor_spec = donor / "sweep_point.json"
-        if not donor_spec.exists():
-            continue
-        if _shared_part(json.loads(donor_spec.read_text())) != _shared_part(spec):
+    specs = [*runs.glob("*/sweep_point.json"), *runs.glob("*/seed*/sweep_point.json")]
+    for donor in sorted(p.parent for p in specs if p.parent != workdir):
+        if _shared_part(json.loads((donor / "sweep_point.json").read_text())) != _shared_part(spec):
             continue
         final = _pretrain_checkpoint(donor)
         if final is not None:
             shutil.copytree(final, workdir / "pretrain" / "checkpoints" / final.name)
-            log(f"  pretraining: reusing {donor.name}'s final checkpoint ({final})")
+            log(f"  pretraining: reusing {donor.relative_to(runs)}'s final checkpoint ({final})")
             return
 
 
@@ -196,183 +241,120 @@ def _train(command: list[str], out) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_point(sweep: Sweep, name: str, overrides: dict, runs: Path, log) -> bool:
-    """Train one point unless its result exists; returns whether it ran."""
-    workdir = runs / name
-    spec = _spec(sweep.base, overrides)
-    spec_path = workdir / "sweep_point.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+def plan_runs(sweep: Sweep, runs: Path, extra: dict[str, Any]) -> list[Run]:
+    """Every run of the sweep, in order: each point, once per seed when there are seeds."""
+    if sweep.seeds is not None:
+        setters = [w for w, o in (("OVERRIDES", sweep.overrides), ("--set", extra)) if "seed" in o]
+        setters += [f"point {n!r}" for n, o in sweep.points if "seed" in o]
+        if setters:
+            raise SweepError(
+                f"'seed' is set by {', '.join(setters)} and by the seed list {sweep.seeds} "
+                "(SEEDS or --seeds), which gives each run its seed; remove one of them"
+            )
+    plan = []
+    for (name, point), seed in itertools.product(sweep.points, sweep.seeds or [None]):
+        overrides = {**sweep.overrides, **extra, **point}
+        if seed is not None:
+            overrides["seed"] = seed
+        workdir = runs / name if seed is None else runs / name / f"seed{seed}"
+        plan.append(Run(name, seed, point, overrides, _spec(sweep.base, overrides), workdir))
+    return plan
+
+
+def _check_layout(run: Run) -> None:
+    """A point's directory holds either one run (no seeds) or one per seed, never both."""
+    if run.seed is not None and (run.workdir.parent / "sweep_point.json").exists():
         raise SweepError(
-            f"{workdir} holds a run of point {name!r} with other settings "
+            f"{run.workdir.parent} holds a run of point {run.point!r} without seeds, so its "
+            "per-seed runs cannot go under it; use another --out for the sweep with seeds"
+        )
+    if run.seed is None and any(run.workdir.glob("seed*/sweep_point.json")):
+        raise SweepError(
+            f"{run.workdir} holds per-seed runs of point {run.point!r} (seed*/); run the sweep "
+            "with its seeds (SEEDS or --seeds), or use another --out for the one without"
+        )
+
+
+def run_point(sweep: Sweep, run: Run, runs: Path, log) -> bool:
+    """Train one run unless its result exists; returns whether it ran."""
+    workdir = run.workdir
+    _check_layout(run)
+    spec_path = workdir / "sweep_point.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) != run.spec:
+        raise SweepError(
+            f"{workdir} holds a run of {run.label} with other settings "
             f"({spec_path.read_text().strip()}); use another --out or delete that directory"
         )
     if (workdir / "summary.json").exists():
-        log(f"{name}: done earlier, skipped ({workdir})")
+        log(f"{run.label}: done earlier, skipped ({workdir})")
         return False
     workdir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec, indent=2))
-    command = train_command(sweep.base, overrides, workdir)
-    log(f"{name}: {' '.join(command[1:])}")
+    spec_path.write_text(json.dumps(run.spec, indent=2))
+    command = train_command(sweep.base, run.overrides, workdir)
+    log(f"{run.label}: {' '.join(command[1:])}")
     if sweep.share_pretrain:
-        seed_pretrain(runs, workdir, spec, log)
+        seed_pretrain(runs, workdir, run.spec, log)
     with open(workdir / "train.log", "a") as out:
         code = _train(command, out)
     if code in _STOPPED:
         raise SweepStopped(
-            f"stopped by SIGTERM during point {name!r} (it saved a checkpoint); run the same "
+            f"stopped by SIGTERM during {run.label} (it saved a checkpoint); run the same "
             "command again to resume"
         )
     if code != 0 or not (workdir / "summary.json").exists():
         tail = (workdir / "train.log").read_text().splitlines()[-15:]
         raise PointFailed(
-            f"point {name!r} failed (exit code {code}); log {workdir / 'train.log'} ends:\n  "
+            f"{run.label} failed (exit code {code}); log {workdir / 'train.log'} ends:\n  "
             + "\n  ".join(tail)
         )
     return True
 
 
-def _param_counts(workdir: Path) -> dict[str, int]:
-    """Trainable (the exported adapter's tensors, or every weight without LoRA) and total."""
-    import jax
-
-    from jaxpost import config as jconfig
-    from jaxpost import models
-
-    cfg = jconfig.from_json((workdir / "config.json").read_text())
-    model_cfg = jconfig.model_config(cfg)
-    shapes = jax.eval_shape(lambda: models.init(model_cfg, jax.random.key(0)))
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-    adapter = workdir / "export" / "peft_adapter" / "adapter_model.safetensors"
-    if adapter.exists():
-        from safetensors import safe_open
-
-        with safe_open(adapter, framework="np") as f:
-            trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-    elif not cfg.lora.enabled:
-        trainable = total
-    else:
-        raise SweepError(f"{workdir} trained LoRA but exported no adapter to count parameters")
-    return {
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": 100.0 * trainable / total,
-    }
-
-
-def collect(workdir: Path) -> dict[str, Any]:
-    """Final metrics of one run: summary values, the last logged value per split, counts."""
-    summary = json.loads((workdir / "summary.json").read_text())
-    row: dict[str, Any] = {
-        k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    last: dict[str, tuple[int, float]] = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        for key, value in record.items():
-            if key in ("step", "split") or key.endswith("_sum"):
-                continue
-            name = f"{record['split']}/{key}"
-            if name not in last or record["step"] >= last[name][0]:
-                last[name] = (record["step"], value)
-    row.update({name: value for name, (_, value) in sorted(last.items())})
-    row.update(_param_counts(workdir))
-    return row
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
-        return f"{int(value):,}"
-    return f"{value:.4g}"
-
-
-def write_tables(rows: list[dict], columns: dict[str, str] | None, out: Path) -> list[Path]:
-    """results.csv (every key) and results.md (`columns`: header -> key; default: all keys)."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    columns = columns or {k: k for k in keys}
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    lines += ["| " + " | ".join(_cell(r.get(k)) for k in columns.values()) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    return [out / "results.csv", out / "results.md"]
-
-
-def write_plot(rows: list[dict], plot: dict[str, Any], png: Path) -> Path:
-    """y against x over the points; a dashed line for `baseline` (e.g. accuracy before)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x_key = plot["x"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    usable = sorted((r for r in rows if r.get(x_key) is not None), key=lambda r: r[x_key])
-    xs = [r[x_key] for r in usable]
-    for y_key in plot["y"]:
-        ax.plot(xs, [r.get(y_key, math.nan) for r in usable], marker="o", label=y_key)
-    if plot.get("baseline") and usable and plot["baseline"] in usable[0]:
-        ax.axhline(usable[0][plot["baseline"]], ls="--", color="gray", label=plot["baseline"])
-    if plot.get("logx"):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel(x_key)
-    ax.set_title(plot.get("title", ""))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+def claim_out(sweep: Sweep, out: Path) -> None:
+    """Record the sweep in <out>/sweep.json, refusing an --out that holds another sweep, whose
+    tables this one's would replace."""
+    record = out / "sweep.json"
+    if record.exists():
+        other = json.loads(record.read_text())
+        if other.get("name") != sweep.name:
+            raise SweepError(
+                f"{out} holds the results of sweep {other.get('name')!r} (definition "
+                f"{other.get('definition')}), not of sweep {sweep.name!r} ({sweep.definition}); "
+                "use another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    mine = {"name": sweep.name, "definition": sweep.definition}
+    record.write_text(json.dumps(mine, indent=2) + "\n")
 
 
 def run_sweep(
     sweep: Sweep, out: Path, *, extra: dict[str, Any] | None = None, only=None, log=print
 ) -> list[dict]:
-    """Run (or skip) every selected point, then write the tables and the plot; returns rows."""
-    points = sweep.points
-    if only:
-        unknown = sorted(set(only) - {n for n, _ in points})
-        if unknown:
-            raise SweepError(
-                f"--only {unknown}: no such points; points are {[n for n, _ in points]}"
-            )
-        points = [(n, o) for n, o in points if n in only]
-    runs = out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], []
-    for name, point in points:
-        overrides = {**sweep.overrides, **(extra or {}), **point}
+    """Run (or skip) the selected points (all by default), then write the tables and the plot
+    of every finished run; returns their rows."""
+    names = [n for n, _ in sweep.points]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise SweepError(f"--only {unknown}: no such points; points are {names}")
+    plan = plan_runs(sweep, out / "runs", extra or {})
+    claim_out(sweep, out)
+    selected = [r for r in plan if not only or r.point in only]
+    (out / "runs").mkdir(exist_ok=True)
+    failed = []
+    for run in selected:
         try:
-            run_point(sweep, name, overrides, runs, log)
+            run_point(sweep, run, out / "runs", log)
         except PointFailed as e:
             log(f"error: {e}")
-            failed.append(name)
-            continue
-        seed = json.loads((runs / name / "config.json").read_text()).get("seed")
-        rows.append({"point": name, **point, "seed": seed, **collect(runs / name)})
-    if rows:
-        written = write_tables(rows, sweep.columns, out)
-        if sweep.plot:
-            written.append(write_plot(rows, sweep.plot, out / "results.png"))
-        log("results: " + ", ".join(str(p) for p in written))
+            failed.append(run.label)
+    several = sweep.seeds is not None and len(sweep.seeds) > 1
+    settings = {k for _, point in sweep.points for k in point} if several else None
+    rows = sweep_results.write_results(plan, sweep.columns, sweep.plot, out, settings, log)
     if failed:
         raise PointFailed(
-            f"{len(failed)} of {len(points)} points failed: {', '.join(failed)} (their logs are "
-            f"above); the results hold the other {len(rows)}. Re-running the sweep runs only "
-            "the failed points again"
+            f"{len(failed)} of {len(selected)} runs failed: {', '.join(failed)} (their logs are "
+            f"above); the results hold the {len(rows)} finished. Re-running the sweep runs only "
+            "the failed ones again"
         )
     return rows
 
@@ -394,11 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         help="an override for every point (after OVERRIDES, before the point's)",
     )
     parser.add_argument("--only", help="comma-separated point names to run")
+    parser.add_argument(
+        "--seeds", help="comma-separated seeds, each point once per seed (replaces SEEDS)"
+    )
     args = parser.parse_args(argv)
     try:
         sweep = load_definition(args.definition)
         if args.base:
             sweep = dataclasses.replace(sweep, base=args.base)
+        if args.seeds:
+            sweep = dataclasses.replace(sweep, seeds=parse_seeds(args.seeds))
         out = Path(args.out) if args.out else REPO / "experiments" / "results" / sweep.name
         only = args.only.split(",") if args.only else None
         run_sweep(sweep, out.absolute(), extra=parse_set(args.set), only=only)
@@ -408,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except PointFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except SweepError as e:
+    except (SweepError, sweep_results.ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

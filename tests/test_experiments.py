@@ -1,6 +1,6 @@
-"""experiments/run_sweep.py: definitions, overrides, and a real 2-point LoRA rank sweep run through
-`python -m jaxpost.train` on the quickstart's `:test` settings (tables, plot, shared pretraining,
-resume by skipping finished points)."""
+"""experiments/run_sweep.py and sweep_results.py: definitions, overrides, and real tiny sweeps
+run through `python -m jaxpost.train` on the quickstart's `:test` settings (tables, plot, shared
+pretraining, resume by skipping finished points, --only, several seeds)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,6 +20,7 @@ _spec = importlib.util.spec_from_file_location("run_sweep", REPO / "experiments"
 run_sweep = importlib.util.module_from_spec(_spec)
 sys.modules["run_sweep"] = run_sweep  # dataclasses look their module up while being built
 _spec.loader.exec_module(run_sweep)
+sweep_results = run_sweep.sweep_results  # imported by run_sweep from beside it
 
 RANK_SWEEP = REPO / "experiments" / "lora_rank_sweep.py"
 # The smallest runs that still go through every stage: 2 pretraining + 2 LoRA steps, 8 eval
@@ -60,6 +63,17 @@ def test_definition_errors(tmp_path):
         run_sweep.load_definition(path)
     with pytest.raises(run_sweep.SweepError, match="does not define POINTS"):
         run_sweep.load_definition(_write(tmp_path, "BASE = 'configs/quickstart.py'\n"))
+    base = "BASE = 'configs/quickstart.py'\nPOINTS = [('a', {})]\n"
+    with pytest.raises(run_sweep.SweepError, match=r"SEEDS: seeds \[1\] appear more than once"):
+        run_sweep.load_definition(_write(tmp_path, base + "SEEDS = [0, 1, 1]\n"))
+    with pytest.raises(run_sweep.SweepError, match="SEEDS: expected a non-empty list"):
+        run_sweep.load_definition(_write(tmp_path, base + "SEEDS = 3\n"))
+    with pytest.raises(run_sweep.SweepError, match="expected comma-separated integers"):
+        run_sweep.parse_seeds("0,one")
+    sweep = run_sweep.load_definition(_write(tmp_path, base + "OVERRIDES = {'seed': 1}\n"))
+    sweep = run_sweep.dataclasses.replace(sweep, seeds=run_sweep.parse_seeds("0,1"))
+    with pytest.raises(run_sweep.SweepError, match="'seed' is set by OVERRIDES, --set and by"):
+        run_sweep.plan_runs(sweep, tmp_path, {"seed": "2"})
 
 
 def test_command_line_values():
@@ -91,21 +105,35 @@ def _lora_params(rank: int, layers=2, h=64, inter=192, heads=4, kv_heads=2, head
     return layers * rank * per_layer
 
 
+def _csv_rows(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
 def test_two_point_sweep(tmp_path, capsys, monkeypatch):
     # The training subprocesses get one CPU device, not the suite's 8 simulated ones: these
     # runs check the sweep machinery, and a 1-device step compiles and runs several times faster.
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     out = tmp_path / "sweep"
     argv = [str(RANK_SWEEP), "--out", str(out), "--base", "configs/quickstart.py:test"]
-    argv += ["--only", "rank1,rank2"] + [a for s in FAST for a in ("--set", s)]
-    assert run_sweep.main(argv) == 0
-
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    argv += [a for s in FAST for a in ("--set", s)]
+    # One point at a time: the second --only keeps the first point's row in the tables.
+    assert run_sweep.main(argv + ["--only", "rank1"]) == 0
+    assert [r["point"] for r in _csv_rows(out)] == ["rank1"]
+    assert "1 of 5 runs finished; absent from the tables: point 'rank2' (not finished)" in (
+        capsys.readouterr().out
+    )
+    assert run_sweep.main(argv + ["--only", "rank2"]) == 0
+    rows = _csv_rows(out)
     assert [r["point"] for r in rows] == ["rank1", "rank2"]
     for r, rank in zip(rows, (1, 2)):
         assert int(r["lora.rank"]) == rank
         assert int(r["trainable_params"]) == _lora_params(rank)
+        # PEFT's print_trainable_parameters counts the adapter in the denominator.
+        total = int(r["total_params"])
+        assert float(r["trainable_percent"]) == pytest.approx(
+            100 * _lora_params(rank) / (total + _lora_params(rank))
+        )
         for key in ("accuracy_before", "accuracy_after"):
             assert 0.0 <= float(r[key]) <= 1.0
         for key in ("sft/loss", "sft_eval/loss"):
@@ -124,18 +152,32 @@ def test_two_point_sweep(tmp_path, capsys, monkeypatch):
         assert cells[0] == str(rank) and cells[1] == f"{_lora_params(rank):,}"
         assert all(c and float(c.replace(",", "")) >= 0 for c in cells)
     assert (out / "results.png").stat().st_size > 1000
+    assert not (out / "results_by_seed.md").exists()
 
     # Resume: finished points are skipped, not retrained.
     capsys.readouterr()
-    assert run_sweep.main(argv) == 0
+    both = argv + ["--only", "rank1,rank2"]
+    assert run_sweep.main(both) == 0
     assert capsys.readouterr().out.count("done earlier, skipped") == 2
     # The same output directory with other settings is refused rather than mixed.
-    changed = argv[:-1] + ["data.num_eval_examples=4"]
+    changed = both[:-2] + ["--set", "data.num_eval_examples=4"] + both[-2:]
     assert run_sweep.main(changed) == 2
     assert "with other settings" in capsys.readouterr().err
     assert json.loads((out / "runs" / "rank1" / "sweep_point.json").read_text())["base"] == (
         "configs/quickstart.py:test"
     )
+    # Another sweep into the same directory is refused before it runs anything.
+    assert json.loads((out / "sweep.json").read_text()) == {
+        "name": "lora_rank_sweep",
+        "definition": "experiments/lora_rank_sweep.py",
+    }
+    other = _write(tmp_path, 'NAME = "lr_sweep"\nBASE = "configs/quickstart.py:test"\n'
+                   'POINTS = [("lr1", {"optimizer.learning_rate": 1e-3})]\n')  # fmt: skip
+    assert run_sweep.main([str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "sweep 'lora_rank_sweep'" in err and "sweep 'lr_sweep'" in err
+    assert "use another --out" in err and not (out / "runs" / "lr1").exists()
+    assert [r["point"] for r in _csv_rows(out)] == ["rank1", "rank2"]
 
 
 def test_a_failed_point_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
@@ -150,10 +192,108 @@ def test_a_failed_point_is_reported_and_the_others_still_run(tmp_path, capsys, m
     assert run_sweep.main(argv) == 1
     said = capsys.readouterr()
     assert "point 'bad' failed (exit code 2)" in said.out and "lora.rank=0 must be > 0" in said.out
-    assert "1 of 2 points failed: bad" in said.err
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["point"], r["seed"]) for r in rows] == [("ok", "0")]
+    assert "1 of 2 runs failed: point 'bad'" in said.err
+    assert [(r["point"], r["seed"]) for r in _csv_rows(out)] == [("ok", "0")]
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_seeds_sweep_tables_mean_and_std(tmp_path, capsys, monkeypatch):
+    """--seeds: one run per seed under runs/<point>/seed<N>, pretraining not shared across
+    seeds, a row per run in results.csv and results_by_seed.md, and results.md's mean ± std
+    equal to NumPy's float64 mean and std(ddof=1) of the runs' CSV values."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    definition = _write(
+        tmp_path,
+        'NAME = "seeds"\nBASE = "configs/quickstart.py:test"\nSHARE_PRETRAIN = True\n'
+        'POINTS = [("rank2", {"lora.rank": 2})]\nSEEDS = [5]\n'
+        'COLUMNS = {"rank": "lora.rank", "params": "trainable_params",'
+        ' "acc": "accuracy_after", "loss": "sft/loss", "eval loss": "sft_eval/loss"}\n'
+        'PLOT = {"x": "lora.rank", "y": ["sft/loss"], "baseline": "pretrain/loss"}\n',
+    )
+    out = tmp_path / "sweep"
+    argv = [str(definition), "--out", str(out), "--seeds", "0,1"]  # replaces SEEDS = [5]
+    assert run_sweep.main(argv + [a for s in FAST for a in ("--set", s)]) == 0
+
+    runs = out / "runs" / "rank2"
+    assert sorted(p.name for p in runs.iterdir()) == ["seed0", "seed1"]
+    for seed in (0, 1):
+        assert json.loads((runs / f"seed{seed}" / "config.json").read_text())["seed"] == seed
+        spec = json.loads((runs / f"seed{seed}" / "sweep_point.json").read_text())
+        assert spec["overrides"]["seed"] == str(seed)
+    # SHARE_PRETRAIN does not carry seed 0's base model over to seed 1.
+    assert "[pretrain] resumed" not in (runs / "seed1" / "train.log").read_text()
+
+    rows = _csv_rows(out)
+    assert [(r["point"], r["seed"]) for r in rows] == [("rank2", "0"), ("rank2", "1")]
+    assert rows[0]["sft/loss"] != rows[1]["sft/loss"]  # the seeds trained different models
+    by_seed = (out / "results_by_seed.md").read_text().strip().splitlines()
+    assert _cells(by_seed[0]) == ["rank", "params", "acc", "loss", "eval loss", "seed"]
+    assert [_cells(line)[-1] for line in by_seed[2:]] == ["0", "1"]
+    table = (out / "results.md").read_text().strip().splitlines()
+    assert len(table) == 3  # header, rule, one point
+    assert _cells(table[0]) == ["rank", "params", "acc", "loss", "eval loss", "seeds"]
+    cells = dict(zip(_cells(table[0]), _cells(table[2])))
+    assert (cells["rank"], cells["params"], cells["seeds"]) == ("2", f"{_lora_params(2):,}", "2")
+    for header, key in (("acc", "accuracy_after"), ("loss", "sft/loss"),
+                        ("eval loss", "sft_eval/loss")):  # fmt: skip
+        values = np.array([float(r[key]) for r in rows], dtype=np.float64)
+        mean, std = (float(x) for x in cells[header].split(" ± "))
+        # The table prints 4 significant digits.
+        assert mean == pytest.approx(values.mean(), rel=1e-3, abs=1e-12)
+        assert std == pytest.approx(values.std(ddof=1), rel=1e-3, abs=1e-12)
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_aggregate_over_seeds():
+    rng = np.random.default_rng()
+    losses = rng.uniform(0.1, 3.0, size=5)
+    rows = [{"point": "a", "lora.rank": 4, "seed": s, "loss": float(v), "trainable_params": 10}
+            for s, v in enumerate(losses)]  # fmt: skip
+    rows.append({"point": "b", "lora.rank": 8, "seed": 0, "loss": 0.5, "note": "x"})
+    a, b = sweep_results.by_point(rows, ["lora.rank"])
+    assert (a["point"], a["seeds"], a["lora.rank"], a["trainable_params"]) == ("a", 5, 4, 10)
+    assert a["loss"].mean == pytest.approx(np.mean(losses), rel=1e-12)
+    assert a["loss"].std == pytest.approx(np.std(losses, ddof=1), rel=1e-12)
+    assert (b["seeds"], b["loss"], b["note"]) == (1, sweep_results.Spread(0.5, None), "x")
+    assert sweep_results._cell(b["loss"]) == "0.5"  # a single seed shows just the value
+
+
+def _fake_run(run, marker: str) -> None:
+    """A run directory whose pretraining finished (2 steps) and whose checkpoint says `marker`."""
+    final = run.workdir / "pretrain" / "checkpoints" / "2"
+    final.mkdir(parents=True)
+    (final / "commit_success.txt").write_text("")
+    (final / "marker").write_text(marker)
+    (run.workdir / "config.json").write_text(json.dumps({"pretrain": {"steps": 2}}))
+    (run.workdir / "sweep_point.json").write_text(json.dumps(run.spec))
+
+
+def test_shared_pretraining_stays_within_a_seed(tmp_path):
+    definition = _write(
+        tmp_path,
+        'BASE = "configs/quickstart.py:test"\nSHARE_PRETRAIN = True\nSEEDS = [0, 1]\n'
+        'POINTS = [("a", {"lora.rank": 1}), ("b", {"lora.rank": 2})]\n',
+    )
+    sweep = run_sweep.load_definition(definition)
+    runs = tmp_path / "runs"
+    a0, a1, b0, b1 = run_sweep.plan_runs(sweep, runs, {})
+    assert (a1.workdir, b0.seed) == (runs / "a" / "seed1", 0)
+    _fake_run(a0, "a seed 0")
+    for receiver in (b1, b0):  # b1 finds no seed-1 pretraining yet; then a1 runs
+        run_sweep.seed_pretrain(runs, receiver.workdir, receiver.spec, print)
+    assert not (b1.workdir / "pretrain").exists()
+    assert (b0.workdir / "pretrain/checkpoints/2/marker").read_text() == "a seed 0"
+    _fake_run(a1, "a seed 1")
+    run_sweep.seed_pretrain(runs, b1.workdir, b1.spec, print)
+    assert (b1.workdir / "pretrain/checkpoints/2/marker").read_text() == "a seed 1"
+
+    # One directory never holds a point's run without seeds and its per-seed runs.
+    unseeded = run_sweep.plan_runs(run_sweep.dataclasses.replace(sweep, seeds=None), runs, {})
+    with pytest.raises(run_sweep.SweepError, match="holds per-seed runs of point 'a'"):
+        run_sweep._check_layout(unseeded[0])
 
 
 def test_sigterm_to_the_sweep_stops_its_trainer_after_a_checkpoint(tmp_path):
@@ -215,10 +355,22 @@ def test_collect_takes_the_last_record_of_each_step(tmp_path):
     adapter = lora.init(model_cfg, base, rank=3, alpha=6.0, key=jax.random.key(1))
     lora.save_peft(model_cfg, adapter, tmp_path / "export" / "peft_adapter")
 
-    row = run_sweep.collect(tmp_path)
+    row = sweep_results.collect(tmp_path)
     assert row["accuracy_after"] == 0.25 and "data" not in row
     assert (row["sft/loss"], row["sft_eval/loss"], row["pretrain/loss"]) == (1.5, 2.5, 4.0)
     assert "sft/loss_sum" not in row
     assert row["trainable_params"] == _lora_params(3)
     assert row["total_params"] == model_cfg.num_params()
-    assert row["trainable_percent"] == pytest.approx(100 * _lora_params(3) / row["total_params"])
+    # PEFT's print_trainable_parameters: trainable / (base + adapter parameters).
+    total = model_cfg.num_params()
+    assert row["trainable_percent"] == pytest.approx(
+        100 * _lora_params(3) / (total + _lora_params(3))
+    )
+
+    # Full fine-tuning: every parameter trains and none is added.
+    cfg.lora.enabled = False
+    (tmp_path / "config.json").write_text(jconfig.to_json(cfg))
+    shutil.rmtree(tmp_path / "export")
+    row = sweep_results.collect(tmp_path)
+    assert row["trainable_params"] == row["total_params"] == total
+    assert row["trainable_percent"] == 100.0
