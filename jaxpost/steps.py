@@ -63,6 +63,9 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def _batch_shardings(batch: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
+    rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"the batch's arrays differ in their rows (leading dimension): {rows}")
     for v in batch.values():
         sharding.check_batch_rows(np.shape(v)[0], mesh, rules)
     return {

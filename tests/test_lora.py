@@ -174,7 +174,7 @@ def test_partition_and_sharding_names(params):
     shardings = sharding.tree_shardings(lp, axes, mesh)
     placed = jax.device_put(randomized(lp, jax.random.key(8), 0.05), shardings)
     spec = placed.params["layers"]["mlp"]["up"]["b"].sharding.spec
-    assert tuple(spec) == (None, None, "tensor")
+    assert tuple(spec) == (None, "fsdp", "tensor")
     tokens = _tokens(9)
     np.testing.assert_allclose(
         forward(CFG, params, tokens, lora=placed),
@@ -604,6 +604,21 @@ def test_an_adapter_for_another_model_is_a_clear_error_everywhere(params, tmp_pa
         with pytest.raises(ValueError, match=r"LoRA factors must be \{'layers'"):
             calls[name]({"q": 1})
     assert not (tmp_path / "adapter").exists()  # nothing half-written
+
+
+def test_lora_factors_and_their_moments_split_over_fsdp(params):
+    """Under fsdp=8 each device holds an eighth of every factor (and so of its Adam moments,
+    which follow it): the factor of a pair without an embed side was replicated whole (the
+    adapter split 1.65x over 8 devices, audit 33). Rank 4 does not divide by 8: that factor's
+    other side takes fsdp."""
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    for rank in (8, 4):
+        lp = lora.init(CFG, params, rank=rank, alpha=8)
+        shardings = sharding.tree_shardings(lp, lora.logical_axes(lp), mesh)
+        placed = jax.device_put(lp, shardings)
+        for leaf in jax.tree.leaves(placed):
+            per_device = {s.data.size for s in leaf.addressable_shards}
+            assert per_device == {leaf.size // 8}, (rank, leaf.shape, leaf.sharding.spec)
 
 
 def test_forward_takes_partitioned_params(params):

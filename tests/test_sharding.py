@@ -19,6 +19,27 @@ def test_make_mesh_and_errors():
         sharding.make_mesh(-1, -1, 1)
     with pytest.raises(ValueError, match="has 16 devices"):
         sharding.make_mesh(4, 2, 2)
+    # (a ZeroDivisionError, and "has -8 devices", before)
+    for sizes, named in (((0, -1, 1), "'data': 0"), ((-2, 4, 1), "'data': -2")):
+        with pytest.raises(ValueError, match=f"mesh sizes {{{named}}}: each size is a positive"):
+            sharding.make_mesh(*sizes)
+
+
+def test_rules_are_checked_where_they_enter():
+    """A misspelt or missing rule was ignored (the array laid out by the default, or a KeyError
+    only on the TPU kernels' path) and a dict failed to unpack (audit 33)."""
+    mesh = sharding.make_mesh(2, 2, 2)
+    rules = dict(sharding.DEFAULT_RULES)
+    with pytest.raises(ValueError, match="rules must be a sequence of .logical name, mesh axes"):
+        sharding.tree_shardings({}, {}, mesh, rules)
+    typo = (*sharding.DEFAULT_RULES, ("mpl", "tensor"))
+    with pytest.raises(ValueError, match="'mpl' .did you mean 'mlp'"):
+        with sharding.use_mesh(mesh, typo):
+            pass
+    missing = tuple(r for r in sharding.DEFAULT_RULES if r[0] != "act_heads")
+    with pytest.raises(ValueError, match=r"no rule for \['act_heads'\]"):
+        sharding.tree_shardings({}, {}, mesh, missing)
+    sharding.check_rules(tuple(list(r) for r in sharding.DEFAULT_RULES))  # lists are pairs too
 
 
 def test_logical_spec_drops_non_dividing_axes():

@@ -151,6 +151,21 @@ def test_the_step_on_a_3_axis_mesh_reshards_nothing_by_replication(capfd):
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
+def test_batch_arrays_of_other_row_counts_are_named():
+    """(each divided over the batch axes, and the step failed inside the jit on a reshape)"""
+    params = _params(np.random.default_rng(6), "full")
+    opt = steps.make_optimizer(name="sgd", learning_rate=0.1, b1=0.0, schedule="constant")
+    mesh = sharding.make_mesh(2, 2, 2)
+    state = steps.init_train_state(CFG, params, opt, mesh, trainable="full")
+    step = steps.make_train_step(CFG, sft_loss, opt, mesh, trainable="full")
+    batch = _packed_batch(np.random.default_rng(7))
+    batch["loss_mask"] = batch["loss_mask"][:4]
+    with pytest.raises(
+        ValueError, match="the batch's arrays differ in their rows .*'loss_mask': 4"
+    ):
+        step(state, batch)
+
+
 def test_lora_step_compiles_once_keeps_base_and_optimizes_only_lora():
     rng = np.random.default_rng()
     params = _params(rng, "lora")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,7 +33,10 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
-    ("lora_rank", None),
+    # A LoRA factor's rank side: fsdp, so that the factor of the pair without an embed side
+    # (b of q / k / v / gate / up, a of o / down) is split too (`weight_spec` moves it to the
+    # other dimension when the rank does not divide).
+    ("lora_rank", "fsdp"),
     ("quant_blocks", ("fsdp", "tensor")),  # the flat codes of an NF4 base (`nf4.BLOCKS_AXIS`)
     # Activations: the batch carries data parallelism, hidden features stay whole.
     ("act_embed", None),
@@ -47,6 +51,9 @@ def make_mesh(
     """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
+    bad = {a: s for a, s in zip(MESH_AXES, sizes) if not isinstance(s, int) or s < 1 and s != -1}
+    if bad:
+        raise ValueError(f"mesh sizes {bad}: each size is a positive integer, or -1 for the rest")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -62,6 +69,38 @@ def make_mesh(
             f"but {len(devices)} are available"
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def check_rules(rules: Rules) -> None:
+    """ValueError unless `rules` is DEFAULT_RULES' kind: (logical name, mesh axes) pairs, a rule
+    for each of DEFAULT_RULES' logical names and none for a name no array has (a misspelt rule
+    would otherwise be ignored, and its array laid out by the default)."""
+    if isinstance(rules, Mapping) or not all(
+        isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[0], str) for r in rules
+    ):
+        raise ValueError(
+            f"rules must be a sequence of (logical name, mesh axes) pairs like "
+            f"sharding.DEFAULT_RULES, e.g. (('batch', ('data', 'fsdp')), ...); got {rules!r:.200}"
+        )
+    names = [r[0] for r in rules]
+    known = [r[0] for r in DEFAULT_RULES]
+    unknown = [n for n in names if n not in known]
+    missing = [n for n in known if n not in names]
+    if unknown or missing:
+        near = {n: difflib.get_close_matches(n, missing or known, n=1) for n in unknown}
+        hints = [f"{n!r} (did you mean {m[0]!r}?)" if m else repr(n) for n, m in near.items()]
+        raise ValueError(
+            "sharding rules: "
+            + "; ".join(
+                part
+                for part in (
+                    unknown and f"no array has the logical axes {', '.join(hints)}",
+                    missing and f"no rule for {missing}",
+                )
+                if part
+            )
+            + f" (the logical axes are {known})"
+        )
 
 
 def _mesh_axes_for(name: str | None, rules: Rules):
@@ -168,6 +207,7 @@ def warn_replicated(abstract_tree, shardings_tree, mesh: Mesh, min_bytes: int = 
 def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for every leaf of `abstract_tree` (arrays or ShapeDtypeStructs): the
     parameters, optimizer state or LoRA factors named by `axes_tree` (`weight_spec`)."""
+    check_rules(rules)
     return jax.tree.map(
         lambda x, names: NamedSharding(mesh, weight_spec(x.shape, names, mesh, rules)),
         abstract_tree,
@@ -190,6 +230,7 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """Within this context, `constrain` pins activations to the mesh (trace-time setting)."""
+    check_rules(rules)
     token = _ACTIVE.set((mesh, rules))
     try:
         yield mesh
