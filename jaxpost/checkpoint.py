@@ -218,15 +218,32 @@ class Checkpointer:
             raise self._save_failed(e) from e
 
     def check_for_errors(self) -> None:
-        """CheckpointError if a background save has failed since it started; does not wait.
+        """CheckpointError if a background save has failed since it started; does not wait for
+        one in progress. The loop calls it after train steps, so a save that cannot write (a
+        full disk) stops the run then, not at the next save, thousands of steps on.
 
-        Called after every train step, so a save that cannot write (a full disk) stops the run
-        a step later, not at the next save, which may be thousands of steps on."""
+        Under several processes it is a collective (every process calls it at the same step):
+        a save counts as done once every process's is, and a failure on any process stops
+        every process at that step, none left waiting in the next step's collectives."""
         # A failed write ends Orbax's finalize thread, which reports only when waited on (its
         # check_for_errors reads another thread's error); once that thread is done, waiting
         # costs nothing.
-        if self._in_flight and not self._manager.is_saving_in_progress():
+        done = self._in_flight and not self._manager.is_saving_in_progress()
+        if not sharding.agree_across_processes(done, "min"):
+            return
+        error = None
+        try:
             self.wait()
+        except CheckpointError as e:
+            error = e
+        if sharding.agree_across_processes(error is not None, "any") and error is None:
+            error = CheckpointError(
+                f"saving a checkpoint in {self.directory} failed on another process (its log "
+                "has the cause); the checkpoints saved before it are intact: run again to "
+                "resume from the latest"
+            )
+        if error is not None:
+            raise error
 
     def _save_failed(self, e: Exception) -> CheckpointError:
         cause = _first_line(e)

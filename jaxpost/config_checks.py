@@ -49,6 +49,7 @@ NON_NEGATIVE = (
     "pretrain.steps",
     "optimizer.warmup_steps",
     "seed",
+    "data.task_seed",
     "data.num_eval_examples",
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -46,12 +47,20 @@ _KEY = re.compile(
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "mica")
 
 
-def layers_prefix(base_model_name_or_path: str | os.PathLike | None) -> str:
+def layers_prefix(base_model_name_or_path: str | os.PathLike | None, model_type: str) -> str:
     """TEXT_LAYERS, or MULTIMODAL_LAYERS when the base is a local multimodal Gemma 3 directory
     (model_type "gemma3"). A hub id cannot be looked at offline: its adapter is written for a
     text-only model."""
     config = Path(base_model_name_or_path or "") / "config.json"
     if base_model_name_or_path is None or not config.is_file():
+        if base_model_name_or_path is not None and model_type.startswith("gemma3"):
+            warnings.warn(
+                f"{base_model_name_or_path} is not a local model directory, so whether it is a "
+                "multimodal Gemma 3 (whose layers peft finds under model.language_model) cannot "
+                "be checked: the adapter names a text-only model's layers. Pass the local "
+                "directory as base_model_name_or_path for a multimodal one",
+                stacklevel=3,
+            )
         return TEXT_LAYERS
     try:
         model_type = json.loads(config.read_text()).get("model_type")
@@ -78,7 +87,7 @@ def save_peft(
     """
     check(cfg, lora)
     base = base_model_name_or_path or lora.base_model_name_or_path
-    layers = layers_prefix(base)
+    layers = layers_prefix(base, cfg.model_type)
     tensors = {}
     for block, module in lora.modules:
         factors = lora.params["layers"][block][module]
@@ -248,7 +257,8 @@ def load_peft(cfg: ModelConfig, path: str | os.PathLike, dtype=jnp.float32) -> L
             unexpected.append(name)
         else:
             found[(int(m.group(2)), m.group(3), m.group(4))] = array
-    beyond = [int(m.group(2)) for m in map(_KEY.fullmatch, unexpected) if m]
+    matched = [m for m in map(_KEY.fullmatch, unexpected) if m and m.group(1) == layers]
+    beyond = [int(m.group(2)) for m in matched if int(m.group(2)) >= cfg.num_layers]
     if unexpected and len(beyond) == len(unexpected):
         raise ValueError(
             f"{weights_path}: the adapter has factors for layer {max(beyond)} and the model "

@@ -63,7 +63,10 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
 
 def _batch_shardings(batch: dict, mesh: Mesh, rules: sharding.Rules) -> dict:
-    rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    scalars = sorted(k for k, v in batch.items() if np.ndim(v) == 0)
+    if scalars:
+        raise ValueError(f"batch entries {scalars} are scalars; every entry has a row per example")
+    rows = {k: np.shape(v)[0] for k, v in batch.items()}
     if len(set(rows.values())) > 1:
         raise ValueError(f"the batch's arrays differ in their rows (leading dimension): {rows}")
     for v in batch.values():

@@ -207,7 +207,8 @@ def _take_overrides(argv: list[str]) -> tuple[list[str], dict[str, object]]:
     """The overrides absl's config flag cannot apply, taken out of argv: `--config.K=None` (a
     typed key's parser rejects the string, and None is what optional keys document) and
     `--config.data.task_options.NAME=VALUE` (the task's options have no schema entries to
-    override; VALUE a Python literal, else the string). The last override of a key wins."""
+    override; VALUE a Python literal, else the string). The last override of a key wins.
+    (Overrides inside an absl --flagfile are expanded later, so these two cannot be there.)"""
     rest, taken = [], {}
     i = 0
     while i < len(argv):
@@ -228,9 +229,11 @@ def _apply_overrides(cfg, taken: dict[str, object]) -> None:
     for key, value in taken.items():
         if key.startswith(_TASK_OPTIONS):
             name = key[len(_TASK_OPTIONS) :]
+            if value is None:
+                raise jconfig.ConfigError(f"--config.{key} needs a value: --config.{key}=VALUE")
             try:
                 value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError):
                 pass  # a plain string
             with cfg.data.task_options.unlocked():
                 cfg.data.task_options[name] = value

@@ -175,7 +175,7 @@ def quantize_base(
     device until the train state re-placed it: under fsdp=8, 8x the codes' share per device.)"""
     quantize = lambda b: nf4.quantize_base(cfg, b, targets=targets)
     abstract = jax.eval_shape(quantize, base)
-    axes = param_logical_axes(cfg, {"base": abstract})["base"]
+    axes = nf4.quantized_logical_axes(models.logical_axes(cfg), abstract)
     return jax.jit(quantize, out_shardings=sharding.tree_shardings(abstract, axes, mesh, rules))(
         base
     )

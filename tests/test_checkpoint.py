@@ -384,3 +384,30 @@ def test_a_failing_close_does_not_hide_the_error_in_flight(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="No space left on device"):
         with ckpt:
             pass
+
+
+def test_a_save_failed_on_another_process_stops_this_one_too(tmp_path, monkeypatch):
+    """Under several processes `check_for_errors` is a collective: a save counts as done once
+    every process's is, and a failure anywhere raises on every process at that step, none left
+    waiting in the next step's collectives. The other process is stood in for by the host
+    collective's answers (here: all done, one failed)."""
+    import time
+
+    asked = []
+
+    def agree(value, how):
+        asked.append((value, how))
+        return {"min": True, "any": True}[how]
+
+    with Checkpointer(tmp_path / "c") as c:
+        c.check_for_errors()  # no save in flight: nothing to ask the other processes yet
+        c.save(1, {"w": jnp.arange(4.0)})
+        deadline = time.monotonic() + 60
+        while c._manager.is_saving_in_progress() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        monkeypatch.setattr(sharding, "agree_across_processes", agree)
+        with pytest.raises(CheckpointError, match="failed on another process"):
+            c.check_for_errors()
+        assert asked == [(True, "min"), (False, "any")]  # this process's own save succeeded
+        monkeypatch.undo()
+    assert c.latest_step() == 1

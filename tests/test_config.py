@@ -168,6 +168,10 @@ def test_command_line_none_and_task_options():
         train._apply_overrides(cfg, {"train.steps": "None"})
     with pytest.raises(jconfig.ConfigError, match="train.stepz=None: no such config key"):
         train._apply_overrides(cfg, {"train.stepz": "None"})
+    with pytest.raises(jconfig.ConfigError, match="task_options.ops needs a value"):
+        train._apply_overrides(cfg, {"data.task_options.ops": None})
+    train._apply_overrides(cfg, {"data.task_options.ops": "{[1]: 2}"})  # not a literal: text
+    assert cfg.data.task_options.ops == "{[1]: 2}"
 
 
 def test_task_options_checked_against_the_task():

@@ -606,11 +606,11 @@ def test_an_adapter_for_another_model_is_a_clear_error_everywhere(params, tmp_pa
     assert not (tmp_path / "adapter").exists()  # nothing half-written
 
 
-def test_lora_factors_and_their_moments_split_over_fsdp(params):
-    """Under fsdp=8 each device holds an eighth of every factor (and so of its Adam moments,
-    which follow it): the factor of a pair without an embed side was replicated whole (the
-    adapter split 1.65x over 8 devices, audit 33). Rank 4 does not divide by 8: that factor's
-    other side takes fsdp."""
+def test_lora_factors_split_over_fsdp(params):
+    """Under fsdp=8 each device holds an eighth of every factor (Adam's moments take their
+    factor's sharding: tests/test_steps.py::test_mesh_of_8_devices_matches_one_device): the
+    factor of a pair without an embed side was replicated whole (the adapter split 1.65x over
+    8 devices, audit 33). Rank 4 does not divide by 8: that factor's other side takes fsdp."""
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
     for rank in (8, 4):
         lp = lora.init(CFG, params, rank=rank, alpha=8)
@@ -619,6 +619,18 @@ def test_lora_factors_and_their_moments_split_over_fsdp(params):
         for leaf in jax.tree.leaves(placed):
             per_device = {s.data.size for s in leaf.addressable_shards}
             assert per_device == {leaf.size // 8}, (rank, leaf.shape, leaf.sharding.spec)
+
+
+def test_an_adapter_for_a_gemma3_hub_id_warns_that_its_layout_is_unchecked(params, tmp_path):
+    """A hub id cannot be looked at offline: a multimodal Gemma 3 would need other layer names
+    (test_multimodal_gemma3_adapters_apply_in_both_directions), so the export says so."""
+    cfg = CFG.replace(model_type="gemma3_text")
+    lp = lora.init(cfg, params, rank=4, alpha=8)
+    with pytest.warns(UserWarning, match="google/gemma-3-4b-it is not a local model directory"):
+        lora.save_peft(cfg, lp, tmp_path / "a", base_model_name_or_path="google/gemma-3-4b-it")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                        "up_proj", "v_proj"]  # fmt: skip
 
 
 def test_forward_takes_partitioned_params(params):

@@ -282,7 +282,8 @@ def test_forgetting_records_keeps_a_symlinked_file_a_symlink(tmp_path):
 
 def test_logged_means_leave_out_steps_that_trained_no_token():
     """A step without trained tokens (all prompt, say) has no loss or gradient: its zeros stay
-    out of the logged loss / grad_norm means, while the token counts keep it."""
+    out of the window means (the loss's; grad_norm's when averaged), while the token counts keep
+    it."""
     from jaxpost.loops.offline import LAST_STEP_METRICS, _window_host
 
     def step(loss, weight, lr):

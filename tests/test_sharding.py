@@ -23,6 +23,7 @@ def test_make_mesh_and_errors():
     for sizes, named in (((0, -1, 1), "'data': 0"), ((-2, 4, 1), "'data': -2")):
         with pytest.raises(ValueError, match=f"mesh sizes {{{named}}}: each size is a positive"):
             sharding.make_mesh(*sizes)
+    assert dict(sharding.make_mesh(np.int64(2), -1, np.int32(2)).shape)["fsdp"] == 2
 
 
 def test_rules_are_checked_where_they_enter():
@@ -40,6 +41,9 @@ def test_rules_are_checked_where_they_enter():
     with pytest.raises(ValueError, match=r"no rule for \['act_heads'\]"):
         sharding.tree_shardings({}, {}, mesh, missing)
     sharding.check_rules(tuple(list(r) for r in sharding.DEFAULT_RULES))  # lists are pairs too
+    # Appended to override a default, a second rule would be ignored: the first one is used.
+    with pytest.raises(ValueError, match=r"\['lora_rank'\] have more than one rule"):
+        sharding.check_rules((*sharding.DEFAULT_RULES, ("lora_rank", None)))
 
 
 def test_logical_spec_drops_non_dividing_axes():

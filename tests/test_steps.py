@@ -135,20 +135,46 @@ def test_mesh_of_8_devices_matches_one_device(compute_dtype, rtol):
     np.testing.assert_allclose(losses["eight"], losses["one"], rtol=rtol)
 
 
-def test_the_step_on_a_3_axis_mesh_reshards_nothing_by_replication(capfd):
-    """Full fine-tuning on data=2, fsdp=2, tensor=2: XLA partitions the step without its last
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_the_step_on_a_3_axis_mesh_reshards_nothing_by_replication(capfd, trainable):
+    """Fine-tuning on data=2, fsdp=2, tensor=2: XLA partitions the step without its last
     resort, replicating a tensor to reshard it (it did so for the embedding lookup's [B, T, D]
     rows, forward and backward, audit 33). XLA reports each such case on stderr."""
     rng = np.random.default_rng(5)
-    params = _params(rng, "full")
+    params = _params(rng, trainable)
     opt = steps.make_optimizer(name="sgd", learning_rate=0.1, b1=0.0, schedule="constant")
     mesh = sharding.make_mesh(2, 2, 2)
-    state = steps.init_train_state(CFG, params, opt, mesh, trainable="full")
-    step = steps.make_train_step(CFG, sft_loss, opt, mesh, trainable="full", grad_accum=2)
+    state = steps.init_train_state(CFG, params, opt, mesh, trainable=trainable)
+    step = steps.make_train_step(CFG, sft_loss, opt, mesh, trainable=trainable)
     capfd.readouterr()
     state, metrics = step(state, _packed_batch(rng))
     assert np.isfinite(float(metrics["loss"]))
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_the_embedding_table_is_gathered_for_many_rows_only():
+    """The lookup takes the table whole over fsdp only when it reads at least a vocab shard's
+    rows (a train step, a prefill); a decode step's few rows keep it split, where a whole-table
+    gather would be kept on every device (review of d62b872). Read from the compiled HLO."""
+    import re
+
+    cfg = tiny_config(vocab_size=4096)
+    mesh = sharding.make_mesh(1, 4, 2)
+    params = models.init(cfg, jax.random.key(0))
+    placed = jax.device_put(params, sharding.tree_shardings(params, models.logical_axes(cfg), mesh))
+
+    def table_gathers(rows: int, length: int) -> int:
+        def forward(p, tokens):
+            with sharding.use_mesh(mesh):
+                return models.forward(cfg, p, tokens)
+
+        tokens = jnp.zeros((rows, length), jnp.int32)
+        hlo = jax.jit(forward).lower(placed, tokens).compile().as_text()
+        # all-gathers producing the table's vocab shard: [4096 / tensor=2, hidden]
+        return len(re.findall(rf"= f32\[2048,{cfg.hidden_size}\]{{[^}}]*}} all-gather", hlo))
+
+    assert table_gathers(rows=2, length=1) == 0  # decode-sized
+    assert table_gathers(rows=8, length=256) >= 1  # 2,048 rows: the table's shard size
 
 
 def test_batch_arrays_of_other_row_counts_are_named():
@@ -163,6 +189,9 @@ def test_batch_arrays_of_other_row_counts_are_named():
     with pytest.raises(
         ValueError, match="the batch's arrays differ in their rows .*'loss_mask': 4"
     ):
+        step(state, batch)
+    batch["loss_mask"] = np.float32(1.0)
+    with pytest.raises(ValueError, match=r"batch entries \['loss_mask'\] are scalars"):
         step(state, batch)
 
 

@@ -286,8 +286,9 @@ def run_offline(
 
     def check_and_log(step: int, metrics: dict, to_log: bool) -> float | None:
         """A host sync before a log or a save: the window's means (to_log) or the step's own
-        metrics, checked finite (a NaN anywhere in a window makes its mean NaN) so no state
-        after a NaN is saved, then logged with the window's throughput. Returns the loss."""
+        metrics, checked finite (a NaN loss anywhere in a window makes its mean NaN; a NaN
+        gradient makes the weights, and so every later loss, NaN) so no state after a NaN is
+        saved, then logged with the window's throughput. Returns the loss."""
         nonlocal window, carried, t_last, tokens_since
         if to_log:
             host = _window_host(window, last_only=LAST_STEP_METRICS)
@@ -335,7 +336,6 @@ def run_offline(
                 break
             tokens = _tokens(batch)
             state, metrics = train_step(state, batch)
-            checkpointer.check_for_errors()  # a failed background save stops the run here
             window.append(metrics)
             tokens_since += tokens
             loss = None
@@ -343,6 +343,10 @@ def run_offline(
             # A stop logs the steps since the last log too: the resumed run starts a new window.
             to_log = step % settings.log_every == 0 or step == settings.steps or stop
             to_save = step % settings.checkpoint_every == 0 or step == settings.steps
+            if jax.process_count() == 1 or to_log or to_save:
+                # A failed background save stops the run here. Under several processes this is
+                # a collective too: at log and save steps only.
+                checkpointer.check_for_errors()
             if to_log or to_save:
                 loss = check_and_log(step, metrics, to_log)
             progress.update(tokens, loss)

@@ -17,6 +17,7 @@ Layers are scanned (one compiled block) or, with cfg.scan_layers=False, unrolled
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,7 @@ from jaxpost.models import bits, matmul
 from jaxpost.models.config import ModelConfig
 from jaxpost.models.kv_cache import join_cache, split_cache
 from jaxpost.models.layers import Block, RMSNorm
-from jaxpost.sharding import constrain
+from jaxpost.sharding import active_mesh, constrain, logical_to_spec
 
 Params = dict
 
@@ -128,13 +129,28 @@ def logits_from_hidden(
     return logits
 
 
+def _whole_over_fsdp(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The embedding table, constrained whole over the weight-only (fsdp) axes when the lookup
+    takes at least as many rows as one vocab shard holds.
+
+    Rows looked up from a table split over the embedding dimension come out split that way, and
+    the partitioner reaches the activations' batch split from there only by replicating
+    [B, T, D] ("involuntary full rematerialization", with fsdp and tensor > 1, forward and
+    gradient). Gathering the table first, as FSDP gathers any weight before use, costs less when
+    B x T >= its rows per vocab shard (a train step, a prefill); a decode step's few rows cost
+    less than the table (a whole-table gather kept on every device), so they keep it split."""
+    active = active_mesh()
+    if active is None or active[0].size == 1:
+        return table
+    mesh, rules = active
+    vocab_axes = logical_to_spec(table.shape, ("vocab", None), mesh, rules)[0]
+    axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes or ())
+    rows_per_shard = table.shape[0] // math.prod(mesh.shape[a] for a in axes)
+    return constrain(table, ("vocab", None)) if tokens.size >= rows_per_shard else table
+
+
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    # The table whole over the weight-only (fsdp) axes before the lookup, as FSDP gathers any
-    # weight before its use: rows looked up from a table split over the embedding dimension come
-    # out split that way, and reaching the activations' batch split from there is a reshard the
-    # partitioner does only by replicating [B, T, D] ("involuntary full rematerialization" with
-    # fsdp and tensor > 1), in the forward and in the gradient.
-    table = constrain(params["embedder"]["embedding"], ("vocab", None))
+    table = _whole_over_fsdp(params["embedder"]["embedding"], tokens)
     x = bits.take(table, tokens, axis=0).astype(cfg.dtype)
     if cfg.embed_scale:
         # Gemma rounds the normalizer to the compute dtype before multiplying.

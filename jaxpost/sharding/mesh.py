@@ -51,9 +51,14 @@ def make_mesh(
     """A (data, fsdp, tensor) mesh over `devices` (default: all). One size may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
-    bad = {a: s for a, s in zip(MESH_AXES, sizes) if not isinstance(s, int) or s < 1 and s != -1}
+    bad = {
+        a: s
+        for a, s in zip(MESH_AXES, sizes)
+        if not isinstance(s, int | np.integer) or isinstance(s, bool) or s < 1 and s != -1
+    }
     if bad:
         raise ValueError(f"mesh sizes {bad}: each size is a positive integer, or -1 for the rest")
+    sizes = [int(s) for s in sizes]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -72,9 +77,9 @@ def make_mesh(
 
 
 def check_rules(rules: Rules) -> None:
-    """ValueError unless `rules` is DEFAULT_RULES' kind: (logical name, mesh axes) pairs, a rule
-    for each of DEFAULT_RULES' logical names and none for a name no array has (a misspelt rule
-    would otherwise be ignored, and its array laid out by the default)."""
+    """ValueError unless `rules` is DEFAULT_RULES' kind: (logical name, mesh axes) pairs, one
+    rule for each of DEFAULT_RULES' logical names and none for a name no array has (a misspelt
+    or repeated rule would otherwise be ignored, and its array laid out by the default)."""
     if isinstance(rules, Mapping) or not all(
         isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[0], str) for r in rules
     ):
@@ -83,6 +88,14 @@ def check_rules(rules: Rules) -> None:
             f"sharding.DEFAULT_RULES, e.g. (('batch', ('data', 'fsdp')), ...); got {rules!r:.200}"
         )
     names = [r[0] for r in rules]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        # The first rule of a name is the one used: a later one, meant to override it, would
+        # be silently ignored.
+        raise ValueError(
+            f"sharding rules: {twice} have more than one rule; give each logical axis one (to "
+            "change a default, replace its pair rather than appending another)"
+        )
     known = [r[0] for r in DEFAULT_RULES]
     unknown = [n for n in names if n not in known]
     missing = [n for n in known if n not in names]
