@@ -63,10 +63,10 @@ def layers_prefix(base_model_name_or_path: str | os.PathLike | None, model_type:
             )
         return TEXT_LAYERS
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        source_type = json.loads(config.read_text()).get("model_type")
     except (OSError, json.JSONDecodeError, AttributeError):
         return TEXT_LAYERS
-    return MULTIMODAL_LAYERS if model_type == "gemma3" else TEXT_LAYERS
+    return MULTIMODAL_LAYERS if source_type == "gemma3" else TEXT_LAYERS
 
 
 def save_peft(

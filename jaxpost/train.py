@@ -225,18 +225,22 @@ def _take_overrides(argv: list[str]) -> tuple[list[str], dict[str, object]]:
     return rest, taken
 
 
+def _literal_or_text(text: str):
+    """A Python literal (2, 0.5, (1, 2)), else the text itself, as a string flag takes it."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError):
+        return text
+
+
 def _apply_overrides(cfg, taken: dict[str, object]) -> None:
     for key, value in taken.items():
         if key.startswith(_TASK_OPTIONS):
             name = key[len(_TASK_OPTIONS) :]
             if value is None:
                 raise jconfig.ConfigError(f"--config.{key} needs a value: --config.{key}=VALUE")
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError, TypeError):
-                pass  # a plain string
             with cfg.data.task_options.unlocked():
-                cfg.data.task_options[name] = value
+                cfg.data.task_options[name] = _literal_or_text(value)
             continue
         parent, _, leaf = key.rpartition(".")
         try:
