@@ -231,14 +231,29 @@ def init(
 def logical_axes(lora: LoraParams) -> LoraParams:
     """Logical axis names shaped like `lora`: a ("layers", in, "lora_rank"), b ("layers",
     "lora_rank", out). Use with `sharding.tree_shardings(lora, logical_axes(lora), mesh)`."""
+    return dataclasses.replace(lora, params=_axes_tree(lora.kernel_axes))
+
+
+def factor_logical_axes(cfg: ModelConfig, tree: dict) -> dict:
+    """`logical_axes` of a plain factor tree ({"layers": {block: {module: {"a", "b"}}}}, e.g.
+    a `LoraParams.params`, which carries no `kernel_axes`), from cfg's kernels."""
+    paths = [
+        f"layers/{block}/{module}/kernel"
+        for block, mods in tree["layers"].items()
+        for module in mods
+    ]
+    return _axes_tree(axes_meta(paths, adaptable_kernels(cfg)))
+
+
+def _axes_tree(kernel_axes) -> dict:
     tree: dict = {"layers": {}}
-    for path, in_axis, out_axis in lora.kernel_axes:
+    for path, in_axis, out_axis in kernel_axes:
         _, block, module, _ = path.split("/")
         tree["layers"].setdefault(block, {})[module] = {
             "a": ("layers", in_axis, "lora_rank"),
             "b": ("layers", "lora_rank", out_axis),
         }
-    return dataclasses.replace(lora, params=tree)
+    return tree
 
 
 def combine(base: dict, lora: LoraParams) -> dict:

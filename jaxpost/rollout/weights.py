@@ -3,7 +3,9 @@
 `rollout.Engine` never decodes from the trainer's buffers: `decode_weights` places them on the
 mesh, gives every layer its own buffer (the unrolled decode reads weights in place,
 `models.kv_cache`) and, on CPU, picks the layout XLA:CPU multiplies fastest at a decode step's
-few rows. LoRA factors and NF4 kernels stay as given, so a trainer's weight sync stays cheap.
+few rows. LoRA factors and NF4 kernels keep their values and layout, so a trainer's weight
+sync stays cheap; on a mesh LoRA factors are split by the trainer's rules
+(`lora.logical_axes`).
 
 decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`), and
 multiply by the tied embedding as it is, [V, D], with `matmul.dot_t`. Which layout XLA:CPU
@@ -24,11 +26,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpost import lora as lora_lib
 from jaxpost import models, nf4
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import layout_choice
 from jaxpost.rollout.state import split_params
-from jaxpost.sharding import logical_to_sharding, replicated, tree_shardings
+from jaxpost.sharding import logical_to_sharding, tree_shardings
 
 
 def default_layouts(
@@ -66,8 +69,9 @@ def decode_weights(
         # An NF4 base (QLoRA) has quantized trees where the float kernels' axes are named.
         axes = nf4.quantized_logical_axes(models.logical_axes(cfg), base)
         base = jax.device_put(base, tree_shardings(base, axes, mesh, rules))
-        if tree is not None:
-            tree = jax.device_put(tree, replicated(mesh))
+        if tree is not None:  # split as the trainer splits them (`lora.logical_axes`)
+            axes = lora_lib.factor_logical_axes(cfg, tree)
+            tree = jax.device_put(tree, tree_shardings(tree, axes, mesh, rules))
     if not cfg.scan_layers:
         unstack = jax.jit(models.unstack_layers, static_argnums=1)
         base = unstack(base, cfg.num_layers)

@@ -13,7 +13,7 @@ from jaxpost import lora, models, nf4, rollout
 from jaxpost.losses.logprobs import token_logprobs
 from jaxpost.rollout import api
 from jaxpost.rollout.state import prefill_batch_pieces
-from jaxpost.sharding import make_mesh
+from jaxpost.sharding import make_mesh, tree_shardings
 
 from tiny_models import randomized
 
@@ -186,6 +186,42 @@ def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompil
     assert [o[0].tokens for o in driver.run(requests)] == [o.tokens for o in outs2]
     engine.update_params(params, lora=adapter)
     assert [o[0].tokens for o in driver.run(requests)] == want3
+
+
+def test_lora_on_a_mesh_is_split_as_the_trainer_splits_it(params):
+    """On a (1, 2, 2) mesh the engine's LoRA factors take the trainer's shardings (none is
+    whole on every device), and decode gives the single-device tokens and the trainer's
+    log-probs; a sync of other factors recompiles nothing."""
+    rng = np.random.default_rng()
+    adapter = _lora(params, jax.random.key(int(rng.integers(2**31))))
+    adapter2 = _lora(params, jax.random.key(int(rng.integers(2**31))))
+    mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
+    prompts = _prompts(rng, 3)
+    sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
+    single = rollout.generate(CFG, params, prompts, sp, lora=adapter, slots=2, page_size=4)
+    engine = rollout.Engine(CFG, {"base": params, "lora": adapter}, slots=2, max_len=64,
+                            max_prefill_length=32, page_size=4, mesh=mesh)  # fmt: skip
+    want = tree_shardings(adapter.params, lora.logical_axes(adapter).params, mesh)
+    got = engine.params["lora"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(got):
+        shard = leaf.addressable_shards[0].data.shape
+        assert shard != leaf.shape, f"{jax.tree_util.keystr(path)} is whole on every device"
+    assert jax.tree.map(lambda x: x.sharding.spec, got) == jax.tree.map(lambda s: s.spec, want)
+    outs = rollout.generate(CFG, params, prompts, sp, lora=adapter, engine=engine)
+    assert [o.tokens for o in outs] == [o.tokens for o in single]
+    for prompt, out in zip(prompts, outs):
+        np.testing.assert_allclose(
+            out.logprobs, trainer_logprobs(params, prompt, out.tokens, adapter), atol=1e-5, rtol=0
+        )
+    compiled = dict(engine.compilations)
+    # A plain factor tree (scale 1, no kernel axes of its own) is split the same way.
+    engine.update_params(params, lora=adapter2.params)
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    assert shardings(engine.params["lora"]) == shardings(got)
+    outs2 = rollout.generate(CFG, params, prompts, sp, lora=adapter2, engine=engine)
+    assert engine.compilations == compiled
+    want2 = rollout.generate(CFG, params, prompts, sp, lora=adapter2, slots=2, page_size=4)
+    assert [o.tokens for o in outs2] == [o.tokens for o in want2]
 
 
 def test_lora_greedy_with_per_layer_pools_and_weights(params):
