@@ -72,6 +72,9 @@ def _param_counts(workdir: Path) -> dict[str, int | float]:
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": percent}
 
 
+RECORD_KEYS = ("step", "split", "wall_time")  # a metrics.jsonl record's own fields, no metric
+
+
 def collect(workdir: Path) -> dict[str, Any]:
     """Final metrics of one run: summary values, the last logged value per split, counts."""
     summary = json.loads((workdir / "summary.json").read_text())
@@ -84,7 +87,7 @@ def collect(workdir: Path) -> dict[str, Any]:
             continue
         record = json.loads(line)
         for key, value in record.items():
-            if key in ("step", "split") or key.endswith("_sum"):
+            if key in RECORD_KEYS or key.endswith("_sum"):
                 continue
             name = f"{record['split']}/{key}"
             if name not in last or record["step"] >= last[name][0]:

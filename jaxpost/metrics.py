@@ -1,10 +1,11 @@
 """Metric writers for a training run: stdout, JSONL, TensorBoard, a progress bar and a PNG plot.
 
 Only process 0 writes (the metrics are global means already). One JSONL record per logged step:
-`{"step": 12, "split": "train", "loss": ..., ...}`. TensorBoard gets one run per split
-(`<workdir>/tensorboard/<split>/`) with the metric names as tags, so a stage's train and eval
-curves share a chart, and a resumed split purges what an earlier attempt logged past the step
-it resumes from (each split's own run: the stages' steps overlap).
+`{"step": 12, "split": "train", "wall_time": 1796000000.123, "loss": ..., ...}`, wall_time
+being the Unix time the record was written (TensorBoard's events carry it too). TensorBoard
+gets one run per split (`<workdir>/tensorboard/<split>/`) with the metric names as tags, so a
+stage's train and eval curves share a chart, and a resumed split purges what an earlier attempt
+logged past the step it resumes from (each split's own run: the stages' steps overlap).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
-        record = {"step": int(step), "split": split, **scalars}
+        record = {"step": int(step), "split": split, "wall_time": round(time.time(), 3), **scalars}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()

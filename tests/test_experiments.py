@@ -343,7 +343,7 @@ def test_collect_takes_the_last_record_of_each_step(tmp_path):
     (tmp_path / "config.json").write_text(jconfig.to_json(cfg))
     (tmp_path / "summary.json").write_text(json.dumps({"accuracy_after": 0.25, "data": {}}))
     records = [
-        {"step": 1, "split": "sft", "loss": 3.0, "loss_sum": 30.0},
+        {"step": 1, "split": "sft", "wall_time": 1.5e9, "loss": 3.0, "loss_sum": 30.0},
         {"step": 2, "split": "sft", "loss": 2.0},
         {"step": 2, "split": "sft_eval", "loss": 2.5},
         {"step": 2, "split": "sft", "loss": 1.5},  # the resumed run redid step 2
@@ -358,7 +358,7 @@ def test_collect_takes_the_last_record_of_each_step(tmp_path):
     row = sweep_results.collect(tmp_path)
     assert row["accuracy_after"] == 0.25 and "data" not in row
     assert (row["sft/loss"], row["sft_eval/loss"], row["pretrain/loss"]) == (1.5, 2.5, 4.0)
-    assert "sft/loss_sum" not in row
+    assert "sft/loss_sum" not in row and "sft/wall_time" not in row
     assert row["trainable_params"] == _lora_params(3)
     assert row["total_params"] == model_cfg.num_params()
     # PEFT's print_trainable_parameters: trainable / (base + adapter parameters).

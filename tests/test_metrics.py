@@ -4,6 +4,7 @@ past its last checkpoint, read back with TensorBoard's own event reader."""
 from __future__ import annotations
 
 import json
+import time
 
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -51,3 +52,22 @@ def test_a_writer_already_open_for_a_split_is_reopened_to_purge(tmp_path):
     writer.write(3, {"loss": 30.0}, split="sft")
     writer.close()
     assert _scalars(tmp_path / "tensorboard" / "sft", "loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_each_jsonl_record_carries_the_wall_time_it_was_written(tmp_path):
+    lines = []
+    writer = MetricsWriter(tmp_path, tensorboard=True, echo=lines.append)
+    before = time.time()
+    writer.write(1, {"loss": 2.0}, split="sft")
+    time.sleep(0.05)
+    writer.write(2, {"loss": 1.0}, split="sft")
+    after = time.time()
+    writer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    times = [r["wall_time"] for r in records]
+    assert before - 1e-3 <= times[0] and times[0] + 0.04 < times[1] <= after + 1e-3
+    # A record field, not a metric: neither on the console nor a TensorBoard tag.
+    assert lines == ["[sft] step 1: loss=2", "[sft] step 2: loss=1"]
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "sft"))
+    acc.Reload()
+    assert acc.Tags()["scalars"] == ["loss"]
