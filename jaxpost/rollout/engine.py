@@ -21,15 +21,12 @@ of a P-token prompt hold floor(P / page_size) prompt pages once instead of n tim
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 
-The engine decodes from its own copy of the weights (`load_params`, `rollout.weights`): one
-buffer per layer and, on CPU, every linear kernel as trained, [in, out], or transposed,
-[out, in], whichever `rollout.layout_choice` measured XLA:CPU's decode step faster in for this
-machine and slot count; LoRA factors and NF4 kernels stay as given.
+The engine decodes from its own copy of the weights, laid out for decoding (`load_params`,
+`rollout.weights`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -47,6 +44,7 @@ from jaxpost.rollout.state import (
     Prefix,
     StepResult,
     check_padded_prompt,
+    check_prompt_batch,
     decode_state_shardings,
     empty_decode_state,
     pad_prompts,
@@ -206,7 +204,9 @@ class Engine:
 
             def counted(*args, **kwargs):
                 self.compilations[kind] = self.compilations.get(kind, 0) + 1  # once per trace
-                with _maybe_mesh(self._mesh, self.rules):
+                if self._mesh is None:
+                    return fn(*args, **kwargs)
+                with use_mesh(self._mesh, self.rules):
                     return fn(*args, **kwargs)
 
             self._jit_cache[name] = jax.jit(counted, **jit_kwargs)
@@ -291,16 +291,9 @@ class Engine:
         """
         if not prompts:
             return []
-        if len(prompts) > self.slots:
-            raise ValueError(f"{len(prompts)} prompts in one prefill; at most slots={self.slots}")
-        longest = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) < 1 or longest > self.max_prefill_length:
-            raise ValueError(
-                f"prompt lengths must be in [1, max_prefill_length={self.max_prefill_length}], "
-                f"got {sorted({len(p) for p in prompts})}"
-            )
+        check_prompt_batch(prompts, self.slots, self.max_prefill_length)
         fn = self._prefill_compiled(params["lora_scale"])
-        width = prefill_bucket(longest, self.max_prefill_length)
+        width = prefill_bucket(max(len(p) for p in prompts), self.max_prefill_length)
         made, start = [], 0
         for count in prefill_batch_pieces(len(prompts), self.slots):
             piece = prompts[start : start + count]
@@ -411,7 +404,3 @@ class Engine:
             self.book.active.copy(),
         )
         return state, StepResult(data, k)
-
-
-def _maybe_mesh(mesh, rules):
-    return contextlib.nullcontext() if mesh is None else use_mesh(mesh, rules)

@@ -203,6 +203,18 @@ def check_padded_prompt(padded: np.ndarray, true_length: int, max_prefill_length
         )
 
 
+def check_prompt_batch(prompts: list[list[int]], slots: int, max_prefill_length: int) -> None:
+    """The checks of `Engine.prefill_many`'s prompts: at most `slots`, each of 1 to
+    max_prefill_length tokens."""
+    if len(prompts) > slots:
+        raise ValueError(f"{len(prompts)} prompts in one prefill; at most slots={slots}")
+    lengths = sorted({len(p) for p in prompts})
+    if lengths[0] < 1 or lengths[-1] > max_prefill_length:
+        raise ValueError(
+            f"prompt lengths must be in [1, max_prefill_length={max_prefill_length}], got {lengths}"
+        )
+
+
 def slot_sampling_arrays(sp, sample_index: int, request_key: int = 0) -> tuple[np.ndarray, ...]:
     """A slot's sampling parameters as `device_steps.insert_step` takes them: ints [top_k,
     seed, sample_index, request_key, processed], floats [temperature, top_p, min_p], eos
