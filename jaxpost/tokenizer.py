@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxpost import chat_templates
+from jaxpost import assistant_spans, chat_templates
 from jaxpost.chat_templates import ChatTemplateError
 from jaxpost.tokenizer_backends import Backend, HFBackend, Offsets, SentencePieceBackend
 from jaxpost.tokenizer_files import (
@@ -205,9 +205,7 @@ class Tokenizer:
         messages = chat_templates.validate_messages(messages)
         variables = {**self.special_tokens, **template_kwargs}
         if with_spans and not chat_templates.has_generation_tags(source):
-            return chat_templates.assistant_spans_by_prefix(
-                source, messages, add_generation_prompt, variables
-            )
+            return assistant_spans.by_prefix(source, messages, add_generation_prompt, variables)
         return chat_templates.render(source, messages, add_generation_prompt, variables)
 
     def apply_chat_template(
@@ -247,7 +245,7 @@ class Tokenizer:
         token, and on all other messages. Spans come from the template's `{% generation %}`
         blocks when it has them (the TRL / `transformers` convention, giving the same mask as
         `apply_chat_template(..., return_assistant_tokens_mask=True)`), otherwise from rendering
-        the conversation incrementally (see `chat_templates.assistant_spans_by_prefix`; a turn
+        the conversation incrementally (see `assistant_spans.by_prefix`; a turn
         that a template writes differently once the conversation goes on, such as Qwen3's, is
         found in the whole conversation's text, which is the text trained). A token
         that straddles a span boundary is in the mask.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from jaxpost import chat_templates
+from jaxpost import assistant_spans, chat_templates
 from jaxpost.chat_templates import BUILTIN_TEMPLATES, ChatTemplateError
 
 # The templates the families publish in tokenizer_config.json (no {% generation %} tags):
@@ -112,9 +112,7 @@ def test_generation_spans_hold_reply_and_end_of_turn(rng, name):
         assert [text[a:b] for a, b in spans] == [r + END_OF_TURN[name] for r in replies]
         # Incremental rendering of the published (untagged) template finds the same spans.
         published = PUBLISHED[name]
-        text2, spans2 = chat_templates.assistant_spans_by_prefix(
-            published, messages, False, VARIABLES
-        )
+        text2, spans2 = assistant_spans.by_prefix(published, messages, False, VARIABLES)
         assert (text2, spans2) == (text, spans)
 
 
@@ -220,9 +218,7 @@ def test_spans_of_a_template_that_rewrites_earlier_turns(messages, thinking, rep
             role = "assistant"  # the tool's result comes next, then the assistant again
     variables = {**VARIABLES, **({} if thinking is None else {"enable_thinking": thinking})}
     messages = chat_templates.validate_messages(conversation)
-    text, spans = chat_templates.assistant_spans_by_prefix(
-        QWEN3_PUBLISHED, messages, False, variables
-    )
+    text, spans = assistant_spans.by_prefix(QWEN3_PUBLISHED, messages, False, variables)
     assert text == _reference(QWEN3_PUBLISHED, conversation, False, **variables)
     assert [text[a:b] for a, b in spans] == [r + "<|im_end|>" for r in replies]
 
@@ -237,4 +233,4 @@ def test_a_template_that_rewrites_every_turn_is_an_error():
         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 2
     )
     with pytest.raises(ChatTemplateError, match="assistant message 1: the conversation before"):
-        chat_templates.assistant_spans_by_prefix(template, messages, False, VARIABLES)
+        assistant_spans.by_prefix(template, messages, False, VARIABLES)
