@@ -97,7 +97,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     print("step seconds:", " ".join(f"{t:.3f}" for t in times))
 
-    hlo = step.jitted.lower(state, batch).compile().as_text()
+    hlo = step.lower(state, batch).compile().as_text()
     op_names = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo))
     shapes = dict(re.findall(r"%([\w.\-]+) = (\S+)", hlo))
     with tempfile.TemporaryDirectory() as trace_dir:

@@ -159,7 +159,7 @@ def jax_worker(
         records.append({"seconds": dt, "matmul_flops": (f0 + f1) / 2, "loss": loss})
     # The step's own buffers, from XLA's buffer assignment (cached executable, no recompile):
     # params + optimizer state + batch in, activations and gradients as temporaries.
-    mem = train_step.jitted.lower(state, batch()).compile().memory_analysis()
+    mem = train_step.lower(state, batch()).compile().memory_analysis()
     buffers = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes

@@ -28,7 +28,7 @@ def by_prefix(
     Some templates render a turn differently once the conversation goes on: Qwen3's drops past
     reasoning and writes an empty `<think>` block only into the last reply, and its generation
     prompt without thinking (`<think>\n\n</think>\n\n`) never appears before an earlier reply.
-    There the reply is located in the full rendering itself (`_rewritten_turn`): the text trained
+    There the reply is located in the full rendering itself (`_Turn`): the text trained
     is the whole conversation's, and each span holds what the template writes for that turn.
     """
     full, _ = render(source, messages, add_generation_prompt, variables)

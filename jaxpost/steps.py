@@ -3,21 +3,26 @@
 The step is a module-level pure function (`train_step`, `eval_step`) of the state, the batch and
 static settings; `make_train_step` / `make_eval_step` bind the settings and jit it once with
 explicit in/out shardings derived from logical axes (`models.logical_axes`, `lora.logical_axes`,
-`jaxpost.sharding`), the state donated.
+`jaxpost.sharding`), the state donated (but for the frozen base, see below).
 
 Trainable part: under trainable="lora" only params["lora"] is differentiated and has optimizer
-state; params["base"] passes through the step untouched (donated, so aliased, never copied), and
-JAX never forms the base kernels' weight gradients. Under trainable="full", params["base"] is.
+state; params["base"] enters the step as an argument of its own, neither donated nor returned,
+so the state after a step holds the same base arrays (`_Jitted`), and JAX never forms the base
+kernels' weight gradients. Under trainable="full", params["base"] is.
 
 Gradient accumulation: the batch [B, ...] is split into k micro-batches of B/k rows taken with
 stride k (row i*k + j is in micro-batch j), so every device keeps its rows and each micro-batch
 stays spread over the data axes; a `lax.scan` sums the loss sums, weights and gradients, and the
 step divides by the total weight: the exact token mean of the whole batch, whatever each
-micro-batch's token count.
+micro-batch's token count. A loss sees one micro-batch at a time, so its rows must stand alone:
+a preference pair goes in one row (the `preference` format's chosen_ / rejected_ keys), and a
+statistic over a group of rows (GRPO's group-normalised advantages) is computed before the step
+and passed in the batch as a per-row or per-token array.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -207,41 +212,67 @@ def eval_step(state: TrainState, batch: dict, *, cfg: ModelConfig, loss_fn: Loss
 
 class _Jitted:
     """Jits `fn` with shardings derived from the first state / batch it sees (per tree / shape
-    signature), so the builders need no example state. `jitted` is the last jax.jit object used;
-    `traces` counts how often the step was traced (each trace is one compilation)."""
+    signature), so the builders need no example state. `traces` counts how often the step was
+    traced (each trace is one compilation); `lower(state, batch)` lowers it for inspection.
+
+    The frozen part of the params (the base under trainable="lora", `split_trainable`) enters
+    the jitted step as an argument of its own that is neither donated nor returned: the state
+    after the step holds the very arrays it held before. Donated, they would be deleted by every
+    step, and with them any other holder of the base, such as a rollout engine decoding from
+    the trainer's weights (`rollout.weights`); returned, XLA would copy them."""
 
     def __init__(self, fn, cfg, mesh, trainable, rules, train: bool):
         self._fn, self._cfg, self._mesh = fn, cfg, mesh
         self._trainable, self._rules, self._train = trainable, rules, train
         self._cache: dict = {}
-        self.jitted = None
         self.traces = 0
+
+    def _split(self, state: TrainState) -> tuple[dict, TrainState]:
+        """(frozen params, the state with only the trainable params)."""
+        train_part, frozen = split_trainable(state.params, self._trainable)
+        params = join_trainable(train_part, {}, self._trainable)
+        return frozen, dataclasses.replace(state, params=params)
 
     def _build(self, state, batch):
         s_shard = state_shardings(self._cfg, state, self._mesh, self._trainable, self._rules)
+        frozen_shard, rest_shard = self._split(s_shard)
         b_shard = _batch_shardings(batch, self._mesh, self._rules)
         rep = sharding.replicated(self._mesh)
-        mesh, rules, fn = self._mesh, self._rules, self._fn
+        mesh, rules, fn, split = self._mesh, self._rules, self._fn, self._split
 
-        def run(state, batch):
+        def run(frozen, rest, batch):
             self.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
+            state = dataclasses.replace(rest, params={**frozen, **rest.params})
             with sharding.use_mesh(mesh, rules):  # activation constraints at trace time
-                return fn(state, batch)
+                out = fn(state, batch)
+            return (split(out[0])[1], out[1]) if self._train else out
 
-        out = (s_shard, rep) if self._train else rep
-        donate = (0,) if self._train else ()
         return jax.jit(
-            run, in_shardings=(s_shard, b_shard), out_shardings=out, donate_argnums=donate
+            run,
+            in_shardings=(frozen_shard, rest_shard, b_shard),
+            out_shardings=(rest_shard, rep) if self._train else rep,
+            donate_argnums=(1,) if self._train else (),
         )
 
-    def __call__(self, state: TrainState, batch: dict):
+    def _jitted_args(self, state: TrainState, batch: dict):
         batch = _to_global(batch, self._mesh, self._rules)
         shapes = tuple((k, np.shape(v), str(np.result_type(v))) for k, v in sorted(batch.items()))
         key = (jax.tree.structure(state), shapes)
         if key not in self._cache:
             self._cache[key] = self._build(state, batch)
-        self.jitted = self._cache[key]
-        return self.jitted(state, batch)
+        return self._cache[key], (*self._split(state), batch)
+
+    def lower(self, state: TrainState, batch: dict):
+        """The step's `jax.jit(...).lower` for this state and batch (compiled HLO, memory)."""
+        jitted, args = self._jitted_args(state, batch)
+        return jitted.lower(*args)
+
+    def __call__(self, state: TrainState, batch: dict):
+        jitted, (frozen, rest, batch) = self._jitted_args(state, batch)
+        if not self._train:
+            return jitted(frozen, rest, batch)
+        new, metrics = jitted(frozen, rest, batch)
+        return dataclasses.replace(new, params={**frozen, **new.params}), metrics
 
 
 def make_train_step(
@@ -254,7 +285,8 @@ def make_train_step(
     grad_accum: int = 1,
     rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated.
+    """`train_step(state, batch) -> (state, metrics)`, jitted over `mesh` with the state donated
+    (all but its frozen params, `_Jitted`).
 
     The batch's leading dimension is the global batch; with several processes each passes its
     own rows as numpy arrays (or global jax.Arrays). Compiles once per batch shape.

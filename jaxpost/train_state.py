@@ -83,19 +83,6 @@ def join_trainable(train_part, frozen: dict, trainable: str) -> dict:
 # Shardings ---------------------------------------------------------------------------------------
 
 
-def _plain_lora_axes(tree: dict, base_axes: dict) -> dict:
-    """Axes of a plain {"layers": {block: {module: {"a", "b"}}}} tree from the base kernels'."""
-    out: dict = {"layers": {}}
-    for block, mods in tree["layers"].items():
-        for module in mods:
-            layers, d_in, d_out = base_axes["layers"][block][module]["kernel"]
-            out["layers"].setdefault(block, {})[module] = {
-                "a": (layers, d_in, "lora_rank"),
-                "b": (layers, "lora_rank", d_out),
-            }
-    return out
-
-
 def param_logical_axes(cfg: ModelConfig, params: dict) -> dict:
     """Logical axis names shaped like {"base": ..., "lora": ...} (NF4 bases and plain LoRA trees
     included)."""
@@ -104,12 +91,13 @@ def param_logical_axes(cfg: ModelConfig, params: dict) -> dict:
     lora = params.get("lora")
     if lora is None:
         lora_axes = None
-    elif isinstance(lora, dict):
-        lora_axes = _plain_lora_axes(lora, axes)
     else:
         from jaxpost import lora as lora_lib  # lazy: lora imports the model stack
 
-        lora_axes = lora_lib.logical_axes(lora)
+        if isinstance(lora, dict):
+            lora_axes = lora_lib.factor_logical_axes(cfg, lora)
+        else:
+            lora_axes = lora_lib.logical_axes(lora)
     return {**params, "base": base_axes, "lora": lora_axes}
 
 
@@ -197,8 +185,9 @@ def init_train_state(
     copied), or a function key -> params for a fresh model, which is shaped with jax.eval_shape
     and then run under jit with out_shardings, so no full copy ever exists on the host or on one
     device. The optimizer state is created the same way, for the trainable part only.
-    The state takes ownership of the arrays: the train step donates it, so arrays passed in are
-    invalid after the first step (read the trained ones from the returned state's params).
+    The state takes ownership of the arrays: the train step donates the trainable ones and the
+    optimizer state, so those passed in are invalid after the first step (read the trained ones
+    from the returned state's params); the frozen base stays valid (`steps._Jitted`).
     """
     rng = jax.random.key(0) if rng is None else rng
     # The key enters the jitted inits as a constant, so every process builds the same values

@@ -21,8 +21,9 @@ of a P-token prompt hold floor(P / page_size) prompt pages once instead of n tim
 The device never waits on the host: `generate` grows page lists from the host's length bound
 (at most steps_per_call tokens ahead of the truth) and passes the page table as an argument.
 
-The engine decodes from its own copy of the weights, laid out for decoding (`load_params`,
-`rollout.weights`).
+The engine decodes from the weights as `rollout.weights` lays them out (`load_params`): the
+trainer's own base arrays where no copy is needed, so after a full fine-tuning step, which
+donates them, the engine takes the new state's params (`update_params`) before it decodes.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ class Engine:
     def load_params(self, params, lora=None) -> dict:
         """Place params ({"base", "lora"} or plain, plus optional `lora`) on the mesh.
 
-        Returns `weights.decode_weights`' {"base", "lora", "lora_scale", "head"}, the `params`
+        Returns `weights.decode_weights`' {"base", "lora", "lora_scale", "head", "arrays"}, the
+        `params`
         argument of prefill/generate.
         """
         return weights.decode_weights(
@@ -262,7 +264,7 @@ class Engine:
         if existing_prefix is not None:
             return self._continue(params, existing_prefix, tokens, lengths)
         fn = self._prefill_compiled(params["lora_scale"])
-        k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
+        k, v, hidden = weights.call(params, fn, params["base"], params["lora"], tokens, lengths)
         return Prefix(k, v, hidden, np.int32(true_length), np.int32(0), int(true_length))
 
     def _continue(self, params: dict, prefix: Prefix, tokens: np.ndarray, lengths) -> Prefix:
@@ -278,7 +280,9 @@ class Engine:
             functools.partial(device_steps.continue_step, self.cfg, scale),
         )
         fields = (prefix.k, prefix.v, prefix.hidden, prefix.length, prefix.row)
-        k, v, hidden = fn(params["base"], params["lora"], fields, tokens, lengths)
+        k, v, hidden = weights.call(
+            params, fn, params["base"], params["lora"], fields, tokens, lengths
+        )
         return Prefix(k, v, hidden, np.int32(total), np.int32(0), total)
 
     def prefill_many(self, *, params: dict, prompts: list[list[int]]) -> list[Prefix]:
@@ -299,7 +303,7 @@ class Engine:
             piece = prompts[start : start + count]
             start += count
             tokens, lengths = pad_prompts(piece, prefill_rows(count, self.slots), width)
-            k, v, hidden = fn(params["base"], params["lora"], tokens, lengths)
+            k, v, hidden = weights.call(params, fn, params["base"], params["lora"], tokens, lengths)
             made += [
                 Prefix(k, v, hidden, np.int32(len(p)), np.int32(r), len(p))
                 for r, p in enumerate(piece)
@@ -395,7 +399,9 @@ class Engine:
             out_shardings=None if shardings is None else (shardings, replicated(self._mesh)),
             compiler_options=self._decode_options,
         )
-        state, data = fn(
+        state, data = weights.call(
+            params,
+            fn,
             params["base"],
             params["lora"],
             params.get("head"),

@@ -1,11 +1,15 @@
-"""The rollout engine's own copy of the weights, laid out for decoding.
+"""The weights as the rollout engine decodes from them.
 
-`rollout.Engine` never decodes from the trainer's buffers: `decode_weights` places them on the
-mesh, gives every layer its own buffer (the unrolled decode reads weights in place,
-`models.kv_cache`) and, on CPU, picks the layout XLA:CPU multiplies fastest at a decode step's
-few rows. LoRA factors and NF4 kernels keep their values and layout, so a trainer's weight
-sync stays cheap; on a mesh LoRA factors are split by the trainer's rules
-(`lora.logical_axes`).
+`decode_weights` places them on the mesh (LoRA factors whole on every device), gives every
+layer its own buffer (the unrolled decode reads weights in place, `models.kv_cache`) and, on
+CPU, picks the layout XLA:CPU multiplies fastest at a decode step's few rows. LoRA factors and
+NF4 kernels keep their values and layout, so a trainer's weight sync stays cheap.
+No second copy of the base is made where none is needed: an array already where and as the
+engine wants it (a stacked base without the decode layout, on the trainer's mesh) is the
+trainer's own. A LoRA train step keeps the frozen base as it is (`steps._Jitted`),
+so an engine may go on decoding with the adapter it was last given; a full fine-tuning step
+donates the base, after which the engine must be given the new state's params
+(`Engine.update_params`) before it decodes again, and says so. LoRA factors are always copied.
 
 decode_layout: keep every linear kernel transposed, [out, in] (`models.to_decode_layout`), and
 multiply by the tied embedding as it is, [V, D], with `matmul.dot_t`. Which layout XLA:CPU
@@ -26,12 +30,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxpost import lora as lora_lib
 from jaxpost import models, nf4
 from jaxpost.models.config import ModelConfig
 from jaxpost.rollout import layout_choice
 from jaxpost.rollout.state import split_params
-from jaxpost.sharding import logical_to_sharding, tree_shardings
+from jaxpost.sharding import logical_to_sharding, replicated, tree_shardings
 
 
 def default_layouts(
@@ -63,15 +66,26 @@ def decode_weights(
     head_copy: bool,
 ) -> dict:
     """Params ({"base", "lora"} or plain, plus optional `lora`) as the engine decodes from them:
-    {"base": ..., "lora": tree or None, "lora_scale": float, "head": [D, V] or None}."""
+    {"base": ..., "lora": tree or None, "lora_scale": float, "head": [D, V] or None,
+    "arrays": the base and head arrays, for `call`}."""
     base, tree, scale = split_params(cfg, params, lora)
-    if mesh is not None:
+    # Without a mesh, the engine's one device: weights laid out over a trainer's mesh would
+    # otherwise make every decode program compile again for their layout, and run over it.
+    device = jax.local_devices()[0]
+    if mesh is None:
+        base = jax.device_put(base, device)
+    else:
         # An NF4 base (QLoRA) has quantized trees where the float kernels' axes are named.
-        axes = nf4.quantized_logical_axes(models.logical_axes(cfg), base)
-        base = jax.device_put(base, tree_shardings(base, axes, mesh, rules))
-        if tree is not None:  # split as the trainer splits them (`lora.logical_axes`)
-            axes = lora_lib.factor_logical_axes(cfg, tree)
-            tree = jax.device_put(tree, tree_shardings(tree, axes, mesh, rules))
+        base_axes = nf4.quantized_logical_axes(models.logical_axes(cfg), base)
+        base = jax.device_put(base, tree_shardings(base, base_axes, mesh, rules))
+    if tree is not None:
+        # The engine's own copy (a LoRA train step donates its factors; a few MB to copy), whole
+        # on every device of a mesh: an adapter is a fraction of a percent of the weights, and
+        # split it costs collectives at every decode step (on a (1, 2, 2) mesh of CPU devices
+        # decoding took 1.8x as long split as the base kernels, 2.1x split as the trainer
+        # splits it: `benchmarks/lora_decode_placement.py`).
+        where = device if mesh is None else replicated(mesh)
+        tree = jax.device_put(tree, where, may_alias=False)
     if not cfg.scan_layers:
         unstack = jax.jit(models.unstack_layers, static_argnums=1)
         base = unstack(base, cfg.num_layers)
@@ -83,7 +97,24 @@ def decode_weights(
         shape = (cfg.hidden_size, cfg.vocab_size)
         out = None if mesh is None else logical_to_sharding(shape, ("embed", "vocab"), mesh, rules)
         head = _transpose(out)(base["embedder"]["embedding"])
-    return {"base": base, "lora": tree, "lora_scale": scale, "head": head}
+    # Every base array, for `call`'s check: one the caller's own may also be a new jax.Array
+    # object on the caller's buffer (`jax.device_put` onto the device it is on), so all are read.
+    arrays = tuple(x for x in jax.tree.leaves((base, head)) if isinstance(x, jax.Array))
+    return {"base": base, "lora": tree, "lora_scale": scale, "head": head, "arrays": arrays}
+
+
+def call(weights: dict, fn, *args):
+    """fn(*args) for a step that reads `weights` (`decode_weights`' output), after checking that
+    none of its arrays was deleted (those it shares with the trainer, module docstring): a step
+    on a deleted array fails inside XLA, and the process may not survive it. 5 us per 100
+    arrays."""
+    if any(x.is_deleted() for x in weights["arrays"]):
+        raise RuntimeError(
+            "the engine's weights were deleted: a train step donated them (the engine decodes "
+            "from the trainer's own arrays where it needs no copy, `rollout.weights`); call "
+            "engine.update_params(state.params) after each train step, before decoding"
+        )
+    return fn(*args)
 
 
 @functools.cache

@@ -7,9 +7,11 @@ import weakref
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from jaxpost import lora, models, nf4, rollout
+from jaxpost import lora, models, nf4, rollout, steps
+from jaxpost.losses import sft_loss
 from jaxpost.losses.logprobs import token_logprobs
 from jaxpost.rollout import api
 from jaxpost.rollout.state import prefill_batch_pieces
@@ -188,10 +190,11 @@ def test_lora_sampled_logprobs_equal_trainer_and_update_params_does_not_recompil
     assert [o[0].tokens for o in driver.run(requests)] == want3
 
 
-def test_lora_on_a_mesh_is_split_as_the_trainer_splits_it(params):
-    """On a (1, 2, 2) mesh the engine's LoRA factors take the trainer's shardings (none is
-    whole on every device), and decode gives the single-device tokens and the trainer's
-    log-probs; a sync of other factors recompiles nothing."""
+def test_lora_on_a_mesh_is_whole_on_every_device_and_decodes_as_on_one(params):
+    """On a (1, 2, 2) mesh the engine keeps its own copy of the LoRA factors, whole on every
+    device (`rollout.weights`: split, they would cost collectives at every decode step), and
+    decode gives the single-device tokens and the trainer's log-probs; a sync of other factors
+    recompiles nothing."""
     rng = np.random.default_rng()
     adapter = _lora(params, jax.random.key(int(rng.integers(2**31))))
     adapter2 = _lora(params, jax.random.key(int(rng.integers(2**31))))
@@ -199,14 +202,14 @@ def test_lora_on_a_mesh_is_split_as_the_trainer_splits_it(params):
     prompts = _prompts(rng, 3)
     sp = rollout.SamplingParams(max_new_tokens=8, temperature=0.0)
     single = rollout.generate(CFG, params, prompts, sp, lora=adapter, slots=2, page_size=4)
-    engine = rollout.Engine(CFG, {"base": params, "lora": adapter}, slots=2, max_len=64,
+    placed = jax.device_put(adapter, tree_shardings(adapter, lora.logical_axes(adapter), mesh))
+    engine = rollout.Engine(CFG, {"base": params, "lora": placed}, slots=2, max_len=64,
                             max_prefill_length=32, page_size=4, mesh=mesh)  # fmt: skip
-    want = tree_shardings(adapter.params, lora.logical_axes(adapter).params, mesh)
     got = engine.params["lora"]
-    for path, leaf in jax.tree_util.tree_leaves_with_path(got):
-        shard = leaf.addressable_shards[0].data.shape
-        assert shard != leaf.shape, f"{jax.tree_util.keystr(path)} is whole on every device"
-    assert jax.tree.map(lambda x: x.sharding.spec, got) == jax.tree.map(lambda s: s.spec, want)
+    pointer = lambda x: x.addressable_shards[0].data.unsafe_buffer_pointer()
+    for mine, theirs in zip(jax.tree.leaves(got), jax.tree.leaves(placed.params)):
+        assert mine.sharding.is_fully_replicated and len(mine.addressable_shards) == 4
+        assert pointer(mine) != pointer(theirs)  # a copy, not the trainer's buffer
     outs = rollout.generate(CFG, params, prompts, sp, lora=adapter, engine=engine)
     assert [o.tokens for o in outs] == [o.tokens for o in single]
     for prompt, out in zip(prompts, outs):
@@ -214,7 +217,8 @@ def test_lora_on_a_mesh_is_split_as_the_trainer_splits_it(params):
             out.logprobs, trainer_logprobs(params, prompt, out.tokens, adapter), atol=1e-5, rtol=0
         )
     compiled = dict(engine.compilations)
-    # A plain factor tree (scale 1, no kernel axes of its own) is split the same way.
+    # A plain factor tree (scale 1, no kernel axes of its own) is placed the same way; the
+    # generate below syncs adapter2 again as a LoraParams and decodes from that.
     engine.update_params(params, lora=adapter2.params)
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     assert shardings(engine.params["lora"]) == shardings(got)
@@ -222,6 +226,84 @@ def test_lora_on_a_mesh_is_split_as_the_trainer_splits_it(params):
     assert engine.compilations == compiled
     want2 = rollout.generate(CFG, params, prompts, sp, lora=adapter2, slots=2, page_size=4)
     assert [o.tokens for o in outs2] == [o.tokens for o in want2]
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_after_a_train_step_the_engine_decodes_or_says_to_sync(params, trainable):
+    """The engine decodes from the trainer's own base arrays where it needs no copy (stacked,
+    in the trained layout). A LoRA step keeps the base and the engine copied its factors, so
+    it goes on decoding the adapter it was given; a full step donates the base, and decoding
+    then says to sync. After `update_params(state.params)` it decodes the trained weights."""
+    rng = np.random.default_rng()
+    copy = lambda tree: jax.tree.map(np.array, tree)
+    adapter = _lora(params, jax.random.key(int(rng.integers(2**31))))
+    start = {"base": copy(params), "lora": copy(adapter) if trainable == "lora" else None}
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    state = steps.init_train_state(CFG, start, optax.sgd(0.5), one, trainable=trainable)
+    engine = rollout.Engine(CFG, state.params, slots=2, max_len=64, max_prefill_length=32,
+                            page_size=4, decode_layout=False)  # fmt: skip
+    # The base is the trainer's own: the same buffers.
+    pointer = lambda x: x.unsafe_buffer_pointer()
+    trainer_base = jax.tree.map(pointer, state.params["base"])
+    assert jax.tree.map(pointer, engine.params["base"]) == trainer_base
+    driver = rollout.Driver(engine)
+    prompts = _prompts(rng, 2)
+    requests = [rollout.Request(p, rollout.SamplingParams(max_new_tokens=6, temperature=0.0))
+                for p in prompts]  # fmt: skip
+    first = adapter if trainable == "lora" else None
+    want = [full_forward_greedy(params, p, 6, first) for p in prompts]
+    assert [o[0].tokens for o in driver.run(requests)] == want
+    tokens = rng.integers(0, CFG.vocab_size, (2, 16)).astype(np.int32)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+             "loss_mask": np.ones((2, 15), np.float32)}  # fmt: skip
+    step = steps.make_train_step(CFG, sft_loss, optax.sgd(0.5), one, trainable=trainable)
+    before = state.params["base"]
+    state, _ = step(state, batch)
+    if trainable == "lora":
+        assert state.params["base"] is before  # the same arrays, not deleted
+        assert [o[0].tokens for o in driver.run(requests)] == want
+    else:
+        with pytest.raises(RuntimeError, match=r"call engine.update_params\(state.params\)"):
+            driver.run(requests)
+    engine.update_params(state.params)
+    base, trained = state.params["base"], state.params["lora"]
+    for prompt, out in zip(prompts, driver.run(requests)):
+        got = out[0]
+        assert got.tokens == full_forward_greedy(base, prompt, 6, trained)
+        np.testing.assert_allclose(
+            got.logprobs, trainer_logprobs(base, prompt, got.tokens, trained), atol=1e-5, rtol=0
+        )
+    # The step moved the weights: the engine decodes the trained ones, not the first.
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+        (base, trained), (params, first)
+    )  # fmt: skip
+    assert max(jax.tree.leaves(moved)) > 1e-3, moved
+
+
+def test_an_engine_without_a_mesh_takes_weights_laid_out_over_one_without_recompiling(params):
+    """A trainer's weights on a (2, 2, 2) mesh, synced into an engine built without a mesh:
+    the engine moves them to its device, so decoding compiles nothing new and gives the same
+    tokens."""
+    rng = np.random.default_rng()
+    adapter = _lora(params, jax.random.key(int(rng.integers(2**31))))
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    spread = jax.device_put(params, tree_shardings(params, models.logical_axes(CFG), mesh))
+    spread_lora = jax.device_put(adapter, tree_shardings(adapter, lora.logical_axes(adapter), mesh))
+    engine = rollout.Engine(CFG, params, lora=adapter, slots=2, max_len=64,
+                            max_prefill_length=32, page_size=4)  # fmt: skip
+    prompts = _prompts(rng, 3)
+    sp = rollout.SamplingParams(max_new_tokens=6, temperature=0.0)
+    first = [
+        o.tokens for o in rollout.generate(CFG, params, prompts, sp, lora=adapter, engine=engine)
+    ]
+    compiled = dict(engine.compilations)
+    again = rollout.generate(CFG, spread, prompts, sp, lora=spread_lora, engine=engine)
+    assert [o.tokens for o in again] == first
+    assert engine.compilations == compiled
+    device = jax.local_devices()[0]
+    for x in jax.tree.leaves((engine.params["base"], engine.params["lora"])):
+        assert x.devices() == {device}
 
 
 def test_lora_greedy_with_per_layer_pools_and_weights(params):
