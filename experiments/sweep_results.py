@@ -14,6 +14,8 @@ from typing import Any
 
 # Keys that a point's settings fix, whatever its seed: shown as they are, not as mean ± std.
 PARAM_KEYS = ("trainable_params", "total_params", "trainable_percent")
+# A metrics.jsonl record's own fields, not metrics (`jaxpost.metrics.MetricsWriter.write`).
+RECORD_KEYS = ("step", "split", "wall_time")
 
 
 class ResultsError(Exception):
@@ -70,9 +72,6 @@ def _param_counts(workdir: Path) -> dict[str, int | float]:
     else:
         raise ResultsError(f"{workdir} trained LoRA but exported no adapter to count parameters")
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": percent}
-
-
-RECORD_KEYS = ("step", "split", "wall_time")  # a metrics.jsonl record's own fields, no metric
 
 
 def collect(workdir: Path) -> dict[str, Any]:
