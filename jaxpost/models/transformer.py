@@ -152,6 +152,11 @@ def _whole_over_fsdp(table: jax.Array, tokens: jax.Array) -> jax.Array:
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
     table = _whole_over_fsdp(params["embedder"]["embedding"], tokens)
     x = bits.take(table, tokens, axis=0).astype(cfg.dtype)
+    if table is params["embedder"]["embedding"]:
+        # Rows looked up from the split table come out split over the embedding dimension;
+        # gathered whole here, the caller's batch split is a slice (XLA's own way there is to
+        # replicate them with an "involuntary full rematerialization" warning, same cost).
+        x = constrain(x, (None,) * x.ndim)
     if cfg.embed_scale:
         # Gemma rounds the normalizer to the compute dtype before multiplying.
         x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)

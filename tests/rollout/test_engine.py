@@ -387,6 +387,22 @@ def test_tensor_parallel_decode_gives_the_same_tokens(params):
         assert [o.tokens for o in out] == [o.tokens for o in single]
 
 
+def test_decode_on_a_3_axis_mesh_reshards_nothing_by_replication(params, capfd):
+    """On data=2, fsdp=2, tensor=2 XLA partitions prefill and decode without its last resort,
+    replicating a tensor to reshard it (it did so for the few rows a decode step looks up in
+    the split embedding table; it reports each case on stderr), and the tokens are one
+    device's."""
+    rng = np.random.default_rng()
+    prompts = _prompts(rng, 4)
+    sp = rollout.SamplingParams(max_new_tokens=6, temperature=0.0)
+    single = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    capfd.readouterr()
+    sharded = rollout.generate(CFG, params, prompts, sp, slots=4, page_size=4, mesh=mesh)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    assert [o.tokens for o in sharded] == [o.tokens for o in single]
+
+
 def test_bad_inputs_raise_clear_errors(params):
     for t in (-0.5, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=f"temperature={t} must be finite and >= 0"):
