@@ -238,20 +238,20 @@ class _Jitted:
         frozen_shard, rest_shard = self._split(s_shard)
         b_shard = _batch_shardings(batch, self._mesh, self._rules)
         rep = sharding.replicated(self._mesh)
-        mesh, rules, fn, split = self._mesh, self._rules, self._fn, self._split
+        mesh, rules, fn, split, train = self._mesh, self._rules, self._fn, self._split, self._train
 
         def run(frozen, rest, batch):
             self.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
             state = dataclasses.replace(rest, params={**frozen, **rest.params})
             with sharding.use_mesh(mesh, rules):  # activation constraints at trace time
                 out = fn(state, batch)
-            return (split(out[0])[1], out[1]) if self._train else out
+            return (split(out[0])[1], out[1]) if train else out
 
         return jax.jit(
             run,
             in_shardings=(frozen_shard, rest_shard, b_shard),
-            out_shardings=(rest_shard, rep) if self._train else rep,
-            donate_argnums=(1,) if self._train else (),
+            out_shardings=(rest_shard, rep) if train else rep,
+            donate_argnums=(1,) if train else (),
         )
 
     def _jitted_args(self, state: TrainState, batch: dict):

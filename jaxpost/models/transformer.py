@@ -129,34 +129,35 @@ def logits_from_hidden(
     return logits
 
 
-def _whole_over_fsdp(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """The embedding table, constrained whole over the weight-only (fsdp) axes when the lookup
-    takes at least as many rows as one vocab shard holds.
+def _gather_table_first(table: jax.Array, tokens: jax.Array) -> bool:
+    """Whether to take the embedding table whole over the weight-only (fsdp) axes before the
+    lookup (under a mesh of more than one device): when the lookup takes at least as many rows
+    as one vocab shard holds.
 
     Rows looked up from a table split over the embedding dimension come out split that way, and
     the partitioner reaches the activations' batch split from there only by replicating
     [B, T, D] ("involuntary full rematerialization", with fsdp and tensor > 1, forward and
     gradient). Gathering the table first, as FSDP gathers any weight before use, costs less when
     B x T >= its rows per vocab shard (a train step, a prefill); a decode step's few rows cost
-    less than the table (a whole-table gather kept on every device), so they keep it split."""
-    active = active_mesh()
-    if active is None or active[0].size == 1:
-        return table
-    mesh, rules = active
+    less than the table (a whole-table gather kept on every device), so for them the rows are
+    gathered whole after the lookup instead, and the batch split is then a slice."""
+    mesh, rules = active_mesh()
     vocab_axes = logical_to_spec(table.shape, ("vocab", None), mesh, rules)[0]
     axes = (vocab_axes,) if isinstance(vocab_axes, str) else tuple(vocab_axes or ())
     rows_per_shard = table.shape[0] // math.prod(mesh.shape[a] for a in axes)
-    return constrain(table, ("vocab", None)) if tokens.size >= rows_per_shard else table
+    return tokens.size >= rows_per_shard
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    table = _whole_over_fsdp(params["embedder"]["embedding"], tokens)
-    x = bits.take(table, tokens, axis=0).astype(cfg.dtype)
-    if table is params["embedder"]["embedding"]:
-        # Rows looked up from the split table come out split over the embedding dimension;
-        # gathered whole here, the caller's batch split is a slice (XLA's own way there is to
-        # replicate them with an "involuntary full rematerialization" warning, same cost).
-        x = constrain(x, (None,) * x.ndim)
+    table = params["embedder"]["embedding"]
+    active = active_mesh()
+    if active is None or active[0].size == 1:
+        x = bits.take(table, tokens, axis=0)
+    elif _gather_table_first(table, tokens):
+        x = bits.take(constrain(table, ("vocab", None)), tokens, axis=0)
+    else:
+        x = constrain(bits.take(table, tokens, axis=0), (None,) * (tokens.ndim + 1))
+    x = x.astype(cfg.dtype)
     if cfg.embed_scale:
         # Gemma rounds the normalizer to the compute dtype before multiplying.
         x = x * jnp.asarray(cfg.hidden_size**0.5, dtype=cfg.dtype)

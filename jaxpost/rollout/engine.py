@@ -180,8 +180,7 @@ class Engine:
         """Place params ({"base", "lora"} or plain, plus optional `lora`) on the mesh.
 
         Returns `weights.decode_weights`' {"base", "lora", "lora_scale", "head", "arrays"}, the
-        `params`
-        argument of prefill/generate.
+        `params` argument of prefill/generate.
         """
         return weights.decode_weights(
             self.cfg,
